@@ -1,0 +1,276 @@
+//! Typed configuration: a TOML file, overridden by command-line flags, validated once.
+//!
+//! Every setting has a safe default so `stormwall --listen A --upstream B` works with no file.
+//! Unknown keys are errors (a typo in an operator's file must not silently fall back to a
+//! default), and every semantic check names the key it rejects, e.g. `listen.max_clients`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::net::Addr;
+
+/// The whole configuration, one struct per TOML section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: LimitsConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+/// Where clients connect, and how many may.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// `host:port` or a unix socket path.
+    pub address: Addr,
+    /// An additional unix socket to listen on, besides `address`.
+    pub unix_socket: Option<PathBuf>,
+    /// Connections beyond this get `-ERR max number of clients reached` and are closed.
+    pub max_clients: usize,
+    /// Close a client that has sent nothing and awaits no reply for this long. `0s` = never.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// TCP keepalive probe interval for client sockets. `0s` = off.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            address: Addr::Tcp("127.0.0.1:6380".into()),
+            unix_socket: None,
+            max_clients: 10_000,
+            idle_timeout: Duration::ZERO,
+            tcp_keepalive: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The Redis server behind the proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `host:port` or a unix socket path.
+    pub address: Addr,
+    /// How long a new client waits for its upstream connection before getting an error.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a non-blocking command may wait for Redis to start answering before the
+    /// connection is declared dead. Blocking commands (`BLPOP`, `XREAD BLOCK`, `WAIT`, …)
+    /// and pub/sub are exempt. `0s` = wait forever.
+    #[serde(with = "humantime_serde")]
+    pub reply_timeout: Duration,
+    /// TCP keepalive probe interval for upstream sockets. `0s` = off.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            address: Addr::Tcp("127.0.0.1:6379".into()),
+            connect_timeout: Duration::from_secs(2),
+            reply_timeout: Duration::from_secs(30),
+            tcp_keepalive: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Bounds on what one client may make stormwall hold in memory (contract point G6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest bulk string accepted in a request or reply (Redis's `proto-max-bulk-len`).
+    pub max_bulk_len: u64,
+    /// Most arguments in one request.
+    pub max_array_len: u64,
+    /// Largest single request, all arguments together (Redis's `client-query-buffer-limit`).
+    pub max_request_bytes: u64,
+    /// Deepest nesting of aggregates accepted in a reply from Redis.
+    pub max_reply_depth: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_bulk_len: 512 * 1024 * 1024,
+            max_array_len: 1024 * 1024,
+            max_request_bytes: 1024 * 1024 * 1024,
+            max_reply_depth: 128,
+        }
+    }
+}
+
+/// Graceful shutdown on SIGTERM/SIGINT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After the signal, in-flight commands get this long to finish before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `stormwall=debug`. `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Plain,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// A configuration that could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values that parse but cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        if self.listen.max_clients == 0 {
+            return Err(invalid("listen.max_clients", "must be at least 1"));
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            return Err(invalid(
+                "upstream.connect_timeout",
+                "must be greater than 0s",
+            ));
+        }
+        let l = &self.limits;
+        if l.max_bulk_len == 0 {
+            return Err(invalid("limits.max_bulk_len", "must be at least 1"));
+        }
+        if l.max_array_len == 0 {
+            return Err(invalid("limits.max_array_len", "must be at least 1"));
+        }
+        if l.max_request_bytes < l.max_bulk_len.min(64 * 1024) {
+            return Err(invalid(
+                "limits.max_request_bytes",
+                "must be at least 64 KiB (or limits.max_bulk_len, if smaller)",
+            ));
+        }
+        if l.max_reply_depth == 0 {
+            return Err(invalid("limits.max_reply_depth", "must be at least 1"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a valid tracing filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `--check-config`.
+    pub fn to_toml(&self) -> String {
+        // Serializing plain structs of strings and numbers cannot fail.
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[listen]\nmax_clientz = 5\n").unwrap_err();
+        assert!(err.contains("max_clientz"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = parse("[listen]\nmax_clients = 0\n").unwrap_err();
+        assert!(err.contains("listen.max_clients"), "{err}");
+        let err = parse("[upstream]\nconnect_timeout = \"soon\"\n").unwrap_err();
+        assert!(err.contains("connect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_addresses_parse() {
+        let c = parse(
+            "[listen]\naddress = \"/tmp/sw.sock\"\nidle_timeout = \"5m\"\n\
+             [upstream]\naddress = \"redis:6379\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.address, Addr::Unix("/tmp/sw.sock".into()));
+        assert_eq!(c.listen.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.upstream.address, Addr::Tcp("redis:6379".into()));
+    }
+
+    #[test]
+    fn rendered_config_parses_back() {
+        let c = Config::default();
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+}

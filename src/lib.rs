@@ -1,0 +1,10 @@
+//! stormwall: a Redis-protocol sidecar proxy that passes ordinary traffic through untouched
+//! and shields Redis from invalidation storms. See `README.md` and `../shared/DESIGN.md`.
+
+pub mod config;
+pub mod logging;
+pub mod net;
+pub mod policy;
+pub mod resp;
+pub mod server;
+pub mod session;

@@ -1,0 +1,153 @@
+//! The `stormwall` command: parse flags, load and check the config, run until a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use stormwall::config::{Config, LogFormat};
+use stormwall::net::Addr;
+use stormwall::{logging, server};
+
+/// A Redis-protocol proxy that passes normal traffic through untouched and shields Redis from
+/// invalidation storms.
+#[derive(Parser, Debug)]
+#[command(name = "stormwall", version)]
+struct Cli {
+    /// TOML config file (see deploy/stormwall.example.toml). Flags below override it.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Validate FILE (with any flag overrides), print the effective config, and exit.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+
+    /// Where clients connect: host:port or a unix socket path [default: 127.0.0.1:6380]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<Addr>,
+
+    /// The Redis server: host:port or a unix socket path [default: 127.0.0.1:6379]
+    #[arg(long, value_name = "ADDR")]
+    upstream: Option<Addr>,
+
+    /// Also listen on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    unix_socket: Option<PathBuf>,
+
+    /// Maximum simultaneous client connections [default: 10000]
+    #[arg(long, value_name = "N")]
+    max_clients: Option<usize>,
+
+    /// Log filter, e.g. info or stormwall=debug (RUST_LOG wins if set) [default: info]
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+
+    /// Log line format [default: plain]
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl Cli {
+    /// The file's config (or defaults) with flags applied on top, validated.
+    fn load(&self) -> Result<Config, String> {
+        let file = self.check_config.as_ref().or(self.config.as_ref());
+        let mut config = match file {
+            Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if let Some(a) = &self.listen {
+            config.listen.address = a.clone();
+        }
+        if let Some(a) = &self.upstream {
+            config.upstream.address = a.clone();
+        }
+        if let Some(p) = &self.unix_socket {
+            config.listen.unix_socket = Some(p.clone());
+        }
+        if let Some(n) = self.max_clients {
+            config.listen.max_clients = n;
+        }
+        if let Some(l) = &self.log_level {
+            config.log.level = l.clone();
+        }
+        if let Some(f) = self.log_format {
+            config.log.format = f;
+        }
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stormwall: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.check_config.is_some() {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        let listeners = match server::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!("{e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        server::run(config, listeners, shutdown).await;
+        ExitCode::SUCCESS
+    });
+    // Sessions still blocked after the drain timeout must not hold the process open.
+    runtime.shutdown_background();
+    code
+}
+
+/// First SIGTERM/SIGINT starts a graceful drain; a second one exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers; stop stormwall with SIGKILL");
+        return;
+    };
+    let mut first = true;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        if first {
+            info!(
+                signal = name,
+                "shutdown requested; draining (send again to exit now)"
+            );
+            shutdown.cancel();
+            first = false;
+        } else {
+            info!(signal = name, "second signal; exiting now");
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Addresses and byte streams that are either TCP or unix sockets.
+//!
+//! Clients may reach stormwall over either, and stormwall may reach Redis over either; the
+//! session code is written once against these enums instead of being generic four ways.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
+
+/// `host:port` (TCP) or a filesystem path (unix socket). A path is anything containing `/`,
+/// optionally written `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for Addr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Addr, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(Addr::Unix(path.into()));
+        }
+        if s.contains('/') {
+            return Ok(Addr::Unix(s.into()));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Addr::Tcp(s.to_owned()))
+            }
+            _ => Err(format!(
+                "`{s}` is neither host:port nor a unix socket path (a path must contain `/`)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Tcp(hp) => f.write_str(hp),
+            Addr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for Addr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Addr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Applies the socket options every proxied TCP connection wants: no Nagle delay (pipelined
+/// replies must not wait for an ACK) and keepalive so dead peers are noticed.
+fn tune_tcp(stream: &TcpStream, keepalive: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    if !keepalive.is_zero() {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(keepalive)
+            .with_interval(keepalive.min(Duration::from_secs(75)));
+        socket2::SockRef::from(stream).set_tcp_keepalive(&ka)?;
+    }
+    Ok(())
+}
+
+/// A connected byte stream.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects to `addr`, giving up after `timeout`.
+    pub async fn connect(
+        addr: &Addr,
+        timeout: Duration,
+        keepalive: Duration,
+    ) -> io::Result<Stream> {
+        let connect = async {
+            match addr {
+                Addr::Tcp(hp) => {
+                    let s = TcpStream::connect(hp.as_str()).await?;
+                    tune_tcp(&s, keepalive)?;
+                    Ok(Stream::Tcp(s))
+                }
+                Addr::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p).await?)),
+            }
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "connect timed out after {}",
+                        humantime::format_duration(timeout)
+                    ),
+                ))
+            })
+    }
+
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            Stream::Unix(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Unix(r), WriteHalf::Unix(w))
+            }
+        }
+    }
+}
+
+pub enum ReadHalf {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+}
+
+pub enum WriteHalf {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            WriteHalf::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+}
+
+/// A bound listening socket.
+pub enum Listener {
+    Tcp(TcpListener, Duration),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale unix socket file left by a previous run is replaced, as Redis does.
+    pub async fn bind(addr: &Addr, keepalive: Duration) -> io::Result<Listener> {
+        match addr {
+            Addr::Tcp(hp) => Ok(Listener::Tcp(
+                TcpListener::bind(hp.as_str()).await?,
+                keepalive,
+            )),
+            Addr::Unix(path) => {
+                use std::os::unix::fs::FileTypeExt;
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path)?;
+                    }
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+        }
+    }
+
+    /// The address actually bound (useful when the configured port was 0).
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l, _) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|e| format!("<unknown: {e}>")),
+            Listener::Unix(_, path) => path.display().to_string(),
+        }
+    }
+
+    /// Accepts one connection and returns it with a printable peer name.
+    pub async fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l, keepalive) => {
+                let (s, peer) = l.accept().await?;
+                // A socket option failing on one client is not worth refusing the client over.
+                if let Err(e) = tune_tcp(&s, *keepalive) {
+                    tracing::debug!(%peer, error = %e, "cannot set client socket options");
+                }
+                Ok((Stream::Tcp(s), peer.to_string()))
+            }
+            Listener::Unix(l, path) => {
+                let (s, _) = l.accept().await?;
+                Ok((Stream::Unix(s), format!("unix:{}", path.display())))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_parsing() {
+        assert_eq!(
+            "127.0.0.1:6379".parse(),
+            Ok(Addr::Tcp("127.0.0.1:6379".into()))
+        );
+        assert_eq!("redis:6379".parse(), Ok(Addr::Tcp("redis:6379".into())));
+        assert_eq!("[::1]:6379".parse(), Ok(Addr::Tcp("[::1]:6379".into())));
+        assert_eq!(
+            "/run/redis.sock".parse(),
+            Ok(Addr::Unix("/run/redis.sock".into()))
+        );
+        assert_eq!(
+            "unix:redis.sock".parse(),
+            Ok(Addr::Unix("redis.sock".into()))
+        );
+        assert!("localhost".parse::<Addr>().is_err());
+        assert!("host:notaport".parse::<Addr>().is_err());
+        assert!(":6379".parse::<Addr>().is_err());
+    }
+}

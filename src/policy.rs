@@ -1,0 +1,89 @@
+//! The command table: what stormwall must know about a command to proxy it faithfully.
+//!
+//! Almost every command is one request, one reply, forwarded untouched. The exceptions are
+//! the commands that change how replies must be matched to requests (pub/sub, `MONITOR`,
+//! `CLIENT REPLY OFF`), that may legitimately wait forever (blocking pops, `WAIT`), or that
+//! change connection state the session tracks (`MULTI`/`EXEC`, `QUIT`, `RESET`). Lookup is
+//! by an upper-cased copy of the name on the stack: no allocation per command.
+
+use crate::resp::request::Command;
+
+/// How the session must treat one command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One request, one reply.
+    Plain,
+    /// One reply that may take arbitrarily long (exempt from `upstream.reply_timeout`).
+    Blocking,
+    /// Starts a transaction: later commands are queued by Redis until `EXEC`/`DISCARD`.
+    Multi,
+    /// Ends a transaction.
+    Exec,
+    Discard,
+    /// After this command replies no longer correspond one-to-one to requests (pub/sub
+    /// messages, `MONITOR` output, suppressed replies), so the rest of the connection is
+    /// relayed byte for byte.
+    EntersRaw,
+    /// Redis replies `+OK` and closes the connection.
+    Quit,
+    /// Returns the connection to its initial state (leaves `MULTI`, among others).
+    Reset,
+}
+
+/// Longest command name looked up; longer names are plain commands.
+const MAX_NAME: usize = 16;
+
+/// Classifies a command by its name (and, for `CLIENT REPLY`, its arguments).
+pub fn classify(cmd: &Command<'_>) -> Kind {
+    let Some(name) = cmd.arg(0) else {
+        return Kind::Plain;
+    };
+    let mut upper = [0u8; MAX_NAME];
+    let Some(upper) = upper.get_mut(..name.len()) else {
+        return Kind::Plain;
+    };
+    upper.copy_from_slice(name);
+    upper.make_ascii_uppercase();
+    match &*upper {
+        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+        | b"BZMPOP" | b"WAIT" | b"WAITAOF" | b"XREAD" | b"XREADGROUP" => Kind::Blocking,
+        b"MULTI" => Kind::Multi,
+        b"EXEC" => Kind::Exec,
+        b"DISCARD" => Kind::Discard,
+        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
+        | b"SUNSUBSCRIBE" | b"MONITOR" | b"SYNC" | b"PSYNC" => Kind::EntersRaw,
+        b"CLIENT" if is_client_reply_off(cmd) => Kind::EntersRaw,
+        b"QUIT" => Kind::Quit,
+        b"RESET" => Kind::Reset,
+        _ => Kind::Plain,
+    }
+}
+
+/// `CLIENT REPLY OFF` and `CLIENT REPLY SKIP` suppress replies, breaking one-to-one matching.
+fn is_client_reply_off(cmd: &Command<'_>) -> bool {
+    let eq = |i: usize, word: &[u8]| cmd.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(word));
+    eq(1, b"REPLY") && (eq(2, b"OFF") || eq(2, b"SKIP"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(words: &[&str]) -> Kind {
+        let args: Vec<Vec<u8>> = words.iter().map(|w| w.as_bytes().to_vec()).collect();
+        classify(&Command::Inline { args: &args })
+    }
+
+    #[test]
+    fn table() {
+        assert_eq!(kind(&["get", "k"]), Kind::Plain);
+        assert_eq!(kind(&["bLpOp", "k", "0"]), Kind::Blocking);
+        assert_eq!(kind(&["multi"]), Kind::Multi);
+        assert_eq!(kind(&["psubscribe", "*"]), Kind::EntersRaw);
+        assert_eq!(kind(&["client", "reply", "skip"]), Kind::EntersRaw);
+        assert_eq!(kind(&["client", "reply", "on"]), Kind::Plain);
+        assert_eq!(kind(&["client", "setname", "x"]), Kind::Plain);
+        assert_eq!(kind(&["averyveryverylongcommandname"]), Kind::Plain);
+        assert_eq!(kind(&["quit"]), Kind::Quit);
+    }
+}

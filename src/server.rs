@@ -1,0 +1,141 @@
+//! The accept loop: listeners, the client limit, and graceful shutdown.
+//!
+//! Shutdown is done once, here: on the signal every listener stops accepting, every session
+//! stops reading new commands and finishes the ones in flight, and the process waits up to
+//! `shutdown.drain_timeout` for them before returning.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::net::{Addr, Listener, Stream};
+use crate::resp::error_reply;
+use crate::session::{self, Context};
+
+/// Binds every configured listener; fails (naming the address) if any cannot be bound.
+pub async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
+    let mut addrs = vec![config.listen.address.clone()];
+    if let Some(path) = &config.listen.unix_socket {
+        addrs.push(Addr::Unix(path.clone()));
+    }
+    let mut listeners = Vec::new();
+    for addr in &addrs {
+        let l = Listener::bind(addr, config.listen.tcp_keepalive)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.push(l);
+    }
+    Ok(listeners)
+}
+
+/// Serves clients on `listeners` until `shutdown` is cancelled, then drains.
+pub async fn run(config: Config, listeners: Vec<Listener>, shutdown: CancellationToken) {
+    let config = Arc::new(config);
+    for l in &listeners {
+        info!(listen = %l.local_addr(), upstream = %config.upstream.address, "stormwall listening");
+    }
+    let ctx = Arc::new(Context {
+        config: config.clone(),
+        shutdown: shutdown.clone(),
+        upstream_up: AtomicBool::new(true),
+    });
+    let clients = Arc::new(AtomicUsize::new(0));
+    let sessions = TaskTracker::new();
+    let mut accept_loops = Vec::new();
+    for listener in listeners {
+        accept_loops.push(tokio::spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            clients.clone(),
+            sessions.clone(),
+        )));
+    }
+    shutdown.cancelled().await;
+    for a in accept_loops {
+        // Dropping the listener closes the socket (and removes a unix socket file).
+        a.abort();
+        let _ = a.await;
+    }
+    sessions.close();
+    let open = clients.load(Ordering::Relaxed);
+    let drain = config.shutdown.drain_timeout;
+    info!(clients = open, drain_timeout = %humantime::format_duration(drain), "draining");
+    if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
+        warn!(
+            clients = clients.load(Ordering::Relaxed),
+            "drain timeout reached; closing remaining connections"
+        );
+    } else {
+        info!("drained; exiting");
+    }
+}
+
+async fn accept_loop(
+    listener: Listener,
+    ctx: Arc<Context>,
+    clients: Arc<AtomicUsize>,
+    sessions: TaskTracker,
+) {
+    let max = ctx.config.listen.max_clients;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, keep serving the rest.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let guard = ClientSlot::take(&clients);
+        if guard.count > max {
+            sessions.spawn(refuse_over_limit(stream, guard));
+            continue;
+        }
+        let ctx = ctx.clone();
+        sessions.spawn(async move {
+            let _slot = guard;
+            tracing::debug!(%peer, "client connected");
+            session::serve(stream, ctx).await;
+            tracing::debug!(%peer, "client disconnected");
+        });
+    }
+}
+
+/// Redis's own answer to one client too many.
+async fn refuse_over_limit(stream: Stream, _slot: ClientSlot) {
+    let (_, mut w) = stream.into_split();
+    let reply = error_reply("ERR max number of clients reached");
+    let _ = tokio::time::timeout(Duration::from_secs(1), w.write_all(&reply)).await;
+    let _ = w.shutdown().await;
+}
+
+/// Counts a connection for as long as it lives.
+struct ClientSlot {
+    clients: Arc<AtomicUsize>,
+    /// Connections open including this one.
+    count: usize,
+}
+
+impl ClientSlot {
+    fn take(clients: &Arc<AtomicUsize>) -> ClientSlot {
+        let count = clients.fetch_add(1, Ordering::Relaxed) + 1;
+        ClientSlot {
+            clients: clients.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
