@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -182,14 +183,20 @@ impl RequestSide<'_> {
         let ctx = self.links.ctx;
         let idle = ctx.config.listen.idle_timeout;
         let mut buf = BytesMut::with_capacity(READ_BUF);
+        // Registered once: polling a fresh `cancelled()` per command would take the token's
+        // lock twice per command, and the shutdown token is shared by every session.
+        let links = self.links;
+        let dead = links.dead.cancelled();
+        let shutdown = ctx.shutdown.cancelled();
+        tokio::pin!(dead, shutdown);
         loop {
             if buf.capacity() - buf.len() < MIN_READ {
                 buf.reserve(READ_BUF);
             }
             let read = tokio::select! {
                 biased;
-                _ = self.links.dead.cancelled() => return,
-                _ = ctx.shutdown.cancelled() => return,
+                _ = &mut dead => return,
+                _ = &mut shutdown => return,
                 r = read_within(&mut client, &mut buf, idle) => r,
             };
             let Some(read) = read else {
@@ -404,8 +411,13 @@ impl ReplySide<'_> {
     ) -> End {
         let ctx = self.links.ctx;
         let reply_timeout = ctx.config.upstream.reply_timeout;
+        // The reply timer is re-armed lazily (when it fires early, from `progress`), so a
+        // busy connection costs no timer operations per reply.
         let timer = tokio::time::sleep(reply_timeout);
-        tokio::pin!(timer);
+        let links = self.links;
+        let dead = links.dead.cancelled();
+        tokio::pin!(timer, dead);
+        let mut progress = Instant::now();
         let mut queue_open = true;
         loop {
             // Deliver everything possible without waiting.
@@ -425,6 +437,7 @@ impl ReplySide<'_> {
                     };
                     match entry {
                         Some(Entry::Upstream { count, blocking }) => {
+                            progress = Instant::now();
                             self.pending = count;
                             self.blocking = blocking;
                         }
@@ -495,13 +508,18 @@ impl ReplySide<'_> {
                 },
                 read = upstream.read_buf(buf) => match read {
                     Ok(0) => return End::Failed(LOST),
-                    Ok(_) => {}
+                    Ok(_) => progress = Instant::now(),
                     Err(e) => {
                         debug!(error = %e, "upstream read failed");
                         return End::Failed(LOST);
                     }
                 },
                 _ = &mut timer, if timed => {
+                    let deadline = progress + reply_timeout;
+                    if Instant::now() < deadline {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
                     warn!(timeout = %humantime::format_duration(reply_timeout), "upstream did not reply in time; closing the client connection");
                     return End::Failed(TIMED_OUT);
                 }
@@ -525,7 +543,10 @@ impl ReplySide<'_> {
 
     /// Relays bytes both ways' worth of replies until either side closes (raw mode).
     async fn relay(&mut self, upstream: &mut ReadHalf, client: &mut WriteHalf, buf: &mut BytesMut) {
-        let shutdown = &self.links.ctx.shutdown;
+        let links = self.links;
+        let dead = links.dead.cancelled();
+        let shutdown = links.ctx.shutdown.cancelled();
+        tokio::pin!(dead, shutdown);
         loop {
             if !buf.is_empty() {
                 if client.write_all(buf).await.is_err() {
@@ -538,8 +559,8 @@ impl ReplySide<'_> {
             }
             tokio::select! {
                 biased;
-                _ = self.links.dead.cancelled() => return,
-                _ = shutdown.cancelled() => return,
+                _ = &mut dead => return,
+                _ = &mut shutdown => return,
                 // The request side dropped its sender: the client is gone.
                 None = self.rx.recv() => return,
                 read = upstream.read_buf(buf) => match read {

@@ -1,0 +1,358 @@
+//! Test harness: a real `redis-server` and a real `stormwall` process on ephemeral loopback
+//! ports, plus a raw RESP connection for byte-level checks. Processes are stopped by pid
+//! when their handle drops.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis_protocol::resp3::decode::complete::decode;
+pub use redis_protocol::resp3::types::OwnedFrame as Frame;
+
+/// A free loopback port (bound and released; the tiny race is acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot find a free loopback port")
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on port {port}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not start listening on port {port} within 10s");
+}
+
+/// A `redis-server` child process on its own port.
+pub struct Redis {
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// Starts Redis with extra `--option value` arguments.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server not found on PATH: the tests need a real Redis. \
+                 Install it with `apt-get install -y redis-server` (or run .ci/run)."
+            ),
+            Err(e) => panic!("cannot start redis-server: {e}"),
+        };
+        wait_for_port(self.port, "redis-server", &mut child);
+        self.child = Some(child);
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills Redis abruptly (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts Redis again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A direct connection to Redis (bypassing stormwall), for checks and comparisons.
+    pub fn raw(&self) -> Raw {
+        Raw::connect(self.port)
+    }
+
+    pub fn client(&self) -> redis::Connection {
+        client(self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `stormwall` child process.
+pub struct Stormwall {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Stormwall {
+    /// Starts stormwall in front of `upstream` with extra TOML appended to its config file.
+    pub fn start(upstream: &str, extra_toml: &str) -> Stormwall {
+        let dir = tempfile::tempdir().expect("cannot create a temp dir");
+        let port = free_port();
+        let config_path = dir.path().join("stormwall.toml");
+        let config = format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\n[upstream]\naddress = \"{upstream}\"\n{extra_toml}"
+        );
+        std::fs::write(&config_path, config).expect("cannot write config");
+        let log_path = dir.path().join("stormwall.log");
+        let mut s = Stormwall {
+            port,
+            child: None,
+            _dir: dir,
+            config_path,
+            log_path,
+        };
+        s.spawn(&[]);
+        s
+    }
+
+    fn spawn(&mut self, extra_args: &[&str]) {
+        let log = std::fs::File::create(&self.log_path).expect("cannot create log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stormwall"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(extra_args)
+            .env("RUST_LOG", "stormwall=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start stormwall");
+        wait_for_port(self.port, "stormwall", &mut child);
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("stormwall is not running")
+    }
+
+    /// Sends a signal (e.g. "TERM") to the stormwall process.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("cannot run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("stormwall is not running");
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("stormwall did not exit within {within:?}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn raw(&self) -> Raw {
+        Raw::connect(self.port)
+    }
+
+    pub fn client(&self) -> redis::Connection {
+        client(self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn config_dir(&self) -> &Path {
+        self._dir.path()
+    }
+}
+
+impl Drop for Stormwall {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `redis` crate connection to `port`.
+pub fn client(port: u16) -> redis::Connection {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("bad url");
+    c.get_connection_with_timeout(Duration::from_secs(5))
+        .expect("cannot connect")
+}
+
+/// A raw TCP connection that speaks RESP byte for byte.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn connect(port: u16) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("cannot connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write failed");
+    }
+
+    /// Sends a command as a RESP array of bulk strings.
+    pub fn cmd(&mut self, args: &[&[u8]]) {
+        self.send(&encode_cmd(args));
+    }
+
+    /// Reads one complete frame (RESP2 or RESP3), panicking after the read timeout.
+    pub fn read_frame(&mut self) -> Frame {
+        self.try_read_frame()
+            .expect("connection closed before a frame arrived")
+    }
+
+    /// Reads one frame; `None` if the connection closed first.
+    pub fn try_read_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some((frame, len)) = decode(&self.buf).expect("invalid RESP from server") {
+                self.buf.drain(..len);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply.
+    pub fn call(&mut self, args: &[&[u8]]) -> Frame {
+        self.cmd(args);
+        self.read_frame()
+    }
+
+    /// Reads exactly `n` raw bytes (for byte-for-byte comparisons).
+    pub fn read_bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let mut chunk = [0u8; 65536];
+            let got = self.stream.read(&mut chunk).expect("read failed");
+            assert!(
+                got > 0,
+                "connection closed after {} of {n} bytes",
+                self.buf.len()
+            );
+            self.buf.extend_from_slice(&chunk[..got]);
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// True if the peer closes the connection (after any remaining frames) within the read
+    /// timeout.
+    pub fn closed(&mut self) -> bool {
+        loop {
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+pub fn encode_cmd(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Sends the same bytes directly to Redis and through stormwall, reads `frames` replies
+/// from each, and asserts they are identical.
+pub fn assert_same(redis: &Redis, sw: &Stormwall, input: &[u8], frames: usize) -> Vec<Frame> {
+    let mut direct = redis.raw();
+    let mut proxied = sw.raw();
+    direct.send(input);
+    proxied.send(input);
+    let mut out = Vec::new();
+    for i in 0..frames {
+        let a = direct.read_frame();
+        let b = proxied.read_frame();
+        assert_eq!(
+            a,
+            b,
+            "reply {i} differs for input {:?}",
+            String::from_utf8_lossy(input)
+        );
+        out.push(a);
+    }
+    out
+}
+
+/// Shorthand for a bulk/blob string frame's bytes or a simple string's text.
+pub fn text(frame: &Frame) -> String {
+    match frame {
+        Frame::BlobString { data, .. } => String::from_utf8_lossy(data).into_owned(),
+        Frame::SimpleString { data, .. } => String::from_utf8_lossy(data).into_owned(),
+        Frame::SimpleError { data, .. } => data.to_string(),
+        Frame::BlobError { data, .. } => String::from_utf8_lossy(data).into_owned(),
+        Frame::Number { data, .. } => data.to_string(),
+        other => format!("{other:?}"),
+    }
+}
