@@ -269,6 +269,13 @@ mod tests {
     }
 
     #[test]
+    fn example_config_documents_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/stormwall.example.toml");
+        let example = Config::from_file(&path).unwrap();
+        assert_eq!(example, Config::default(), "deploy/stormwall.example.toml is out of step");
+    }
+
+    #[test]
     fn rendered_config_parses_back() {
         let c = Config::default();
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
