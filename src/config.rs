@@ -18,6 +18,8 @@ pub struct Config {
     pub listen: ListenConfig,
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
+    pub invalidation: InvalidationConfig,
+    pub flush: FlushConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -105,6 +107,113 @@ impl Default for LimitsConfig {
             max_reply_depth: 128,
         }
     }
+}
+
+/// The invalidation shield for `DEL`/`UNLINK`: batching, queue bounds and rate limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InvalidationConfig {
+    /// Govern `DEL`/`UNLINK`/`FLUSHDB`/`FLUSHALL`. `false` passes them through like any command.
+    pub enabled: bool,
+    /// What deletes keys in Redis: `unlink` frees memory off Redis's main thread.
+    pub delete_command: DeleteCommand,
+    /// Most distinct keys in one batch (a single larger request still goes out alone).
+    pub max_batch_keys: usize,
+    /// Extra time a batch waits for company after the executor is free. `0s`: none, so an
+    /// idle proxy adds no latency; requests arriving during a batch form the next one.
+    #[serde(with = "humantime_serde")]
+    pub batch_delay: Duration,
+    /// Invalidation requests waiting or executing, across all clients.
+    pub max_pending: usize,
+    /// Keys in those requests.
+    pub max_pending_keys: usize,
+    /// Longest a request may wait before being executed; past it, it is answered with
+    /// `-TRYAGAIN` and was not applied.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// When the queue is full: `wait` (stop reading from that client until there is room,
+    /// up to `max_wait`) or `reject` (answer `-BUSY` at once).
+    pub on_full: OnFull,
+    /// Keys deleted in Redis per second, and how many may go at once.
+    pub keys_per_second: u32,
+    pub keys_burst: u32,
+    /// Invalidation commands (deletes and flushes) sent to Redis per second, and burst.
+    pub commands_per_second: u32,
+    pub commands_burst: u32,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        InvalidationConfig {
+            enabled: true,
+            delete_command: DeleteCommand::Unlink,
+            max_batch_keys: 1000,
+            batch_delay: Duration::ZERO,
+            max_pending: 10_000,
+            max_pending_keys: 1_000_000,
+            max_wait: Duration::from_secs(5),
+            on_full: OnFull::Wait,
+            keys_per_second: 100_000,
+            keys_burst: 10_000,
+            commands_per_second: 2_000,
+            commands_burst: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeleteCommand {
+    Unlink,
+    Del,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    Wait,
+    Reject,
+}
+
+/// Flush coalescing and limits for `FLUSHDB`/`FLUSHALL`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    /// Least time between two flushes of the same target (a database, or all of them).
+    /// Requests arriving meanwhile are all answered by the next flush.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// `async` (Redis frees memory in the background; its main thread never blocks),
+    /// `sync`, or `as-requested` (keep the client's `ASYNC`/`SYNC`).
+    pub mode: FlushMode,
+    /// Commands refused outright with an error, e.g. `["FLUSHALL"]`.
+    pub deny: Vec<FlushCommand>,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        FlushConfig {
+            min_interval: Duration::from_secs(1),
+            mode: FlushMode::Async,
+            deny: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlushMode {
+    Async,
+    Sync,
+    AsRequested,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FlushCommand {
+    #[serde(rename = "FLUSHDB", alias = "flushdb")]
+    FlushDb,
+    #[serde(rename = "FLUSHALL", alias = "flushall")]
+    FlushAll,
 }
 
 /// Graceful shutdown on SIGTERM/SIGINT.
@@ -208,6 +317,32 @@ impl Config {
                 "must be at least 64 KiB (or limits.max_bulk_len, if smaller)",
             ));
         }
+        let inv = &self.invalidation;
+        for (key, value) in [
+            ("invalidation.max_batch_keys", inv.max_batch_keys),
+            ("invalidation.max_pending", inv.max_pending),
+            ("invalidation.max_pending_keys", inv.max_pending_keys),
+            ("invalidation.keys_per_second", inv.keys_per_second as usize),
+            ("invalidation.keys_burst", inv.keys_burst as usize),
+            (
+                "invalidation.commands_per_second",
+                inv.commands_per_second as usize,
+            ),
+            ("invalidation.commands_burst", inv.commands_burst as usize),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if inv.max_wait.is_zero() {
+            return Err(invalid("invalidation.max_wait", "must be greater than 0s"));
+        }
+        if self.flush.min_interval >= inv.max_wait {
+            return Err(invalid(
+                "flush.min_interval",
+                "must be shorter than invalidation.max_wait, or flushes would time out waiting for their turn",
+            ));
+        }
         if l.max_reply_depth == 0 {
             return Err(invalid("limits.max_reply_depth", "must be at least 1"));
         }
@@ -272,7 +407,11 @@ mod tests {
     fn example_config_documents_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/stormwall.example.toml");
         let example = Config::from_file(&path).unwrap();
-        assert_eq!(example, Config::default(), "deploy/stormwall.example.toml is out of step");
+        assert_eq!(
+            example,
+            Config::default(),
+            "deploy/stormwall.example.toml is out of step"
+        );
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! and shields Redis from invalidation storms. See `README.md` and `../shared/DESIGN.md`.
 
 pub mod config;
+pub mod invalidation;
 pub mod logging;
 pub mod net;
 pub mod policy;
 pub mod resp;
 pub mod server;
 pub mod session;
+pub mod upstream;

@@ -3,8 +3,10 @@
 //! Almost every command is one request, one reply, forwarded untouched. The exceptions are
 //! the commands that change how replies must be matched to requests (pub/sub, `MONITOR`,
 //! `CLIENT REPLY OFF`), that may legitimately wait forever (blocking pops, `WAIT`), or that
-//! change connection state the session tracks (`MULTI`/`EXEC`, `QUIT`, `RESET`). Lookup is
-//! by an upper-cased copy of the name on the stack: no allocation per command.
+//! change connection state the session tracks (`MULTI`/`EXEC`, `QUIT`, `RESET`, and the
+//! identity commands `AUTH`/`HELLO`/`SELECT`), and the invalidations the shield governs
+//! (`DEL`/`UNLINK`/`FLUSHDB`/`FLUSHALL`). Lookup is by an upper-cased copy of the name on the
+//! stack: no allocation per command.
 
 use crate::resp::request::Command;
 
@@ -28,6 +30,16 @@ pub enum Kind {
     Quit,
     /// Returns the connection to its initial state (leaves `MULTI`, among others).
     Reset,
+    /// Changes who the connection acts as (`AUTH`, `HELLO`, `SELECT`).
+    Identity,
+    /// `DEL`/`UNLINK` with at least one key: governed by the invalidation engine.
+    Delete,
+    /// `FLUSHDB`/`FLUSHALL` (optionally `ASYNC`/`SYNC`): governed. `sync` as in
+    /// [`crate::invalidation::Request::Flush`].
+    Flush {
+        all: bool,
+        sync: Option<bool>,
+    },
 }
 
 /// Longest command name looked up; longer names are plain commands.
@@ -55,8 +67,25 @@ pub fn classify(cmd: &Command<'_>) -> Kind {
         b"CLIENT" if is_client_reply_off(cmd) => Kind::EntersRaw,
         b"QUIT" => Kind::Quit,
         b"RESET" => Kind::Reset,
+        b"AUTH" | b"HELLO" | b"SELECT" => Kind::Identity,
+        b"DEL" | b"UNLINK" if cmd.argc() >= 2 => Kind::Delete,
+        b"FLUSHDB" | b"FLUSHALL" => flush(cmd, upper[5] == b'A'),
         _ => Kind::Plain,
     }
+}
+
+/// A flush with a valid modifier; anything else goes to Redis, which answers with its error.
+fn flush(cmd: &Command<'_>, all: bool) -> Kind {
+    let sync = match cmd.argc() {
+        1 => None,
+        2 => match cmd.arg(1) {
+            Some(a) if a.eq_ignore_ascii_case(b"SYNC") => Some(true),
+            Some(a) if a.eq_ignore_ascii_case(b"ASYNC") => Some(false),
+            _ => return Kind::Plain,
+        },
+        _ => return Kind::Plain,
+    };
+    Kind::Flush { all, sync }
 }
 
 /// `CLIENT REPLY OFF` and `CLIENT REPLY SKIP` suppress replies, breaking one-to-one matching.
@@ -85,5 +114,31 @@ mod tests {
         assert_eq!(kind(&["client", "setname", "x"]), Kind::Plain);
         assert_eq!(kind(&["averyveryverylongcommandname"]), Kind::Plain);
         assert_eq!(kind(&["quit"]), Kind::Quit);
+        assert_eq!(kind(&["del", "a", "b"]), Kind::Delete);
+        assert_eq!(kind(&["unlink", "a"]), Kind::Delete);
+        assert_eq!(kind(&["del"]), Kind::Plain);
+        assert_eq!(
+            kind(&["flushdb"]),
+            Kind::Flush {
+                all: false,
+                sync: None
+            }
+        );
+        assert_eq!(
+            kind(&["FLUSHALL", "sync"]),
+            Kind::Flush {
+                all: true,
+                sync: Some(true)
+            }
+        );
+        assert_eq!(
+            kind(&["flushdb", "async"]),
+            Kind::Flush {
+                all: false,
+                sync: Some(false)
+            }
+        );
+        assert_eq!(kind(&["flushdb", "later"]), Kind::Plain);
+        assert_eq!(kind(&["select", "2"]), Kind::Identity);
     }
 }

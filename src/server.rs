@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::invalidation::Engine;
 use crate::net::{Addr, Listener, Stream};
 use crate::resp::error_reply;
 use crate::session::{self, Context};
@@ -45,6 +46,7 @@ pub async fn run(config: Config, listeners: Vec<Listener>, shutdown: Cancellatio
         config: config.clone(),
         shutdown: shutdown.clone(),
         upstream_up: AtomicBool::new(true),
+        engine: Engine::new(config.clone()),
     });
     let clients = Arc::new(AtomicUsize::new(0));
     let sessions = TaskTracker::new();

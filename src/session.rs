@@ -20,22 +20,24 @@
 //! and re-establishes its own state (`SELECT`, `AUTH`, subscriptions) instead of silently
 //! continuing on a fresh upstream connection that has none of it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::invalidation::{Engine, Request};
 use crate::net::{ReadHalf, Stream, WriteHalf};
 use crate::policy::{self, Kind};
 use crate::resp::reply::{FrameKind, ReplyScanner};
 use crate::resp::request::{Command, Parsed, RequestLimits, RequestParser};
 use crate::resp::{ProtocolError, error_reply};
+use crate::upstream::Identity;
 
 /// Initial read buffer size per direction; buffers grow only for large frames.
 const READ_BUF: usize = 16 * 1024;
@@ -60,6 +62,8 @@ pub struct Context {
     /// Whether the last upstream connection attempt succeeded; flips are logged once each,
     /// so a Redis outage produces two log lines, not one per client.
     pub upstream_up: AtomicBool,
+    /// The invalidation shield every session hands governed commands to.
+    pub engine: Engine,
 }
 
 impl Context {
@@ -79,12 +83,71 @@ impl Context {
 /// One queued instruction for the reply side, in request order.
 #[derive(Debug)]
 enum Entry {
-    /// The next `count` replies from Redis answer forwarded commands.
-    Upstream { count: u32, blocking: bool },
+    /// The next `count` replies from Redis answer forwarded commands. `effect` (only with
+    /// `count == 1`) changes the session's identity if Redis accepts the command.
+    Upstream {
+        count: u32,
+        blocking: bool,
+        effect: Option<Effect>,
+    },
     /// A reply stormwall produced itself.
     Local(Bytes),
     /// From here on, Redis's bytes are relayed as they come (pub/sub, `MONITOR`, …).
     Raw,
+}
+
+/// A change to the session's [`Identity`], applied once Redis has accepted the command.
+#[derive(Debug)]
+enum Effect {
+    Select(i64),
+    Auth {
+        user: Option<Bytes>,
+        password: Bytes,
+    },
+    Reset,
+}
+
+impl Effect {
+    /// The effect of an `AUTH`/`HELLO … AUTH`/`SELECT` command, if it has a recognisable one.
+    fn of(cmd: &Command<'_>) -> Option<Effect> {
+        let name = cmd.arg(0)?;
+        let owned = |i: usize| cmd.arg(i).map(Bytes::copy_from_slice);
+        if name.eq_ignore_ascii_case(b"SELECT") && cmd.argc() == 2 {
+            let db = std::str::from_utf8(cmd.arg(1)?).ok()?.parse().ok()?;
+            return Some(Effect::Select(db));
+        }
+        if name.eq_ignore_ascii_case(b"AUTH") {
+            return match cmd.argc() {
+                2 => Some(Effect::Auth {
+                    user: None,
+                    password: owned(1)?,
+                }),
+                3 => Some(Effect::Auth {
+                    user: owned(1),
+                    password: owned(2)?,
+                }),
+                _ => None,
+            };
+        }
+        // HELLO [protover [AUTH username password] [SETNAME clientname]]
+        let at = (2..cmd.argc())
+            .find(|&i| cmd.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(b"AUTH")))?;
+        Some(Effect::Auth {
+            user: owned(at + 1),
+            password: owned(at + 2)?,
+        })
+    }
+
+    fn apply(self, who: &mut Identity) {
+        match self {
+            Effect::Select(db) => who.db = db,
+            Effect::Auth { user, password } => {
+                who.user = user;
+                who.password = Some(password);
+            }
+            Effect::Reset => *who = Identity::default(),
+        }
+    }
 }
 
 /// Serves one client until it disconnects, Redis goes away, or the process drains.
@@ -114,6 +177,8 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         ctx: &ctx,
         dead: CancellationToken::new(),
         inflight: AtomicUsize::new(0),
+        drained: Notify::new(),
+        identity: Mutex::new(Identity::default()),
     };
     let limits = &cfg.limits;
     let requests = RequestSide {
@@ -124,8 +189,7 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
             max_array_len: limits.max_array_len,
             max_request_bytes: limits.max_request_bytes,
         }),
-        in_multi: false,
-        multi_enters_raw: false,
+        state: ConnState::default(),
         raw: false,
     };
     let replies = ReplySide {
@@ -134,6 +198,7 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         scanner: ReplyScanner::new(limits.max_reply_depth, limits.max_bulk_len),
         pending: 0,
         blocking: false,
+        effect: None,
         next: None,
     };
     // The upstream write half is only borrowed by the request side: dropping it would
@@ -158,18 +223,77 @@ struct Links<'a> {
     ctx: &'a Context,
     /// Cancelled when either half hits a fatal error; the other half then stops too.
     dead: CancellationToken,
-    /// Entries enqueued but not yet fully answered (for the idle timeout).
+    /// Entries enqueued but not yet fully answered (for the idle timeout, and so an
+    /// invalidation starts only after the commands before it have executed).
     inflight: AtomicUsize,
+    /// Notified when `inflight` drops to zero.
+    drained: Notify,
+    /// Who this connection acts as, as confirmed by Redis's replies.
+    identity: Mutex<Identity>,
+}
+
+impl Links<'_> {
+    /// One entry fully answered.
+    fn answered(&self) {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Lock-free when nobody waits: it only stores a permit.
+            self.drained.notify_one();
+        }
+    }
 }
 
 struct RequestSide<'a> {
     links: &'a Links<'a>,
     tx: mpsc::Sender<Entry>,
     parser: RequestParser,
+    state: ConnState,
+    raw: bool,
+}
+
+/// Connection state the request side tracks as commands go by.
+#[derive(Default)]
+struct ConnState {
     in_multi: bool,
     /// A raw-mode command (e.g. `SUBSCRIBE`) was queued in this transaction; `EXEC` runs it.
     multi_enters_raw: bool,
-    raw: bool,
+    /// The identity changed in a way not tracked (inside a transaction); from then on
+    /// invalidations pass through ungoverned rather than run as the wrong identity.
+    identity_unknown: bool,
+}
+
+impl ConnState {
+    /// Applies `MULTI` state: inside a transaction Redis queues commands (one `+QUEUED`
+    /// each), so only the commands that end or escape it keep their special meaning (G7:
+    /// invalidations inside a transaction pass through ungoverned).
+    fn transaction_aware(&mut self, kind: Kind) -> Kind {
+        match (self.in_multi, kind) {
+            (true, Kind::Identity) => {
+                // Takes effect at EXEC, if the transaction runs; not worth modelling.
+                self.identity_unknown = true;
+                Kind::Plain
+            }
+            (true, Kind::Delete | Kind::Flush { .. }) => Kind::Plain,
+            (false, Kind::Multi) => {
+                self.in_multi = true;
+                Kind::Multi
+            }
+            (_, Kind::Exec) if std::mem::take(&mut self.multi_enters_raw) => {
+                self.in_multi = false;
+                Kind::EntersRaw
+            }
+            (_, Kind::Exec | Kind::Discard | Kind::Reset) => {
+                self.in_multi = false;
+                self.multi_enters_raw = false;
+                kind
+            }
+            (true, Kind::EntersRaw) => {
+                self.multi_enters_raw = true;
+                Kind::Plain
+            }
+            (true, Kind::Blocking | Kind::Multi) => Kind::Plain,
+            (_, kind) => kind,
+        }
+    }
 }
 
 /// Whether the request side keeps reading after processing a buffer.
@@ -241,18 +365,75 @@ impl RequestSide<'_> {
                         .await;
                 }
             };
-            let kind = match &parsed {
+            let cmd = match &parsed {
                 Parsed::Empty { .. } => {
                     scanned += parsed.len();
                     continue;
                 }
-                Parsed::Multibulk { .. } => policy::classify(&self.parser.command(&buf[scanned..])),
-                Parsed::Inline { args, .. } => policy::classify(&Command::Inline { args }),
+                Parsed::Multibulk { .. } => self.parser.command(&buf[scanned..]),
+                Parsed::Inline { args, .. } => Command::Inline { args },
             };
+            let kind = self.state.transaction_aware(policy::classify(&cmd));
             let start = scanned;
-            scanned += parsed.len();
-            match self.transaction_aware(kind) {
-                Kind::Plain | Kind::Multi | Kind::Exec | Kind::Discard | Kind::Reset => run += 1,
+            let len = parsed.len();
+            match kind {
+                Kind::Delete | Kind::Flush { .. } if self.governs() => {
+                    let request = match kind {
+                        Kind::Flush { all, sync } => Request::Flush { all, sync },
+                        _ => Request::Delete {
+                            keys: (1..cmd.argc())
+                                .filter_map(|i| cmd.arg(i))
+                                .map(Bytes::copy_from_slice)
+                                .collect(),
+                        },
+                    };
+                    drop(parsed);
+                    // Everything before the invalidation goes out first and must have executed
+                    // before it runs; everything after waits until it has been applied (G3).
+                    self.enqueue_run(run, blocking).await;
+                    (run, blocking) = (0, false);
+                    if let Next::Stop = self.forward(upstream, buf, start).await {
+                        return Next::Stop;
+                    }
+                    buf.advance(len);
+                    scanned = 0;
+                    let Some(reply) = self.govern(request).await else {
+                        return Next::Stop;
+                    };
+                    self.enqueue(Entry::Local(reply)).await;
+                    continue;
+                }
+                Kind::Identity | Kind::Reset if !self.state.in_multi => {
+                    let effect = if kind == Kind::Reset {
+                        Some(Effect::Reset)
+                    } else {
+                        Effect::of(&cmd)
+                    };
+                    drop(parsed);
+                    scanned += len;
+                    self.enqueue_run(run, blocking).await;
+                    (run, blocking) = (0, false);
+                    self.enqueue(Entry::Upstream {
+                        count: 1,
+                        blocking: false,
+                        effect,
+                    })
+                    .await;
+                    continue;
+                }
+                _ => {}
+            }
+            drop(parsed);
+            scanned += len;
+            match kind {
+                Kind::Plain
+                | Kind::Multi
+                | Kind::Exec
+                | Kind::Discard
+                | Kind::Reset
+                | Kind::Identity
+                | Kind::Delete
+                | Kind::Flush { .. } => run += 1,
                 Kind::Blocking => {
                     run += 1;
                     blocking = true;
@@ -278,30 +459,27 @@ impl RequestSide<'_> {
         self.forward(upstream, buf, scanned).await
     }
 
-    /// Applies `MULTI` state: inside a transaction Redis queues commands (one `+QUEUED`
-    /// each), so only the commands that end or escape it keep their special meaning.
-    fn transaction_aware(&mut self, kind: Kind) -> Kind {
-        match (self.in_multi, kind) {
-            (false, Kind::Multi) => {
-                self.in_multi = true;
-                Kind::Multi
+    /// Whether invalidations on this connection go through the engine.
+    fn governs(&self) -> bool {
+        self.links.ctx.config.invalidation.enabled && !self.state.identity_unknown
+    }
+
+    /// Runs one invalidation through the engine once every earlier command has executed, and
+    /// returns its reply. `None` if the session died meanwhile.
+    async fn govern(&mut self, request: Request) -> Option<Bytes> {
+        let links = self.links;
+        while links.inflight.load(Ordering::Acquire) > 0 {
+            tokio::select! {
+                _ = links.drained.notified() => {}
+                _ = links.dead.cancelled() => return None,
             }
-            (_, Kind::Exec) if std::mem::take(&mut self.multi_enters_raw) => {
-                self.in_multi = false;
-                Kind::EntersRaw
-            }
-            (_, Kind::Exec | Kind::Discard | Kind::Reset) => {
-                self.in_multi = false;
-                self.multi_enters_raw = false;
-                kind
-            }
-            (true, Kind::EntersRaw) => {
-                self.multi_enters_raw = true;
-                Kind::Plain
-            }
-            (true, Kind::Blocking | Kind::Multi) => Kind::Plain,
-            (_, kind) => kind,
         }
+        let who = links
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Some(links.ctx.engine.execute(&who, request).await)
     }
 
     /// Forwards the commands framed before the bad input, then answers with the protocol
@@ -325,7 +503,12 @@ impl RequestSide<'_> {
 
     async fn enqueue_run(&self, count: u32, blocking: bool) {
         if count > 0 {
-            self.enqueue(Entry::Upstream { count, blocking }).await;
+            self.enqueue(Entry::Upstream {
+                count,
+                blocking,
+                effect: None,
+            })
+            .await;
         }
     }
 
@@ -376,6 +559,8 @@ struct ReplySide<'a> {
     pending: u32,
     /// The current entry contains a blocking command (no reply timeout).
     blocking: bool,
+    /// The current entry's identity change, applied if its reply is not an error.
+    effect: Option<Effect>,
     /// An entry received while waiting, to be handled before the queue is polled again.
     next: Option<Entry>,
 }
@@ -436,10 +621,15 @@ impl ReplySide<'_> {
                         },
                     };
                     match entry {
-                        Some(Entry::Upstream { count, blocking }) => {
+                        Some(Entry::Upstream {
+                            count,
+                            blocking,
+                            effect,
+                        }) => {
                             progress = Instant::now();
                             self.pending = count;
                             self.blocking = blocking;
+                            self.effect = effect;
                         }
                         Some(Entry::Local(reply)) => {
                             if !self.write(client, buf, &mut ready).await
@@ -447,7 +637,7 @@ impl ReplySide<'_> {
                             {
                                 return End::Done;
                             }
-                            self.links.inflight.fetch_sub(1, Ordering::Relaxed);
+                            self.links.answered();
                             continue;
                         }
                         Some(Entry::Raw) => {
@@ -471,10 +661,21 @@ impl ReplySide<'_> {
                             );
                             return End::Failed(DESYNC);
                         }
+                        // An identity command counts only if Redis accepted it.
+                        if let Some(effect) = self.effect.take()
+                            && buf[ready] != b'-'
+                        {
+                            let mut who = self
+                                .links
+                                .identity
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
+                            effect.apply(&mut who);
+                        }
                         ready += len;
                         self.pending -= 1;
                         if self.pending == 0 {
-                            self.links.inflight.fetch_sub(1, Ordering::Relaxed);
+                            self.links.answered();
                         }
                     }
                     Err(e) => {

@@ -117,10 +117,7 @@ impl ReplyScanner {
             }
             // One element finished; close every aggregate it completes.
             if !attribute_done {
-                loop {
-                    let Some(top) = self.stack.last_mut() else {
-                        break;
-                    };
+                while let Some(top) = self.stack.last_mut() {
                     top.remaining -= 1;
                     if top.remaining > 0 {
                         break;

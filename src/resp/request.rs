@@ -36,6 +36,7 @@ pub enum Parsed {
 }
 
 impl Parsed {
+    #[allow(clippy::len_without_is_empty)] // a request is never empty; `Empty` is a variant
     pub fn len(&self) -> usize {
         match self {
             Parsed::Multibulk { len } | Parsed::Inline { len, .. } | Parsed::Empty { len } => *len,

@@ -1,0 +1,304 @@
+//! The invalidation engine: what turns a storm of `DEL`/`UNLINK`/`FLUSHDB`/`FLUSHALL` from
+//! many clients into a bounded, smooth load on Redis while every client still gets exactly
+//! the answer it asked for (contract points G2–G5).
+//!
+//! A session hands a governed request to [`Engine::execute`] and waits for the reply bytes.
+//! The engine:
+//!
+//! 1. **admits** it into a bounded queue (`invalidation.max_pending`, `max_pending_keys`);
+//!    when full, the `on_full` policy either makes the session wait (it stops reading from
+//!    its client: backpressure) or answers `-BUSY` at once;
+//! 2. **routes** it to a worker for its [`Identity`] (user, password, database): requests
+//!    are only ever batched with others that could do exactly the same, and are executed on
+//!    a connection authenticated as that identity (G5);
+//! 3. the worker **batches** whatever is queued when it becomes free (group commit — no
+//!    added latency when idle), spends the rate-limit budgets, executes, and answers each
+//!    request with its own result. Deletes are in [`delete`], flushes in [`flush`].
+//!
+//! Every request ends in exactly one reply: its real result, or an error that says whether
+//! it was applied (G4). Requests whose `max_wait` passes before execution are answered with
+//! `-TRYAGAIN` and never executed later.
+
+mod delete;
+mod flush;
+mod retry;
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use metrics::{counter, gauge};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::{Config, FlushCommand, OnFull};
+use crate::resp::error_reply;
+use crate::upstream::Identity;
+
+/// A governed request as the session parsed it.
+#[derive(Debug)]
+pub enum Request {
+    /// `DEL`/`UNLINK key [key …]`.
+    Delete { keys: Vec<Bytes> },
+    /// `FLUSHDB`/`FLUSHALL`, `sync` true if the client asked for `SYNC` (false for `ASYNC`,
+    /// `None` for neither).
+    Flush { all: bool, sync: Option<bool> },
+}
+
+impl Request {
+    fn command(&self) -> &'static str {
+        match self {
+            Request::Delete { .. } => "delete",
+            Request::Flush { all: false, .. } => "flushdb",
+            Request::Flush { all: true, .. } => "flushall",
+        }
+    }
+}
+
+/// Queue slots held by a request until it is answered.
+struct Admission {
+    _request: OwnedSemaphorePermit,
+    _keys: Option<OwnedSemaphorePermit>,
+}
+
+/// One request travelling to a worker.
+struct Job<T> {
+    what: T,
+    deadline: Instant,
+    received: Instant,
+    reply: oneshot::Sender<Bytes>,
+    _admission: Admission,
+}
+
+impl<T> Job<T> {
+    fn answer(self, reply: Bytes) {
+        // The session may have gone away; the work is done either way.
+        let _ = self.reply.send(reply);
+    }
+}
+
+/// What workers share.
+struct Shared {
+    config: Arc<Config>,
+    keys: DefaultDirectRateLimiter,
+    commands: DefaultDirectRateLimiter,
+}
+
+/// Worker queues by what they serve.
+type Workers<K, T> = HashMap<K, mpsc::UnboundedSender<Job<T>>>;
+
+/// The engine sessions call into. Cheap to share behind an `Arc`.
+pub struct Engine {
+    shared: Arc<Shared>,
+    requests: Arc<Semaphore>,
+    keys: Arc<Semaphore>,
+    deleters: Mutex<Workers<Identity, Vec<Bytes>>>,
+    flushers: Mutex<Workers<(Identity, bool), Option<bool>>>,
+}
+
+fn quota(per_second: u32, burst: u32) -> Quota {
+    let nz = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(nz(per_second)).allow_burst(nz(burst))
+}
+
+impl Engine {
+    pub fn new(config: Arc<Config>) -> Engine {
+        let inv = &config.invalidation;
+        Engine {
+            requests: Arc::new(Semaphore::new(inv.max_pending)),
+            keys: Arc::new(Semaphore::new(inv.max_pending_keys)),
+            shared: Arc::new(Shared {
+                keys: RateLimiter::direct(quota(inv.keys_per_second, inv.keys_burst)),
+                commands: RateLimiter::direct(quota(inv.commands_per_second, inv.commands_burst)),
+                config,
+            }),
+            deleters: Mutex::new(HashMap::new()),
+            flushers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Executes a governed request as `who` and returns the reply for the client.
+    pub async fn execute(&self, who: &Identity, request: Request) -> Bytes {
+        let config = &self.shared.config;
+        let command = request.command();
+        counter!("stormwall_invalidation_requests_total", "command" => command).increment(1);
+        if let Request::Flush { all, .. } = request {
+            let cmd = if all {
+                FlushCommand::FlushAll
+            } else {
+                FlushCommand::FlushDb
+            };
+            if config.flush.deny.contains(&cmd) {
+                let name = if all { "FLUSHALL" } else { "FLUSHDB" };
+                counter!("stormwall_invalidation_rejected_total", "reason" => "denied")
+                    .increment(1);
+                return error_reply(&format!(
+                    "ERR stormwall: {name} is denied by this proxy's policy (flush.deny); not applied"
+                ));
+            }
+        }
+        let received = Instant::now();
+        let deadline = received + config.invalidation.max_wait;
+        let keys = match &request {
+            Request::Delete { keys } => keys.len(),
+            Request::Flush { .. } => 0,
+        };
+        counter!("stormwall_invalidation_keys_received_total").increment(keys as u64);
+        let admission = match self.admit(keys, deadline).await {
+            Ok(a) => a,
+            Err(reply) => return reply,
+        };
+        gauge!("stormwall_invalidation_queue_depth").increment(1.0);
+        let (tx, rx) = oneshot::channel();
+        match request {
+            Request::Delete { keys } => {
+                let job = Job {
+                    what: dedup(keys),
+                    deadline,
+                    received,
+                    reply: tx,
+                    _admission: admission,
+                };
+                self.route(&self.deleters, who.clone(), job, delete::worker);
+            }
+            Request::Flush { all, sync } => {
+                let mut target = who.clone();
+                if all {
+                    // FLUSHALL is the same operation from any database.
+                    target.db = 0;
+                }
+                let job = Job {
+                    what: sync,
+                    deadline,
+                    received,
+                    reply: tx,
+                    _admission: admission,
+                };
+                self.route(&self.flushers, (target, all), job, flush::worker);
+            }
+        }
+        let reply = rx.await.unwrap_or_else(|_| {
+            error_reply("ERR stormwall: invalidation worker stopped before answering; not applied")
+        });
+        gauge!("stormwall_invalidation_queue_depth").decrement(1.0);
+        reply
+    }
+
+    /// Takes queue slots for a request with `keys` keys, as `invalidation.on_full` says.
+    async fn admit(&self, keys: usize, deadline: Instant) -> Result<Admission, Bytes> {
+        let inv = &self.shared.config.invalidation;
+        // A request larger than the whole key budget takes all of it rather than never fitting.
+        let keys = keys.min(inv.max_pending_keys) as u32;
+        let full = |what: &str, setting: &str, limit: usize| {
+            counter!("stormwall_invalidation_rejected_total", "reason" => "queue_full")
+                .increment(1);
+            error_reply(&format!(
+                "BUSY stormwall: invalidation queue is full ({what}; {setting} = {limit}); not applied, retry later"
+            ))
+        };
+        match inv.on_full {
+            OnFull::Reject => {
+                let request = self.requests.clone().try_acquire_owned().map_err(|_| {
+                    full(
+                        "too many pending requests",
+                        "invalidation.max_pending",
+                        inv.max_pending,
+                    )
+                })?;
+                let keys = match keys {
+                    0 => None,
+                    n => Some(self.keys.clone().try_acquire_many_owned(n).map_err(|_| {
+                        full(
+                            "too many pending keys",
+                            "invalidation.max_pending_keys",
+                            inv.max_pending_keys,
+                        )
+                    })?),
+                };
+                Ok(Admission {
+                    _request: request,
+                    _keys: keys,
+                })
+            }
+            OnFull::Wait => {
+                let waited = async {
+                    let request = self.requests.clone().acquire_owned().await.ok()?;
+                    let keys = match keys {
+                        0 => None,
+                        n => Some(self.keys.clone().acquire_many_owned(n).await.ok()?),
+                    };
+                    Some(Admission {
+                        _request: request,
+                        _keys: keys,
+                    })
+                };
+                match tokio::time::timeout_at(deadline, waited).await {
+                    Ok(Some(a)) => Ok(a),
+                    _ => {
+                        counter!("stormwall_invalidation_rejected_total", "reason" => "max_wait")
+                            .increment(1);
+                        Err(error_reply(&format!(
+                            "TRYAGAIN stormwall: the invalidation queue stayed full for invalidation.max_wait ({}); not applied",
+                            humantime::format_duration(inv.max_wait)
+                        )))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `job` to the worker for `key`, starting one if needed.
+    fn route<K, T, F, Fut>(&self, workers: &Mutex<Workers<K, T>>, key: K, job: Job<T>, spawn: F)
+    where
+        K: std::hash::Hash + Eq + Clone,
+        F: FnOnce(Arc<Shared>, K, mpsc::UnboundedReceiver<Job<T>>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        // The lock is never held across an await, and a poisoned map is still a valid map.
+        let mut map = workers.lock().unwrap_or_else(|p| p.into_inner());
+        let sender = map.entry(key.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(spawn(self.shared.clone(), key, rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(job)) = sender.send(job) {
+            job.answer(error_reply(
+                "ERR stormwall: invalidation worker is gone; not applied",
+            ));
+        }
+    }
+}
+
+/// Removes repeated keys from one request, keeping first occurrences in order: Redis counts
+/// `DEL a a` as one key removed at most.
+fn dedup(keys: Vec<Bytes>) -> Vec<Bytes> {
+    if keys.len() < 2 {
+        return keys;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.into_iter()
+        .filter(|k| seen.insert(k.clone()))
+        .collect()
+}
+
+/// The reply for a request whose deadline passed before it could be executed.
+fn expired() -> Bytes {
+    counter!("stormwall_invalidation_rejected_total", "reason" => "max_wait").increment(1);
+    error_reply(
+        "TRYAGAIN stormwall: invalidation not executed within invalidation.max_wait; not applied",
+    )
+}
+
+/// Waits until `n` units fit the limiter, taking them in burst-sized bites.
+async fn spend(limiter: &DefaultDirectRateLimiter, burst: u32, mut n: usize) {
+    while n > 0 {
+        let bite = n.min(burst.max(1) as usize);
+        if let Some(bite_nz) = NonZeroU32::new(bite as u32) {
+            // Cannot exceed capacity: bites are at most the configured burst.
+            let _ = limiter.until_n_ready(bite_nz).await;
+        }
+        n -= bite;
+    }
+}
