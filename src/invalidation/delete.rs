@@ -107,8 +107,19 @@ impl Worker {
             let plan = plan(&pending, self.atomic);
             let keys: usize = plan.iter().map(|(_, k)| k.len()).sum();
             let inv = &self.shared.config.invalidation;
-            spend(&self.shared.keys, inv.keys_burst, keys).await;
-            spend(&self.shared.commands, inv.commands_burst, plan.len()).await;
+            let deadline = pending
+                .iter()
+                .map(|j| j.deadline)
+                .min()
+                .unwrap_or_else(Instant::now);
+            let _ = spend(&self.shared.keys, inv.keys_burst, keys, deadline).await
+                && spend(
+                    &self.shared.commands,
+                    inv.commands_burst,
+                    plan.len(),
+                    deadline,
+                )
+                .await;
             // Budgets may have made some requests wait past their deadline: they are answered
             // now and never executed later.
             let now = Instant::now();

@@ -46,17 +46,35 @@ pub(super) async fn worker(
         counter!("stormwall_flushes_requested_total", "command" => label)
             .increment(waiters.len() as u64);
         let now = Instant::now();
-        let (late, waiters): (Vec<_>, Vec<_>) = waiters.into_iter().partition(|j| now > j.deadline);
+        let (late, mut waiters): (Vec<_>, Vec<_>) =
+            waiters.into_iter().partition(|j| now > j.deadline);
         late.into_iter().for_each(|j| j.answer(expired()));
         if waiters.is_empty() {
             continue;
         }
-        spend(
+        let deadline = waiters
+            .iter()
+            .map(|j| j.deadline)
+            .min()
+            .unwrap_or_else(Instant::now);
+        if !spend(
             &shared.commands,
             shared.config.invalidation.commands_burst,
             1,
+            deadline,
         )
-        .await;
+        .await
+        {
+            // Over the command budget past the earliest deadline: answer the late, keep the rest.
+            let now = Instant::now();
+            let (late, rest): (Vec<_>, Vec<_>) =
+                waiters.into_iter().partition(|j| now > j.deadline);
+            late.into_iter().for_each(|j| j.answer(expired()));
+            waiters = rest;
+            if waiters.is_empty() {
+                continue;
+            }
+        }
         let sync = match shared.config.flush.mode {
             FlushMode::Async => false,
             FlushMode::Sync => true,

@@ -291,14 +291,26 @@ fn expired() -> Bytes {
     )
 }
 
-/// Waits until `n` units fit the limiter, taking them in burst-sized bites.
-async fn spend(limiter: &DefaultDirectRateLimiter, burst: u32, mut n: usize) {
+/// Waits until `n` units fit the limiter, taking them in burst-sized bites. False if
+/// `deadline` came first (the caller then answers the requests whose time is up).
+async fn spend(
+    limiter: &DefaultDirectRateLimiter,
+    burst: u32,
+    mut n: usize,
+    deadline: Instant,
+) -> bool {
     while n > 0 {
         let bite = n.min(burst.max(1) as usize);
         if let Some(bite_nz) = NonZeroU32::new(bite as u32) {
             // Cannot exceed capacity: bites are at most the configured burst.
-            let _ = limiter.until_n_ready(bite_nz).await;
+            if tokio::time::timeout_at(deadline, limiter.until_n_ready(bite_nz))
+                .await
+                .is_err()
+            {
+                return false;
+            }
         }
         n -= bite;
     }
+    true
 }

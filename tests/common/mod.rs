@@ -80,6 +80,14 @@ impl Redis {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The redis-server process id (for `kill -STOP`/`-CONT`).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("redis-server is not running")
+    }
+
     /// Kills Redis abruptly (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -122,11 +130,17 @@ pub struct Stormwall {
 impl Stormwall {
     /// Starts stormwall in front of `upstream` with extra TOML appended to its config file.
     pub fn start(upstream: &str, extra_toml: &str) -> Stormwall {
+        Stormwall::start_with_listen(upstream, "", extra_toml)
+    }
+
+    /// Like [`start`](Self::start), with `listen_toml` (e.g. `max_clients = 2\n`) placed in
+    /// the `[listen]` section, which `extra_toml` cannot reopen.
+    pub fn start_with_listen(upstream: &str, listen_toml: &str, extra_toml: &str) -> Stormwall {
         let dir = tempfile::tempdir().expect("cannot create a temp dir");
         let port = free_port();
         let config_path = dir.path().join("stormwall.toml");
         let config = format!(
-            "[listen]\naddress = \"127.0.0.1:{port}\"\n[upstream]\naddress = \"{upstream}\"\n{extra_toml}"
+            "[listen]\naddress = \"127.0.0.1:{port}\"\n{listen_toml}[upstream]\naddress = \"{upstream}\"\n{extra_toml}"
         );
         std::fs::write(&config_path, config).expect("cannot write config");
         let log_path = dir.path().join("stormwall.log");
@@ -161,6 +175,14 @@ impl Stormwall {
             .as_ref()
             .map(|c| c.id())
             .expect("stormwall is not running")
+    }
+
+    /// True while the process has not exited (a crash makes this false).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
     }
 
     /// Sends a signal (e.g. "TERM") to the stormwall process.
@@ -263,7 +285,7 @@ impl Raw {
     /// Reads one frame; `None` if the connection closed first.
     pub fn try_read_frame(&mut self) -> Option<Frame> {
         loop {
-            if let Some((frame, len)) = decode(&self.buf).expect("invalid RESP from server") {
+            if let Some((frame, len)) = decode_any(&self.buf) {
                 self.buf.drain(..len);
                 return Some(frame);
             }
@@ -310,6 +332,44 @@ impl Raw {
                 Err(_) => return false,
             }
         }
+    }
+}
+
+/// Decodes one RESP3 or RESP2 frame. redis-protocol's RESP3 decoder reads RESP2's `$-1` and
+/// `*-1` nulls as the start of a streamed frame, so RESP2 input is decoded as RESP2 and
+/// converted.
+fn decode_any(buf: &[u8]) -> Option<(Frame, usize)> {
+    use redis_protocol::resp2::types::OwnedFrame as F2;
+    fn convert(f: F2) -> Frame {
+        match f {
+            F2::SimpleString(data) => Frame::SimpleString {
+                data,
+                attributes: None,
+            },
+            F2::Error(data) => Frame::SimpleError {
+                data,
+                attributes: None,
+            },
+            F2::Integer(data) => Frame::Number {
+                data,
+                attributes: None,
+            },
+            F2::BulkString(data) => Frame::BlobString {
+                data,
+                attributes: None,
+            },
+            F2::Array(data) => Frame::Array {
+                data: data.into_iter().map(convert).collect(),
+                attributes: None,
+            },
+            F2::Null => Frame::Null,
+        }
+    }
+    match decode(buf) {
+        Ok(found) => found,
+        Err(_) => redis_protocol::resp2::decode::decode(buf)
+            .expect("invalid RESP from server")
+            .map(|(f, len)| (convert(f), len)),
     }
 }
 
