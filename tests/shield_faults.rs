@@ -30,7 +30,14 @@ fn redis_killed_and_restarted_during_a_queued_storm() {
     // invalidation acknowledged but not applied would leave its keys behind.
     let dir = tempfile::tempdir().unwrap();
     let dir_arg = dir.path().to_str().unwrap().to_owned();
-    let mut redis = Redis::start_with(&["--appendonly", "yes", "--appendfsync", "always", "--dir", &dir_arg]);
+    let mut redis = Redis::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        &dir_arg,
+    ]);
     // A slow key budget so a storm really queues up inside stormwall.
     let sw = Stormwall::start(
         &redis.addr(),
@@ -51,7 +58,9 @@ fn redis_killed_and_restarted_during_a_queued_storm() {
             while Instant::now() < stop_at {
                 i += 1;
                 if con.is_none() {
-                    con = client.get_connection_with_timeout(Duration::from_secs(1)).ok();
+                    con = client
+                        .get_connection_with_timeout(Duration::from_secs(1))
+                        .ok();
                     if con.is_none() {
                         thread::sleep(Duration::from_millis(50));
                         continue;
@@ -60,7 +69,12 @@ fn redis_killed_and_restarted_during_a_queued_storm() {
                 let Some(c_ref) = con.as_mut() else { continue };
                 // Keys nobody else writes, so what is left at the end tells the truth.
                 let key = format!("storm:{c}:{i}");
-                if redis::cmd("SET").arg(&key).arg(1).query::<()>(c_ref).is_ok() {
+                if redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .query::<()>(c_ref)
+                    .is_ok()
+                {
                     tally.written.push((key.clone(), Instant::now()));
                 }
                 let flush = c % 6 == 0 && i % 4 == 0;
@@ -68,7 +82,11 @@ fn redis_killed_and_restarted_during_a_queued_storm() {
                 let result = if flush {
                     redis::cmd("FLUSHDB").query::<String>(c_ref).map(|_| ())
                 } else {
-                    redis::cmd("DEL").arg(&key).arg(format!("other:{c}")).query::<i64>(c_ref).map(|_| ())
+                    redis::cmd("DEL")
+                        .arg(&key)
+                        .arg(format!("other:{c}"))
+                        .query::<i64>(c_ref)
+                        .map(|_| ())
                 };
                 match result {
                     Ok(()) => {
@@ -121,14 +139,30 @@ fn redis_killed_and_restarted_during_a_queued_storm() {
         total.flushes_sent.extend(t.flushes_sent);
         total.bad_errors.extend(t.bad_errors);
     }
-    assert!(total.bad_errors.is_empty(), "errors that do not say what happened: {:?}", total.bad_errors);
+    assert!(
+        total.bad_errors.is_empty(),
+        "errors that do not say what happened: {:?}",
+        total.bad_errors
+    );
     assert!(total.acked > 0, "no invalidation succeeded at all");
-    assert!(total.errors + total.connection_errors > 0, "killing Redis went unnoticed");
+    assert!(
+        total.errors + total.connection_errors > 0,
+        "killing Redis went unnoticed"
+    );
 
     let mut direct = redis.client();
-    let exists = |con: &mut redis::Connection, key: &str| redis::cmd("EXISTS").arg(key).query::<i64>(con).unwrap() == 1;
-    let falsely_deleted: Vec<&String> = total.deleted.iter().filter(|k| exists(&mut direct, k)).collect();
-    assert!(falsely_deleted.is_empty(), "DEL acknowledged but keys still there: {falsely_deleted:?}");
+    let exists = |con: &mut redis::Connection, key: &str| {
+        redis::cmd("EXISTS").arg(key).query::<i64>(con).unwrap() == 1
+    };
+    let falsely_deleted: Vec<&String> = total
+        .deleted
+        .iter()
+        .filter(|k| exists(&mut direct, k))
+        .collect();
+    assert!(
+        falsely_deleted.is_empty(),
+        "DEL acknowledged but keys still there: {falsely_deleted:?}"
+    );
     if let Some(last_flush) = total.flushes_sent.iter().max() {
         let survivors: Vec<&String> = total
             .written
@@ -137,12 +171,28 @@ fn redis_killed_and_restarted_during_a_queued_storm() {
             .map(|(k, _)| k)
             .filter(|k| exists(&mut direct, k))
             .collect();
-        assert!(survivors.is_empty(), "written before an acknowledged FLUSHDB, still there: {survivors:?}");
+        assert!(
+            survivors.is_empty(),
+            "written before an acknowledged FLUSHDB, still there: {survivors:?}"
+        );
     }
 
     // And the shield works again once Redis is back.
     let mut con = sw.client();
-    let _: () = redis::cmd("SET").arg("after").arg(1).query(&mut con).unwrap();
-    assert_eq!(redis::cmd("DEL").arg("after").query::<i64>(&mut con).unwrap(), 1);
-    assert_eq!(redis::cmd("FLUSHDB").query::<String>(&mut con).unwrap(), "OK");
+    let _: () = redis::cmd("SET")
+        .arg("after")
+        .arg(1)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(
+        redis::cmd("DEL")
+            .arg("after")
+            .query::<i64>(&mut con)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        redis::cmd("FLUSHDB").query::<String>(&mut con).unwrap(),
+        "OK"
+    );
 }
