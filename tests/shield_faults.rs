@@ -77,7 +77,7 @@ fn redis_killed_and_restarted_during_a_queued_storm() {
                 {
                     tally.written.push((key.clone(), Instant::now()));
                 }
-                let flush = c % 6 == 0 && i % 4 == 0;
+                let flush = c % 6 == 0 && i.is_multiple_of(4);
                 let sent = Instant::now();
                 let result = if flush {
                     redis::cmd("FLUSHDB").query::<String>(c_ref).map(|_| ())

@@ -209,7 +209,7 @@ fn header(
     too_big: &'static str,
 ) -> Result<Option<(Option<i64>, usize)>, ProtocolError> {
     let line = &buf[at + 1..];
-    match memchr::memchr(b'\r', line) {
+    match line_end(b'\r', line) {
         None if line.len() > MAX_LINE => Err(ProtocolError(too_big.into())),
         Some(cr) if cr > MAX_LINE => Err(ProtocolError(too_big.into())),
         None => Ok(None),
@@ -218,8 +218,15 @@ fn header(
     }
 }
 
+/// Where `delim` first occurs, as Redis's `strchr` finds it: a NUL byte ends the search, so
+/// a line with a NUL before its end is treated as unfinished (Redis waits for more, and only
+/// complains once the 64 KiB line limit is passed) rather than as a complete command.
+fn line_end(delim: u8, buf: &[u8]) -> Option<usize> {
+    memchr::memchr2(delim, 0, buf).filter(|&i| buf[i] == delim)
+}
+
 fn parse_inline(buf: &[u8]) -> Result<Option<Parsed>, ProtocolError> {
-    let Some(nl) = memchr::memchr(b'\n', buf) else {
+    let Some(nl) = line_end(b'\n', buf) else {
         if buf.len() > MAX_LINE {
             return Err(ProtocolError("too big inline request".into()));
         }
@@ -423,6 +430,16 @@ mod tests {
         }
         input.extend_from_slice(b"$1000\r\n");
         assert!(p.parse(&input).unwrap_err().0.contains("max_request_bytes"));
+    }
+
+    #[test]
+    fn nul_ends_the_search_for_a_line_end_like_strchr() {
+        let mut p = RequestParser::new(LIMITS);
+        assert_eq!(p.parse(b"GET a\0b\r\nPING\r\n").unwrap(), None);
+        assert_eq!(p.parse(b"*1\0\r\n").unwrap(), None);
+        let mut long = b"GET a\0".to_vec();
+        long.extend(vec![b'x'; MAX_LINE + 1]);
+        assert_eq!(err(&long), "too big inline request");
     }
 
     #[test]
