@@ -20,6 +20,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub invalidation: InvalidationConfig,
     pub flush: FlushConfig,
+    pub admin: AdminConfig,
+    pub reload: ReloadConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -216,6 +218,45 @@ pub enum FlushCommand {
     FlushAll,
 }
 
+/// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, `/config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// `host:port`; loopback by default so metrics are not exposed by accident.
+    pub address: String,
+    /// How often the readiness probe checks that Redis answers.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            address: "127.0.0.1:9380".into(),
+            probe_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Live reload of the config file (always on `SIGHUP`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Also reload when the file's contents change, checked this often. `0s` = only on SIGHUP.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch_interval: Duration::ZERO,
+        }
+    }
+}
+
 /// Graceful shutdown on SIGTERM/SIGINT.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -343,6 +384,15 @@ impl Config {
                 "must be shorter than invalidation.max_wait, or flushes would time out waiting for their turn",
             ));
         }
+        if self.admin.enabled && self.admin.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "admin.address",
+                format!("`{}` is not an ip:port address", self.admin.address),
+            ));
+        }
+        if self.admin.probe_interval.is_zero() {
+            return Err(invalid("admin.probe_interval", "must be greater than 0s"));
+        }
         if l.max_reply_depth == 0 {
             return Err(invalid("limits.max_reply_depth", "must be at least 1"));
         }
@@ -353,6 +403,48 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Settings that only take effect at start: the keys (named as in the file) whose values
+    /// differ between `self` and `new`.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |key: &'static str, differs: bool| {
+            if differs {
+                changed.push(key);
+            }
+        };
+        check("listen.address", self.listen.address != new.listen.address);
+        check(
+            "listen.unix_socket",
+            self.listen.unix_socket != new.listen.unix_socket,
+        );
+        check(
+            "listen.tcp_keepalive",
+            self.listen.tcp_keepalive != new.listen.tcp_keepalive,
+        );
+        check(
+            "upstream.address",
+            self.upstream.address != new.upstream.address,
+        );
+        check("admin", self.admin != new.admin);
+        check("reload.watch_interval", self.reload != new.reload);
+        check("log.format", self.log.format != new.log.format);
+        changed
+    }
+
+    /// `new` with every restart-only setting kept as it is in `self`, so a reload applies
+    /// what it can and leaves the rest as the running process has it.
+    pub fn with_live_changes_from(&self, new: &Config) -> Config {
+        let mut merged = new.clone();
+        merged.listen.address = self.listen.address.clone();
+        merged.listen.unix_socket = self.listen.unix_socket.clone();
+        merged.listen.tcp_keepalive = self.listen.tcp_keepalive;
+        merged.upstream.address = self.upstream.address.clone();
+        merged.admin = self.admin.clone();
+        merged.reload = self.reload.clone();
+        merged.log.format = self.log.format;
+        merged
     }
 
     /// The effective configuration as TOML, for `--check-config`.

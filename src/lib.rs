@@ -9,4 +9,5 @@ pub mod policy;
 pub mod resp;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 pub mod upstream;

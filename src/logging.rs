@@ -21,3 +21,34 @@ pub fn init(config: &LogConfig) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
+
+/// A rate limit for warnings that every connection could hit at once (an upstream outage
+/// seen by 10,000 clients): a few lines a second, then a count of what was suppressed.
+pub struct Throttle {
+    limiter: governor::DefaultDirectRateLimiter,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(per_second: u32) -> Throttle {
+        let rate = std::num::NonZeroU32::new(per_second).unwrap_or(std::num::NonZeroU32::MIN);
+        Throttle {
+            limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to log this occurrence; reports how many were suppressed since the last one.
+    pub fn allow(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.limiter.check().is_err() {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let skipped = self.suppressed.swap(0, Ordering::Relaxed);
+        if skipped > 0 {
+            tracing::warn!(suppressed = skipped, "similar warnings suppressed");
+        }
+        true
+    }
+}

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,9 +17,11 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::invalidation::Engine;
+use crate::logging::Throttle;
 use crate::net::{Addr, Listener, Stream};
 use crate::resp::error_reply;
 use crate::session::{self, Context};
+use crate::telemetry::Hot;
 
 /// Binds every configured listener; fails (naming the address) if any cannot be bound.
 pub async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
@@ -43,10 +46,12 @@ pub async fn run(config: Config, listeners: Vec<Listener>, shutdown: Cancellatio
         info!(listen = %l.local_addr(), upstream = %config.upstream.address, "stormwall listening");
     }
     let ctx = Arc::new(Context {
-        config: config.clone(),
+        config: ArcSwap::new(config.clone()),
         shutdown: shutdown.clone(),
         upstream_up: AtomicBool::new(true),
         engine: Engine::new(config.clone()),
+        metrics: Hot::new(),
+        log_throttle: Throttle::new(5),
     });
     let clients = Arc::new(AtomicUsize::new(0));
     let sessions = TaskTracker::new();
@@ -85,7 +90,6 @@ async fn accept_loop(
     clients: Arc<AtomicUsize>,
     sessions: TaskTracker,
 ) {
-    let max = ctx.config.listen.max_clients;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -96,8 +100,9 @@ async fn accept_loop(
                 continue;
             }
         };
-        let guard = ClientSlot::take(&clients);
-        if guard.count > max {
+        let guard = ClientSlot::take(&clients, &ctx.metrics);
+        if guard.count > ctx.config.load().listen.max_clients {
+            ctx.metrics.rejected_max_clients.increment(1);
             sessions.spawn(refuse_over_limit(stream, guard));
             continue;
         }
@@ -122,15 +127,19 @@ async fn refuse_over_limit(stream: Stream, _slot: ClientSlot) {
 /// Counts a connection for as long as it lives.
 struct ClientSlot {
     clients: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
     /// Connections open including this one.
     count: usize,
 }
 
 impl ClientSlot {
-    fn take(clients: &Arc<AtomicUsize>) -> ClientSlot {
+    fn take(clients: &Arc<AtomicUsize>, metrics: &Hot) -> ClientSlot {
         let count = clients.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics.connections_total.increment(1);
+        metrics.connections.increment(1.0);
         ClientSlot {
             clients: clients.clone(),
+            gauge: metrics.connections.clone(),
             count,
         }
     }
@@ -139,5 +148,6 @@ impl ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.clients.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
     }
 }

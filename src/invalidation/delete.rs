@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::retry::{Executor, Failure};
-use super::{Job, Shared, expired, spend};
+use super::{Job, Live, Shared, expired, spend};
 use crate::config::DeleteCommand;
 use crate::resp::error_reply;
 use crate::upstream::Identity;
@@ -35,13 +35,9 @@ use crate::upstream::Identity;
 type DeleteJob = Job<Vec<Bytes>>;
 
 /// Serves one identity's delete requests until the engine is dropped.
-pub(super) async fn worker(
-    shared: Arc<Shared>,
-    who: Identity,
-    mut rx: mpsc::UnboundedReceiver<DeleteJob>,
-) {
+pub(super) async fn worker(live: Live, who: Identity, mut rx: mpsc::UnboundedReceiver<DeleteJob>) {
     let mut worker = Worker {
-        shared,
+        live,
         exec: Executor::new(who),
         atomic: true,
     };
@@ -52,7 +48,7 @@ pub(super) async fn worker(
 }
 
 struct Worker {
-    shared: Arc<Shared>,
+    live: Live,
     exec: Executor,
     /// Whether this identity may use `MULTI` (and so whether keys can be claimed).
     atomic: bool,
@@ -71,13 +67,18 @@ fn count_reply(n: i64) -> Bytes {
 }
 
 impl Worker {
+    /// The settings as of now (a reload is picked up at the next use).
+    fn shared(&self) -> Arc<Shared> {
+        self.live.load_full()
+    }
+
     /// Takes whatever else is queued, up to `max_batch_keys` distinct keys.
     async fn gather(
         &self,
         first: DeleteJob,
         rx: &mut mpsc::UnboundedReceiver<DeleteJob>,
     ) -> Vec<DeleteJob> {
-        let inv = &self.shared.config.invalidation;
+        let inv = &self.shared().config.invalidation;
         if !inv.batch_delay.is_zero() {
             tokio::time::sleep(inv.batch_delay).await;
         }
@@ -106,20 +107,15 @@ impl Worker {
         while !pending.is_empty() {
             let plan = plan(&pending, self.atomic);
             let keys: usize = plan.iter().map(|(_, k)| k.len()).sum();
-            let inv = &self.shared.config.invalidation;
+            let shared = self.shared();
+            let inv = &shared.config.invalidation;
             let deadline = pending
                 .iter()
                 .map(|j| j.deadline)
                 .min()
                 .unwrap_or_else(Instant::now);
-            let _ = spend(&self.shared.keys, inv.keys_burst, keys, deadline).await
-                && spend(
-                    &self.shared.commands,
-                    inv.commands_burst,
-                    plan.len(),
-                    deadline,
-                )
-                .await;
+            let _ = spend(&shared.keys, inv.keys_burst, keys, deadline).await
+                && spend(&shared.commands, inv.commands_burst, plan.len(), deadline).await;
             // Budgets may have made some requests wait past their deadline: they are answered
             // now and never executed later.
             let now = Instant::now();
@@ -144,7 +140,7 @@ impl Worker {
 
     /// Executes one plan and judges every pending request by the replies.
     async fn round(&mut self, pending: &[DeleteJob], plan: &[(usize, Vec<Bytes>)]) -> Vec<Verdict> {
-        let name = match self.shared.config.invalidation.delete_command {
+        let name = match self.shared().config.invalidation.delete_command {
             DeleteCommand::Unlink => Bytes::from_static(b"UNLINK"),
             DeleteCommand::Del => Bytes::from_static(b"DEL"),
         };
@@ -176,7 +172,7 @@ impl Worker {
             .map(|j| j.deadline)
             .min()
             .unwrap_or_else(Instant::now);
-        let outcome = match self.exec.run(&self.shared, &commands, deadline).await {
+        let outcome = match self.exec.run(&self.shared(), &commands, deadline).await {
             Ok(o) => o,
             Err(failure) => {
                 let reply = failure_reply(&failure, self.exec.identity());

@@ -8,8 +8,6 @@
 //! executes a single flush for all of them. Requests arriving while that flush runs wait for
 //! the next one: a flush that started before a request arrived never answers it.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use metrics::counter;
 use tokio::sync::mpsc;
@@ -17,7 +15,7 @@ use tokio::time::Instant;
 
 use super::delete::failure_reply;
 use super::retry::Executor;
-use super::{Job, Shared, expired, spend};
+use super::{Job, Live, expired, spend};
 use crate::config::FlushMode;
 use crate::resp::error_reply;
 use crate::upstream::Identity;
@@ -27,7 +25,7 @@ type FlushJob = Job<Option<bool>>;
 
 /// Serves one flush target until the engine is dropped.
 pub(super) async fn worker(
-    shared: Arc<Shared>,
+    live: Live,
     (who, all): (Identity, bool),
     mut rx: mpsc::UnboundedReceiver<FlushJob>,
 ) {
@@ -36,6 +34,7 @@ pub(super) async fn worker(
     let mut exec = Executor::new(who);
     let mut last_start: Option<Instant> = None;
     while let Some(first) = rx.recv().await {
+        let shared = live.load_full();
         if let Some(start) = last_start {
             tokio::time::sleep_until(start + shared.config.flush.min_interval).await;
         }

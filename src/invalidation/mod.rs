@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use metrics::{counter, gauge};
@@ -79,21 +80,71 @@ impl<T> Job<T> {
     }
 }
 
-/// What workers share.
+/// The engine's settings and budgets as of the last (re)load. Workers read a fresh snapshot
+/// for each batch, so a reload takes effect at the next batch without touching a connection.
 struct Shared {
     config: Arc<Config>,
-    keys: DefaultDirectRateLimiter,
-    commands: DefaultDirectRateLimiter,
+    keys: Arc<DefaultDirectRateLimiter>,
+    commands: Arc<DefaultDirectRateLimiter>,
+    /// Queue slots: requests, and keys in them.
+    requests: Arc<Semaphore>,
+    pending_keys: Arc<Semaphore>,
 }
+
+impl Shared {
+    /// Settings from `config`, keeping `old`'s budgets and queues where their limits did not
+    /// change (so a reload that touches nothing else does not reset them).
+    fn new(config: Arc<Config>, old: Option<&Shared>) -> Shared {
+        let inv = &config.invalidation;
+        let old_inv = old.map(|o| &o.config.invalidation);
+        let same = |f: fn(&crate::config::InvalidationConfig) -> (u32, u32)| {
+            old_inv.is_some_and(|o| f(o) == f(inv))
+        };
+        let keys = match old {
+            Some(o) if same(|i| (i.keys_per_second, i.keys_burst)) => o.keys.clone(),
+            _ => Arc::new(RateLimiter::direct(quota(
+                inv.keys_per_second,
+                inv.keys_burst,
+            ))),
+        };
+        let commands = match old {
+            Some(o) if same(|i| (i.commands_per_second, i.commands_burst)) => o.commands.clone(),
+            _ => Arc::new(RateLimiter::direct(quota(
+                inv.commands_per_second,
+                inv.commands_burst,
+            ))),
+        };
+        // A resized queue is a new semaphore: requests admitted before keep their slots in
+        // the old one, new requests are admitted against the new limit.
+        let requests = match old {
+            Some(o) if o.config.invalidation.max_pending == inv.max_pending => o.requests.clone(),
+            _ => Arc::new(Semaphore::new(inv.max_pending)),
+        };
+        let pending_keys = match old {
+            Some(o) if o.config.invalidation.max_pending_keys == inv.max_pending_keys => {
+                o.pending_keys.clone()
+            }
+            _ => Arc::new(Semaphore::new(inv.max_pending_keys)),
+        };
+        Shared {
+            config,
+            keys,
+            commands,
+            requests,
+            pending_keys,
+        }
+    }
+}
+
+/// The live settings, swapped whole on reload.
+type Live = Arc<ArcSwap<Shared>>;
 
 /// Worker queues by what they serve.
 type Workers<K, T> = HashMap<K, mpsc::UnboundedSender<Job<T>>>;
 
 /// The engine sessions call into. Cheap to share behind an `Arc`.
 pub struct Engine {
-    shared: Arc<Shared>,
-    requests: Arc<Semaphore>,
-    keys: Arc<Semaphore>,
+    live: Live,
     deleters: Mutex<Workers<Identity, Vec<Bytes>>>,
     flushers: Mutex<Workers<(Identity, bool), Option<bool>>>,
 }
@@ -105,23 +156,23 @@ fn quota(per_second: u32, burst: u32) -> Quota {
 
 impl Engine {
     pub fn new(config: Arc<Config>) -> Engine {
-        let inv = &config.invalidation;
         Engine {
-            requests: Arc::new(Semaphore::new(inv.max_pending)),
-            keys: Arc::new(Semaphore::new(inv.max_pending_keys)),
-            shared: Arc::new(Shared {
-                keys: RateLimiter::direct(quota(inv.keys_per_second, inv.keys_burst)),
-                commands: RateLimiter::direct(quota(inv.commands_per_second, inv.commands_burst)),
-                config,
-            }),
+            live: Arc::new(ArcSwap::from_pointee(Shared::new(config, None))),
             deleters: Mutex::new(HashMap::new()),
             flushers: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Applies a reloaded config from the next request and batch on.
+    pub fn reload(&self, config: Arc<Config>) {
+        let old = self.live.load_full();
+        self.live.store(Arc::new(Shared::new(config, Some(&old))));
+    }
+
     /// Executes a governed request as `who` and returns the reply for the client.
     pub async fn execute(&self, who: &Identity, request: Request) -> Bytes {
-        let config = &self.shared.config;
+        let shared = self.live.load_full();
+        let config = &shared.config;
         let command = request.command();
         counter!("stormwall_invalidation_requests_total", "command" => command).increment(1);
         if let Request::Flush { all, .. } = request {
@@ -134,11 +185,13 @@ impl Engine {
                 let name = if all { "FLUSHALL" } else { "FLUSHDB" };
                 counter!("stormwall_invalidation_rejected_total", "reason" => "denied")
                     .increment(1);
+                counter!("stormwall_commands_total", "class" => "denied").increment(1);
                 return error_reply(&format!(
                     "ERR stormwall: {name} is denied by this proxy's policy (flush.deny); not applied"
                 ));
             }
         }
+        counter!("stormwall_commands_total", "class" => "governed").increment(1);
         let received = Instant::now();
         let deadline = received + config.invalidation.max_wait;
         let keys = match &request {
@@ -146,7 +199,7 @@ impl Engine {
             Request::Flush { .. } => 0,
         };
         counter!("stormwall_invalidation_keys_received_total").increment(keys as u64);
-        let admission = match self.admit(keys, deadline).await {
+        let admission = match admit(&shared, keys, deadline).await {
             Ok(a) => a,
             Err(reply) => return reply,
         };
@@ -186,87 +239,99 @@ impl Engine {
         reply
     }
 
-    /// Takes queue slots for a request with `keys` keys, as `invalidation.on_full` says.
-    async fn admit(&self, keys: usize, deadline: Instant) -> Result<Admission, Bytes> {
-        let inv = &self.shared.config.invalidation;
-        // A request larger than the whole key budget takes all of it rather than never fitting.
-        let keys = keys.min(inv.max_pending_keys) as u32;
-        let full = |what: &str, setting: &str, limit: usize| {
-            counter!("stormwall_invalidation_rejected_total", "reason" => "queue_full")
-                .increment(1);
-            error_reply(&format!(
-                "BUSY stormwall: invalidation queue is full ({what}; {setting} = {limit}); not applied, retry later"
-            ))
-        };
-        match inv.on_full {
-            OnFull::Reject => {
-                let request = self.requests.clone().try_acquire_owned().map_err(|_| {
-                    full(
-                        "too many pending requests",
-                        "invalidation.max_pending",
-                        inv.max_pending,
-                    )
-                })?;
-                let keys = match keys {
-                    0 => None,
-                    n => Some(self.keys.clone().try_acquire_many_owned(n).map_err(|_| {
-                        full(
-                            "too many pending keys",
-                            "invalidation.max_pending_keys",
-                            inv.max_pending_keys,
-                        )
-                    })?),
-                };
-                Ok(Admission {
-                    _request: request,
-                    _keys: keys,
-                })
-            }
-            OnFull::Wait => {
-                let waited = async {
-                    let request = self.requests.clone().acquire_owned().await.ok()?;
-                    let keys = match keys {
-                        0 => None,
-                        n => Some(self.keys.clone().acquire_many_owned(n).await.ok()?),
-                    };
-                    Some(Admission {
-                        _request: request,
-                        _keys: keys,
-                    })
-                };
-                match tokio::time::timeout_at(deadline, waited).await {
-                    Ok(Some(a)) => Ok(a),
-                    _ => {
-                        counter!("stormwall_invalidation_rejected_total", "reason" => "max_wait")
-                            .increment(1);
-                        Err(error_reply(&format!(
-                            "TRYAGAIN stormwall: the invalidation queue stayed full for invalidation.max_wait ({}); not applied",
-                            humantime::format_duration(inv.max_wait)
-                        )))
-                    }
-                }
-            }
-        }
-    }
-
     /// Sends `job` to the worker for `key`, starting one if needed.
     fn route<K, T, F, Fut>(&self, workers: &Mutex<Workers<K, T>>, key: K, job: Job<T>, spawn: F)
     where
         K: std::hash::Hash + Eq + Clone,
-        F: FnOnce(Arc<Shared>, K, mpsc::UnboundedReceiver<Job<T>>) -> Fut,
+        F: FnOnce(Live, K, mpsc::UnboundedReceiver<Job<T>>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         // The lock is never held across an await, and a poisoned map is still a valid map.
         let mut map = workers.lock().unwrap_or_else(|p| p.into_inner());
         let sender = map.entry(key.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(spawn(self.shared.clone(), key, rx));
+            tokio::spawn(spawn(self.live.clone(), key, rx));
             tx
         });
         if let Err(mpsc::error::SendError(job)) = sender.send(job) {
             job.answer(error_reply(
                 "ERR stormwall: invalidation worker is gone; not applied",
             ));
+        }
+    }
+}
+
+/// Takes queue slots for a request with `keys` keys, as `invalidation.on_full` says.
+async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admission, Bytes> {
+    let inv = &shared.config.invalidation;
+    // A request larger than the whole key budget takes all of it rather than never fitting.
+    let keys = keys.min(inv.max_pending_keys) as u32;
+    let full = |what: &str, setting: &str, limit: usize| {
+        counter!("stormwall_invalidation_rejected_total", "reason" => "queue_full").increment(1);
+        error_reply(&format!(
+            "BUSY stormwall: invalidation queue is full ({what}; {setting} = {limit}); not applied, retry later"
+        ))
+    };
+    match inv.on_full {
+        OnFull::Reject => {
+            let request = shared.requests.clone().try_acquire_owned().map_err(|_| {
+                full(
+                    "too many pending requests",
+                    "invalidation.max_pending",
+                    inv.max_pending,
+                )
+            })?;
+            let keys = match keys {
+                0 => None,
+                n => Some(
+                    shared
+                        .pending_keys
+                        .clone()
+                        .try_acquire_many_owned(n)
+                        .map_err(|_| {
+                            full(
+                                "too many pending keys",
+                                "invalidation.max_pending_keys",
+                                inv.max_pending_keys,
+                            )
+                        })?,
+                ),
+            };
+            Ok(Admission {
+                _request: request,
+                _keys: keys,
+            })
+        }
+        OnFull::Wait => {
+            let waited = async {
+                let request = shared.requests.clone().acquire_owned().await.ok()?;
+                let keys = match keys {
+                    0 => None,
+                    n => Some(
+                        shared
+                            .pending_keys
+                            .clone()
+                            .acquire_many_owned(n)
+                            .await
+                            .ok()?,
+                    ),
+                };
+                Some(Admission {
+                    _request: request,
+                    _keys: keys,
+                })
+            };
+            match tokio::time::timeout_at(deadline, waited).await {
+                Ok(Some(a)) => Ok(a),
+                _ => {
+                    counter!("stormwall_invalidation_rejected_total", "reason" => "max_wait")
+                        .increment(1);
+                    Err(error_reply(&format!(
+                        "TRYAGAIN stormwall: the invalidation queue stayed full for invalidation.max_wait ({}); not applied",
+                        humantime::format_duration(inv.max_wait)
+                    )))
+                }
+            }
         }
     }
 }

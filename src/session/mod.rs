@@ -1,0 +1,174 @@
+//! One client connection: its own upstream Redis connection, commands forwarded in order,
+//! replies returned in order (contract point G1).
+//!
+//! Two halves run concurrently inside the connection's task:
+//!
+//! * the **request side** reads client bytes, frames and classifies each command, and writes
+//!   runs of complete commands to Redis exactly as they arrived (one write per read, however
+//!   deep the pipeline);
+//! * the **reply side** reads Redis's bytes, frames them, and writes them back to the client.
+//!
+//! They are linked by an in-order [`queue`] of entries: "the next N replies come from Redis",
+//! "send this reply stormwall made itself", or "from here on relay raw bytes". The request
+//! side always enqueues an entry *before* writing the bytes it describes, so when a reply
+//! arrives its entry is already queued; a reply with no entry means the two sides disagree
+//! and the connection is failed rather than risk handing a client someone else's answer.
+//!
+//! Failure handling: if Redis goes away or stops answering, every command still awaiting a
+//! reply gets an explicit `-ERR` saying it may or may not have been applied, and the client
+//! connection is closed — as it would be by Redis itself — so the client's library reconnects
+//! and re-establishes its own state (`SELECT`, `AUTH`, subscriptions) instead of silently
+//! continuing on a fresh upstream connection that has none of it.
+
+mod queue;
+mod replies;
+mod requests;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::invalidation::Engine;
+use crate::logging::Throttle;
+use crate::net::Stream;
+use crate::resp::error_reply;
+use crate::resp::reply::ReplyScanner;
+use crate::resp::request::{RequestLimits, RequestParser};
+use crate::telemetry::Hot;
+use crate::upstream::Identity;
+use queue::ReplyQueue;
+use replies::ReplySide;
+use requests::{ConnState, RequestSide};
+
+/// Initial read buffer size per direction; buffers grow only for large frames.
+const READ_BUF: usize = 16 * 1024;
+/// Reads are attempted with at least this much free space.
+const MIN_READ: usize = 4 * 1024;
+
+/// What every session shares: configuration and process-wide state.
+pub struct Context {
+    /// The live configuration; each session takes a snapshot when it starts, so a reload
+    /// applies to new connections and to the shield at once, and never cuts a connection.
+    pub config: ArcSwap<Config>,
+    /// Cancelled when the process starts draining.
+    pub shutdown: CancellationToken,
+    /// Whether the last upstream connection attempt succeeded; flips are logged once each,
+    /// so a Redis outage produces two log lines, not one per client.
+    pub upstream_up: AtomicBool,
+    /// The invalidation shield every session hands governed commands to.
+    pub engine: Engine,
+    pub metrics: Hot,
+    /// Keeps per-connection warnings from becoming a storm of their own during an outage.
+    pub log_throttle: Throttle,
+}
+
+impl Context {
+    /// Records the outcome of an attempt to reach Redis (a client's connection or a probe).
+    pub fn note_upstream(&self, up: bool, error: Option<&std::io::Error>) {
+        self.metrics.upstream_up.set(if up { 1.0 } else { 0.0 });
+        if self.upstream_up.swap(up, Ordering::Relaxed) != up {
+            let config = self.config.load();
+            let addr = &config.upstream.address;
+            match error {
+                None => info!(upstream = %addr, "upstream Redis reachable"),
+                Some(e) => {
+                    warn!(upstream = %addr, error = %e, "upstream Redis unreachable; clients get errors until it returns")
+                }
+            }
+        }
+    }
+}
+
+/// Serves one client until it disconnects, Redis goes away, or the process drains.
+pub async fn serve(client: Stream, ctx: Arc<Context>) {
+    let cfg = ctx.config.load_full();
+    let upstream = match Stream::connect(
+        &cfg.upstream.address,
+        cfg.upstream.connect_timeout,
+        cfg.upstream.tcp_keepalive,
+    )
+    .await
+    {
+        Ok(s) => {
+            ctx.metrics.connects_ok.increment(1);
+            ctx.note_upstream(true, None);
+            s
+        }
+        Err(e) => {
+            ctx.metrics.connects_failed.increment(1);
+            ctx.metrics.rejected_upstream.increment(1);
+            ctx.note_upstream(false, Some(&e));
+            refuse(client, &cfg.upstream.address.to_string(), &e).await;
+            return;
+        }
+    };
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, mut upstream_write) = upstream.into_split();
+    let links = Links {
+        ctx: &ctx,
+        config: cfg.clone(),
+        dead: CancellationToken::new(),
+        queue: ReplyQueue::default(),
+        identity: Mutex::new(Identity::default()),
+        multi_refused: AtomicBool::new(false),
+        client_gone: AtomicBool::new(false),
+    };
+    let limits = &cfg.limits;
+    let requests = RequestSide {
+        links: &links,
+        parser: RequestParser::new(RequestLimits {
+            max_bulk_len: limits.max_bulk_len,
+            max_array_len: limits.max_array_len,
+            max_request_bytes: limits.max_request_bytes,
+        }),
+        state: ConnState::default(),
+        raw: false,
+        read_at: Instant::now(),
+    };
+    let replies = ReplySide {
+        links: &links,
+        scanner: ReplyScanner::new(limits.max_reply_depth, limits.max_bulk_len),
+        pending: 0,
+        blocking: false,
+        effect: None,
+        sent: Instant::now(),
+    };
+    // The upstream write half is only borrowed by the request side, so that it half-closes
+    // the connection exactly when the client does (not when it merely stops sending).
+    let requests = async {
+        requests.run(client_read, &mut upstream_write).await;
+        links.queue.finish();
+    };
+    tokio::join!(requests, replies.run(upstream_read, client_write));
+}
+
+/// Tells a client why it cannot be served, then closes its connection.
+async fn refuse(client: Stream, upstream: &str, error: &std::io::Error) {
+    let msg =
+        format!("ERR stormwall: cannot reach upstream Redis at {upstream} ({error}); retry later");
+    let (_, mut w) = client.into_split();
+    let _ = w.write_all(&error_reply(&msg)).await;
+    let _ = w.shutdown().await;
+}
+
+/// State the two halves of one session share.
+struct Links<'a> {
+    ctx: &'a Context,
+    /// The configuration this session started with.
+    config: Arc<Config>,
+    /// Cancelled when either half hits a fatal error; the other half then stops too.
+    dead: CancellationToken,
+    queue: ReplyQueue,
+    /// Who this connection acts as, as confirmed by Redis's replies.
+    identity: Mutex<Identity>,
+    /// Redis refused a `MULTI` the request side assumed accepted.
+    multi_refused: AtomicBool,
+    /// The client closed its side; Redis closing next is expected, not a failure.
+    client_gone: AtomicBool,
+}

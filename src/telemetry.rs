@@ -1,0 +1,197 @@
+//! Metrics: the Prometheus recorder, the help text of every metric, and cached handles for
+//! the passthrough hot path.
+//!
+//! Recording through the `metrics` macros looks the metric up in the registry on every call;
+//! fine for the invalidation path, too slow for per-batch passthrough accounting. So sessions
+//! use [`Hot`], a set of handles resolved once, whose updates are single atomic operations.
+//! The full list, with meanings, is `docs/metrics.md`.
+
+use std::time::Duration;
+
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets (seconds): 20 µs … 5 s, dense where a proxy's overhead lives.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0,
+];
+/// Keys per delete batch.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
+];
+
+/// Installs the global Prometheus recorder and describes every metric. Returns the handle
+/// `/metrics` renders from. Call once, before anything records.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("stormwall_invalidation_batch_keys".into()),
+                BATCH_BUCKETS,
+            )
+        })
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    describe();
+    Ok(handle)
+}
+
+/// Keeps histogram storage bounded; the exporter needs this called periodically.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+fn describe() {
+    describe_gauge!(
+        "stormwall_client_connections",
+        "Client connections open now."
+    );
+    describe_counter!(
+        "stormwall_client_connections_total",
+        "Client connections accepted."
+    );
+    describe_counter!(
+        "stormwall_client_connections_rejected_total",
+        "Client connections refused with an error, by reason."
+    );
+    describe_counter!(
+        "stormwall_commands_total",
+        "Client commands by how they were handled: passthrough, governed or denied."
+    );
+    describe_counter!(
+        "stormwall_protocol_errors_total",
+        "Client connections closed for malformed or over-limit input."
+    );
+    describe_gauge!(
+        "stormwall_upstream_up",
+        "1 if Redis answered the last probe or connection attempt, else 0."
+    );
+    describe_counter!(
+        "stormwall_upstream_connects_total",
+        "Upstream connection attempts, by result."
+    );
+    describe_counter!(
+        "stormwall_upstream_errors_total",
+        "Client sessions ended by an upstream failure, by kind."
+    );
+    describe_histogram!(
+        "stormwall_upstream_rtt_seconds",
+        "From forwarding a run of commands to Redis until its last reply arrived."
+    );
+    describe_histogram!(
+        "stormwall_proxy_overhead_seconds",
+        "Time from reading client bytes until they are written to Redis."
+    );
+    describe_counter!(
+        "stormwall_config_reloads_total",
+        "Config reloads, by result."
+    );
+    describe_counter!(
+        "stormwall_invalidation_requests_total",
+        "Governed invalidation requests received, by command."
+    );
+    describe_counter!(
+        "stormwall_invalidation_keys_received_total",
+        "Keys named by governed DEL/UNLINK requests."
+    );
+    describe_counter!(
+        "stormwall_invalidation_keys_sent_total",
+        "Keys sent to Redis in delete commands."
+    );
+    describe_counter!(
+        "stormwall_invalidation_coalesced_keys_total",
+        "Keys not sent because an earlier request in the same batch deleted them."
+    );
+    describe_counter!(
+        "stormwall_invalidation_commands_sent_total",
+        "Invalidation commands sent to Redis."
+    );
+    describe_counter!(
+        "stormwall_invalidation_batches_total",
+        "Delete batches executed."
+    );
+    describe_histogram!(
+        "stormwall_invalidation_batch_keys",
+        "Distinct keys per delete batch."
+    );
+    describe_counter!(
+        "stormwall_flushes_requested_total",
+        "Flush requests taken into a flush, by command."
+    );
+    describe_counter!(
+        "stormwall_flushes_executed_total",
+        "Flushes actually sent to Redis, by command."
+    );
+    describe_gauge!(
+        "stormwall_invalidation_queue_depth",
+        "Governed requests admitted and not yet answered."
+    );
+    describe_histogram!(
+        "stormwall_invalidation_wait_seconds",
+        "From a delete request's arrival until its batch starts."
+    );
+    describe_counter!(
+        "stormwall_invalidation_rejected_total",
+        "Governed requests answered with an error, by reason."
+    );
+    describe_counter!(
+        "stormwall_invalidation_retries_total",
+        "Retries of an invalidation batch after a transient upstream failure."
+    );
+}
+
+/// Handles for everything a session records, resolved once per process.
+pub struct Hot {
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub rejected_max_clients: Counter,
+    pub rejected_upstream: Counter,
+    pub passthrough: Counter,
+    pub governed: Counter,
+    pub protocol_errors: Counter,
+    pub upstream_up: Gauge,
+    pub connects_ok: Counter,
+    pub connects_failed: Counter,
+    pub upstream_lost: Counter,
+    pub upstream_timeout: Counter,
+    pub upstream_protocol: Counter,
+    pub upstream_rtt: Histogram,
+    pub overhead: Histogram,
+}
+
+impl Hot {
+    pub fn new() -> Hot {
+        Hot {
+            connections: gauge!("stormwall_client_connections"),
+            connections_total: counter!("stormwall_client_connections_total"),
+            rejected_max_clients: counter!("stormwall_client_connections_rejected_total", "reason" => "max_clients"),
+            rejected_upstream: counter!("stormwall_client_connections_rejected_total", "reason" => "upstream_unreachable"),
+            passthrough: counter!("stormwall_commands_total", "class" => "passthrough"),
+            governed: counter!("stormwall_commands_total", "class" => "governed"),
+            protocol_errors: counter!("stormwall_protocol_errors_total"),
+            upstream_up: gauge!("stormwall_upstream_up"),
+            connects_ok: counter!("stormwall_upstream_connects_total", "result" => "ok"),
+            connects_failed: counter!("stormwall_upstream_connects_total", "result" => "failed"),
+            upstream_lost: counter!("stormwall_upstream_errors_total", "kind" => "lost"),
+            upstream_timeout: counter!("stormwall_upstream_errors_total", "kind" => "timeout"),
+            upstream_protocol: counter!("stormwall_upstream_errors_total", "kind" => "protocol"),
+            upstream_rtt: histogram!("stormwall_upstream_rtt_seconds"),
+            overhead: histogram!("stormwall_proxy_overhead_seconds"),
+        }
+    }
+}
+
+impl Default for Hot {
+    fn default() -> Self {
+        Hot::new()
+    }
+}
