@@ -1,32 +1,63 @@
-//! Log output through `tracing`: plain or JSON lines on stderr.
+//! Log output through `tracing`: plain or JSON lines on stderr, one line per notable event.
 //!
 //! The level comes from `RUST_LOG` when set (so an operator can turn on debug logs without
-//! editing the file), otherwise from `log.level` in the config.
+//! editing the file), otherwise from `log.level` in the config, and can change on reload.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Changes the log filter of the running process.
+pub struct LogHandle {
+    set: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
+    /// `RUST_LOG` was set at start, and keeps precedence over the config file.
+    from_env: bool,
+}
+
+impl LogHandle {
+    /// Applies `level` from a reloaded config (unless `RUST_LOG` governs the level).
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        if self.from_env {
+            return Ok(());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        (self.set)(filter)
+    }
+}
+
 /// Installs the global subscriber. Call once, before anything logs.
-pub fn init(config: &LogConfig) {
+pub fn init(config: &LogConfig) -> LogHandle {
+    let from_env = std::env::var_os(EnvFilter::DEFAULT_ENV).is_some();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false);
-    match config.format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let set: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync> = match config.format {
+        LogFormat::Plain => {
+            let builder = builder.with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+    };
+    LogHandle { set, from_env }
 }
 
 /// A rate limit for warnings that every connection could hit at once (an upstream outage
 /// seen by 10,000 clients): a few lines a second, then a count of what was suppressed.
 pub struct Throttle {
     limiter: governor::DefaultDirectRateLimiter,
-    suppressed: std::sync::atomic::AtomicU64,
+    suppressed: AtomicU64,
 }
 
 impl Throttle {
@@ -34,13 +65,12 @@ impl Throttle {
         let rate = std::num::NonZeroU32::new(per_second).unwrap_or(std::num::NonZeroU32::MIN);
         Throttle {
             limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
-            suppressed: std::sync::atomic::AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
         }
     }
 
     /// Whether to log this occurrence; reports how many were suppressed since the last one.
     pub fn allow(&self) -> bool {
-        use std::sync::atomic::Ordering;
         if self.limiter.check().is_err() {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return false;

@@ -9,11 +9,11 @@ use tracing::{error, info};
 
 use stormwall::config::{Config, LogFormat};
 use stormwall::net::Addr;
-use stormwall::{logging, server};
+use stormwall::{logging, reload, server, telemetry};
 
 /// A Redis-protocol proxy that passes normal traffic through untouched and shields Redis from
 /// invalidation storms.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "stormwall", version)]
 struct Cli {
     /// TOML config file (see deploy/stormwall.example.toml). Flags below override it.
@@ -31,6 +31,10 @@ struct Cli {
     /// The Redis server: host:port or a unix socket path [default: 127.0.0.1:6379]
     #[arg(long, value_name = "ADDR")]
     upstream: Option<Addr>,
+
+    /// Admin HTTP address (/metrics, /healthz, /readyz, /config) [default: 127.0.0.1:9380]
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
 
     /// Also listen on this unix socket.
     #[arg(long, value_name = "PATH")]
@@ -66,6 +70,10 @@ impl Cli {
         if let Some(p) = &self.unix_socket {
             config.listen.unix_socket = Some(p.clone());
         }
+        if let Some(a) = &self.admin {
+            config.admin.address = a.clone();
+            config.admin.enabled = true;
+        }
         if let Some(n) = self.max_clients {
             config.listen.max_clients = n;
         }
@@ -93,7 +101,14 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    logging::init(&config.log);
+    let log = logging::init(&config.log);
+    let metrics = match telemetry::install() {
+        Ok(m) => m,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,9 +127,24 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let admin = if config.admin.enabled {
+            match tokio::net::TcpListener::bind(&config.admin.address).await {
+                Ok(l) => Some((l, metrics)),
+                Err(e) => {
+                    error!("cannot listen on admin address {}: {e}", config.admin.address);
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            None
+        };
+        let file = cli.config.clone();
+        let reload_cli = cli.clone();
+        let loader: reload::Loader = Box::new(move || reload_cli.load());
+        let services = server::Services { admin, reload: (loader, file, log) };
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
-        server::run(config, listeners, shutdown).await;
+        server::run(config, listeners, services, shutdown).await;
         ExitCode::SUCCESS
     });
     // Sessions still blocked after the drain timeout must not hold the process open.

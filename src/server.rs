@@ -17,7 +17,9 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::invalidation::Engine;
-use crate::logging::Throttle;
+use crate::logging::{LogHandle, Throttle};
+use crate::{admin, reload, telemetry, upstream};
+use metrics_exporter_prometheus::PrometheusHandle;
 use crate::net::{Addr, Listener, Stream};
 use crate::resp::error_reply;
 use crate::session::{self, Context};
@@ -39,8 +41,16 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
     Ok(listeners)
 }
 
+/// What runs beside the client listeners.
+pub struct Services {
+    /// The admin endpoint's bound listener and the metrics it renders.
+    pub admin: Option<(tokio::net::TcpListener, PrometheusHandle)>,
+    /// How to re-read the config on reload, the file to watch, and the log filter to change.
+    pub reload: (reload::Loader, Option<std::path::PathBuf>, LogHandle),
+}
+
 /// Serves clients on `listeners` until `shutdown` is cancelled, then drains.
-pub async fn run(config: Config, listeners: Vec<Listener>, shutdown: CancellationToken) {
+pub async fn run(config: Config, listeners: Vec<Listener>, services: Services, shutdown: CancellationToken) {
     let config = Arc::new(config);
     for l in &listeners {
         info!(listen = %l.local_addr(), upstream = %config.upstream.address, "stormwall listening");
@@ -53,6 +63,17 @@ pub async fn run(config: Config, listeners: Vec<Listener>, shutdown: Cancellatio
         metrics: Hot::new(),
         log_throttle: Throttle::new(5),
     });
+    ctx.metrics.upstream_up.set(1.0);
+    // The admin endpoint outlives the drain (so /readyz reports it); the rest stops with it.
+    let background = CancellationToken::new();
+    let admin = services.admin.map(|(listener, metrics)| {
+        info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
+        tokio::spawn(telemetry::upkeep(metrics.clone()));
+        tokio::spawn(admin::serve(listener, ctx.clone(), metrics, background.clone()))
+    });
+    tokio::spawn(probe_upstream(ctx.clone(), background.clone()));
+    let (loader, file, log) = services.reload;
+    tokio::spawn(reload::watch(ctx.clone(), loader, file, log, background.clone()));
     let clients = Arc::new(AtomicUsize::new(0));
     let sessions = TaskTracker::new();
     let mut accept_loops = Vec::new();
@@ -81,6 +102,27 @@ pub async fn run(config: Config, listeners: Vec<Listener>, shutdown: Cancellatio
         );
     } else {
         info!("drained; exiting");
+    }
+    background.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+}
+
+/// Keeps `upstream_up` (and so `/readyz`) current even when no client is connecting, and
+/// logs the moments Redis goes away and comes back.
+async fn probe_upstream(ctx: Arc<Context>, stop: CancellationToken) {
+    let mut probe = upstream::Probe::default();
+    loop {
+        let config = ctx.config.load_full();
+        match probe.check(&config.upstream).await {
+            Ok(()) => ctx.note_upstream(true, None),
+            Err(e) => ctx.note_upstream(false, Some(&e)),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(config.admin.probe_interval) => {}
+        }
     }
 }
 

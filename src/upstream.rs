@@ -128,3 +128,38 @@ fn encode_command(out: &mut BytesMut, args: &[Bytes]) {
         out.extend_from_slice(b"\r\n");
     }
 }
+
+
+/// Checks that Redis answers, over one long-lived connection: `PING`, where any reply — even
+/// `-NOAUTH` — proves a live Redis, so the probe needs no credentials.
+#[derive(Default)]
+pub struct Probe {
+    conn: Option<Conn>,
+}
+
+impl Probe {
+    pub async fn check(&mut self, cfg: &UpstreamConfig) -> io::Result<()> {
+        if self.conn.is_none() {
+            self.conn = Some(Conn::open(cfg, &Identity::default()).await.map_err(|e| match e {
+                ConnError::Io(e) => e,
+                ConnError::Refused(e) => io::Error::other(e),
+            })?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let ping = [vec![Bytes::from_static(b"PING")]];
+        let result = tokio::time::timeout(cfg.connect_timeout, conn.call(&ping)).await;
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.conn = None;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no reply to PING"))
+            }
+        }
+    }
+}

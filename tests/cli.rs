@@ -84,6 +84,8 @@ fn wait_listening<T>(p: &mut Proc, what: &str, mut connect: impl FnMut() -> Opti
 fn serve(args: &[&str]) -> Proc {
     let child = stormwall()
         .args(args)
+        // Tests run in parallel: never the fixed default admin port.
+        .args(["--admin", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -121,6 +121,8 @@ impl Drop for Redis {
 /// A `stormwall` child process.
 pub struct Stormwall {
     pub port: u16,
+    /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, `/config`).
+    pub admin_port: u16,
     child: Option<Child>,
     _dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -139,13 +141,16 @@ impl Stormwall {
         let dir = tempfile::tempdir().expect("cannot create a temp dir");
         let port = free_port();
         let config_path = dir.path().join("stormwall.toml");
+        let admin_port = free_port();
         let config = format!(
-            "[listen]\naddress = \"127.0.0.1:{port}\"\n{listen_toml}[upstream]\naddress = \"{upstream}\"\n{extra_toml}"
+            "[listen]\naddress = \"127.0.0.1:{port}\"\n{listen_toml}[admin]\naddress = \"127.0.0.1:{admin_port}\"\n\
+             [upstream]\naddress = \"{upstream}\"\n{extra_toml}"
         );
         std::fs::write(&config_path, config).expect("cannot write config");
         let log_path = dir.path().join("stormwall.log");
         let mut s = Stormwall {
             port,
+            admin_port,
             child: None,
             _dir: dir,
             config_path,

@@ -1,0 +1,78 @@
+//! Live reload: on `SIGHUP` (and, if `reload.watch_interval` is set, when the file changes)
+//! the config file is read again and applied without dropping a connection.
+//!
+//! What can change live — limits, timeouts, the invalidation and flush policies, the log
+//! level, `max_clients` — takes effect for new connections and for the shield's next batch.
+//! What cannot (listen/upstream/admin addresses, the log format) is reported as needing a
+//! restart and keeps its running value. An invalid file is rejected with a log line naming
+//! the problem; the running config stays.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::counter;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::logging::LogHandle;
+use crate::session::Context;
+
+/// Re-reads the configuration (file plus command-line overrides), validated.
+pub type Loader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// Reloads on SIGHUP and file changes until `stop` is cancelled.
+pub async fn watch(ctx: Arc<Context>, load: Loader, file: Option<std::path::PathBuf>, log: LogHandle, stop: CancellationToken) {
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGHUP; live reload disabled");
+            return;
+        }
+    };
+    let interval = ctx.config.load().reload.watch_interval;
+    let read = |path: &Option<std::path::PathBuf>| path.as_ref().and_then(|p| std::fs::read(p).ok());
+    let mut seen = read(&file);
+    let mut tick = tokio::time::interval(if interval.is_zero() { Duration::from_secs(3600) } else { interval });
+    tick.tick().await;
+    loop {
+        let cause = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick(), if !interval.is_zero() => {
+                let now = read(&file);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "file change"
+            }
+        };
+        match load() {
+            Ok(new) => apply(&ctx, new, &log, cause),
+            Err(e) => {
+                counter!("stormwall_config_reloads_total", "result" => "failed").increment(1);
+                error!(cause, error = %e, "config reload rejected; the running config stays");
+            }
+        }
+    }
+}
+
+/// Applies what can change live and reports what cannot.
+pub fn apply(ctx: &Context, new: Config, log: &LogHandle, cause: &str) {
+    let old = ctx.config.load_full();
+    let restart = old.restart_only_changes(&new);
+    if !restart.is_empty() {
+        warn!(settings = ?restart, "these settings only change on restart; keeping their running values");
+    }
+    let merged = Arc::new(old.with_live_changes_from(&new));
+    if let Err(e) = log.set_level(&merged.log.level) {
+        warn!(error = %e, "cannot apply log.level");
+    }
+    ctx.engine.reload(merged.clone());
+    let changed = *merged != *old;
+    ctx.config.store(merged);
+    counter!("stormwall_config_reloads_total", "result" => "ok").increment(1);
+    info!(cause, changed, "config reloaded");
+}
