@@ -30,7 +30,12 @@ struct Admin {
 }
 
 /// Serves the admin endpoint until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>, metrics: PrometheusHandle, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    metrics: PrometheusHandle,
+    stop: CancellationToken,
+) {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -47,16 +52,25 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, metrics: Prometheus
 
 async fn render_metrics(State(admin): State<Admin>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         admin.metrics.render(),
     )
 }
 
 async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
     if admin.ctx.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining for shutdown\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: draining for shutdown\n",
+        )
     } else if !admin.ctx.upstream_up.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: upstream Redis unreachable\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: upstream Redis unreachable\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

@@ -44,7 +44,11 @@ pub fn init(config: &LogConfig) -> LogHandle {
             Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
         }
         LogFormat::Json => {
-            let builder = builder.json().flatten_event(true).with_env_filter(filter).with_filter_reloading();
+            let builder = builder
+                .json()
+                .flatten_event(true)
+                .with_env_filter(filter)
+                .with_filter_reloading();
             let handle = builder.reload_handle();
             builder.init();
             Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))

@@ -131,7 +131,10 @@ fn main() -> ExitCode {
             match tokio::net::TcpListener::bind(&config.admin.address).await {
                 Ok(l) => Some((l, metrics)),
                 Err(e) => {
-                    error!("cannot listen on admin address {}: {e}", config.admin.address);
+                    error!(
+                        "cannot listen on admin address {}: {e}",
+                        config.admin.address
+                    );
                     return ExitCode::FAILURE;
                 }
             }
@@ -141,7 +144,10 @@ fn main() -> ExitCode {
         let file = cli.config.clone();
         let reload_cli = cli.clone();
         let loader: reload::Loader = Box::new(move || reload_cli.load());
-        let services = server::Services { admin, reload: (loader, file, log) };
+        let services = server::Services {
+            admin,
+            reload: (loader, file, log),
+        };
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
         server::run(config, listeners, services, shutdown).await;

@@ -23,7 +23,13 @@ use crate::session::Context;
 pub type Loader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Reloads on SIGHUP and file changes until `stop` is cancelled.
-pub async fn watch(ctx: Arc<Context>, load: Loader, file: Option<std::path::PathBuf>, log: LogHandle, stop: CancellationToken) {
+pub async fn watch(
+    ctx: Arc<Context>,
+    load: Loader,
+    file: Option<std::path::PathBuf>,
+    log: LogHandle,
+    stop: CancellationToken,
+) {
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
@@ -32,9 +38,14 @@ pub async fn watch(ctx: Arc<Context>, load: Loader, file: Option<std::path::Path
         }
     };
     let interval = ctx.config.load().reload.watch_interval;
-    let read = |path: &Option<std::path::PathBuf>| path.as_ref().and_then(|p| std::fs::read(p).ok());
+    let read =
+        |path: &Option<std::path::PathBuf>| path.as_ref().and_then(|p| std::fs::read(p).ok());
     let mut seen = read(&file);
-    let mut tick = tokio::time::interval(if interval.is_zero() { Duration::from_secs(3600) } else { interval });
+    let mut tick = tokio::time::interval(if interval.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        interval
+    });
     tick.tick().await;
     loop {
         let cause = tokio::select! {

@@ -18,12 +18,12 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::invalidation::Engine;
 use crate::logging::{LogHandle, Throttle};
-use crate::{admin, reload, telemetry, upstream};
-use metrics_exporter_prometheus::PrometheusHandle;
 use crate::net::{Addr, Listener, Stream};
 use crate::resp::error_reply;
 use crate::session::{self, Context};
 use crate::telemetry::Hot;
+use crate::{admin, reload, telemetry, upstream};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Binds every configured listener; fails (naming the address) if any cannot be bound.
 pub async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
@@ -50,7 +50,12 @@ pub struct Services {
 }
 
 /// Serves clients on `listeners` until `shutdown` is cancelled, then drains.
-pub async fn run(config: Config, listeners: Vec<Listener>, services: Services, shutdown: CancellationToken) {
+pub async fn run(
+    config: Config,
+    listeners: Vec<Listener>,
+    services: Services,
+    shutdown: CancellationToken,
+) {
     let config = Arc::new(config);
     for l in &listeners {
         info!(listen = %l.local_addr(), upstream = %config.upstream.address, "stormwall listening");
@@ -73,7 +78,13 @@ pub async fn run(config: Config, listeners: Vec<Listener>, services: Services, s
     });
     tokio::spawn(probe_upstream(ctx.clone(), background.clone()));
     let (loader, file, log) = services.reload;
-    tokio::spawn(reload::watch(ctx.clone(), loader, file, log, background.clone()));
+    tokio::spawn(reload::watch(
+        ctx.clone(),
+        loader,
+        file,
+        log,
+        background.clone(),
+    ));
     let clients = Arc::new(AtomicUsize::new(0));
     let sessions = TaskTracker::new();
     let mut accept_loops = Vec::new();

@@ -129,7 +129,6 @@ fn encode_command(out: &mut BytesMut, args: &[Bytes]) {
     }
 }
 
-
 /// Checks that Redis answers, over one long-lived connection: `PING`, where any reply — even
 /// `-NOAUTH` — proves a live Redis, so the probe needs no credentials.
 #[derive(Default)]
@@ -140,10 +139,14 @@ pub struct Probe {
 impl Probe {
     pub async fn check(&mut self, cfg: &UpstreamConfig) -> io::Result<()> {
         if self.conn.is_none() {
-            self.conn = Some(Conn::open(cfg, &Identity::default()).await.map_err(|e| match e {
-                ConnError::Io(e) => e,
-                ConnError::Refused(e) => io::Error::other(e),
-            })?);
+            self.conn = Some(
+                Conn::open(cfg, &Identity::default())
+                    .await
+                    .map_err(|e| match e {
+                        ConnError::Io(e) => e,
+                        ConnError::Refused(e) => io::Error::other(e),
+                    })?,
+            );
         }
         let Some(conn) = self.conn.as_mut() else {
             return Err(io::ErrorKind::NotConnected.into());

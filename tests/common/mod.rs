@@ -142,10 +142,32 @@ impl Stormwall {
         let port = free_port();
         let config_path = dir.path().join("stormwall.toml");
         let admin_port = free_port();
-        let config = format!(
-            "[listen]\naddress = \"127.0.0.1:{port}\"\n{listen_toml}[admin]\naddress = \"127.0.0.1:{admin_port}\"\n\
-             [upstream]\naddress = \"{upstream}\"\n{extra_toml}"
-        );
+        // `extra_toml` continues the [upstream] section (bare keys land there) and may open
+        // any section; the listener addresses are filled in unless it sets them.
+        let mut config: toml::Table = format!("[upstream]\naddress = \"{upstream}\"\n{extra_toml}")
+            .parse()
+            .expect("invalid TOML in test config");
+        let listen_extra: toml::Table = listen_toml
+            .parse()
+            .expect("invalid listen TOML in test config");
+        let section = |config: &mut toml::Table, name: &str| -> toml::Table {
+            match config.remove(name) {
+                Some(toml::Value::Table(t)) => t,
+                _ => toml::Table::new(),
+            }
+        };
+        let mut listen = section(&mut config, "listen");
+        listen.extend(listen_extra);
+        listen
+            .entry("address")
+            .or_insert(format!("127.0.0.1:{port}").into());
+        config.insert("listen".into(), listen.into());
+        let mut admin = section(&mut config, "admin");
+        admin
+            .entry("address")
+            .or_insert(format!("127.0.0.1:{admin_port}").into());
+        config.insert("admin".into(), admin.into());
+        let config = toml::to_string(&config).expect("cannot render test config");
         std::fs::write(&config_path, config).expect("cannot write config");
         let log_path = dir.path().join("stormwall.log");
         let mut s = Stormwall {

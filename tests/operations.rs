@@ -1,0 +1,298 @@
+//! Operating stormwall: the admin endpoint (metrics checked against a known workload with a
+//! real Prometheus text parser), readiness following Redis, and live config reload under load.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Redis, Stormwall, text};
+
+/// GETs `path` from the admin endpoint: (status, body).
+fn http_get(sw: &Stormwall, path: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&format!("http://127.0.0.1:{}{path}", sw.admin_port))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path} failed: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap())
+}
+
+fn scrape(sw: &Stormwall) -> prometheus_parse::Scrape {
+    let (status, body) = http_get(sw, "/metrics");
+    assert_eq!(status, 200);
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("invalid Prometheus text")
+}
+
+/// The value of a counter or gauge sample with the given labels (0 if absent).
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{name} is not a counter or gauge: {other:?}"),
+        })
+        .sum()
+}
+
+fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn metrics_count_a_known_workload() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "");
+    // The harness's own readiness check connected once already.
+    let connections_before = value(&scrape(&sw), "stormwall_client_connections_total", &[]);
+    let mut raw = sw.raw();
+    for i in 0..50 {
+        raw.call(&[b"SET", format!("k{i}").as_bytes(), b"v"]);
+    }
+    for i in 0..30 {
+        raw.call(&[b"GET", format!("k{i}").as_bytes()]);
+    }
+    for i in 0..10 {
+        // Each DEL names two keys, one of which exists.
+        raw.call(&[
+            b"DEL",
+            format!("k{i}").as_bytes(),
+            format!("missing{i}").as_bytes(),
+        ]);
+    }
+    raw.call(&[b"FLUSHDB"]);
+    raw.send(b"*1\r\n:1\r\n"); // a protocol error closes the connection
+    assert!(raw.closed());
+    let mut second = sw.raw();
+    second.call(&[b"PING"]);
+
+    let s = scrape(&sw);
+    assert_eq!(
+        value(&s, "stormwall_commands_total", &[("class", "passthrough")]),
+        81.0,
+        "50 SET + 30 GET + 1 PING"
+    );
+    assert_eq!(
+        value(&s, "stormwall_commands_total", &[("class", "governed")]),
+        11.0,
+        "10 DEL + 1 FLUSHDB"
+    );
+    assert_eq!(
+        value(
+            &s,
+            "stormwall_invalidation_requests_total",
+            &[("command", "delete")]
+        ),
+        10.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "stormwall_invalidation_requests_total",
+            &[("command", "flushdb")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&s, "stormwall_invalidation_keys_received_total", &[]),
+        20.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "stormwall_flushes_executed_total",
+            &[("command", "flushdb")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&s, "stormwall_protocol_errors_total", &[]), 1.0);
+    assert_eq!(
+        value(&s, "stormwall_client_connections_total", &[]) - connections_before,
+        2.0
+    );
+    assert_eq!(value(&s, "stormwall_client_connections", &[]), 1.0);
+    assert_eq!(value(&s, "stormwall_upstream_up", &[]), 1.0);
+    assert_eq!(value(&s, "stormwall_invalidation_queue_depth", &[]), 0.0);
+    // Histograms are real histograms with buckets, and count what happened.
+    let rtt = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "stormwall_upstream_rtt_seconds")
+        .expect("rtt histogram");
+    match &rtt.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let total = buckets.last().map(|b| b.count).unwrap_or(0.0);
+            assert!(
+                total >= 81.0,
+                "one RTT sample per answered run, got {total}"
+            );
+        }
+        other => panic!("stormwall_upstream_rtt_seconds is not a histogram: {other:?}"),
+    }
+    // Every metric has help text.
+    for name in [
+        "stormwall_commands_total",
+        "stormwall_upstream_rtt_seconds",
+        "stormwall_invalidation_wait_seconds",
+    ] {
+        assert!(s.docs.contains_key(name), "{name} has no HELP");
+    }
+    let (status, body) = http_get(&sw, "/healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, config) = http_get(&sw, "/config");
+    assert_eq!(status, 200);
+    assert!(
+        config.contains(&format!("address = \"127.0.0.1:{}\"", sw.port)),
+        "{config}"
+    );
+}
+
+#[test]
+fn readyz_follows_redis() {
+    let mut redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "[admin]\nprobe_interval = \"100ms\"\n");
+    wait_until("ready", Duration::from_secs(5), || {
+        http_get(&sw, "/readyz").0 == 200
+    });
+    redis.kill();
+    wait_until(
+        "not ready after Redis stopped",
+        Duration::from_secs(10),
+        || {
+            let (status, body) = http_get(&sw, "/readyz");
+            status == 503 && body.contains("upstream")
+        },
+    );
+    assert_eq!(value(&scrape(&sw), "stormwall_upstream_up", &[]), 0.0);
+    assert_eq!(
+        http_get(&sw, "/healthz").0,
+        200,
+        "alive even when Redis is not"
+    );
+    redis.restart();
+    wait_until(
+        "ready again after Redis returned",
+        Duration::from_secs(10),
+        || http_get(&sw, "/readyz").0 == 200,
+    );
+    assert_eq!(text(&sw.raw().call(&[b"PING"])), "PONG");
+}
+
+#[test]
+fn reload_tightens_limits_live_and_rejects_a_broken_file() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "");
+    let original = std::fs::read_to_string(&sw.config_path).unwrap();
+
+    // Clients under load for the whole test: none may see an error or a dropped connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..8)
+        .map(|c| {
+            let mut con = sw.client();
+            let (stop, done) = (stop.clone(), done.clone());
+            thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let key = format!("load{c}:{}", i % 10);
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(i)
+                        .query::<()>(&mut con)
+                        .expect("SET failed during reload");
+                    redis::cmd("DEL")
+                        .arg(&key)
+                        .query::<i64>(&mut con)
+                        .expect("DEL failed during reload");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    wait_until("load running", Duration::from_secs(5), || {
+        done.load(Ordering::Relaxed) > 100
+    });
+
+    let mut probe = sw.raw();
+    assert_eq!(text(&probe.call(&[b"FLUSHALL"])), "OK");
+
+    // Tighten: deny FLUSHALL.
+    std::fs::write(
+        &sw.config_path,
+        format!("{original}[flush]\ndeny = [\"FLUSHALL\"]\n"),
+    )
+    .unwrap();
+    sw.signal("HUP");
+    wait_until(
+        "FLUSHALL denied after reload",
+        Duration::from_secs(5),
+        || text(&probe.call(&[b"FLUSHALL"])).contains("denied"),
+    );
+    assert_eq!(
+        value(
+            &scrape(&sw),
+            "stormwall_config_reloads_total",
+            &[("result", "ok")]
+        ),
+        1.0
+    );
+
+    // A broken file is rejected; the tightened policy stays.
+    std::fs::write(
+        &sw.config_path,
+        format!("{original}[flush]\ndeny = [\"FLUSHEVERYTHING\"]\n"),
+    )
+    .unwrap();
+    sw.signal("HUP");
+    wait_until("failed reload counted", Duration::from_secs(5), || {
+        value(
+            &scrape(&sw),
+            "stormwall_config_reloads_total",
+            &[("result", "failed")],
+        ) == 1.0
+    });
+    assert!(
+        text(&probe.call(&[b"FLUSHALL"])).contains("denied"),
+        "old limits must stay after a rejected reload"
+    );
+    assert!(sw.log().contains("config reload rejected"), "{}", sw.log());
+
+    // A restart-only change is reported and not applied: the old port keeps serving.
+    std::fs::write(
+        &sw.config_path,
+        original.replace(&format!("127.0.0.1:{}", sw.port), "127.0.0.1:1"),
+    )
+    .unwrap();
+    sw.signal("HUP");
+    wait_until(
+        "restart-only change reported",
+        Duration::from_secs(5),
+        || sw.log().contains("only change on restart"),
+    );
+    assert_eq!(text(&sw.raw().call(&[b"PING"])), "PONG");
+
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join()
+            .expect("a client under load saw an error during reloads");
+    }
+    assert!(done.load(Ordering::Relaxed) > 100);
+}
