@@ -73,6 +73,18 @@ impl Redis {
             Err(e) => panic!("cannot start redis-server: {e}"),
         };
         wait_for_port(self.port, "redis-server", &mut child);
+        // The port was free when picked; make sure the server answering is this child.
+        // (A password-protected Redis answers NOAUTH; then there is nothing to compare.)
+        let info = text(&Raw::connect(self.port).call(&[b"INFO", b"server"]));
+        let ours = format!("process_id:{}\r\n", child.id());
+        if info.contains("process_id:") && !info.contains(&ours) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "port {} was taken by another Redis before ours started",
+                self.port
+            );
+        }
         self.child = Some(child);
     }
 
@@ -138,6 +150,18 @@ impl Stormwall {
     /// Like [`start`](Self::start), with `listen_toml` (e.g. `max_clients = 2\n`) placed in
     /// the `[listen]` section, which `extra_toml` cannot reopen.
     pub fn start_with_listen(upstream: &str, listen_toml: &str, extra_toml: &str) -> Stormwall {
+        // Ports are picked free and released, so another process can take one in between;
+        // stormwall then exits at once, and a fresh pair of ports is tried.
+        for _ in 0..4 {
+            let mut s = Stormwall::configure(upstream, listen_toml, extra_toml);
+            if s.spawn() {
+                return s;
+            }
+        }
+        panic!("stormwall failed to start four times; see its log above");
+    }
+
+    fn configure(upstream: &str, listen_toml: &str, extra_toml: &str) -> Stormwall {
         let dir = tempfile::tempdir().expect("cannot create a temp dir");
         let port = free_port();
         let config_path = dir.path().join("stormwall.toml");
@@ -170,31 +194,47 @@ impl Stormwall {
         let config = toml::to_string(&config).expect("cannot render test config");
         std::fs::write(&config_path, config).expect("cannot write config");
         let log_path = dir.path().join("stormwall.log");
-        let mut s = Stormwall {
+        Stormwall {
             port,
             admin_port,
             child: None,
             _dir: dir,
             config_path,
             log_path,
-        };
-        s.spawn(&[]);
-        s
+        }
     }
 
-    fn spawn(&mut self, extra_args: &[&str]) {
+    /// Starts the process and waits until it says it is listening. False if it exited first
+    /// (its log is printed, for the case where that was not a port race).
+    fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(&self.log_path).expect("cannot create log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_stormwall"))
             .arg("--config")
             .arg(&self.config_path)
-            .args(extra_args)
             .env("RUST_LOG", "stormwall=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("cannot start stormwall");
-        wait_for_port(self.port, "stormwall", &mut child);
-        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                eprintln!("stormwall exited at start ({status}):\n{}", self.log());
+                return false;
+            }
+            // The admin endpoint is bound after the client listener; once it is announced,
+            // both ports are this process's.
+            if self.log().contains("admin endpoint listening") {
+                self.child = Some(child);
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stormwall did not start within 10s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn pid(&self) -> u32 {
