@@ -38,7 +38,40 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .and_then(|b| b.install_recorder())
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     describe();
+    zero_series();
     Ok(handle)
+}
+
+/// Creates every labelled counter at 0, so the first event is an increase Prometheus can
+/// see (a series that appears at 1 hides its first increment from `increase()` and alerts).
+fn zero_series() {
+    for result in ["ok", "failed"] {
+        counter!("stormwall_config_reloads_total", "result" => result).absolute(0);
+    }
+    for class in ["passthrough", "governed", "denied"] {
+        counter!("stormwall_commands_total", "class" => class).absolute(0);
+    }
+    for command in ["delete", "flushdb", "flushall"] {
+        counter!("stormwall_invalidation_requests_total", "command" => command).absolute(0);
+    }
+    for command in ["flushdb", "flushall"] {
+        counter!("stormwall_flushes_requested_total", "command" => command).absolute(0);
+        counter!("stormwall_flushes_executed_total", "command" => command).absolute(0);
+    }
+    for reason in ["queue_full", "max_wait", "denied", "upstream"] {
+        counter!("stormwall_invalidation_rejected_total", "reason" => reason).absolute(0);
+    }
+    for name in [
+        "stormwall_invalidation_keys_received_total",
+        "stormwall_invalidation_keys_sent_total",
+        "stormwall_invalidation_coalesced_keys_total",
+        "stormwall_invalidation_commands_sent_total",
+        "stormwall_invalidation_batches_total",
+        "stormwall_invalidation_retries_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    gauge!("stormwall_invalidation_queue_depth").set(0.0);
 }
 
 /// Keeps histogram storage bounded; the exporter needs this called periodically.

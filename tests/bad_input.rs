@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Frame, Raw, Redis, Stormwall, encode_cmd, text};
+use common::{Frame, Raw, Redis, Stormwall, array, blob, encode_cmd, error_text, number, text};
 
 /// Reads every frame `input` produces on a fresh connection, until the peer closes (panics if
 /// it does not close within the read timeout).
@@ -54,36 +54,6 @@ fn shown(input: &[u8]) -> String {
         format!("{}… ({} bytes)", &s[..80], input.len())
     } else {
         s.into_owned()
-    }
-}
-
-fn is_error(f: &Frame) -> bool {
-    matches!(f, Frame::SimpleError { .. } | Frame::BlobError { .. })
-}
-
-fn error_text(f: &Frame) -> String {
-    assert!(is_error(f), "expected an error reply, got {f:?}");
-    text(f)
-}
-
-fn int(n: i64) -> Frame {
-    Frame::Number {
-        data: n,
-        attributes: None,
-    }
-}
-
-fn blob(b: &[u8]) -> Frame {
-    Frame::BlobString {
-        data: b.to_vec(),
-        attributes: None,
-    }
-}
-
-fn array(items: &[Frame]) -> Frame {
-    Frame::Array {
-        data: items.to_vec(),
-        attributes: None,
     }
 }
 
@@ -205,7 +175,7 @@ fn bulk_length_over_limit_is_rejected_before_the_body() {
     let mut ok = sw.raw();
     let value = vec![b'v'; 1000];
     assert_eq!(text(&ok.call(&[b"SET", b"k", &value])), "OK");
-    assert_eq!(ok.call(&[b"STRLEN", b"k"]), int(1000));
+    assert_eq!(ok.call(&[b"STRLEN", b"k"]), number(1000));
 
     // One byte over: the error names the limit, arrives without the body being sent.
     let mut c = sw.raw();
@@ -245,7 +215,7 @@ fn bulk_length_over_limit_is_rejected_before_the_body() {
          lengths were declared (and refused)"
     );
     // The earlier value is untouched and other clients still work.
-    assert_eq!(ok.call(&[b"STRLEN", b"k"]), int(1000));
+    assert_eq!(ok.call(&[b"STRLEN", b"k"]), number(1000));
 }
 
 #[test]
@@ -254,7 +224,7 @@ fn array_length_over_limit_is_rejected() {
     let sw = Stormwall::start(&redis.addr(), "[limits]\nmax_array_len = 8\n");
     let mut ok = sw.raw();
     let r = ok.call(&[b"RPUSH", b"l", b"a", b"b", b"c", b"d", b"e", b"f"]);
-    assert_eq!(r, int(6));
+    assert_eq!(r, number(6));
 
     for header in [
         &b"*9\r\n"[..],
@@ -277,7 +247,7 @@ fn array_length_over_limit_is_rejected() {
     let mut input = encode_cmd(&[b"LLEN", b"l"]);
     input.extend_from_slice(b"*9\r\n$5\r\nRPUSH\r\n");
     c.send(&input);
-    assert_eq!(c.read_frame(), int(6));
+    assert_eq!(c.read_frame(), number(6));
     assert!(error_text(&c.read_frame()).contains("max_array_len"));
     assert!(c.closed());
     pong(&mut ok);
@@ -293,7 +263,7 @@ fn request_over_max_request_bytes_is_rejected() {
     let v = vec![b'x'; 1000];
     let mut ok = sw.raw();
     // About 3 KB in one request: under the limit.
-    assert_eq!(ok.call(&[b"RPUSH", b"l", &v, &v, &v]), int(3));
+    assert_eq!(ok.call(&[b"RPUSH", b"l", &v, &v, &v]), number(3));
 
     // Five 1000-byte arguments (each within max_bulk_len) cross 4096 bytes at the fifth
     // header; the body of that argument is never sent.
@@ -314,7 +284,7 @@ fn request_over_max_request_bytes_is_rejected() {
     assert!(e.contains("limits.max_request_bytes"), "{e}");
     assert!(c.closed());
     // Nothing of the refused request reached Redis.
-    assert_eq!(ok.call(&[b"LLEN", b"l"]), int(3));
+    assert_eq!(ok.call(&[b"LLEN", b"l"]), number(3));
 }
 
 #[test]
@@ -348,7 +318,7 @@ fn replies_before_a_malformed_frame_arrive_in_order() {
     input.extend_from_slice(b"*1\r\n$-1\r\n");
     let got = frames_then_close(sw.raw(), &input, n + 1, "stormwall");
     for (i, f) in got[..n].iter().enumerate() {
-        assert_eq!(*f, int(i as i64 + 1), "reply {i} out of order");
+        assert_eq!(*f, number(i as i64 + 1), "reply {i} out of order");
     }
     assert_eq!(
         error_text(&got[n]),
@@ -364,7 +334,7 @@ fn replies_before_a_malformed_frame_arrive_in_order() {
     c.send(&input);
     c.send(b"GET \"unbalanced\r\n");
     for i in 0..n {
-        assert_eq!(c.read_frame(), int(i as i64 + 1));
+        assert_eq!(c.read_frame(), number(i as i64 + 1));
     }
     assert_eq!(
         error_text(&c.read_frame()),
@@ -434,7 +404,7 @@ fn a_stalled_half_frame_does_not_block_other_clients() {
                 let key = format!("counter{w}");
                 for i in 1..=500 {
                     let r = c.call(&[b"INCR", key.as_bytes()]);
-                    assert_eq!(r, int(i));
+                    assert_eq!(r, number(i));
                 }
             })
         })
@@ -605,11 +575,11 @@ fn idle_timeout_closes_idle_clients_but_not_blocked_ones() {
     // Several idle periods later the blocked client is still waiting, and gets its element.
     thread::sleep(Duration::from_millis(1000).saturating_sub(start.elapsed()));
     let mut direct = redis.raw();
-    assert_eq!(direct.call(&[b"LPUSH", b"q", b"v"]), int(1));
+    assert_eq!(direct.call(&[b"LPUSH", b"q", b"v"]), number(1));
     assert_eq!(blocked.read_frame(), array(&[blob(b"q"), blob(b"v")]));
     pong(&mut blocked);
     // A subscriber waits for messages, which is not idleness either (Redis spares it too).
-    assert_eq!(direct.call(&[b"PUBLISH", b"ch", b"m"]), int(1));
+    assert_eq!(direct.call(&[b"PUBLISH", b"ch", b"m"]), number(1));
     assert_eq!(
         subscriber.read_frame(),
         array(&[blob(b"message"), blob(b"ch"), blob(b"m")])

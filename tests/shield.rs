@@ -8,7 +8,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Frame, Raw, Redis, Stormwall, text};
+use common::{Frame, Raw, Redis, Stormwall, as_int, is_error, text};
 use redis::Commands;
 
 /// `calls` of `cmd` in Redis's `INFO commandstats`.
@@ -23,17 +23,6 @@ fn calls(redis: &Redis, cmd: &str) -> u64 {
         .and_then(|rest| rest.split(',').next())
         .map(|n| n.parse().unwrap())
         .unwrap_or(0)
-}
-
-fn int(frame: &Frame) -> i64 {
-    match frame {
-        Frame::Number { data, .. } => *data,
-        other => panic!("expected an integer reply, got {other:?}"),
-    }
-}
-
-fn is_error(frame: &Frame) -> bool {
-    matches!(frame, Frame::SimpleError { .. } | Frame::BlobError { .. })
 }
 
 /// G2: concurrent DELs of overlapping keys; every request gets the count it really removed
@@ -134,14 +123,18 @@ fn g3_read_your_invalidations_in_a_pipeline() {
               *3\r\n$3\r\nSET\r\n$1\r\nj\r\n$1\r\nv\r\n*1\r\n$7\r\nFLUSHDB\r\n*2\r\n$6\r\nEXISTS\r\n$1\r\nj\r\n",
         );
         assert_eq!(text(&raw.read_frame()), "OK");
-        assert_eq!(int(&raw.read_frame()), 1);
+        assert_eq!(as_int(&raw.read_frame()), 1);
         assert!(
             matches!(raw.read_frame(), Frame::Null),
             "GET after DEL must miss"
         );
         assert_eq!(text(&raw.read_frame()), "OK");
         assert_eq!(text(&raw.read_frame()), "OK");
-        assert_eq!(int(&raw.read_frame()), 0, "EXISTS after FLUSHDB must be 0");
+        assert_eq!(
+            as_int(&raw.read_frame()),
+            0,
+            "EXISTS after FLUSHDB must be 0"
+        );
     }
 }
 
@@ -253,7 +246,7 @@ fn g4_full_queue_rejects_explicitly_and_applies_nothing() {
             );
             assert!(exists, "a rejected DEL must not have been applied");
         } else {
-            assert_eq!(int(&reply), 1);
+            assert_eq!(as_int(&reply), 1);
             assert!(!exists, "an acknowledged DEL must have been applied");
         }
     }
@@ -297,7 +290,7 @@ fn g4_waiting_past_max_wait_is_an_explicit_error() {
             assert!(text(&reply).starts_with("TRYAGAIN"), "{}", text(&reply));
             assert!(exists, "a timed-out UNLINK must not have been applied");
         } else {
-            assert_eq!(int(&reply), 1);
+            assert_eq!(as_int(&reply), 1);
             assert!(!exists);
         }
     }
@@ -316,10 +309,10 @@ fn g4_denied_flushall_is_refused_with_a_clear_error() {
     raw.call(&[b"SET", b"precious", b"1"]);
     let reply = raw.call(&[b"FLUSHALL"]);
     assert!(text(&reply).contains("FLUSHALL is denied"), "{reply:?}");
-    assert_eq!(int(&raw.call(&[b"EXISTS", b"precious"])), 1);
+    assert_eq!(as_int(&raw.call(&[b"EXISTS", b"precious"])), 1);
     // FLUSHDB is still allowed.
     assert_eq!(text(&raw.call(&[b"FLUSHDB"])), "OK");
-    assert_eq!(int(&raw.call(&[b"EXISTS", b"precious"])), 0);
+    assert_eq!(as_int(&raw.call(&[b"EXISTS", b"precious"])), 0);
 }
 
 /// G5: an unauthenticated client on a password-protected Redis cannot delete through the
@@ -337,7 +330,7 @@ fn g5_requirepass_is_respected() {
     let reply = raw.call(&[b"FLUSHALL"]);
     assert!(text(&reply).starts_with("NOAUTH"), "{reply:?}");
     assert_eq!(
-        int(&admin.call(&[b"EXISTS", b"guarded"])),
+        as_int(&admin.call(&[b"EXISTS", b"guarded"])),
         1,
         "unauthenticated DEL was applied"
     );
@@ -347,7 +340,7 @@ fn g5_requirepass_is_respected() {
     );
     assert!(text(&raw.call(&[b"DEL", b"guarded"])).starts_with("NOAUTH"));
     assert_eq!(text(&raw.call(&[b"AUTH", b"s3cret"])), "OK");
-    assert_eq!(int(&raw.call(&[b"DEL", b"guarded"])), 1);
+    assert_eq!(as_int(&raw.call(&[b"DEL", b"guarded"])), 1);
 }
 
 /// G5: an ACL user restricted to a key prefix cannot delete outside it through the shield,
@@ -390,7 +383,7 @@ fn g5_acl_key_prefix_is_respected() {
         for h in handles {
             let (mixed, own) = h.join().unwrap();
             assert!(text(&mixed).starts_with("NOPERM"), "{mixed:?}");
-            own_total += int(&own);
+            own_total += as_int(&own);
         }
         assert_eq!(
             own_total,
@@ -400,7 +393,7 @@ fn g5_acl_key_prefix_is_respected() {
         );
         for i in 0..20 {
             assert_eq!(
-                int(&admin.call(&[b"EXISTS", format!("other:{i}").as_bytes()])),
+                as_int(&admin.call(&[b"EXISTS", format!("other:{i}").as_bytes()])),
                 1,
                 "other:{i} deleted without permission"
             );
@@ -418,7 +411,7 @@ fn g5_selected_database_is_respected() {
     let mut raw = sw.raw();
     assert_eq!(text(&raw.call(&[b"SELECT", b"3"])), "OK");
     raw.call(&[b"SET", b"k", b"db3"]);
-    assert_eq!(int(&raw.call(&[b"DEL", b"k"])), 1);
+    assert_eq!(as_int(&raw.call(&[b"DEL", b"k"])), 1);
     assert_eq!(text(&raw.call(&[b"FLUSHDB"])), "OK");
     assert_eq!(
         text(&admin.call(&[b"GET", b"k"])),
@@ -429,7 +422,7 @@ fn g5_selected_database_is_respected() {
     assert!(is_error(&raw.call(&[b"SELECT", b"9999"])));
     raw.call(&[b"SET", b"x", b"1"]);
     admin.call(&[b"SELECT", b"3"]);
-    assert_eq!(int(&raw.call(&[b"DEL", b"x"])), 1);
+    assert_eq!(as_int(&raw.call(&[b"DEL", b"x"])), 1);
 }
 
 /// G7: inside MULTI, in scripts, and in pub/sub mode, invalidations pass through ungoverned
@@ -445,7 +438,7 @@ fn g7_transactions_scripts_and_pubsub_pass_through() {
     assert_eq!(text(&raw.call(&[b"FLUSHDB"])), "QUEUED");
     match raw.call(&[b"EXEC"]) {
         Frame::Array { data, .. } => {
-            assert_eq!(int(&data[0]), 1);
+            assert_eq!(as_int(&data[0]), 1);
             assert_eq!(text(&data[1]), "OK");
         }
         other => panic!("EXEC returned {other:?}"),
@@ -458,7 +451,7 @@ fn g7_transactions_scripts_and_pubsub_pass_through() {
     assert_eq!(calls(&redis, "unlink"), 0);
     raw.call(&[b"SET", b"s", b"1"]);
     let reply = raw.call(&[b"EVAL", b"return redis.call('del', KEYS[1])", b"1", b"s"]);
-    assert_eq!(int(&reply), 1);
+    assert_eq!(as_int(&reply), 1);
     // In RESP2 pub/sub mode Redis refuses DEL; through stormwall the refusal is Redis's own.
     let expected = {
         let mut direct = redis.raw();

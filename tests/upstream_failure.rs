@@ -13,37 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Frame, Raw, Redis, Stormwall, encode_cmd, text};
-
-fn int(n: i64) -> Frame {
-    Frame::Number {
-        data: n,
-        attributes: None,
-    }
-}
-
-fn blob(b: &[u8]) -> Frame {
-    Frame::BlobString {
-        data: b.to_vec(),
-        attributes: None,
-    }
-}
-
-fn array(items: &[Frame]) -> Frame {
-    Frame::Array {
-        data: items.to_vec(),
-        attributes: None,
-    }
-}
-
-fn is_error(f: &Frame) -> bool {
-    matches!(f, Frame::SimpleError { .. } | Frame::BlobError { .. })
-}
-
-fn error_text(f: &Frame) -> String {
-    assert!(is_error(f), "expected an error reply, got {f:?}");
-    text(f)
-}
+use common::{
+    Frame, Raw, Redis, Stormwall, array, blob, encode_cmd, error_text, is_error, number, text,
+};
 
 /// A raw connection whose reads give up after `secs` (a hang shows up as a panic).
 fn conn(port: u16, secs: u64) -> Raw {
@@ -190,7 +162,7 @@ fn redis_killed_mid_traffic_fails_every_client_promptly() {
                 } else {
                     assert_eq!(errors, 0, "a real reply after an error: {f:?}");
                     ok += 1;
-                    assert_eq!(f, int(ok), "INCR replies out of order");
+                    assert_eq!(f, number(ok), "INCR replies out of order");
                     seen.store(ok as u64, Ordering::Relaxed);
                 }
             }
@@ -227,7 +199,7 @@ fn redis_killed_mid_traffic_fails_every_client_promptly() {
     redis.restart();
     let mut c = conn(sw.port, 5);
     assert_eq!(text(&c.call(&[b"PING"])), "PONG");
-    assert_eq!(c.call(&[b"INCR", b"n"]), int(1), "Redis restarted empty");
+    assert_eq!(c.call(&[b"INCR", b"n"]), number(1), "Redis restarted empty");
 }
 
 /// A minimal client whose failures are values, not panics.
@@ -482,7 +454,7 @@ fn reply_timeout_fails_stuck_commands_but_not_blocking_ones() {
 
     // The BLPOP client waited through the whole pause, unaffected.
     let mut direct = redis.raw();
-    assert_eq!(direct.call(&[b"LPUSH", b"q", b"v"]), int(1));
+    assert_eq!(direct.call(&[b"LPUSH", b"q", b"v"]), number(1));
     assert_eq!(blocked.read_frame(), array(&[blob(b"q"), blob(b"v")]));
     assert_eq!(text(&blocked.call(&[b"PING"])), "PONG");
     assert_eq!(text(&conn(sw.port, 5).call(&[b"PING"])), "PONG");
@@ -508,7 +480,7 @@ fn sigterm_drains_in_flight_commands_and_refuses_new_connections() {
     assert!(idle.closed());
 
     // The BLPOP is served within the drain window, and its reply delivered.
-    assert_eq!(redis.raw().call(&[b"LPUSH", b"q", b"v"]), int(1));
+    assert_eq!(redis.raw().call(&[b"LPUSH", b"q", b"v"]), number(1));
     assert_eq!(blocked.read_frame(), array(&[blob(b"q"), blob(b"v")]));
     assert_eq!(sw.wait_exit(Duration::from_secs(5)), Some(0));
     assert!(blocked.closed());

@@ -366,7 +366,7 @@ mod tests {
                 received: Instant::now(),
                 reply: tokio::sync::oneshot::channel().0,
                 _admission: super::super::Admission {
-                    _request: sem.clone().try_acquire_owned().unwrap(),
+                    _request: Some(sem.clone().try_acquire_owned().unwrap()),
                     _keys: None,
                 },
             })

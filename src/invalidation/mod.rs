@@ -60,7 +60,7 @@ impl Request {
 
 /// Queue slots held by a request until it is answered.
 struct Admission {
-    _request: OwnedSemaphorePermit,
+    _request: Option<OwnedSemaphorePermit>,
     _keys: Option<OwnedSemaphorePermit>,
 }
 
@@ -89,6 +89,8 @@ struct Shared {
     /// Queue slots: requests, and keys in them.
     requests: Arc<Semaphore>,
     pending_keys: Arc<Semaphore>,
+    /// Keeps "queue full" warnings from flooding the log during a storm.
+    log_throttle: Arc<crate::logging::Throttle>,
 }
 
 impl Shared {
@@ -132,6 +134,9 @@ impl Shared {
             commands,
             requests,
             pending_keys,
+            log_throttle: old
+                .map(|o| o.log_throttle.clone())
+                .unwrap_or_else(|| Arc::new(crate::logging::Throttle::new(1))),
         }
     }
 }
@@ -261,79 +266,69 @@ impl Engine {
     }
 }
 
-/// Takes queue slots for a request with `keys` keys, as `invalidation.on_full` says.
+/// Takes queue slots for a request with `keys` keys, as `invalidation.on_full` says: wait for
+/// room (up to the request's deadline) or give up at once.
 async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admission, Bytes> {
     let inv = &shared.config.invalidation;
+    let wait = inv.on_full == OnFull::Wait;
     // A request larger than the whole key budget takes all of it rather than never fitting.
     let keys = keys.min(inv.max_pending_keys) as u32;
-    let full = |what: &str, setting: &str, limit: usize| {
-        counter!("stormwall_invalidation_rejected_total", "reason" => "queue_full").increment(1);
-        error_reply(&format!(
-            "BUSY stormwall: invalidation queue is full ({what}; {setting} = {limit}); not applied, retry later"
-        ))
-    };
-    match inv.on_full {
-        OnFull::Reject => {
-            let request = shared.requests.clone().try_acquire_owned().map_err(|_| {
-                full(
-                    "too many pending requests",
-                    "invalidation.max_pending",
-                    inv.max_pending,
-                )
-            })?;
-            let keys = match keys {
-                0 => None,
-                n => Some(
-                    shared
-                        .pending_keys
-                        .clone()
-                        .try_acquire_many_owned(n)
-                        .map_err(|_| {
-                            full(
-                                "too many pending keys",
-                                "invalidation.max_pending_keys",
-                                inv.max_pending_keys,
-                            )
-                        })?,
-                ),
-            };
-            Ok(Admission {
-                _request: request,
-                _keys: keys,
-            })
-        }
-        OnFull::Wait => {
-            let waited = async {
-                let request = shared.requests.clone().acquire_owned().await.ok()?;
-                let keys = match keys {
-                    0 => None,
-                    n => Some(
-                        shared
-                            .pending_keys
-                            .clone()
-                            .acquire_many_owned(n)
-                            .await
-                            .ok()?,
-                    ),
-                };
-                Some(Admission {
-                    _request: request,
-                    _keys: keys,
-                })
-            };
-            match tokio::time::timeout_at(deadline, waited).await {
-                Ok(Some(a)) => Ok(a),
-                _ => {
-                    counter!("stormwall_invalidation_rejected_total", "reason" => "max_wait")
-                        .increment(1);
-                    Err(error_reply(&format!(
-                        "TRYAGAIN stormwall: the invalidation queue stayed full for invalidation.max_wait ({}); not applied",
-                        humantime::format_duration(inv.max_wait)
-                    )))
-                }
+    // Some(permit) when taken (None for zero units); None when there is no room.
+    let take = |sem: &Arc<Semaphore>, n: u32| {
+        let sem = sem.clone();
+        async move {
+            if n == 0 {
+                return Some(None);
             }
+            let permit = if wait {
+                sem.acquire_many_owned(n).await.ok()
+            } else {
+                sem.try_acquire_many_owned(n).ok()
+            };
+            permit.map(Some)
         }
+    };
+    let attempt = async {
+        let request = take(&shared.requests, 1).await.ok_or((
+            "requests",
+            "invalidation.max_pending",
+            inv.max_pending,
+        ))?;
+        let keys = take(&shared.pending_keys, keys).await.ok_or((
+            "keys",
+            "invalidation.max_pending_keys",
+            inv.max_pending_keys,
+        ))?;
+        Ok(Admission {
+            _request: request,
+            _keys: keys,
+        })
+    };
+    let refused = if wait {
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(admission)) => return Ok(admission),
+            _ => error_reply(&format!(
+                "TRYAGAIN stormwall: the invalidation queue stayed full for invalidation.max_wait ({}); not applied",
+                humantime::format_duration(inv.max_wait)
+            )),
+        }
+    } else {
+        match attempt.await {
+            Ok(admission) => return Ok(admission),
+            Err((what, setting, limit)) => error_reply(&format!(
+                "BUSY stormwall: invalidation queue is full (too many pending {what}; {setting} = {limit}); not applied, retry later"
+            )),
+        }
+    };
+    let reason = if wait { "max_wait" } else { "queue_full" };
+    counter!("stormwall_invalidation_rejected_total", "reason" => reason).increment(1);
+    if shared.log_throttle.allow() {
+        tracing::warn!(
+            policy = if wait { "wait" } else { "reject" },
+            "invalidation queue full: refusing requests (not applied)"
+        );
     }
+    Err(refused)
 }
 
 /// Removes repeated keys from one request, keeping first occurrences in order: Redis counts

@@ -265,61 +265,48 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
         if at(p) == 0 {
             return Some(out);
         }
-        let (mut inq, mut insq) = (false, false);
+        // Inside quotes: the quote byte that opened them.
+        let mut quote: Option<u8> = None;
         let mut cur = Vec::new();
         loop {
             let c = at(p);
-            if inq {
-                if c == b'\\'
-                    && at(p + 1) == b'x'
-                    && hex(at(p + 2)).is_some()
-                    && hex(at(p + 3)).is_some()
-                {
-                    cur.push(hex(at(p + 2))? * 16 + hex(at(p + 3))?);
-                    p += 3;
-                } else if c == b'\\' && at(p + 1) != 0 {
-                    p += 1;
-                    cur.push(match at(p) {
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        b'b' => 0x08,
-                        b'a' => 0x07,
-                        other => other,
-                    });
-                } else if c == b'"' {
-                    if at(p + 1) != 0 && !is_space(at(p + 1)) {
-                        return None;
-                    }
-                    p += 1;
-                    break;
-                } else if c == 0 {
-                    return None;
-                } else {
-                    cur.push(c);
-                }
-            } else if insq {
-                if c == b'\\' && at(p + 1) == b'\'' {
-                    p += 1;
-                    cur.push(b'\'');
-                } else if c == b'\'' {
-                    if at(p + 1) != 0 && !is_space(at(p + 1)) {
-                        return None;
-                    }
-                    p += 1;
-                    break;
-                } else if c == 0 {
-                    return None;
-                } else {
-                    cur.push(c);
-                }
-            } else {
+            let Some(q) = quote else {
                 match c {
                     b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
-                    b'"' => inq = true,
-                    b'\'' => insq = true,
+                    b'"' | b'\'' => quote = Some(c),
                     _ => cur.push(c),
                 }
+                p += 1;
+                continue;
+            };
+            let (h1, h2) = (hex(at(p + 2)), hex(at(p + 3)));
+            if q == b'"' && c == b'\\' && at(p + 1) == b'x' && h1.is_some() && h2.is_some() {
+                cur.push(h1? * 16 + h2?);
+                p += 3;
+            } else if q == b'"' && c == b'\\' && at(p + 1) != 0 {
+                p += 1;
+                cur.push(match at(p) {
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    b'b' => 0x08,
+                    b'a' => 0x07,
+                    other => other,
+                });
+            } else if q == b'\'' && c == b'\\' && at(p + 1) == b'\'' {
+                p += 1;
+                cur.push(b'\'');
+            } else if c == q {
+                // A closing quote must be followed by a blank or the end.
+                if at(p + 1) != 0 && !is_space(at(p + 1)) {
+                    return None;
+                }
+                p += 1;
+                break;
+            } else if c == 0 {
+                return None;
+            } else {
+                cur.push(c);
             }
             p += 1;
         }

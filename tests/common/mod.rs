@@ -483,3 +483,42 @@ pub fn text(frame: &Frame) -> String {
         other => format!("{other:?}"),
     }
 }
+
+pub fn is_error(f: &Frame) -> bool {
+    matches!(f, Frame::SimpleError { .. } | Frame::BlobError { .. })
+}
+
+/// The text of an error reply (panics on anything else).
+pub fn error_text(f: &Frame) -> String {
+    assert!(is_error(f), "expected an error reply, got {f:?}");
+    text(f)
+}
+
+/// An integer reply's value (panics on anything else).
+pub fn as_int(f: &Frame) -> i64 {
+    match f {
+        Frame::Number { data, .. } => *data,
+        other => panic!("expected an integer reply, got {other:?}"),
+    }
+}
+
+pub fn number(n: i64) -> Frame {
+    Frame::Number {
+        data: n,
+        attributes: None,
+    }
+}
+
+pub fn blob(b: &[u8]) -> Frame {
+    Frame::BlobString {
+        data: b.to_vec(),
+        attributes: None,
+    }
+}
+
+pub fn array(items: &[Frame]) -> Frame {
+    Frame::Array {
+        data: items.to_vec(),
+        attributes: None,
+    }
+}
