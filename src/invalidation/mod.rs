@@ -25,6 +25,7 @@ mod retry;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -89,8 +90,9 @@ struct Shared {
     /// Queue slots: requests, and keys in them.
     requests: Arc<Semaphore>,
     pending_keys: Arc<Semaphore>,
-    /// Keeps "queue full" warnings from flooding the log during a storm.
-    log_throttle: Arc<crate::logging::Throttle>,
+    /// The queue is refusing requests: logged once when it starts and once when it stops,
+    /// so a storm produces two lines, not one per refused request.
+    refusing: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -134,9 +136,7 @@ impl Shared {
             commands,
             requests,
             pending_keys,
-            log_throttle: old
-                .map(|o| o.log_throttle.clone())
-                .unwrap_or_else(|| Arc::new(crate::logging::Throttle::new(1))),
+            refusing: old.map(|o| o.refusing.clone()).unwrap_or_default(),
         }
     }
 }
@@ -306,7 +306,7 @@ async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admiss
     };
     let refused = if wait {
         match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(Ok(admission)) => return Ok(admission),
+            Ok(Ok(admission)) => return Ok(admitted(shared, admission)),
             _ => error_reply(&format!(
                 "TRYAGAIN stormwall: the invalidation queue stayed full for invalidation.max_wait ({}); not applied",
                 humantime::format_duration(inv.max_wait)
@@ -314,7 +314,7 @@ async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admiss
         }
     } else {
         match attempt.await {
-            Ok(admission) => return Ok(admission),
+            Ok(admission) => return Ok(admitted(shared, admission)),
             Err((what, setting, limit)) => error_reply(&format!(
                 "BUSY stormwall: invalidation queue is full (too many pending {what}; {setting} = {limit}); not applied, retry later"
             )),
@@ -322,13 +322,21 @@ async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admiss
     };
     let reason = if wait { "max_wait" } else { "queue_full" };
     counter!("stormwall_invalidation_rejected_total", "reason" => reason).increment(1);
-    if shared.log_throttle.allow() {
+    if !shared.refusing.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             policy = if wait { "wait" } else { "reject" },
-            "invalidation queue full: refusing requests (not applied)"
+            "invalidation limit engaged: the queue is full and requests are refused (not applied)"
         );
     }
     Err(refused)
+}
+
+/// Notes that requests are admitted again after a period of refusals.
+fn admitted(shared: &Shared, admission: Admission) -> Admission {
+    if shared.refusing.load(Ordering::Relaxed) && shared.refusing.swap(false, Ordering::Relaxed) {
+        tracing::info!("invalidation limit released: the queue admits requests again");
+    }
+    admission
 }
 
 /// Removes repeated keys from one request, keeping first occurrences in order: Redis counts
