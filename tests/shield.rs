@@ -538,3 +538,44 @@ fn stress_mixed_workload_never_reads_invalidated_values() {
         &v[..v.len().min(5)]
     );
 }
+
+/// A client that writes a whole pipeline (with invalidations in it) before reading a single
+/// reply must not deadlock with stormwall waiting for it to read: every reply arrives, in
+/// order, and the invalidation is still applied in its place.
+#[test]
+fn pipeline_with_invalidations_written_before_reading() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "");
+    let big = vec![b'x'; 40 * 1024];
+    let mut direct = redis.raw();
+    direct.call(&[b"SET", b"big", &big]);
+    let mut pipeline = Vec::new();
+    for _ in 0..500 {
+        pipeline.extend(common::encode_cmd(&[b"GET", b"big"]));
+    }
+    pipeline.extend(common::encode_cmd(&[b"SET", b"gone", b"1"]));
+    pipeline.extend(common::encode_cmd(&[b"DEL", b"gone"]));
+    pipeline.extend(common::encode_cmd(&[b"GET", b"gone"]));
+    // 20 MB more to write after the DEL, while 20 MB of replies wait unread.
+    for _ in 0..500 {
+        pipeline.extend(common::encode_cmd(&[b"SET", b"big2", &big]));
+    }
+    let mut raw = sw.raw();
+    raw.stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    raw.send(&pipeline);
+    for i in 0..500 {
+        assert_eq!(raw.read_frame(), common::blob(&big), "reply {i}");
+    }
+    assert_eq!(text(&raw.read_frame()), "OK");
+    assert_eq!(
+        as_int(&raw.read_frame()),
+        1,
+        "DEL removed the key written just before it"
+    );
+    assert_eq!(raw.read_frame(), Frame::Null, "GET after DEL must miss");
+    for _ in 0..500 {
+        assert_eq!(text(&raw.read_frame()), "OK");
+    }
+}

@@ -2,6 +2,7 @@
 //! Redis exactly as they came — or, for a governed invalidation, handed to the engine.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,6 +78,20 @@ impl ConnState {
         self.in_multi = false;
         self.multi_enters_raw = false;
     }
+}
+
+/// How long an invalidation waits for the replies to earlier commands on its connection
+/// before giving up on governing it (see [`Settled::NotYet`]). Replies normally arrive within
+/// a round trip; a client that writes a whole pipeline before reading never lets them.
+const SETTLE_LIMIT: Duration = Duration::from_millis(100);
+
+/// Whether everything sent before has been answered.
+enum Settled {
+    Yes,
+    /// Not within the limit.
+    NotYet,
+    /// The session is ending.
+    Stop,
 }
 
 /// Whether the request side keeps reading after processing a buffer.
@@ -174,7 +189,10 @@ impl RequestSide<'_> {
                 // Whether this command is queued by a transaction or enters pub/sub now
                 // depends on whether Redis accepted the MULTI: find out before deciding.
                 drop(parsed);
-                if let Next::Stop = self.settle(upstream, buf, &mut scanned, &mut run).await {
+                if let Settled::Stop = self
+                    .settle(upstream, buf, &mut scanned, &mut run, None)
+                    .await
+                {
                     return Next::Stop;
                 }
                 continue;
@@ -203,8 +221,23 @@ impl RequestSide<'_> {
             if let Some(request) = governed {
                 // Everything before the invalidation goes out first and must have executed
                 // before it runs; everything after waits until it has been applied (G3).
-                if let Next::Stop = self.settle(upstream, buf, &mut scanned, &mut run).await {
-                    return Next::Stop;
+                match self
+                    .settle(upstream, buf, &mut scanned, &mut run, Some(SETTLE_LIMIT))
+                    .await
+                {
+                    Settled::Yes => {}
+                    Settled::Stop => return Next::Stop,
+                    Settled::NotYet => {
+                        // The client has not read the replies to what it sent before (it
+                        // writes a whole pipeline first). Waiting could deadlock with it, so
+                        // this one passes through: Redis orders it on the client's connection.
+                        debug!(
+                            "earlier replies still unread; invalidation passes through ungoverned"
+                        );
+                        scanned = len;
+                        run.count += 1;
+                        continue;
+                    }
                 }
                 buf.advance(len);
                 let Some(reply) = self.govern(request).await else {
@@ -263,21 +296,29 @@ impl RequestSide<'_> {
         buf: &mut BytesMut,
         scanned: &mut usize,
         run: &mut Run,
-    ) -> Next {
+        limit: Option<Duration>,
+    ) -> Settled {
         self.enqueue_run(run).await;
         if let Next::Stop = self.forward(upstream, buf, *scanned).await {
-            return Next::Stop;
+            return Settled::Stop;
         }
         *scanned = 0;
         let links = self.links;
+        let limit = async {
+            match limit {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = links.queue.drained() => {}
-            _ = links.dead.cancelled() => return Next::Stop,
+            _ = links.dead.cancelled() => return Settled::Stop,
+            _ = limit => return Settled::NotYet,
         }
         if links.multi_refused.swap(false, Ordering::AcqRel) {
             self.state.multi_refused();
         }
-        Next::Read
+        Settled::Yes
     }
 
     /// Whether invalidations on this connection go through the engine.
