@@ -146,8 +146,19 @@ impl ReplyScanner {
     }
 }
 
+/// Where the first `\r\n` starts. (A plain `memchr` for `\r` plus a look at the next byte:
+/// several times faster per line than a substring search, which sets up a searcher per call.)
 fn find_crlf(buf: &[u8]) -> Option<usize> {
-    memchr::memmem::find(buf, b"\r\n")
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\r', &buf[from..]) {
+        let at = from + i;
+        match buf.get(at + 1) {
+            Some(b'\n') => return Some(at),
+            Some(_) => from = at + 1,
+            None => return None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -204,6 +215,14 @@ mod tests {
             }
         }
         assert_eq!(got, whole);
+    }
+
+    #[test]
+    fn crlf_search_skips_lone_carriage_returns() {
+        assert_eq!(find_crlf(b"ab\r\n"), Some(2));
+        assert_eq!(find_crlf(b"a\rb\r\n"), Some(3));
+        assert_eq!(find_crlf(b"ab\r"), None);
+        assert_eq!(find_crlf(b"ab"), None);
     }
 
     #[test]
