@@ -1,0 +1,1770 @@
+//! The incident replay: a large "account settings" cache, steady open-loop reads, and in the
+//! middle an invalidation storm — run directly against Redis and through stormwall (default
+//! config) in the same run, each run on a freshly started and preloaded `redis-server`.
+//!
+//! Run: `cargo bench --bench storm` (about 3–4 minutes on 2 cores). Writes `results/storm.md`,
+//! `results/storm_latency.png` and `results/storm_curve.png`. Needs `redis-server` (Debian:
+//! `redis-server`) and, for the plots, the DejaVu font (Debian: `fonts-dejavu-core`).
+//! `STORMWALL_BENCH_QUICK=1`: a short smoke run on a smaller keyspace.
+//! `STORMWALL_BENCH_ONLY=flush,del,curve,direct,stormwall` (any subset): run only those parts;
+//! the report then goes to stdout and a temp folder, and `results/` is left alone.
+//!
+//! Every run:
+//! - starts a fresh `redis-server` (`--enable-debug-command local`), preloads it with
+//!   `DEBUG POPULATE` (1M string keys `key:N`) and 8 hashes `hash:0..7` of 200k fields each
+//!   (pipelined `HSET` batches of 1,000 fields), then `CONFIG RESETSTAT`;
+//! - for the stormwall path, starts a fresh stormwall in front of it (no config file for the
+//!   main runs; a file with only `[flush] min_interval` for the tuning curve; its own admin
+//!   port, from which its counters are read);
+//! - readers: 8 connections, together 8,000 `GET`/s of the 10,000 hottest keys (uniform), truly
+//!   open loop: on each connection one thread writes every `GET` at its scheduled time whatever
+//!   is still unanswered, another reads the replies in order, and a read's latency is its reply
+//!   time minus its *scheduled* send time — a stall delays and counts every read scheduled
+//!   during it. A miss is what a cache-aside app turns into a database query and a `SET`: the
+//!   key is re-populated (pipelined `SET`s on a second connection per reader);
+//! - the storm, from 32 other connections, during the middle window:
+//!   - FLUSHDB storm: together ~20 "account updates"/s; each writes a marker key of its
+//!     connection, issues `FLUSHDB` (as django-redis `cache.clear()` does), checks the marker
+//!     is gone (on a separate connection straight to Redis, then on its own connection), then
+//!     re-populates 3 keys;
+//!   - DEL storm: together ~100 `DEL`/s, each of one of 30 groups of 10 keys out of the same
+//!     300 keys (292 hot string keys, and the 8 big hashes in two groups of 4); before each
+//!     `DEL` the client writes a unique marker value into the group's first string key and
+//!     after the acknowledgement checks (straight to Redis, then on its own connection) that
+//!     the marker is gone, and that the count is within 0..=keys. A rebuilder (its own
+//!     connection straight to Redis, in both paths) re-creates a deleted or partial big hash
+//!     during the storm, at most one every 250 ms, so later `DEL`s keep having work;
+//!   - each storm connection follows a fixed schedule and waits for each acknowledgement;
+//!     when one comes back after its next slot, the next request goes out at once (the
+//!     achieved rate is reported);
+//! - CPU used during the storm window is read from `/proc` for Redis's main thread, its
+//!   background threads, stormwall and this process.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, Write as _};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Reads go to `key:0` .. `key:{HOT_KEYS - 1}`: the active accounts.
+const HOT_KEYS: u64 = 10_000;
+const BIG_HASHES: usize = 8;
+const HASH_BATCH: u64 = 1_000;
+const READ_CONNS: usize = 8;
+const READ_RATE: f64 = 8_000.0;
+const STORM_CONNS: usize = 32;
+const FLUSH_RATE: f64 = 20.0;
+const DEL_RATE: f64 = 100.0;
+const DEL_GROUPS: usize = 30;
+const GROUP_SIZE: usize = 10;
+/// Keys an account update re-populates after its flush.
+const REPOPULATE: usize = 3;
+const REBUILD_GAP: Duration = Duration::from_millis(250);
+/// The tuning curve: `flush.min_interval` values (seconds, as written in the config file).
+const CURVE: [(f64, &str); 5] = [
+    (0.25, "250ms"),
+    (0.5, "500ms"),
+    (1.0, "1s"),
+    (2.0, "2s"),
+    (5.0, "5s"),
+];
+/// Width of a time bucket in the latency-over-time plot.
+const BUCKET_SECS: f64 = 0.25;
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+#[derive(Clone, Copy)]
+struct Timeline {
+    before: Duration,
+    storm: Duration,
+    after: Duration,
+}
+
+impl Timeline {
+    fn total(&self) -> Duration {
+        self.before + self.storm + self.after
+    }
+    fn storm_from(&self) -> f64 {
+        self.before.as_secs_f64()
+    }
+    fn storm_to(&self) -> f64 {
+        (self.before + self.storm).as_secs_f64()
+    }
+}
+
+struct Settings {
+    quick: bool,
+    keys: u64,
+    fields: u64,
+    main: Timeline,
+    curve: Timeline,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let quick = std::env::var("STORMWALL_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let s = Duration::from_secs;
+        if quick {
+            Settings {
+                quick,
+                keys: 100_000,
+                fields: 20_000,
+                main: Timeline {
+                    before: s(2),
+                    storm: s(4),
+                    after: s(2),
+                },
+                curve: Timeline {
+                    before: s(1),
+                    storm: s(4),
+                    after: s(1),
+                },
+            }
+        } else {
+            Settings {
+                quick,
+                keys: 1_000_000,
+                fields: 200_000,
+                main: Timeline {
+                    before: s(5),
+                    storm: s(10),
+                    after: s(5),
+                },
+                curve: Timeline {
+                    before: s(2),
+                    storm: s(15),
+                    after: s(1),
+                },
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process, killed (by its pid) and reaped when dropped.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(port: u16, child: &mut Child, what: &str) {
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on {port}: {status}");
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what}: nothing listening on {port}");
+}
+
+fn redis_server() -> (Proc, u16) {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--enable-debug-command", "local"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server not found: apt-get install -y redis-server");
+    let mut p = Proc(child);
+    wait_port(port, &mut p.0, "redis-server");
+    (p, port)
+}
+
+struct Stormwall {
+    proc: Proc,
+    port: u16,
+    admin: u16,
+    log: std::path::PathBuf,
+}
+
+fn stormwall(redis: u16, config: Option<&Path>, dir: &Path) -> Stormwall {
+    let port = free_port();
+    let admin = free_port();
+    let log = dir.join("stormwall.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stormwall"));
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let child = cmd
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream", &format!("127.0.0.1:{redis}")])
+        // Its own admin port (metrics are read from it); the default 9380 may be taken.
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .args(["--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("cannot start stormwall");
+    let mut p = Proc(child);
+    wait_port(port, &mut p.0, "stormwall");
+    wait_port(admin, &mut p.0, "stormwall admin");
+    Stormwall {
+        proc: p,
+        port,
+        admin,
+        log,
+    }
+}
+
+fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?
+        .get_connection_with_timeout(Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    c.set_write_timeout(Some(Duration::from_secs(30)))?;
+    Ok(c)
+}
+
+/// Calls of each command since the last `CONFIG RESETSTAT`.
+fn commandstats(redis: u16) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut connect(redis).unwrap())
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn info_field(redis: u16, section: &str, field: &str) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut connect(redis).unwrap())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or("?")
+        .trim()
+        .to_owned()
+}
+
+/// stormwall's Prometheus counters, summed over labels.
+fn stormwall_metrics(admin: u16) -> BTreeMap<String, f64> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let body = agent
+        .get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .and_then(|mut r| r.body_mut().read_to_string());
+    let mut out = BTreeMap::new();
+    let Ok(body) = body else {
+        return out;
+    };
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = name.split('{').next().unwrap_or(name).to_owned();
+        if let Ok(v) = value.parse::<f64>() {
+            *out.entry(name).or_insert(0.0) += v;
+        }
+    }
+    out
+}
+
+/// CPU seconds (user + system) of each thread of `pid`, by thread id.
+fn thread_cpu(pid: u32) -> BTreeMap<u32, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+        // stime 15, in clock ticks of 1/100 s (USER_HZ).
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        out.insert(tid, (ticks(11) + ticks(12)) / 100.0);
+    }
+    out
+}
+
+/// Cores used during the storm window: Redis's main thread, Redis's other threads (lazy
+/// free, I/O), stormwall, and this benchmark (readers, storm clients, rebuilder).
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    redis_main: f64,
+    redis_bg: f64,
+    stormwall: f64,
+    bench: f64,
+}
+
+fn cpu_sample(redis: u32, sw: Option<u32>) -> (BTreeMap<u32, f64>, f64, f64) {
+    let r = thread_cpu(redis);
+    let s = sw.map_or(0.0, |p| thread_cpu(p).values().sum());
+    let b = thread_cpu(std::process::id()).values().sum();
+    (r, s, b)
+}
+
+fn cpu_use(
+    redis: u32,
+    a: &(BTreeMap<u32, f64>, f64, f64),
+    b: &(BTreeMap<u32, f64>, f64, f64),
+    secs: f64,
+) -> CpuUse {
+    let main = |m: &BTreeMap<u32, f64>| m.get(&redis).copied().unwrap_or(0.0);
+    let bg = |m: &BTreeMap<u32, f64>| {
+        m.iter()
+            .filter(|(t, _)| **t != redis)
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    CpuUse {
+        redis_main: (main(&b.0) - main(&a.0)) / secs,
+        redis_bg: (bg(&b.0) - bg(&a.0)) / secs,
+        stormwall: (b.1 - a.1) / secs,
+        bench: (b.2 - a.2) / secs,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload pieces
+
+/// xorshift64*: deterministic per thread, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn sleep_until(t: Instant) {
+    if let Some(d) = t.checked_duration_since(Instant::now()) {
+        thread::sleep(d);
+    }
+}
+
+/// The pipelined `HSET` batches that build big hash `h`.
+fn hash_pipeline(h: usize, fields: u64) -> redis::Pipeline {
+    let mut p = redis::pipe();
+    let mut start = 0;
+    while start < fields {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("hash:{h}"));
+        for f in start..(start + HASH_BATCH).min(fields) {
+            cmd.arg(format!("field:{f}"))
+                .arg(format!("setting-value:{f}"));
+        }
+        p.add_command(cmd).ignore();
+        start += HASH_BATCH;
+    }
+    p
+}
+
+fn preload(redis: u16, s: &Settings, hashes: &[redis::Pipeline]) {
+    let mut c = connect(redis).unwrap();
+    let _: () = redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(s.keys)
+        .query(&mut c)
+        .expect("DEBUG POPULATE failed");
+    for p in hashes {
+        let _: () = p.query(&mut c).expect("building a big hash failed");
+    }
+    let n: u64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(n, s.keys + BIG_HASHES as u64, "preload incomplete");
+}
+
+/// The 30 groups of 10 keys the DEL storm deletes: the 8 big hashes in groups 0 and 15
+/// (4 each, with 6 string keys), every other group 10 hot string keys.
+fn del_groups() -> Vec<Vec<String>> {
+    let mut strings = (0..).map(|i: u64| format!("key:{}", i * (HOT_KEYS / 292)));
+    (0..DEL_GROUPS)
+        .map(|g| {
+            let mut keys = Vec::with_capacity(GROUP_SIZE);
+            if g % (DEL_GROUPS / 2) == 0 {
+                let first = if g == 0 { 0 } else { 4 };
+                keys.extend((first..first + 4).map(|h| format!("hash:{h}")));
+            }
+            while keys.len() < GROUP_SIZE {
+                keys.push(strings.next().unwrap());
+            }
+            keys
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Outcome {
+    Hit,
+    Miss,
+    Error,
+}
+
+#[derive(Clone, Copy)]
+struct Read {
+    /// Scheduled send time, seconds since the run's start.
+    at: f32,
+    /// Reply time minus scheduled send time, microseconds.
+    lat_us: u32,
+    outcome: Outcome,
+}
+
+/// Everything a run's threads share.
+struct Ctx {
+    target: u16,
+    redis: u16,
+    t0: Instant,
+    tl: Timeline,
+    fields: u64,
+    nonce: u64,
+}
+
+impl Ctx {
+    fn storm_start(&self) -> Instant {
+        self.t0 + self.tl.before
+    }
+    fn storm_end(&self) -> Instant {
+        self.t0 + self.tl.before + self.tl.storm
+    }
+}
+
+/// What one reader connection saw.
+struct ReaderOut {
+    reads: Vec<Read>,
+    /// Re-populate `SET` pipelines that failed.
+    populate_errors: u64,
+    first_error: Option<String>,
+}
+
+/// Reads one `GET` reply: `Ok(true)` a value, `Ok(false)` nil, `Err(Some(text))` an error
+/// reply (the connection is still usable), `Err(None)` the connection failed.
+fn read_get_reply(r: &mut impl BufRead) -> Result<bool, Option<String>> {
+    let mut line = Vec::new();
+    match r.read_until(b'\n', &mut line) {
+        Ok(0) => return Err(None),
+        Ok(_) => {}
+        Err(_) => return Err(None),
+    }
+    let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+    match line.first() {
+        Some(b'$') => match text[1..].parse::<i64>() {
+            Ok(-1) => Ok(false),
+            Ok(len) if len >= 0 => {
+                let mut body = vec![0; len as usize + 2];
+                r.read_exact(&mut body).map_err(|_| None)?;
+                Ok(true)
+            }
+            _ => Err(None),
+        },
+        Some(b'-') => Err(Some(text)),
+        _ => Err(None),
+    }
+}
+
+/// One reader connection, truly open loop: a sender thread writes each `GET` at its scheduled
+/// time whatever is still unanswered (a slow reply never delays the next send), and this
+/// thread reads the replies in order; latency is reply time minus scheduled time. A miss goes
+/// to a re-populate thread (its own connection, pipelined `SET`s), as a cache-aside app's
+/// database query and `SET` would.
+fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
+    let rate = READ_RATE / READ_CONNS as f64;
+    let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
+    // Spread the readers' schedules evenly.
+    let offset = id as f64 / READ_CONNS as f64 / rate;
+    let mut out = ReaderOut {
+        reads: Vec::with_capacity(n as usize),
+        populate_errors: 0,
+        first_error: None,
+    };
+    let stream = match std::net::TcpStream::connect(("127.0.0.1", ctx.target)) {
+        Ok(s) => s,
+        Err(e) => {
+            out.first_error = Some(format!("connect: {e}"));
+            return out;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut write_half = stream.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel::<(Instant, f32, u64)>();
+    let sender = {
+        let ctx = ctx.clone();
+        thread::spawn(move || {
+            let mut rng = Rng::new(ctx.nonce ^ ((id as u64 + 1) * 7919));
+            for i in 0..n {
+                let at = offset + i as f64 / rate;
+                let sched = ctx.t0 + Duration::from_secs_f64(at);
+                sleep_until(sched);
+                let key = rng.below(HOT_KEYS);
+                let k = format!("key:{key}");
+                let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
+                // Queued before it is sent, so the reply side always finds it.
+                if tx.send((sched, at as f32, key)).is_err()
+                    || write_half.write_all(cmd.as_bytes()).is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    let (ptx, prx) = mpsc::channel::<u64>();
+    let target = ctx.target;
+    let populater = thread::spawn(move || populate(target, prx));
+    let mut replies = std::io::BufReader::with_capacity(1 << 16, stream);
+    let mut broken = false;
+    for (sched, at, key) in rx {
+        let outcome = if broken {
+            Outcome::Error
+        } else {
+            match read_get_reply(&mut replies) {
+                Ok(true) => Outcome::Hit,
+                Ok(false) => {
+                    let _ = ptx.send(key);
+                    Outcome::Miss
+                }
+                Err(e) => {
+                    broken = e.is_none();
+                    if out.first_error.is_none() {
+                        out.first_error =
+                            Some(e.unwrap_or_else(|| "connection lost or unreadable reply".into()));
+                    }
+                    Outcome::Error
+                }
+            }
+        };
+        out.reads.push(Read {
+            at,
+            lat_us: sched.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            outcome,
+        });
+        if broken {
+            // Unblock the sender: its writes fail from now on.
+            let _ = replies.get_ref().shutdown(std::net::Shutdown::Both);
+        }
+    }
+    // Reads the sender never got to send (its connection failed) are errors too.
+    for i in out.reads.len() as u64..n {
+        out.reads.push(Read {
+            at: (offset + i as f64 / rate) as f32,
+            lat_us: 0,
+            outcome: Outcome::Error,
+        });
+    }
+    drop(ptx);
+    let _ = sender.join();
+    out.populate_errors = populater.join().unwrap_or(0);
+    out
+}
+
+/// Re-populates missed keys (`SET key:N value:N`), pipelining whatever has queued up.
+fn populate(target: u16, rx: mpsc::Receiver<u64>) -> u64 {
+    let mut con = connect(target).ok();
+    let mut errors = 0;
+    while let Ok(first) = rx.recv() {
+        let mut p = redis::pipe();
+        p.cmd("SET")
+            .arg(format!("key:{first}"))
+            .arg(format!("value:{first}"))
+            .ignore();
+        for k in rx.try_iter().take(511) {
+            p.cmd("SET")
+                .arg(format!("key:{k}"))
+                .arg(format!("value:{k}"))
+                .ignore();
+        }
+        let ok = con.as_mut().is_some_and(|c| p.query::<()>(c).is_ok());
+        if !ok {
+            errors += 1;
+            con = connect(target).ok();
+        }
+    }
+    errors
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Invalidation requests sent, and keys named in them.
+    sent: u64,
+    keys: u64,
+    /// Storm requests (invalidations, marker writes, checks, re-populates) that failed.
+    failed: u64,
+    first_error: Option<String>,
+    /// Acknowledged invalidations whose marker was checked, and markers that survived.
+    checked: u64,
+    violations: u64,
+    /// Invalidation acknowledgement latencies, ms.
+    acks: Vec<f64>,
+}
+
+impl Tally {
+    fn fail(&mut self, what: &str, e: impl std::fmt::Display) {
+        self.failed += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(format!("{what}: {e}"));
+        }
+    }
+    fn merge(&mut self, o: Tally) {
+        self.sent += o.sent;
+        self.keys += o.keys;
+        self.failed += o.failed;
+        self.first_error = self.first_error.take().or(o.first_error);
+        self.checked += o.checked;
+        self.violations += o.violations;
+        self.acks.extend(o.acks);
+    }
+}
+
+/// True if `key` still holds `marker` on `con` (a failed read counts as a failure, not a
+/// violation).
+fn survives(con: &mut redis::Connection, key: &str, marker: &str, t: &mut Tally) -> bool {
+    match redis::cmd("GET").arg(key).query::<Option<String>>(con) {
+        Ok(v) => v.as_deref() == Some(marker),
+        Err(e) => {
+            t.fail("GET (check)", e);
+            false
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Storm {
+    Flush,
+    Del,
+}
+
+impl Storm {
+    fn name(self) -> &'static str {
+        match self {
+            Storm::Flush => "FLUSHDB storm",
+            Storm::Del => "DEL storm",
+        }
+    }
+}
+
+/// One storm connection: its schedule of "account updates" during the storm window.
+fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Tally {
+    let mut t = Tally::default();
+    let rate = match storm {
+        Storm::Flush => FLUSH_RATE,
+        Storm::Del => DEL_RATE,
+    } / STORM_CONNS as f64;
+    let period = 1.0 / rate;
+    let mut rng = Rng::new(ctx.nonce ^ ((1000 + c as u64) * 104_729));
+    let phase = rng.unit() * period;
+    let (mut con, mut direct) = match (connect(ctx.target), connect(ctx.redis)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            t.fail("connect", e);
+            return t;
+        }
+    };
+    let end = ctx.storm_end();
+    for k in 0.. {
+        let sched = ctx.storm_start() + Duration::from_secs_f64(phase + k as f64 * period);
+        if sched >= end || Instant::now() >= end {
+            break;
+        }
+        sleep_until(sched);
+        let marker = format!("m:{}:{c}:{k}", ctx.nonce);
+        let (marker_key, keys) = match storm {
+            Storm::Flush => (format!("marker:flush:{c}"), Vec::new()),
+            Storm::Del => {
+                let g = &groups[rng.below(DEL_GROUPS as u64) as usize];
+                let first = g.iter().find(|k| k.starts_with("key:")).unwrap();
+                (first.clone(), g.clone())
+            }
+        };
+        if let Err(e) = redis::cmd("SET")
+            .arg(&marker_key)
+            .arg(&marker)
+            .query::<()>(&mut con)
+        {
+            t.fail("SET (marker)", e);
+            con = match connect(ctx.target) {
+                Ok(c) => c,
+                Err(_) => continue,
+            };
+            continue;
+        }
+        let sent = Instant::now();
+        t.sent += 1;
+        t.keys += keys.len() as u64;
+        let acked = match storm {
+            Storm::Flush => redis::cmd("FLUSHDB")
+                .query::<String>(&mut con)
+                .map(|ok| ok == "OK"),
+            Storm::Del => redis::cmd("DEL")
+                .arg(&keys)
+                .query::<i64>(&mut con)
+                .map(|n| (0..=keys.len() as i64).contains(&n)),
+        };
+        let ack_ms = sent.elapsed().as_secs_f64() * 1e3;
+        match acked {
+            Ok(sane) => {
+                t.acks.push(ack_ms);
+                t.checked += 1;
+                // Straight to Redis first: the ack must mean "applied", not just "queued
+                // ahead of this connection's next command".
+                let gone = !survives(&mut direct, &marker_key, &marker, &mut t)
+                    && !survives(&mut con, &marker_key, &marker, &mut t);
+                if !gone || !sane {
+                    t.violations += 1;
+                }
+            }
+            Err(e) => {
+                t.fail(
+                    if storm == Storm::Flush {
+                        "FLUSHDB"
+                    } else {
+                        "DEL"
+                    },
+                    e,
+                );
+                if let Ok(c) = connect(ctx.target) {
+                    con = c;
+                }
+                continue;
+            }
+        }
+        if storm == Storm::Flush {
+            // The account update re-populates its settings.
+            for _ in 0..REPOPULATE {
+                let n = rng.below(HOT_KEYS);
+                if let Err(e) = redis::cmd("SET")
+                    .arg(format!("key:{n}"))
+                    .arg(format!("value:{n}"))
+                    .query::<()>(&mut con)
+                {
+                    t.fail("SET (re-populate)", e);
+                }
+            }
+        }
+    }
+    t
+}
+
+/// Re-creates deleted or partial big hashes during the DEL storm (straight to Redis, in both
+/// paths), one at a time, at most one per `REBUILD_GAP`. Returns how many it rebuilt.
+fn rebuilder(ctx: &Ctx, hashes: &[redis::Pipeline]) -> u64 {
+    let mut con = connect(ctx.redis).unwrap();
+    let mut rebuilt = 0;
+    sleep_until(ctx.storm_start());
+    'outer: loop {
+        let mut any = false;
+        for (h, p) in hashes.iter().enumerate() {
+            if Instant::now() >= ctx.storm_end() {
+                break 'outer;
+            }
+            let len: u64 = redis::cmd("HLEN")
+                .arg(format!("hash:{h}"))
+                .query(&mut con)
+                .unwrap_or(0);
+            if len < ctx.fields {
+                let started = Instant::now();
+                let _: redis::RedisResult<()> = p.query(&mut con);
+                rebuilt += 1;
+                any = true;
+                sleep_until(started + REBUILD_GAP);
+            }
+        }
+        if !any {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    rebuilt
+}
+
+// ---------------------------------------------------------------------------------------------
+// One run
+
+#[derive(Clone)]
+enum Via {
+    Direct,
+    /// stormwall; `Some(min_interval)`: with a config file setting only `flush.min_interval`.
+    Stormwall(Option<&'static str>),
+}
+
+impl Via {
+    fn name(&self) -> String {
+        match self {
+            Via::Direct => "direct".into(),
+            Via::Stormwall(None) => "stormwall".into(),
+            Via::Stormwall(Some(m)) => format!("stormwall (flush.min_interval = {m})"),
+        }
+    }
+}
+
+struct RunResult {
+    storm: Storm,
+    via: Via,
+    tl: Timeline,
+    reads: Vec<Read>,
+    tally: Tally,
+    /// Redis's `INFO commandstats` once the storm's last request was answered.
+    stats: BTreeMap<String, u64>,
+    metrics: BTreeMap<String, f64>,
+    rebuilt: u64,
+    /// Cores used during the storm window.
+    cpu: CpuUse,
+    /// Readers' failed re-populate pipelines, and their first error.
+    populate_errors: u64,
+    reader_error: Option<String>,
+    /// stormwall's log lines at warn and above.
+    log_lines: Vec<String>,
+    redis_version: String,
+}
+
+fn config_text(min_interval: &str) -> String {
+    let mut s = format!("[flush]\nmin_interval = \"{min_interval}\"\n");
+    // flush.min_interval must stay below invalidation.max_wait (default 5s).
+    if humantime::parse_duration(min_interval).unwrap() >= Duration::from_secs(5) {
+        s.push_str("\n[invalidation]\nmax_wait = \"10s\"\n");
+    }
+    s
+}
+
+fn run(
+    s: &Settings,
+    storm: Storm,
+    via: Via,
+    tl: Timeline,
+    hashes: &Arc<Vec<redis::Pipeline>>,
+) -> RunResult {
+    eprintln!("== {} via {} ...", storm.name(), via.name());
+    let (redis_proc, redis) = redis_server();
+    let loaded = Instant::now();
+    preload(redis, s, hashes);
+    eprintln!("   preloaded in {:.1}s", loaded.elapsed().as_secs_f64());
+    let dir = tempfile::tempdir().unwrap();
+    let sw = match via {
+        Via::Direct => None,
+        Via::Stormwall(mi) => {
+            let file = mi.map(|m| {
+                let f = dir.path().join("stormwall.toml");
+                std::fs::write(&f, config_text(m)).unwrap();
+                f
+            });
+            Some(stormwall(redis, file.as_deref(), dir.path()))
+        }
+    };
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut connect(redis).unwrap())
+        .unwrap();
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let ctx = Arc::new(Ctx {
+        target: sw.as_ref().map_or(redis, |w| w.port),
+        redis,
+        t0: Instant::now() + Duration::from_secs(1),
+        tl,
+        fields: s.fields,
+        nonce,
+    });
+    let groups = Arc::new(del_groups());
+    let readers: Vec<_> = (0..READ_CONNS)
+        .map(|id| {
+            let ctx = ctx.clone();
+            thread::spawn(move || reader(&ctx, id))
+        })
+        .collect();
+    let clients: Vec<_> = (0..STORM_CONNS)
+        .map(|c| {
+            let (ctx, groups) = (ctx.clone(), groups.clone());
+            thread::spawn(move || storm_client(&ctx, storm, c, &groups))
+        })
+        .collect();
+    let rebuild = (storm == Storm::Del).then(|| {
+        let (ctx, hashes) = (ctx.clone(), hashes.clone());
+        thread::spawn(move || rebuilder(&ctx, &hashes))
+    });
+    let cpu = {
+        let ctx = ctx.clone();
+        let redis_pid = redis_proc.0.id();
+        let sw_pid = sw.as_ref().map(|w| w.proc.0.id());
+        thread::spawn(move || {
+            sleep_until(ctx.storm_start());
+            let a = cpu_sample(redis_pid, sw_pid);
+            sleep_until(ctx.storm_end());
+            let b = cpu_sample(redis_pid, sw_pid);
+            cpu_use(redis_pid, &a, &b, ctx.tl.storm.as_secs_f64())
+        })
+    };
+    let mut tally = Tally::default();
+    for h in clients {
+        tally.merge(h.join().unwrap());
+    }
+    let stats = commandstats(redis);
+    let metrics = sw
+        .as_ref()
+        .map(|w| stormwall_metrics(w.admin))
+        .unwrap_or_default();
+    let rebuilt = rebuild.map_or(0, |h| h.join().unwrap());
+    let cpu = cpu.join().unwrap();
+    let mut reads = Vec::new();
+    let mut populate_errors = 0;
+    let mut reader_error = None;
+    for h in readers {
+        let o = h.join().unwrap();
+        reads.extend(o.reads);
+        populate_errors += o.populate_errors;
+        reader_error = reader_error.or(o.first_error);
+    }
+    let log_lines = sw
+        .as_ref()
+        .map(|w| {
+            std::fs::read_to_string(&w.log)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let redis_version = info_field(redis, "server", "redis_version");
+    drop(sw);
+    drop(redis_proc);
+    let r = RunResult {
+        storm,
+        via,
+        tl,
+        reads,
+        tally,
+        stats,
+        metrics,
+        rebuilt,
+        cpu,
+        populate_errors,
+        reader_error,
+        log_lines,
+        redis_version,
+    };
+    let during = r.phase(1);
+    eprintln!(
+        "   storm: read p99 {:.2} ms, hit ratio {:.1}%, {} requests ({} failed), ack p50 {:.1} ms p99 {:.1} ms, violations {}",
+        during.p99,
+        during.hit_ratio() * 100.0,
+        r.tally.sent,
+        r.tally.failed,
+        pct_f(&r.tally.acks, 0.5),
+        pct_f(&r.tally.acks, 0.99),
+        r.tally.violations
+    );
+    eprintln!(
+        "   storm CPU (cores): redis main {:.2}, redis background {:.2}, stormwall {:.2}, bench {:.2}",
+        r.cpu.redis_main, r.cpu.redis_bg, r.cpu.stormwall, r.cpu.bench
+    );
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+
+#[derive(Default)]
+struct PhaseStats {
+    reads: usize,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+    hits: usize,
+    misses: usize,
+    errors: usize,
+}
+
+impl PhaseStats {
+    fn hit_ratio(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            0.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn pct_sorted<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+fn pct_f(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    pct_sorted(&v, q).unwrap_or(f64::NAN)
+}
+
+fn stats_of(reads: impl Iterator<Item = Read>) -> PhaseStats {
+    let mut lat = Vec::new();
+    let mut st = PhaseStats::default();
+    for r in reads {
+        st.reads += 1;
+        match r.outcome {
+            Outcome::Hit => st.hits += 1,
+            Outcome::Miss => st.misses += 1,
+            Outcome::Error => {
+                st.errors += 1;
+                continue;
+            }
+        }
+        lat.push(r.lat_us);
+    }
+    lat.sort_unstable();
+    let ms = |q: f64| pct_sorted(&lat, q).map_or(f64::NAN, |us| us as f64 / 1e3);
+    st.p50 = ms(0.5);
+    st.p99 = ms(0.99);
+    st.p999 = ms(0.999);
+    st.max = ms(1.0);
+    st
+}
+
+impl RunResult {
+    /// Phase 0: before the storm, 1: during, 2: after.
+    fn phase(&self, phase: usize) -> PhaseStats {
+        let edges = [0.0, self.tl.storm_from(), self.tl.storm_to(), f64::INFINITY];
+        let (from, to) = (edges[phase], edges[phase + 1]);
+        stats_of(
+            self.reads
+                .iter()
+                .copied()
+                .filter(|r| (r.at as f64) >= from && (r.at as f64) < to),
+        )
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.stats.get(name).copied().unwrap_or(0)
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics.get(name).copied()
+    }
+
+    fn achieved_rate(&self) -> f64 {
+        self.tally.sent as f64 / self.tl.storm.as_secs_f64()
+    }
+
+    /// p99 read latency per time bucket: (bucket middle, ms).
+    fn timeline(&self) -> Vec<(f64, f64)> {
+        let n = (self.tl.total().as_secs_f64() / BUCKET_SECS).ceil() as usize;
+        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); n];
+        for r in &self.reads {
+            if r.outcome != Outcome::Error {
+                let b = ((r.at as f64 / BUCKET_SECS) as usize).min(n - 1);
+                buckets[b].push(r.lat_us);
+            }
+        }
+        buckets
+            .into_iter()
+            .enumerate()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(i, mut b)| {
+                b.sort_unstable();
+                let p = pct_sorted(&b, 0.99).unwrap() as f64 / 1e3;
+                ((i as f64 + 0.5) * BUCKET_SECS, p)
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            Some(
+                l.strip_prefix("model name")?
+                    .split_once(':')?
+                    .1
+                    .trim()
+                    .to_owned(),
+            )
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn f2(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn report(
+    s: &Settings,
+    main: &[RunResult],
+    curve: &[(f64, RunResult)],
+    started: Instant,
+) -> String {
+    let mut o = String::new();
+    let w = &mut o;
+    let version = main.first().map_or("?", |r| r.redis_version.as_str());
+    let commit = sh("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = !sh("git", &["status", "--porcelain", "--", "src"]).is_empty();
+    writeln!(
+        w,
+        "# Incident replay: an invalidation storm under steady reads\n"
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "Command: `{}cargo bench --bench storm` — run {} ({:.0} s), stormwall {}{}, redis-server {version}.  ",
+        if s.quick { "STORMWALL_BENCH_QUICK=1 " } else { "" },
+        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        started.elapsed().as_secs_f64(),
+        commit,
+        if dirty { " (with uncommitted changes in src/)" } else { "" },
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "Machine: {} cores ({}), {}, {}.\n",
+        sh("nproc", &[]),
+        cpu_model(),
+        sh(
+            "sh",
+            &[
+                "-c",
+                "awk '/MemTotal/ {printf \"%.0f GiB RAM\", $2/1048576}' /proc/meminfo"
+            ]
+        ),
+        sh("uname", &["-sr"]),
+    )
+    .unwrap();
+    if s.quick {
+        writeln!(w, "**Quick smoke run** (STORMWALL_BENCH_QUICK=1): smaller keyspace and shorter phases; not the numbers to quote.\n").unwrap();
+    }
+    let tl = s.main;
+    writeln!(
+        w,
+        "Scenario (same for both paths, each run on a freshly started and preloaded `redis-server`, \
+         stormwall started fresh with its default config): {} string keys (`DEBUG POPULATE`) plus \
+         {BIG_HASHES} hashes of {} fields; {READ_CONNS} reader connections doing {READ_RATE:.0} `GET`/s \
+         open loop over the {HOT_KEYS} hottest keys, latency from each read's scheduled send time (truly open loop: sends never wait for replies), a miss \
+         re-populated with `SET` (cache-aside, pipelined on a second connection per reader); timeline {}s before, {}s storm, {}s after. \
+         Storms from {STORM_CONNS} connections: **FLUSHDB storm** ~{FLUSH_RATE:.0} account updates/s, each \
+         `SET` marker, `FLUSHDB`, check, re-populate {REPOPULATE} keys; **DEL storm** ~{DEL_RATE:.0} `DEL`/s, each of \
+         one of {DEL_GROUPS} groups of {GROUP_SIZE} keys out of the same 300 (the {BIG_HASHES} big hashes in two groups of 4), \
+         with the big hashes re-created in the background during the storm (straight to Redis, in both paths, \
+         at most one per {} ms). Details: the doc comment of `benches/storm.rs`.\n",
+        s.keys,
+        s.fields,
+        tl.before.as_secs(),
+        tl.storm.as_secs(),
+        tl.after.as_secs(),
+        REBUILD_GAP.as_millis(),
+    )
+    .unwrap();
+
+    writeln!(w, "## Summary\n").unwrap();
+    writeln!(w, "| storm | path | read p99 before (ms) | read p99 during (ms) | during / before | hit ratio during | ack p50 / p99 (ms) | invalidations sent → at Redis | failed storm requests | violations |").unwrap();
+    writeln!(
+        w,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    .unwrap();
+    for r in main {
+        let (b, d) = (r.phase(0), r.phase(1));
+        let at_redis = r.stat("del") + r.stat("unlink") + r.stat("flushdb") + r.stat("flushall");
+        writeln!(
+            w,
+            "| {} | {} | {} | **{}** | {:.1}× | {:.1}% | {} / {} | {} → {} | {} | **{}** |",
+            r.storm.name(),
+            r.via.name(),
+            f2(b.p99),
+            f2(d.p99),
+            d.p99 / b.p99,
+            d.hit_ratio() * 100.0,
+            f2(pct_f(&r.tally.acks, 0.5)),
+            f2(pct_f(&r.tally.acks, 0.99)),
+            r.tally.sent,
+            at_redis,
+            r.tally.failed,
+            r.tally.violations,
+        )
+        .unwrap();
+    }
+    writeln!(w).unwrap();
+    writeln!(w, "![read latency over time](storm_latency.png)\n").unwrap();
+
+    writeln!(
+        w,
+        "## Read latency (ms, from the scheduled send time) and cache hit ratio\n"
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "| storm | path | phase | reads | p50 | p99 | p99.9 | max | hit ratio | read errors |"
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    .unwrap();
+    for r in main {
+        for (i, phase) in ["before", "**during**", "after"].iter().enumerate() {
+            let p = r.phase(i);
+            writeln!(
+                w,
+                "| {} | {} | {phase} | {} | {} | {} | {} | {} | {:.1}% | {} |",
+                r.storm.name(),
+                r.via.name(),
+                p.reads,
+                f2(p.p50),
+                f2(p.p99),
+                f2(p.p999),
+                f2(p.max),
+                p.hit_ratio() * 100.0,
+                p.errors
+            )
+            .unwrap();
+        }
+    }
+
+    for r in main.iter().chain(curve.iter().map(|(_, r)| r)) {
+        if r.populate_errors > 0 || r.reader_error.is_some() {
+            writeln!(
+                w,
+                "\n{} via {}: {} failed re-populate pipelines; first reader error: {}",
+                r.storm.name(),
+                r.via.name(),
+                r.populate_errors,
+                r.reader_error.as_deref().unwrap_or("–")
+            )
+            .unwrap();
+        }
+    }
+    writeln!(w, "\nCPU used during the storm window (cores; the machine has {}): Redis's main thread, Redis's background threads (lazy free), stormwall, and this benchmark's clients.\n", sh("nproc", &[])).unwrap();
+    writeln!(
+        w,
+        "| storm | path | Redis main | Redis background | stormwall | bench clients |"
+    )
+    .unwrap();
+    writeln!(w, "| --- | --- | ---: | ---: | ---: | ---: |").unwrap();
+    for r in main {
+        let c = r.cpu;
+        writeln!(
+            w,
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.storm.name(),
+            r.via.name(),
+            c.redis_main,
+            c.redis_bg,
+            c.stormwall,
+            c.bench
+        )
+        .unwrap();
+    }
+    writeln!(
+        w,
+        "\n## Storm requests: acknowledgement latency, failures, verification\n"
+    )
+    .unwrap();
+    writeln!(w, "Ack latency is what an account update waits for its `FLUSHDB`/`DEL`. A violation is an acknowledged invalidation after which the marker written (and acknowledged) before it was still readable — straight from Redis or on the client's own connection — or a `DEL` count outside 0..=keys.\n").unwrap();
+    writeln!(w, "| storm | path | requests | achieved rate (/s) | failed | ack p50 (ms) | ack p99 (ms) | ack max (ms) | checked | violations | first error |").unwrap();
+    writeln!(
+        w,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    )
+    .unwrap();
+    for r in main {
+        let t = &r.tally;
+        writeln!(
+            w,
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | **{}** | {} |",
+            r.storm.name(),
+            r.via.name(),
+            t.sent,
+            r.achieved_rate(),
+            t.failed,
+            f2(pct_f(&t.acks, 0.5)),
+            f2(pct_f(&t.acks, 0.99)),
+            f2(pct_f(&t.acks, 1.0)),
+            t.checked,
+            t.violations,
+            t.first_error.as_deref().unwrap_or("–").replace('|', "\\|"),
+        )
+        .unwrap();
+    }
+
+    writeln!(
+        w,
+        "\n## Invalidations: sent by clients vs received by Redis\n"
+    )
+    .unwrap();
+    writeln!(w, "Commands at Redis are from its own `INFO commandstats` (reset after the preload). Keys in delete commands at Redis: direct, every client `DEL` reaches Redis as sent; through stormwall, its `stormwall_invalidation_keys_sent_total`.\n").unwrap();
+    writeln!(w, "| storm | path | client requests | keys named by clients | `DEL` at Redis | `UNLINK` at Redis | `FLUSHDB` at Redis | `MULTI`/`EXEC` at Redis | keys in deletes at Redis | big hashes re-created |").unwrap();
+    writeln!(
+        w,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    .unwrap();
+    for r in main {
+        let keys_at_redis = match (r.storm, &r.via) {
+            (Storm::Flush, _) => "–".to_owned(),
+            (Storm::Del, Via::Direct) => r.tally.keys.to_string(),
+            (Storm::Del, Via::Stormwall(_)) => r
+                .metric("stormwall_invalidation_keys_sent_total")
+                .map_or("?".into(), |v| format!("{v:.0}")),
+        };
+        writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} |",
+            r.storm.name(),
+            r.via.name(),
+            r.tally.sent,
+            if r.storm == Storm::Del {
+                r.tally.keys.to_string()
+            } else {
+                "–".into()
+            },
+            r.stat("del"),
+            r.stat("unlink"),
+            r.stat("flushdb"),
+            r.stat("multi"),
+            r.stat("exec"),
+            keys_at_redis,
+            if r.storm == Storm::Del {
+                r.rebuilt.to_string()
+            } else {
+                "–".into()
+            },
+        )
+        .unwrap();
+    }
+
+    writeln!(
+        w,
+        "\n## Tuning curve: `flush.min_interval` under the FLUSHDB storm\n"
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "Each point: a fresh Redis and a fresh stormwall with a config file holding only `[flush] min_interval` \
+         (and, for 5s, `[invalidation] max_wait = \"10s\"`, as min_interval must stay below max_wait); timeline {}s \
+         before, {}s FLUSHDB storm, {}s after. Hit ratio and read p99 are over the storm window. The direct row is \
+         the main run above (its storm window is {}s). Each of the 32 storm connections waits for its flush before its \
+         next account update, so once the flush wait exceeds the 1.6 s between a connection's updates the offered \
+         rate falls below 20/s (the achieved rate column).\n",
+        s.curve.before.as_secs(),
+        s.curve.storm.as_secs(),
+        s.curve.after.as_secs(),
+        s.main.storm.as_secs(),
+    )
+    .unwrap();
+    writeln!(w, "![tuning curve](storm_curve.png)\n").unwrap();
+    writeln!(w, "| flush.min_interval | FLUSHDB sent | achieved rate (/s) | FLUSHDB at Redis | hit ratio during storm | flush ack p50 (ms) | flush ack p99 (ms) | read p99 during storm (ms) | failed | violations |").unwrap();
+    writeln!(
+        w,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    .unwrap();
+    let direct = main
+        .iter()
+        .find(|r| r.storm == Storm::Flush && matches!(r.via, Via::Direct));
+    let rows = direct
+        .map(|r| ("direct (no stormwall)".to_owned(), r))
+        .into_iter()
+        .chain(curve.iter().map(|(_, r)| {
+            let Via::Stormwall(Some(m)) = r.via else {
+                unreachable!()
+            };
+            (
+                format!("{m}{}", if m == "1s" { " (default)" } else { "" }),
+                r,
+            )
+        }));
+    for (name, r) in rows {
+        let d = r.phase(1);
+        writeln!(
+            w,
+            "| {name} | {} | {:.1} | {} | {:.1}% | {} | {} | {} | {} | {} |",
+            r.tally.sent,
+            r.achieved_rate(),
+            r.stat("flushdb"),
+            d.hit_ratio() * 100.0,
+            f2(pct_f(&r.tally.acks, 0.5)),
+            f2(pct_f(&r.tally.acks, 0.99)),
+            f2(d.p99),
+            r.tally.failed,
+            r.tally.violations,
+        )
+        .unwrap();
+    }
+
+    let logs: Vec<_> = main
+        .iter()
+        .chain(curve.iter().map(|(_, r)| r))
+        .filter(|r| !r.log_lines.is_empty())
+        .collect();
+    if !logs.is_empty() {
+        writeln!(w, "\n## stormwall warnings during the runs\n").unwrap();
+        for r in logs {
+            writeln!(
+                w,
+                "- {} via {}: {} lines, first: `{}`",
+                r.storm.name(),
+                r.via.name(),
+                r.log_lines.len(),
+                r.log_lines[0].replace('`', "'")
+            )
+            .unwrap();
+        }
+    }
+    o
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plots
+
+mod plot {
+    use super::*;
+    use plotters::prelude::*;
+
+    pub fn register_font() -> Result<(), String> {
+        let bytes = std::fs::read(FONT)
+            .map_err(|e| format!("{FONT}: {e} (apt-get install -y fonts-dejavu-core)"))?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{FONT}: not a usable font"))
+    }
+
+    type Res = Result<(), Box<dyn std::error::Error>>;
+
+    const DIRECT: RGBColor = RGBColor(214, 39, 40);
+    const SW: RGBColor = RGBColor(31, 119, 180);
+
+    pub fn latency(main: &[RunResult], path: &Path) -> Res {
+        let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let storms: Vec<Storm> = [Storm::Flush, Storm::Del]
+            .into_iter()
+            .filter(|s| main.iter().any(|r| r.storm == *s))
+            .collect();
+        let panels = root.split_evenly((storms.len().max(1), 1));
+        for (panel, storm) in panels.iter().zip(storms) {
+            let runs: Vec<_> = main.iter().filter(|r| r.storm == storm).collect();
+            let Some(first) = runs.first() else { continue };
+            let tl = first.tl;
+            let series: Vec<_> = runs.iter().map(|r| (r, r.timeline())).collect();
+            let ymax = series
+                .iter()
+                .flat_map(|(_, s)| s.iter().map(|p| p.1))
+                .fold(1.0f64, f64::max)
+                * 2.0;
+            let ymin = series
+                .iter()
+                .flat_map(|(_, s)| s.iter().map(|p| p.1))
+                .fold(f64::INFINITY, f64::min)
+                .clamp(0.01, 0.1)
+                / 2.0;
+            let total = tl.total().as_secs_f64();
+            let mut chart = ChartBuilder::on(panel)
+                .caption(
+                    format!(
+                        "{}: read latency p99 per {} ms (from scheduled send), log scale",
+                        storm.name(),
+                        (BUCKET_SECS * 1e3) as u32
+                    ),
+                    ("sans-serif", 22),
+                )
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0f64..total, (ymin..ymax).log_scale())?;
+            chart
+                .configure_mesh()
+                .x_desc("time (s)")
+                .y_desc("read p99 (ms)")
+                .y_label_formatter(&|v| {
+                    if *v >= 1.0 {
+                        format!("{v:.0}")
+                    } else {
+                        format!("{v:.2}")
+                    }
+                })
+                .label_style(("sans-serif", 15))
+                .axis_desc_style(("sans-serif", 17))
+                .draw()?;
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(tl.storm_from(), ymin), (tl.storm_to(), ymax)],
+                    RGBColor(255, 200, 0).mix(0.18).filled(),
+                )))?
+                .label("storm window")
+                .legend(|(x, y)| {
+                    Rectangle::new(
+                        [(x, y - 6), (x + 20, y + 6)],
+                        RGBColor(255, 200, 0).mix(0.3).filled(),
+                    )
+                });
+            for (r, s) in &series {
+                let color = if matches!(r.via, Via::Direct) {
+                    DIRECT
+                } else {
+                    SW
+                };
+                let p99 = r.phase(1).p99;
+                chart
+                    .draw_series(std::iter::once(PathElement::new(
+                        s.clone(),
+                        color.stroke_width(2),
+                    )))?
+                    .label(format!("{} (storm p99 {} ms)", r.via.name(), f2(p99)))
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .label_font(("sans-serif", 16))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    }
+
+    pub fn curve(curve: &[(f64, RunResult)], direct: Option<&RunResult>, path: &Path) -> Res {
+        let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let pts: Vec<(f64, f64, f64, f64)> = curve
+            .iter()
+            .map(|(x, r)| {
+                (
+                    *x,
+                    r.phase(1).hit_ratio() * 100.0,
+                    pct_f(&r.tally.acks, 0.5) / 1e3,
+                    pct_f(&r.tally.acks, 0.99) / 1e3,
+                )
+            })
+            .collect();
+        let ack_max = pts
+            .iter()
+            .map(|p| p.3)
+            .filter(|v| v.is_finite())
+            .fold(1.0f64, f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "FLUSHDB storm through stormwall: hit ratio and flush ack latency vs flush.min_interval",
+                ("sans-serif", 21),
+            )
+            .margin(14)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .right_y_label_area_size(60)
+            .build_cartesian_2d(
+                (0.2f64..6.5)
+                    .log_scale()
+                    .with_key_points(CURVE.iter().map(|c| c.0).collect()),
+                0f64..100.0,
+            )?
+            .set_secondary_coord((0.2f64..6.5).log_scale(), 0f64..ack_max);
+        chart
+            .configure_mesh()
+            .x_desc("flush.min_interval (s, log scale)")
+            .y_desc("hit ratio during storm (%)")
+            .x_label_formatter(&|v| format!("{v}"))
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 17))
+            .draw()?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("flush ack latency (s)")
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 17))
+            .draw()?;
+        let green = RGBColor(44, 160, 44);
+        let hits: Vec<_> = pts.iter().map(|p| (p.0, p.1)).collect();
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                hits.clone(),
+                green.stroke_width(3),
+            )))?
+            .label("hit ratio (%, left)")
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(3))
+            });
+        chart.draw_series(hits.iter().map(|&p| Circle::new(p, 5, green.filled())))?;
+        if let Some(d) = direct {
+            let h = d.phase(1).hit_ratio() * 100.0;
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    vec![(0.2, h), (6.5, h)],
+                    DIRECT.stroke_width(1),
+                )))?
+                .label(format!("direct hit ratio ({h:.1}%)"))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], DIRECT));
+        }
+        for (i, (name, color)) in [
+            ("flush ack p50 (s, right)", SW),
+            ("flush ack p99 (s, right)", RGBColor(148, 103, 189)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let line: Vec<_> = pts
+                .iter()
+                .map(|p| (p.0, if i == 0 { p.2 } else { p.3 }))
+                .filter(|p| p.1.is_finite())
+                .collect();
+            chart
+                .draw_secondary_series(std::iter::once(PathElement::new(
+                    line.clone(),
+                    color.stroke_width(2),
+                )))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart.draw_secondary_series(
+                line.into_iter()
+                    .map(move |p| TriangleMarker::new(p, 6, color.filled())),
+            )?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let started = Instant::now();
+    let s = Settings::from_env();
+    let hashes: Arc<Vec<redis::Pipeline>> = Arc::new(
+        (0..BIG_HASHES)
+            .map(|h| hash_pipeline(h, s.fields))
+            .collect(),
+    );
+    // STORMWALL_BENCH_ONLY: run a part only (e.g. "del,stormwall" or "curve"), for
+    // investigating; the report then goes to stdout only and results/ is left alone.
+    let only: Option<Vec<String>> = std::env::var("STORMWALL_BENCH_ONLY")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.split(',').map(|t| t.trim().to_lowercase()).collect());
+    let wants = |t: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == t));
+    let wants_path = |t: &str| {
+        only.as_ref().is_none_or(|o| {
+            o.iter().any(|x| x == t) || !o.iter().any(|x| x == "direct" || x == "stormwall")
+        })
+    };
+    let mut main_runs = Vec::new();
+    for (storm, token) in [(Storm::Flush, "flush"), (Storm::Del, "del")] {
+        for (via, path) in [(Via::Direct, "direct"), (Via::Stormwall(None), "stormwall")] {
+            if wants(token) && wants_path(path) {
+                main_runs.push(run(&s, storm, via, s.main, &hashes));
+            }
+        }
+    }
+    let curve: Vec<(f64, RunResult)> = CURVE
+        .iter()
+        .filter(|_| wants("curve"))
+        .map(|&(x, m)| {
+            (
+                x,
+                run(&s, Storm::Flush, Via::Stormwall(Some(m)), s.curve, &hashes),
+            )
+        })
+        .collect();
+    // A partial run leaves results/ alone.
+    let out = if only.is_some() {
+        std::env::temp_dir().join("stormwall-storm-partial")
+    } else {
+        std::path::PathBuf::from("results")
+    };
+    std::fs::create_dir_all(&out).unwrap();
+    let md = report(&s, &main_runs, &curve, started);
+    std::fs::write(out.join("storm.md"), &md).unwrap();
+    print!("{md}");
+    match plot::register_font() {
+        Ok(()) => {
+            if let Err(e) = plot::latency(&main_runs, &out.join("storm_latency.png")) {
+                eprintln!("storm_latency.png: {e}");
+            }
+            let direct = main_runs
+                .iter()
+                .find(|r| r.storm == Storm::Flush && matches!(r.via, Via::Direct));
+            if let Err(e) = plot::curve(&curve, direct, &out.join("storm_curve.png")) {
+                eprintln!("storm_curve.png: {e}");
+            }
+        }
+        Err(e) => eprintln!("no plots: {e}"),
+    }
+    eprintln!(
+        "wrote {}/storm.md and plots in {:.0} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+}
