@@ -5,7 +5,8 @@
 //! Run: `cargo bench --bench storm` (about 3–4 minutes on 2 cores). Writes `results/storm.md`,
 //! `results/storm_latency.png` and `results/storm_curve.png`. Needs `redis-server` (Debian:
 //! `redis-server`) and, for the plots, the DejaVu font (Debian: `fonts-dejavu-core`).
-//! `STORMWALL_BENCH_QUICK=1`: a short smoke run on a smaller keyspace.
+//! `STORMWALL_BENCH_QUICK=1`: a short smoke run on a smaller keyspace (its report goes to a
+//! temp folder, named at the end; `results/` is left alone).
 //! `STORMWALL_BENCH_ONLY=flush,del,curve,direct,stormwall` (any subset): run only those parts;
 //! the report then goes to stdout and a temp folder, and `results/` is left alone.
 //!
@@ -1738,8 +1739,8 @@ fn main() {
             )
         })
         .collect();
-    // A partial run leaves results/ alone.
-    let out = if only.is_some() {
+    // A partial or quick run leaves results/ alone.
+    let out = if only.is_some() || s.quick {
         std::env::temp_dir().join("stormwall-storm-partial")
     } else {
         std::path::PathBuf::from("results")
