@@ -177,11 +177,13 @@ struct Case {
     op: Op,
     size: usize,
     pipeline: u32,
+    clients: u32,
 }
 
 impl Case {
     fn label(&self) -> String {
-        format!("{} {} B, P{}", self.op.name(), self.size, self.pipeline)
+        let clients = if self.clients == CLIENTS { String::new() } else { format!(", {} client", self.clients) };
+        format!("{} {} B, P{}{clients}", self.op.name(), self.size, self.pipeline)
     }
 }
 
@@ -200,7 +202,7 @@ fn bench_args(case: &Case, port: u16, n: u64) -> Vec<String> {
         "-p",
         &port.to_string(),
         "-c",
-        &CLIENTS.to_string(),
+        &case.clients.to_string(),
         "-n",
         &n.to_string(),
         "-d",
@@ -398,10 +400,13 @@ fn main() {
     for size in SIZES {
         for pipeline in PIPELINES {
             for op in [Op::Set, Op::Get] {
-                cases.push(Case { op, size, pipeline });
+                cases.push(Case { op, size, pipeline, clients: CLIENTS });
             }
         }
     }
+    // One client: what a proxy adds to a request when the CPU is not saturated (with 50
+    // clients on 2 cores, everything queues for CPU and the added latency is mostly that).
+    cases.push(Case { op: Op::Get, size: 16, pipeline: 1, clients: 1 });
 
     // Calibrate: one request count per case, so that a direct run takes about `seconds`.
     let counts: Vec<u64> = cases
@@ -507,7 +512,7 @@ fn main() {
     .unwrap();
     writeln!(
         md,
-        "| load | `redis-benchmark -c {CLIENTS} -n N -d SIZE -P DEPTH -t get\\|set` (N calibrated per case for ~{seconds} s against Redis directly, same N for every target) |"
+        "| load | `redis-benchmark -c {CLIENTS} -n N -d SIZE -P DEPTH -t get\\|set`, plus one case with `-c 1` (N calibrated per case for ~{seconds} s against Redis directly, same N for every target) |"
     )
     .unwrap();
     writeln!(
