@@ -182,8 +182,17 @@ struct Case {
 
 impl Case {
     fn label(&self) -> String {
-        let clients = if self.clients == CLIENTS { String::new() } else { format!(", {} client", self.clients) };
-        format!("{} {} B, P{}{clients}", self.op.name(), self.size, self.pipeline)
+        let clients = if self.clients == CLIENTS {
+            String::new()
+        } else {
+            format!(", {} client", self.clients)
+        };
+        format!(
+            "{} {} B, P{}{clients}",
+            self.op.name(),
+            self.size,
+            self.pipeline
+        )
     }
 }
 
@@ -400,13 +409,23 @@ fn main() {
     for size in SIZES {
         for pipeline in PIPELINES {
             for op in [Op::Set, Op::Get] {
-                cases.push(Case { op, size, pipeline, clients: CLIENTS });
+                cases.push(Case {
+                    op,
+                    size,
+                    pipeline,
+                    clients: CLIENTS,
+                });
             }
         }
     }
     // One client: what a proxy adds to a request when the CPU is not saturated (with 50
     // clients on 2 cores, everything queues for CPU and the added latency is mostly that).
-    cases.push(Case { op: Op::Get, size: 16, pipeline: 1, clients: 1 });
+    cases.push(Case {
+        op: Op::Get,
+        size: 16,
+        pipeline: 1,
+        clients: 1,
+    });
 
     // Calibrate: one request count per case, so that a direct run takes about `seconds`.
     let counts: Vec<u64> = cases
