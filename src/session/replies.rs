@@ -21,6 +21,9 @@ const TIMED_OUT: &str = "ERR stormwall: upstream Redis did not reply within \
 const DESYNC: &str = "ERR stormwall: unexpected reply from upstream Redis; the command may or \
                       may not have been applied";
 
+/// How long the error replies for a failed connection may take to reach the client.
+const FINAL_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(super) struct ReplySide<'a> {
     pub links: &'a Links<'a>,
     pub scanner: ReplyScanner,
@@ -268,7 +271,8 @@ impl ReplySide<'_> {
         }
         if !out.is_empty() {
             debug!(reason, "failing commands still owed a reply");
-            let _ = client.write_all(&out).await;
+            // A client that is not reading must not keep the session (and its slot) alive.
+            let _ = tokio::time::timeout(FINAL_WRITE, client.write_all(&out)).await;
         }
     }
 }

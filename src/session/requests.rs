@@ -167,7 +167,9 @@ impl RequestSide<'_> {
         let mut scanned = 0;
         let mut run = Run::default();
         loop {
-            if self.links.multi_refused.swap(false, Ordering::AcqRel) {
+            // A plain load first: this runs per command, the swap almost never.
+            let refused = &self.links.multi_refused;
+            if refused.load(Ordering::Acquire) && refused.swap(false, Ordering::AcqRel) {
                 self.state.multi_refused();
             }
             let parsed = match self.parser.parse(&buf[scanned..]) {
