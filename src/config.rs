@@ -504,6 +504,22 @@ mod tests {
             Config::default(),
             "deploy/stormwall.example.toml is out of step"
         );
+        // And it shows every setting (a missing one would still parse, as its default).
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        for (section, keys) in defaults {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "[{section}] missing from the example"
+            );
+            for key in keys.as_table().into_iter().flat_map(|t| t.keys()) {
+                assert!(
+                    text.lines()
+                        .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} ="))),
+                    "{section}.{key} missing from the example config"
+                );
+            }
+        }
     }
 
     #[test]
