@@ -11,6 +11,8 @@
 //! reply tail. Socket I/O, queueing and the invalidation engine are not included (the
 //! `passthrough` bench measures the whole proxy).
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -22,6 +24,8 @@ use stormwall::config::LimitsConfig;
 use stormwall::policy::{self, Kind};
 use stormwall::resp::reply::ReplyScanner;
 use stormwall::resp::request::{Command, Parsed, RequestLimits, RequestParser};
+
+use common::{cpu_model, results_dir, utc_date};
 
 /// Counts every allocation (and reallocation) made by the process.
 struct Counting;
@@ -91,6 +95,17 @@ struct Case {
     zero_alloc: bool,
 }
 
+/// A case of `n` frames made by `make(i)`, which must allocate nothing in steady state.
+fn case(name: &'static str, n: usize, make: &dyn Fn(usize) -> Vec<u8>, read: usize) -> Case {
+    Case {
+        name,
+        buf: pipeline(n, make),
+        count: n,
+        read,
+        zero_alloc: true,
+    }
+}
+
 fn request_cases() -> Vec<Case> {
     let get = |i: usize| multibulk(&[b"GET", &key(i)]);
     let set16 = |i: usize| multibulk(&[b"SET", &key(i), &value(16, i)]);
@@ -107,13 +122,6 @@ fn request_cases() -> Vec<Case> {
         6 | 7 => set16(i),
         8 => mget(i),
         _ => del(i),
-    };
-    let case = |name, n, make: &dyn Fn(usize) -> Vec<u8>, read| Case {
-        name,
-        buf: pipeline(n, make),
-        count: n,
-        read,
-        zero_alloc: true,
     };
     vec![
         case("GET (pipeline of 1000)", 1000, &get, usize::MAX),
@@ -162,13 +170,6 @@ fn bulk(v: &[u8]) -> Vec<u8> {
 }
 
 fn reply_cases() -> Vec<Case> {
-    let case = |name, n, make: &dyn Fn(usize) -> Vec<u8>, read| Case {
-        name,
-        buf: pipeline(n, make),
-        count: n,
-        read,
-        zero_alloc: true,
-    };
     let mget = |i: usize| {
         let mut out = b"*10\r\n".to_vec();
         for k in 0..10 {
@@ -348,9 +349,9 @@ fn report(rows: &[Measured]) -> String {
     writeln!(
         out,
         "Command: `cargo bench --bench framing` ({}; {} cores; {}).\n",
-        date(),
+        utc_date().unwrap_or_else(|| "date unknown".into()),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model()
+        cpu_model().unwrap_or_else(|| "unknown CPU".into())
     )
     .unwrap();
     writeln!(
@@ -387,27 +388,6 @@ fn report(rows: &[Measured]) -> String {
     out
 }
 
-fn date() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map_or_else(|| "date unknown".into(), |s| s.trim().to_owned())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 // ---------------------------------------------------------------------------------------
 
 fn main() {
@@ -428,9 +408,7 @@ fn main() {
         }));
     }
     let md = report(&rows);
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/results");
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(format!("{dir}/framing.md"), &md).unwrap();
+    std::fs::write(results_dir().join("framing.md"), &md).unwrap();
     println!("wrote results/framing.md");
     let offenders: Vec<String> = rows
         .iter()

@@ -20,12 +20,16 @@
 //! lowered to fit, and the report says so. Socket buffers live in the kernel and are not
 //! part of RSS.
 
+mod common;
+
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use common::{Proc, connect, cores_and_cpu, report_header, results_dir, sh, start_redis};
 
 const TARGET_IDLE_KIB: f64 = 16.0;
 const ACTIVE_CLIENTS: u32 = 50;
@@ -33,42 +37,6 @@ const ACTIVE_SECONDS: u64 = 4;
 /// Descriptors stormwall needs besides two per client (stdio, epoll, listeners, admin,
 /// readiness probe), with room to spare.
 const FD_SLACK: u64 = 100;
-
-/// A child process stopped (by its pid) and reaped when dropped.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16, child: &mut Child, what: &str) {
-    for _ in 0..400 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening on {port}: {status}");
-        }
-        thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{what}: nothing listening on {port}");
-}
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (and the hard limit too, where
 /// permitted). Returns (soft, hard) as they are afterwards.
@@ -98,33 +66,19 @@ fn raise_nofile(wanted: u64) -> (u64, u64) {
     (lim.rlim_cur, lim.rlim_max)
 }
 
-fn start_redis() -> (Proc, u16) {
-    let port = free_port();
-    let mut child = Proc(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--maxclients", "20000"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: apt-get install -y redis-server"),
-    );
-    wait_port(port, &mut child.0, "redis-server");
-    (child, port)
-}
-
+/// stormwall with its own admin port and room for every idle client.
 fn start_stormwall(upstream: u16) -> (Proc, u16) {
-    let port = free_port();
-    let mut child = Proc(
-        Command::new(env!("CARGO_BIN_EXE_stormwall"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--upstream", &format!("127.0.0.1:{upstream}")])
-            .args(["--admin", "127.0.0.1:0", "--log-level", "warn"])
-            .args(["--max-clients", "20000"])
-            .spawn()
-            .expect("cannot start stormwall"),
-    );
-    wait_port(port, &mut child.0, "stormwall");
-    (child, port)
+    common::start_stormwall(
+        upstream,
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+            "--max-clients",
+            "20000",
+        ],
+    )
 }
 
 /// A `kB` field of `/proc/PID/status`, in KiB.
@@ -168,14 +122,10 @@ fn idle_client(port: u16) -> TcpStream {
 }
 
 fn redis_maxclients(port: u16) -> u64 {
-    let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-        .unwrap()
-        .get_connection()
-        .unwrap();
     let v: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxclients")
-        .query(&mut con)
+        .query(&mut connect(port))
         .unwrap();
     v.get(1).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
@@ -223,27 +173,6 @@ fn active(redis_port: u16, size: usize) -> ActiveRun {
     }
 }
 
-fn sh(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map_or_else(|| "unknown".into(), |s| s.trim().to_owned())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 fn per_conn(with: u64, without: u64, n: usize) -> f64 {
     (with as f64 - without as f64) / n as f64
 }
@@ -264,7 +193,8 @@ fn main() {
         );
     }
 
-    let (redis, redis_port) = start_redis();
+    // Room for every idle client (Redis's default `maxclients` is 10,000).
+    let (redis, redis_port) = start_redis(&["--maxclients", "20000"]);
     let redis_max = redis_maxclients(redis_port);
     assert!(
         redis_max >= n as u64 + 10,
@@ -326,25 +256,15 @@ fn main() {
         .collect();
     drop(redis);
 
-    let mut md = String::new();
-    writeln!(md, "# Memory: stormwall's resident set per connection\n").unwrap();
-    writeln!(md, "| | |\n| --- | --- |").unwrap();
     let command = match std::env::var("STORMWALL_BENCH_CONNECTIONS") {
         Ok(v) => format!("STORMWALL_BENCH_CONNECTIONS={v} cargo bench --bench memory"),
         Err(_) => "cargo bench --bench memory".into(),
     };
-    writeln!(md, "| command | `{command}` |").unwrap();
+    let mut md = report_header("Memory: stormwall's resident set per connection", &command);
     writeln!(
         md,
-        "| date | {} |",
-        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| machine | {} cores (`nproc`), {}, {} |",
-        sh("nproc", &[]),
-        cpu_model(),
+        "| machine | {}, {} |",
+        cores_and_cpu(),
         sh("uname", &["-sr"])
     )
     .unwrap();
@@ -447,8 +367,6 @@ fn main() {
         .unwrap();
     }
     print!("\n{md}");
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/results");
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(format!("{dir}/memory.md"), md).unwrap();
+    std::fs::write(results_dir().join("memory.md"), md).unwrap();
     println!("wrote results/memory.md");
 }

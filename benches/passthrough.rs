@@ -18,12 +18,17 @@
 //! report gives medians over rounds (throughput and each latency percentile separately)
 //! and the min–max throughput spread.
 
+mod common;
+
 use std::fmt::Write as _;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::{
+    Proc, connect, cores_and_cpu, env_flag, free_port, register_font, report_header, results_dir,
+    sh, start_redis, start_stormwall, wait_port,
+};
 
 const CLIENTS: u32 = 50;
 const SIZES: [usize; 2] = [16, 1024];
@@ -33,64 +38,6 @@ const BENCH_KEY: &str = "key:__rand_int__";
 
 // ---------------------------------------------------------------------------------------
 // Processes
-
-/// A child process stopped (by its pid) and reaped when dropped.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16, child: &mut Child, what: &str) {
-    for _ in 0..400 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening on {port}: {status}");
-        }
-        thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{what}: nothing listening on {port}");
-}
-
-fn start_redis() -> (Proc, u16) {
-    let port = free_port();
-    let mut child = Proc(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: apt-get install -y redis-server"),
-    );
-    wait_port(port, &mut child.0, "redis-server");
-    (child, port)
-}
-
-fn start_stormwall(upstream: u16) -> (Proc, u16) {
-    let port = free_port();
-    let mut child = Proc(
-        Command::new(env!("CARGO_BIN_EXE_stormwall"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--upstream", &format!("127.0.0.1:{upstream}")])
-            .args(["--admin", "127.0.0.1:0", "--log-level", "warn"])
-            .spawn()
-            .expect("cannot start stormwall"),
-    );
-    wait_port(port, &mut child.0, "stormwall");
-    (child, port)
-}
 
 /// twemproxy with one pool in front of Redis, or `None` (with a note) if it is not installed.
 fn start_twemproxy(upstream: u16, dir: &Path) -> Option<(Proc, u16)> {
@@ -286,14 +233,10 @@ fn parse_benchmark(text: &str) -> Option<Sample> {
 
 /// Makes `GET key:__rand_int__` return a value of `size` bytes.
 fn preload(redis_port: u16, size: usize) {
-    let mut con = redis::Client::open(format!("redis://127.0.0.1:{redis_port}/"))
-        .unwrap()
-        .get_connection()
-        .unwrap();
     let _: () = redis::cmd("SET")
         .arg(BENCH_KEY)
         .arg(vec![b'x'; size])
-        .query(&mut con)
+        .query(&mut connect(redis_port))
         .unwrap();
 }
 
@@ -342,27 +285,6 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
     )
 }
 
-fn sh(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map_or_else(|| "unknown".into(), |s| s.trim().to_owned())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 fn stormwall_revision() -> String {
     let dir = env!("CARGO_MANIFEST_DIR");
     let rev = sh("git", &["-C", dir, "rev-parse", "--short", "HEAD"]);
@@ -389,16 +311,18 @@ fn fmt_rps(rps: f64) -> String {
 // ---------------------------------------------------------------------------------------
 
 fn main() {
-    let quick =
-        std::env::var_os("STORMWALL_BENCH_QUICK").is_some_and(|v| !v.is_empty() && v != "0");
+    let quick = env_flag("STORMWALL_BENCH_QUICK");
     let rounds: usize = env_num("STORMWALL_BENCH_ROUNDS").unwrap_or(if quick { 1 } else { 3 });
     let seconds: f64 = env_num("STORMWALL_BENCH_SECONDS").unwrap_or(if quick { 0.4 } else { 1.5 });
     assert!(rounds >= 1 && seconds > 0.0);
     let started = Instant::now();
 
     let tmp = tempfile::tempdir().unwrap();
-    let (_redis, redis_port) = start_redis();
-    let (_stormwall, sw_port) = start_stormwall(redis_port);
+    let (_redis, redis_port) = start_redis(&[]);
+    let (_stormwall, sw_port) = start_stormwall(
+        redis_port,
+        &["--admin", "127.0.0.1:0", "--log-level", "warn"],
+    );
     let twemproxy = start_twemproxy(redis_port, tmp.path());
     let mut targets: Vec<(&str, u16)> = vec![("direct", redis_port), ("stormwall", sw_port)];
     if let Some((_, port)) = &twemproxy {
@@ -477,7 +401,6 @@ fn main() {
     // Report.
     let names: Vec<&str> = targets.iter().map(|t| t.0).collect();
     let tw = names.iter().position(|n| *n == "twemproxy");
-    let mut md = String::new();
     let settings: String = [
         "STORMWALL_BENCH_QUICK",
         "STORMWALL_BENCH_ROUNDS",
@@ -487,26 +410,11 @@ fn main() {
     .filter_map(|k| Some(format!("{k}={} ", std::env::var(k).ok()?)))
     .collect();
     let command = format!("{settings}cargo bench --bench passthrough");
-    writeln!(
-        md,
-        "# Passthrough: direct Redis vs stormwall vs twemproxy\n"
-    )
-    .unwrap();
-    writeln!(md, "| | |\n| --- | --- |").unwrap();
-    writeln!(md, "| command | `{command}` |").unwrap();
-    writeln!(
-        md,
-        "| date | {} |",
-        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| machine | {} cores (`nproc`), {} |",
-        sh("nproc", &[]),
-        cpu_model()
-    )
-    .unwrap();
+    let mut md = report_header(
+        "Passthrough: direct Redis vs stormwall vs twemproxy",
+        &command,
+    );
+    writeln!(md, "| machine | {} |", cores_and_cpu()).unwrap();
     writeln!(
         md,
         "| redis | {} |",
@@ -608,8 +516,7 @@ fn main() {
         .unwrap();
     }
 
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = results_dir();
     let png = dir.join("passthrough.png");
     match chart(&png, &cases, &names, &summaries) {
         Ok(()) => writeln!(md, "\n![throughput and p99 per case](passthrough.png)").unwrap(),
@@ -627,32 +534,6 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // Chart
 
-/// Candidate fonts (Debian's fonts-dejavu-core first); `STORMWALL_BENCH_FONT` wins.
-fn font() -> Result<&'static [u8], String> {
-    let mut paths: Vec<PathBuf> = std::env::var_os("STORMWALL_BENCH_FONT")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    paths.extend(
-        [
-            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-            "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
-            "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
-        ]
-        .map(PathBuf::from),
-    );
-    paths
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .map(|bytes| &*Box::leak(bytes.into_boxed_slice()))
-        .ok_or_else(|| {
-            "no TrueType font found (apt-get install -y fonts-dejavu-core, or set \
-             STORMWALL_BENCH_FONT)"
-                .into()
-        })
-}
-
 /// One chart panel: title, y-axis unit, value per (case, target).
 struct Panel<'a> {
     title: &'a str,
@@ -668,8 +549,7 @@ fn chart(
 ) -> Result<(), String> {
     use plotters::prelude::*;
 
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font()?)
-        .map_err(|_| "font file is not a usable TrueType font".to_string())?;
+    register_font()?;
     let colors = [
         RGBColor(90, 90, 90),
         RGBColor(214, 39, 40),

@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo bench --bench storm` (about 3–4 minutes on 2 cores). Writes `results/storm.md`,
 //! `results/storm_latency.png` and `results/storm_curve.png`. Needs `redis-server` (Debian:
-//! `redis-server`) and, for the plots, the DejaVu font (Debian: `fonts-dejavu-core`).
+//! `redis-server`) and, for the plots, the DejaVu font (Debian: `fonts-dejavu-core`; or a
+//! TrueType font named by `STORMWALL_BENCH_FONT`).
 //! `STORMWALL_BENCH_QUICK=1`: a short smoke run on a smaller keyspace (its report goes to a
 //! temp folder, named at the end; `results/` is left alone).
 //! `STORMWALL_BENCH_ONLY=flush,del,curve,direct,stormwall` (any subset): run only those parts;
@@ -41,15 +42,21 @@
 //! - CPU used during the storm window is read from `/proc` for Redis's main thread, its
 //!   background threads, stormwall and this process.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, Write as _};
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use common::{
+    Proc, commandstats, cpu_model, env_flag, free_port, info_field, register_font, results_dir,
+    start_redis, stdout_of, utc_date, wait_port,
+};
 
 /// Reads go to `key:0` .. `key:{HOT_KEYS - 1}`: the active accounts.
 const HOT_KEYS: u64 = 10_000;
@@ -75,7 +82,6 @@ const CURVE: [(f64, &str); 5] = [
 ];
 /// Width of a time bucket in the latency-over-time plot.
 const BUCKET_SECS: f64 = 0.25;
-const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 // ---------------------------------------------------------------------------------------------
 // Settings
@@ -109,7 +115,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Settings {
-        let quick = std::env::var("STORMWALL_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let quick = env_flag("STORMWALL_BENCH_QUICK");
         let s = Duration::from_secs;
         if quick {
             Settings {
@@ -149,50 +155,6 @@ impl Settings {
 
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process, killed (by its pid) and reaped when dropped.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(port: u16, child: &mut Child, what: &str) {
-    for _ in 0..400 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening on {port}: {status}");
-        }
-        thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{what}: nothing listening on {port}");
-}
-
-fn redis_server() -> (Proc, u16) {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .args(["--enable-debug-command", "local"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server not found: apt-get install -y redis-server");
-    let mut p = Proc(child);
-    wait_port(port, &mut p.0, "redis-server");
-    (p, port)
-}
 
 struct Stormwall {
     proc: Proc,
@@ -236,32 +198,6 @@ fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
     c.set_read_timeout(Some(Duration::from_secs(30)))?;
     c.set_write_timeout(Some(Duration::from_secs(30)))?;
     Ok(c)
-}
-
-/// Calls of each command since the last `CONFIG RESETSTAT`.
-fn commandstats(redis: u16) -> BTreeMap<String, u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut connect(redis).unwrap())
-        .unwrap();
-    info.lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
-            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn info_field(redis: u16, section: &str, field: &str) -> String {
-    let info: String = redis::cmd("INFO")
-        .arg(section)
-        .query(&mut connect(redis).unwrap())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .unwrap_or("?")
-        .trim()
-        .to_owned()
 }
 
 /// stormwall's Prometheus counters, summed over labels.
@@ -870,7 +806,8 @@ fn run(
     hashes: &Arc<Vec<redis::Pipeline>>,
 ) -> RunResult {
     eprintln!("== {} via {} ...", storm.name(), via.name());
-    let (redis_proc, redis) = redis_server();
+    // `DEBUG POPULATE` preloads the keyspace.
+    let (redis_proc, redis) = start_redis(&["--enable-debug-command", "local"]);
     let loaded = Instant::now();
     preload(redis, s, hashes);
     eprintln!("   preloaded in {:.1}s", loaded.elapsed().as_secs_f64());
@@ -935,7 +872,7 @@ fn run(
     for h in clients {
         tally.merge(h.join().unwrap());
     }
-    let stats = commandstats(redis);
+    let stats = commandstats(&mut connect(redis).unwrap());
     let metrics = sw
         .as_ref()
         .map(|w| stormwall_metrics(w.admin))
@@ -961,7 +898,7 @@ fn run(
                 .collect()
         })
         .unwrap_or_default();
-    let redis_version = info_field(redis, "server", "redis_version");
+    let redis_version = info_field(&mut connect(redis).unwrap(), "server", "redis_version");
     drop(sw);
     drop(redis_proc);
     let r = RunResult {
@@ -1113,29 +1050,9 @@ impl RunResult {
 // ---------------------------------------------------------------------------------------------
 // Report
 
+/// A command's output, trimmed, or empty if it could not be run.
 fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            Some(
-                l.strip_prefix("model name")?
-                    .split_once(':')?
-                    .1
-                    .trim()
-                    .to_owned(),
-            )
-        })
-        .unwrap_or_else(|| "?".into())
+    stdout_of(cmd, args).unwrap_or_default()
 }
 
 fn f2(v: f64) -> String {
@@ -1170,7 +1087,7 @@ fn report(
         w,
         "Command: `{}cargo bench --bench storm` — run {} ({:.0} s), stormwall {}{}, redis-server {version}.  ",
         if s.quick { "STORMWALL_BENCH_QUICK=1 " } else { "" },
-        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        utc_date().unwrap_or_default(),
         started.elapsed().as_secs_f64(),
         commit,
         if dirty { " (with uncommitted changes in src/)" } else { "" },
@@ -1180,7 +1097,7 @@ fn report(
         w,
         "Machine: {} cores ({}), {}, {}.\n",
         sh("nproc", &[]),
-        cpu_model(),
+        cpu_model().unwrap_or_else(|| "?".into()),
         sh(
             "sh",
             &[
@@ -1482,14 +1399,6 @@ mod plot {
     use super::*;
     use plotters::prelude::*;
 
-    pub fn register_font() -> Result<(), String> {
-        let bytes = std::fs::read(FONT)
-            .map_err(|e| format!("{FONT}: {e} (apt-get install -y fonts-dejavu-core)"))?;
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| format!("{FONT}: not a usable font"))
-    }
-
     type Res = Result<(), Box<dyn std::error::Error>>;
 
     const DIRECT: RGBColor = RGBColor(214, 39, 40);
@@ -1743,13 +1652,13 @@ fn main() {
     let out = if only.is_some() || s.quick {
         std::env::temp_dir().join("stormwall-storm-partial")
     } else {
-        std::path::PathBuf::from("results")
+        results_dir()
     };
     std::fs::create_dir_all(&out).unwrap();
     let md = report(&s, &main_runs, &curve, started);
     std::fs::write(out.join("storm.md"), &md).unwrap();
     print!("{md}");
-    match plot::register_font() {
+    match register_font() {
         Ok(()) => {
             if let Err(e) = plot::latency(&main_runs, &out.join("storm_latency.png")) {
                 eprintln!("storm_latency.png: {e}");
