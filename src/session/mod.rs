@@ -114,6 +114,7 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         ctx: &ctx,
         config: cfg.clone(),
         dead: CancellationToken::new(),
+        shutdown: ctx.shutdown.child_token(),
         queue: ReplyQueue::default(),
         identity: Mutex::new(Identity::default()),
         multi_refused: AtomicBool::new(false),
@@ -164,6 +165,9 @@ struct Links<'a> {
     config: Arc<Config>,
     /// Cancelled when either half hits a fatal error; the other half then stops too.
     dead: CancellationToken,
+    /// The process-wide shutdown, as a child token of this session's own: polling it locks
+    /// only this session's node, not one that every session on every thread shares.
+    shutdown: CancellationToken,
     queue: ReplyQueue,
     /// Who this connection acts as, as confirmed by Redis's replies.
     identity: Mutex<Identity>,

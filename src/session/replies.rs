@@ -224,7 +224,7 @@ impl ReplySide<'_> {
     async fn relay(&mut self, upstream: &mut ReadHalf, client: &mut WriteHalf, buf: &mut BytesMut) {
         let links = self.links;
         let dead = links.dead.cancelled();
-        let shutdown = links.ctx.shutdown.cancelled();
+        let shutdown = links.shutdown.cancelled();
         tokio::pin!(dead, shutdown);
         loop {
             if !buf.is_empty() {

@@ -115,7 +115,7 @@ impl RequestSide<'_> {
         // Registered once: polling a fresh `cancelled()` per command would take the token's
         // lock twice per command, and the shutdown token is shared by every session.
         let dead = links.dead.cancelled();
-        let shutdown = links.ctx.shutdown.cancelled();
+        let shutdown = links.shutdown.cancelled();
         tokio::pin!(dead, shutdown);
         loop {
             if buf.capacity() - buf.len() < MIN_READ {
