@@ -228,3 +228,41 @@ impl Default for Hot {
         Hot::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// Every `"stormwall_…"` metric name quoted in `text`.
+    fn names(text: &str) -> BTreeSet<&str> {
+        text.split('"')
+            .filter(|s| s.len() > "stormwall_".len() && s.starts_with("stormwall_"))
+            .filter(|s| s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .collect()
+    }
+
+    #[test]
+    fn docs_list_exactly_the_metrics_recorded() {
+        let recorded: BTreeSet<&str> = [
+            include_str!("telemetry.rs"),
+            include_str!("invalidation/mod.rs"),
+            include_str!("invalidation/delete.rs"),
+            include_str!("invalidation/flush.rs"),
+            include_str!("invalidation/retry.rs"),
+            include_str!("reload.rs"),
+        ]
+        .into_iter()
+        .flat_map(names)
+        .collect();
+        let docs = include_str!("../docs/metrics.md");
+        let documented: BTreeSet<&str> = docs
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        assert_eq!(
+            recorded, documented,
+            "docs/metrics.md is out of step with the code"
+        );
+    }
+}
