@@ -579,3 +579,36 @@ fn pipeline_with_invalidations_written_before_reading() {
         assert_eq!(text(&raw.read_frame()), "OK");
     }
 }
+
+/// G5: the identity the shield acts as follows `HELLO … AUTH` and `RESET` as Redis applied
+/// them — including a failed `AUTH`, which changes nothing.
+#[test]
+fn g5_identity_follows_hello_auth_and_reset() {
+    let redis = Redis::start_with(&["--requirepass", "adminpw"]);
+    let mut admin = redis.raw();
+    admin.call(&[b"AUTH", b"adminpw"]);
+    admin.call(&[
+        b"ACL", b"SETUSER", b"app", b"on", b">pw", b"~app:*", b"+@all",
+    ]);
+    admin.call(&[b"SET", b"app:1", b"1"]);
+    admin.call(&[b"SET", b"other:1", b"1"]);
+    let sw = Stormwall::start(&redis.addr(), "");
+    let mut raw = sw.raw();
+    raw.call(&[b"HELLO", b"3", b"AUTH", b"app", b"pw"]);
+    assert!(
+        text(&raw.call(&[b"DEL", b"other:1"])).starts_with("NOPERM"),
+        "acted beyond app's ACL"
+    );
+    // A failed AUTH leaves the connection as `app`.
+    assert!(is_error(&raw.call(&[b"AUTH", b"default", b"wrong"])));
+    assert!(text(&raw.call(&[b"DEL", b"other:1"])).starts_with("NOPERM"));
+    assert_eq!(as_int(&raw.call(&[b"DEL", b"app:1"])), 1);
+    // RESET makes it the unauthenticated default user again.
+    assert_eq!(text(&raw.call(&[b"RESET"])), "RESET");
+    assert!(text(&raw.call(&[b"DEL", b"other:1"])).starts_with("NOAUTH"));
+    assert_eq!(
+        as_int(&admin.call(&[b"EXISTS", b"other:1"])),
+        1,
+        "other:1 deleted without permission"
+    );
+}

@@ -24,9 +24,8 @@ use metrics::{counter, histogram};
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::warn;
 
-use super::retry::{Executor, Failure};
+use super::retry::Executor;
 use super::{Job, Live, Shared, expired, spend};
 use crate::config::DeleteCommand;
 use crate::resp::error_reply;
@@ -175,7 +174,7 @@ impl Worker {
         let outcome = match self.exec.run(&self.shared(), &commands, deadline).await {
             Ok(o) => o,
             Err(failure) => {
-                let reply = failure_reply(&failure, self.exec.identity());
+                let reply = failure.reply(self.exec.identity());
                 return pending
                     .iter()
                     .map(|_| Verdict::Done(reply.clone()))
@@ -318,38 +317,6 @@ fn result_reply(frame: &OwnedFrame) -> Bytes {
 
 fn unexpected() -> Bytes {
     error_reply("ERR stormwall: unexpected reply from Redis to an invalidation; not applied")
-}
-
-/// The reply every request of a batch gets when the batch could not be executed.
-pub(super) fn failure_reply(failure: &Failure, who: &Identity) -> Bytes {
-    match failure {
-        Failure::Refused(e) => error_reply(e),
-        Failure::Unreachable {
-            maybe_applied: false,
-        } => {
-            warn!(
-                db = who.db,
-                "invalidation batch failed: Redis unreachable; not applied"
-            );
-            counter!("stormwall_invalidation_rejected_total", "reason" => "upstream").increment(1);
-            error_reply(
-                "TRYAGAIN stormwall: Redis is unreachable; the invalidation was not applied",
-            )
-        }
-        Failure::Unreachable {
-            maybe_applied: true,
-        } => {
-            warn!(
-                db = who.db,
-                "invalidation batch lost with Redis; outcome unknown"
-            );
-            counter!("stormwall_invalidation_rejected_total", "reason" => "upstream").increment(1);
-            error_reply(
-                "ERR stormwall: the connection to Redis was lost during the invalidation; it may \
-                 or may not have been applied",
-            )
-        }
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use metrics::counter;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::delete::failure_reply;
 use super::retry::Executor;
 use super::{Job, Live, expired, spend};
 use crate::config::FlushMode;
@@ -104,7 +103,7 @@ pub(super) async fn worker(
                     "ERR stormwall: unexpected reply from Redis to a flush; not applied",
                 ),
             },
-            Err(failure) => failure_reply(&failure, exec.identity()),
+            Err(failure) => failure.reply(exec.identity()),
         };
         for job in waiters {
             job.answer(reply.clone());

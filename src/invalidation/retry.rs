@@ -12,7 +12,9 @@ use bytes::Bytes;
 use metrics::counter;
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
+
+use crate::resp::error_reply;
 
 use super::Shared;
 use crate::upstream::{Conn, ConnError, Identity};
@@ -24,6 +26,27 @@ pub(super) enum Failure {
     /// Redis could not be reached before the deadline. `maybe_applied`: an attempt was sent
     /// and its outcome is unknown.
     Unreachable { maybe_applied: bool },
+}
+
+impl Failure {
+    /// The reply every request of a batch gets when the batch could not be executed.
+    pub fn reply(&self, who: &Identity) -> Bytes {
+        let maybe_applied = match self {
+            Failure::Refused(e) => return error_reply(e),
+            Failure::Unreachable { maybe_applied } => *maybe_applied,
+        };
+        warn!(
+            db = who.db,
+            maybe_applied, "invalidation batch failed: Redis unreachable"
+        );
+        counter!("stormwall_invalidation_rejected_total", "reason" => "upstream").increment(1);
+        error_reply(if maybe_applied {
+            "ERR stormwall: the connection to Redis was lost during the invalidation; it may or \
+             may not have been applied"
+        } else {
+            "TRYAGAIN stormwall: Redis is unreachable; the invalidation was not applied"
+        })
+    }
 }
 
 pub(super) struct Outcome {
