@@ -42,11 +42,29 @@ use crate::upstream::Identity;
 /// A governed request as the session parsed it.
 #[derive(Debug)]
 pub enum Request {
-    /// `DEL`/`UNLINK key [key …]`.
-    Delete { keys: Vec<Bytes> },
+    /// `DEL`/`UNLINK key [key …]`; `unlink` says which of the two the client sent (ACL rules
+    /// may allow one and not the other).
+    Delete { keys: Vec<Bytes>, unlink: bool },
     /// `FLUSHDB`/`FLUSHALL`, `sync` true if the client asked for `SYNC` (false for `ASYNC`,
     /// `None` for neither).
     Flush { all: bool, sync: Option<bool> },
+}
+
+/// How a governed request ended, as the session must act on it. One place decides this for
+/// every outcome (see the engine's workers), so the error text, the metric label and whether
+/// the request was applied can never disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send these bytes to the client: the real result, or an error reply saying the request
+    /// was not applied.
+    Reply(Bytes),
+    /// The shield cannot act as this client on a connection of its own (credentials Redis no
+    /// longer accepts on a new connection, too many identities, …): the session runs the
+    /// client's own command on the client's own connection instead — correct, not coalesced.
+    PassThrough,
+    /// The request may or may not have been applied (the connection to Redis was lost after it
+    /// was sent): the session closes the client's connection, as Redis's own failure would.
+    Unknown,
 }
 
 impl Request {
@@ -174,8 +192,12 @@ impl Engine {
         self.live.store(Arc::new(Shared::new(config, Some(&old))));
     }
 
-    /// Executes a governed request as `who` and returns the reply for the client.
-    pub async fn execute(&self, who: &Identity, request: Request) -> Bytes {
+    /// Executes a governed request as `who` and says how it ended.
+    pub async fn execute(&self, who: &Identity, request: Request) -> Verdict {
+        Verdict::Reply(self.execute_reply(who, request).await)
+    }
+
+    async fn execute_reply(&self, who: &Identity, request: Request) -> Bytes {
         let shared = self.live.load_full();
         let config = &shared.config;
         let command = request.command();
@@ -200,7 +222,7 @@ impl Engine {
         let received = Instant::now();
         let deadline = received + config.invalidation.max_wait;
         let keys = match &request {
-            Request::Delete { keys } => keys.len(),
+            Request::Delete { keys, .. } => keys.len(),
             Request::Flush { .. } => 0,
         };
         counter!("stormwall_invalidation_keys_received_total").increment(keys as u64);
@@ -211,7 +233,7 @@ impl Engine {
         gauge!("stormwall_invalidation_queue_depth").increment(1.0);
         let (tx, rx) = oneshot::channel();
         match request {
-            Request::Delete { keys } => {
+            Request::Delete { keys, .. } => {
                 let job = Job {
                     what: dedup(keys),
                     deadline,

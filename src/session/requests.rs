@@ -11,7 +11,7 @@ use tracing::debug;
 
 use super::queue::{Effect, Entry};
 use super::{Links, MIN_READ, READ_BUF};
-use crate::invalidation::Request;
+use crate::invalidation::{Request, Verdict};
 use crate::net::{ReadHalf, WriteHalf};
 use crate::policy::{self, Kind};
 use crate::resp::ProtocolError;
@@ -211,6 +211,7 @@ impl RequestSide<'_> {
                 Kind::Delete | Kind::Flush { .. } if self.governs() => Some(match kind {
                     Kind::Flush { all, sync } => Request::Flush { all, sync },
                     _ => Request::Delete {
+                        unlink: cmd.arg(0).is_some_and(|n| n.eq_ignore_ascii_case(b"UNLINK")),
                         keys: (1..cmd.argc())
                             .filter_map(|i| cmd.arg(i))
                             .map(Bytes::copy_from_slice)
@@ -338,7 +339,11 @@ impl RequestSide<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         tokio::select! {
-            reply = links.ctx.engine.execute(&who, request) => Some(reply),
+            verdict = links.ctx.engine.execute(&who, request) => match verdict {
+                Verdict::Reply(reply) => Some(reply),
+                // Wired by the session hardening work; until then nothing returns these.
+                Verdict::PassThrough | Verdict::Unknown => None,
+            },
             // The client is gone; the engine finishes the work on its own.
             _ = links.dead.cancelled() => None,
         }
