@@ -26,6 +26,8 @@ pub enum Kind {
     /// messages, `MONITOR` output, suppressed replies), so the rest of the connection is
     /// relayed byte for byte.
     EntersRaw,
+    /// Redis sends no reply at all (`REPLCONF ACK`, when not inside a transaction).
+    NoReply,
     /// Redis replies `+OK` and closes the connection.
     Quit,
     /// Returns the connection to its initial state (leaves `MULTI`, among others).
@@ -65,6 +67,7 @@ pub fn classify(cmd: &Command<'_>) -> Kind {
         b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
         | b"SUNSUBSCRIBE" | b"MONITOR" | b"SYNC" | b"PSYNC" => Kind::EntersRaw,
         b"CLIENT" if is_client_reply_off(cmd) => Kind::EntersRaw,
+        b"REPLCONF" => replconf(cmd),
         b"QUIT" => Kind::Quit,
         b"RESET" => Kind::Reset,
         b"AUTH" | b"HELLO" | b"SELECT" => Kind::Identity,
@@ -86,6 +89,31 @@ fn flush(cmd: &Command<'_>, all: bool) -> Kind {
         _ => return Kind::Plain,
     };
     Kind::Flush { all, sync }
+}
+
+/// `REPLCONF` answers nothing when its first option is `ACK`, `FACK` or `GETACK` (Redis
+/// returns early for them); when such an option comes after others, whether a reply comes
+/// depends on how Redis judged the earlier ones, so the connection is relayed raw from
+/// there (exact at the cost of no longer governing it).
+fn replconf(cmd: &Command<'_>) -> Kind {
+    let silent = |i: usize| {
+        cmd.arg(i).is_some_and(|a| {
+            a.eq_ignore_ascii_case(b"ACK")
+                || a.eq_ignore_ascii_case(b"FACK")
+                || a.eq_ignore_ascii_case(b"GETACK")
+        })
+    };
+    // An even argument count is a syntax error Redis replies to.
+    if cmd.argc().is_multiple_of(2) {
+        return Kind::Plain;
+    }
+    if silent(1) {
+        Kind::NoReply
+    } else if (3..cmd.argc()).step_by(2).any(silent) {
+        Kind::EntersRaw
+    } else {
+        Kind::Plain
+    }
 }
 
 /// `CLIENT REPLY OFF` and `CLIENT REPLY SKIP` suppress replies, breaking one-to-one matching.
@@ -140,5 +168,13 @@ mod tests {
         );
         assert_eq!(kind(&["flushdb", "later"]), Kind::Plain);
         assert_eq!(kind(&["select", "2"]), Kind::Identity);
+        assert_eq!(kind(&["replconf", "ack", "0"]), Kind::NoReply);
+        assert_eq!(kind(&["REPLCONF", "GETACK", "*"]), Kind::NoReply);
+        assert_eq!(kind(&["replconf", "ack"]), Kind::Plain);
+        assert_eq!(kind(&["replconf", "capa", "eof"]), Kind::Plain);
+        assert_eq!(
+            kind(&["replconf", "listening-port", "1", "ack", "0"]),
+            Kind::EntersRaw
+        );
     }
 }

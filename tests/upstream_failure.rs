@@ -1,6 +1,8 @@
 //! Contract point G6, upstream side: when Redis is unreachable, dies, or stops answering,
-//! clients get explicit error replies (or a closed connection) promptly — never a hang, never
-//! a fake success — and stormwall serves new clients as soon as Redis is back. Also graceful
+//! clients see what they would see from Redis itself — a closed connection, promptly, after
+//! every reply that did arrive; never an error reply in place of a command whose fate is
+//! unknown, never a hang, never a fake success — and stormwall serves new clients as soon as
+//! Redis is back. Also graceful
 //! shutdown: in-flight commands finish, new connections are refused, exit code 0.
 
 mod common;
@@ -13,9 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{
-    Frame, Raw, Redis, Stormwall, array, blob, encode_cmd, error_text, is_error, number, text,
-};
+use common::{Frame, Raw, Redis, Stormwall, array, blob, encode_cmd, is_error, number, text};
 
 /// A raw connection whose reads give up after `secs` (a hang shows up as a panic).
 fn conn(port: u16, secs: u64) -> Raw {
@@ -88,7 +88,7 @@ fn frames_until_closed(c: &mut Raw) -> Vec<Frame> {
 }
 
 #[test]
-fn unreachable_redis_gets_an_error_then_service_resumes() {
+fn unreachable_redis_closes_the_client_then_service_resumes() {
     let mut redis = Redis::start();
     let addr = redis.addr();
     redis.kill(); // nothing listens on its port now
@@ -100,13 +100,13 @@ fn unreachable_redis_gets_an_error_then_service_resumes() {
         if speaks_first {
             c.cmd(&[b"PING"]);
         }
-        let f = c
-            .try_read_frame()
-            .expect("connection closed without an error reply");
-        let e = error_text(&f);
-        assert!(e.starts_with("ERR "), "{e}");
-        assert!(e.contains("upstream") && e.contains(&addr), "{e}");
-        assert!(c.closed(), "connection left open after the error");
+        // Closed with no reply, as a refused connection to Redis would be: an error reply
+        // could be taken for the answer to the first command.
+        assert_eq!(
+            c.try_read_frame(),
+            None,
+            "a reply from an unreachable Redis"
+        );
     }
     assert!(sw.is_running(), "stormwall exited\n{}", sw.log());
 
@@ -150,23 +150,18 @@ fn redis_killed_mid_traffic_fails_every_client_promptly() {
         let seen = seen.clone();
         let mut streamer = streamer;
         thread::spawn(move || {
-            // Real replies count up from 1; once an error arrives, only errors may follow.
-            let (mut ok, mut errors) = (0i64, 0u64);
+            // Real replies count up from 1 until the connection closes; no error replies.
+            let mut ok = 0i64;
             while let Some(f) = streamer.try_read_frame() {
-                if is_error(&f) {
-                    assert!(
-                        error_text(&f).contains("may or may not have been applied"),
-                        "{f:?}"
-                    );
-                    errors += 1;
-                } else {
-                    assert_eq!(errors, 0, "a real reply after an error: {f:?}");
-                    ok += 1;
-                    assert_eq!(f, number(ok), "INCR replies out of order");
-                    seen.store(ok as u64, Ordering::Relaxed);
-                }
+                assert!(
+                    !is_error(&f),
+                    "an error reply in place of a lost command: {f:?}"
+                );
+                ok += 1;
+                assert_eq!(f, number(ok), "INCR replies out of order");
+                seen.store(ok as u64, Ordering::Relaxed);
             }
-            (ok, errors)
+            ok
         })
     };
     let batch: Vec<u8> = (0..500)
@@ -182,17 +177,12 @@ fn redis_killed_mid_traffic_fails_every_client_promptly() {
 
     redis.kill();
 
-    let e = error_text(&blocked.read_frame());
-    assert!(e.contains("may or may not have been applied"), "{e}");
-    assert!(blocked.closed());
-    // BLPOP, PING and GET were owed: each gets an error, in place.
-    let rest = frames_until_closed(&mut behind);
-    assert_eq!(rest.len(), 3, "{rest:?}");
-    assert!(rest.iter().all(is_error), "{rest:?}");
+    // Owed replies (BLPOP, PING and GET) become a closed connection, as with Redis.
+    assert_eq!(frames_until_closed(&mut blocked), vec![]);
+    assert_eq!(frames_until_closed(&mut behind), vec![]);
     assert!(idle.closed(), "idle client not closed after Redis died");
     let results = join_within(vec![reader], Duration::from_secs(10), "pipeline reader");
-    let (ok, _errors) = results[0];
-    assert!(ok >= 2000);
+    assert!(results[0] >= 2000);
     join_within(vec![writing], Duration::from_secs(10), "pipeline writer");
 
     // Redis is back: new connections work.
@@ -438,18 +428,13 @@ fn reply_timeout_fails_stuck_commands_but_not_blocking_ones() {
     {
         // Redis stops answering until we let it continue: the timeout must fire first.
         let _paused = Stopped::stop(redis.pid());
+        // Its fate is unknown: the connection closes, with no error reply.
         slow.cmd(&[b"GET", b"k"]);
-        let e = error_text(&slow.read_frame());
-        assert!(
-            e.contains("upstream.reply_timeout") && e.contains("may or may not have been applied"),
-            "{e}"
-        );
-        assert!(slow.closed());
+        assert_eq!(frames_until_closed(&mut slow), vec![]);
         // A client connecting during the pause gets the same treatment.
         let mut late = conn(sw.port, 10);
         late.cmd(&[b"PING"]);
-        let e = error_text(&late.read_frame());
-        assert!(e.contains("reply_timeout"), "{e}");
+        assert_eq!(frames_until_closed(&mut late), vec![]);
     }
 
     // The BLPOP client waited through the whole pause, unaffected.

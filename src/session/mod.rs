@@ -14,21 +14,27 @@
 //! arrives its entry is already queued; a reply with no entry means the two sides disagree
 //! and the connection is failed rather than risk handing a client someone else's answer.
 //!
-//! Failure handling: if Redis goes away or stops answering, every command still awaiting a
-//! reply gets an explicit `-ERR` saying it may or may not have been applied, and the client
-//! connection is closed — as it would be by Redis itself — so the client's library reconnects
-//! and re-establishes its own state (`SELECT`, `AUTH`, subscriptions) instead of silently
-//! continuing on a fresh upstream connection that has none of it.
+//! Connection state (transaction, identity) is tracked in [`state`], changed only by Redis's
+//! replies.
+//!
+//! Failure handling (G6): if Redis goes away or stops answering, the replies that arrived
+//! whole are delivered and the client connection is closed — exactly what the client would
+//! see if Redis itself had failed. No command whose fate is unknown is answered with an error
+//! reply, which a client library would take for the command's answer; the library sees a
+//! connection error, reconnects and re-establishes its own state (`SELECT`, `AUTH`,
+//! subscriptions).
 
 mod queue;
 mod replies;
 mod requests;
+mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -37,14 +43,13 @@ use crate::config::Config;
 use crate::invalidation::Engine;
 use crate::logging::Throttle;
 use crate::net::Stream;
-use crate::resp::error_reply;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{RequestLimits, RequestParser};
 use crate::telemetry::Hot;
-use crate::upstream::Identity;
 use queue::ReplyQueue;
 use replies::ReplySide;
-use requests::{ConnState, RequestSide};
+use requests::RequestSide;
+use state::Confirmed;
 
 /// Initial read buffer size per direction; buffers grow only for large frames.
 const READ_BUF: usize = 16 * 1024;
@@ -104,7 +109,11 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
             ctx.metrics.connects_failed.increment(1);
             ctx.metrics.rejected_upstream.increment(1);
             ctx.note_upstream(false, Some(&e));
-            refuse(client, &cfg.upstream.address.to_string(), &e).await;
+            // Closed without a reply, as a client connecting to a Redis that is down would
+            // be: an error reply could be taken for the answer to its first command.
+            tracing::debug!(error = %e, "cannot reach upstream Redis; closing the client");
+            let (_, mut w) = client.into_split();
+            let _ = w.shutdown().await;
             return;
         }
     };
@@ -116,9 +125,10 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         dead: CancellationToken::new(),
         shutdown: ctx.shutdown.child_token(),
         queue: ReplyQueue::default(),
-        identity: Mutex::new(Identity::default()),
-        multi_refused: AtomicBool::new(false),
+        state: Mutex::new(Confirmed::default()),
         client_gone: AtomicBool::new(false),
+        client_blocked: AtomicBool::new(false),
+        blocked: Notify::new(),
     };
     let limits = &cfg.limits;
     let requests = RequestSide {
@@ -128,8 +138,10 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
             max_array_len: limits.max_array_len,
             max_request_bytes: limits.max_request_bytes,
         }),
-        state: ConnState::default(),
+        maybe_multi: false,
+        multi_enters_raw: false,
         raw: false,
+        unframed: false,
         read_at: Instant::now(),
     };
     let replies = ReplySide {
@@ -138,6 +150,8 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         pending: 0,
         blocking: false,
         effect: None,
+        replace: None,
+        holding: false,
         sent: Instant::now(),
     };
     // The upstream write half is only borrowed by the request side, so that it half-closes
@@ -147,15 +161,6 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         links.queue.finish();
     };
     tokio::join!(requests, replies.run(upstream_read, client_write));
-}
-
-/// Tells a client why it cannot be served, then closes its connection.
-async fn refuse(client: Stream, upstream: &str, error: &std::io::Error) {
-    let msg =
-        format!("ERR stormwall: cannot reach upstream Redis at {upstream} ({error}); retry later");
-    let (_, mut w) = client.into_split();
-    let _ = w.write_all(&error_reply(&msg)).await;
-    let _ = w.shutdown().await;
 }
 
 /// State the two halves of one session share.
@@ -169,10 +174,32 @@ struct Links<'a> {
     /// only this session's node, not one that every session on every thread shares.
     shutdown: CancellationToken,
     queue: ReplyQueue,
-    /// Who this connection acts as, as confirmed by Redis's replies.
-    identity: Mutex<Identity>,
-    /// Redis refused a `MULTI` the request side assumed accepted.
-    multi_refused: AtomicBool,
+    /// The connection's state as Redis's replies confirmed it (written by the reply side).
+    state: Mutex<Confirmed>,
     /// The client closed its side; Redis closing next is expected, not a failure.
     client_gone: AtomicBool,
+    /// The reply side is waiting for the client to read (a write to it did not complete at
+    /// once), and `blocked` is notified when that starts.
+    client_blocked: AtomicBool,
+    blocked: Notify,
+}
+
+impl Links<'_> {
+    fn state(&self) -> MutexGuard<'_, Confirmed> {
+        // Nothing panics while holding it, and the state stays consistent if it did.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves once the reply side is waiting for the client to read.
+    async fn client_blocked(&self) {
+        loop {
+            let notified = self.blocked.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.client_blocked.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! of plain forwarded commands merge into one entry while it waits, so a client that writes a
 //! huge pipeline before reading anything (as `redis-py`'s `Pipeline.execute()` does) never
 //! fills the queue: like Redis, stormwall keeps reading and lets Redis buffer the replies.
-//! Only entries that cannot merge (local replies, identity changes) count against the bound.
+//! Only entries that cannot merge (local replies, identity changes) count against the bound,
+//! and the bytes they hold (a kept password, a local reply) against a byte bound.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -14,17 +15,20 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::upstream::Identity;
+use super::state::Effect;
 
 /// Unmergeable entries waiting before the request side pauses.
 const MAX_ENTRIES: usize = 64 * 1024;
+/// Bytes held by waiting entries (local replies, kept credentials) before the request side
+/// pauses: what one client can make stormwall hold beyond its read buffers (G6).
+const MAX_HELD_BYTES: usize = 1024 * 1024;
 
 /// One instruction for the reply side, in request order.
 #[derive(Debug)]
 pub(super) enum Entry {
     /// The next `count` replies from Redis answer forwarded commands. `effect` (only with
-    /// `count == 1`) is applied when that reply arrives. `sent` is when the first of them
-    /// went to Redis.
+    /// `count == 1`) is confirmed by that reply. `sent` is when the first of them went to
+    /// Redis.
     Upstream {
         count: u32,
         blocking: bool,
@@ -33,34 +37,24 @@ pub(super) enum Entry {
     },
     /// A reply stormwall produced itself.
     Local(Bytes),
+    /// The next reply from Redis answers a command stormwall substituted (a denied flush);
+    /// the client gets these bytes instead.
+    Replace(Bytes),
+    /// A governed command is with the shield: hold back RESP3 pushes until its reply (the
+    /// next entry) is written, so they follow it as they would from Redis.
+    Hold,
     /// From here on, Redis's bytes are relayed as they come (pub/sub, `MONITOR`, …).
     Raw,
 }
 
-/// Connection state that changes only if Redis accepts the command.
-#[derive(Debug)]
-pub(super) enum Effect {
-    Select(i64),
-    Auth {
-        user: Option<Bytes>,
-        password: Bytes,
-    },
-    Reset,
-    /// `MULTI`: if Redis refuses it, the request side must learn it is not in a transaction.
-    Multi,
-}
-
-impl Effect {
-    /// Applies an accepted identity change.
-    pub(super) fn apply(self, who: &mut Identity) {
+impl Entry {
+    fn held_bytes(&self) -> usize {
         match self {
-            Effect::Select(db) => who.db = db,
-            Effect::Auth { user, password } => {
-                who.user = user;
-                who.password = Some(password);
-            }
-            Effect::Reset => *who = Identity::default(),
-            Effect::Multi => {}
+            Entry::Local(b) | Entry::Replace(b) => b.len(),
+            Entry::Upstream {
+                effect: Some(e), ..
+            } => e.held_bytes(),
+            _ => 0,
         }
     }
 }
@@ -80,6 +74,8 @@ struct Inner {
     finished: bool,
     /// The reply side is gone; pushes are pointless.
     abandoned: bool,
+    /// Sum of [`Entry::held_bytes`] over `entries`.
+    held: usize,
 }
 
 #[derive(Default)]
@@ -132,10 +128,14 @@ impl ReplyQueue {
                     *blocking |= *more_blocking;
                     return true;
                 }
-                if q.entries.len() < MAX_ENTRIES {
+                let bytes = e.held_bytes();
+                let room = q.entries.is_empty()
+                    || (q.entries.len() < MAX_ENTRIES && q.held + bytes <= MAX_HELD_BYTES);
+                if room {
                     if !matches!(e, Entry::Raw) {
                         self.inflight.fetch_add(1, Ordering::AcqRel);
                     }
+                    q.held += bytes;
                     q.entries.push_back(e);
                     drop(q);
                     self.pushed.notify_one();
@@ -151,6 +151,7 @@ impl ReplyQueue {
         let mut q = self.lock();
         match q.entries.pop_front() {
             Some(e) => {
+                q.held -= e.held_bytes();
                 drop(q);
                 self.popped.notify_one();
                 Pop::Entry(e)
@@ -177,6 +178,7 @@ impl ReplyQueue {
         let mut q = self.lock();
         q.abandoned = true;
         let left = q.entries.drain(..).collect();
+        q.held = 0;
         drop(q);
         self.popped.notify_one();
         left
@@ -238,7 +240,7 @@ mod tests {
         q.push(Entry::Upstream {
             count: 1,
             blocking: false,
-            effect: Some(Effect::Select(1)),
+            effect: Some(Effect::Select(Some(1))),
             sent: Instant::now(),
         })
         .await;
@@ -252,7 +254,7 @@ mod tests {
                     format!("{count}{}", if effect.is_some() { "e" } else { "" })
                 }
                 Entry::Local(_) => "L".into(),
-                Entry::Raw => "R".into(),
+                Entry::Replace(_) | Entry::Hold | Entry::Raw => "other".into(),
             });
         }
         assert_eq!(shapes, ["2", "1e", "3", "L"]);

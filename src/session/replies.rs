@@ -8,21 +8,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::queue::{Effect, Entry, Pop};
+use bytes::Bytes;
+
+use super::queue::{Entry, Pop};
+use super::state::Effect;
 use super::{Links, MIN_READ, READ_BUF};
 use crate::net::{ReadHalf, WriteHalf};
-use crate::resp::error_reply;
 use crate::resp::reply::{FrameKind, ReplyScanner};
-
-const LOST: &str = "ERR stormwall: connection to upstream Redis lost before the reply; \
-                    the command may or may not have been applied";
-const TIMED_OUT: &str = "ERR stormwall: upstream Redis did not reply within \
-                         upstream.reply_timeout; the command may or may not have been applied";
-const DESYNC: &str = "ERR stormwall: unexpected reply from upstream Redis; the command may or \
-                      may not have been applied";
-
-/// How long the error replies for a failed connection may take to reach the client.
-const FINAL_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(super) struct ReplySide<'a> {
     pub links: &'a Links<'a>,
@@ -33,8 +25,12 @@ pub(super) struct ReplySide<'a> {
     pub blocking: bool,
     /// … the state change its reply confirms …
     pub effect: Option<Effect>,
+    /// … or the bytes the client gets in place of that reply …
+    pub replace: Option<Bytes>,
     /// … and when it was sent.
     pub sent: Instant,
+    /// A governed command is with the shield: pushes wait until its reply is written.
+    pub holding: bool,
 }
 
 /// Why the reply side stopped.
@@ -43,8 +39,8 @@ enum End {
     Done,
     /// Relay raw bytes from now on.
     Raw,
-    /// Redis is gone or misbehaving; owed replies become errors.
-    Failed(&'static str),
+    /// Redis is gone or misbehaving: the client connection is closed, as Redis's would be.
+    Failed,
 }
 
 impl ReplySide<'_> {
@@ -54,7 +50,11 @@ impl ReplySide<'_> {
         match end {
             End::Done => {}
             End::Raw => self.relay(&mut upstream, &mut client, &mut buf).await,
-            End::Failed(reason) => self.fail(&mut client, reason).await,
+            End::Failed => {
+                if self.pending > 0 || !self.links.queue.is_drained() {
+                    debug!("closing the client connection with replies still owed");
+                }
+            }
         }
         self.links.dead.cancel();
         let _ = self.links.queue.abandon();
@@ -82,7 +82,11 @@ impl ReplySide<'_> {
             let mut ready = 0;
             loop {
                 if self.pending == 0 && !finished {
-                    match links.queue.try_pop() {
+                    let popped = links.queue.try_pop();
+                    if let Pop::Entry(_) = popped {
+                        self.holding = false;
+                    }
+                    match popped {
                         Pop::Entry(Entry::Upstream {
                             count,
                             blocking,
@@ -93,12 +97,22 @@ impl ReplySide<'_> {
                             (self.pending, self.blocking, self.effect, self.sent) =
                                 (count, blocking, effect, sent);
                         }
+                        Pop::Entry(Entry::Replace(reply)) => {
+                            progress = Instant::now();
+                            (self.pending, self.blocking, self.replace, self.sent) =
+                                (1, false, Some(reply), Instant::now());
+                        }
                         Pop::Entry(Entry::Local(reply)) => {
                             if !self.write(client, buf, &mut ready).await
-                                || client.write_all(&reply).await.is_err()
+                                || !self.send(client, &reply).await
                             {
                                 return End::Done;
                             }
+                            links.queue.answered();
+                            continue;
+                        }
+                        Pop::Entry(Entry::Hold) => {
+                            self.holding = true;
                             links.queue.answered();
                             continue;
                         }
@@ -113,6 +127,9 @@ impl ReplySide<'_> {
                         Pop::Finished => finished = true,
                     }
                 }
+                if self.holding {
+                    break;
+                }
                 match self.scanner.next(&buf[ready..]) {
                     Ok(None) => break,
                     Ok(Some((len, FrameKind::Push))) => ready += len,
@@ -123,12 +140,22 @@ impl ReplySide<'_> {
                                 "upstream sent a reply no request is waiting for; closing the client connection"
                             );
                             metrics.upstream_protocol.increment(1);
-                            return End::Failed(DESYNC);
+                            return End::Failed;
                         }
                         if let Some(effect) = self.effect.take() {
-                            self.confirm(effect, buf[ready] != b'-');
+                            links.state().confirm(effect, &buf[ready..ready + len]);
                         }
-                        ready += len;
+                        if let Some(reply) = self.replace.take() {
+                            if !self.write(client, buf, &mut ready).await {
+                                return End::Done;
+                            }
+                            buf.advance(len);
+                            if !self.send(client, &reply).await {
+                                return End::Done;
+                            }
+                        } else {
+                            ready += len;
+                        }
                         self.pending -= 1;
                         if self.pending == 0 {
                             metrics
@@ -141,7 +168,7 @@ impl ReplySide<'_> {
                         let _ = self.write(client, buf, &mut ready).await;
                         warn!(error = %e, "invalid reply from upstream; closing the client connection");
                         metrics.upstream_protocol.increment(1);
-                        return End::Failed(DESYNC);
+                        return End::Failed;
                     }
                 }
             }
@@ -157,7 +184,7 @@ impl ReplySide<'_> {
             let timed = self.pending > 0 && !self.blocking && !reply_timeout.is_zero();
             tokio::select! {
                 biased;
-                _ = &mut dead => return End::Failed(LOST),
+                _ = &mut dead => return End::Failed,
                 _ = links.queue.wait_pushed(), if self.pending == 0 && !finished => {}
                 read = upstream.read_buf(buf) => match read {
                     Ok(n) if n > 0 => progress = Instant::now(),
@@ -165,12 +192,12 @@ impl ReplySide<'_> {
                     _ if links.client_gone.load(Ordering::Acquire) => return End::Done,
                     Ok(_) => {
                         metrics.upstream_lost.increment(1);
-                        return End::Failed(LOST);
+                        return End::Failed;
                     }
                     Err(e) => {
                         debug!(error = %e, "upstream read failed");
                         metrics.upstream_lost.increment(1);
-                        return End::Failed(LOST);
+                        return End::Failed;
                     }
                 },
                 _ = &mut timer, if timed => {
@@ -183,26 +210,9 @@ impl ReplySide<'_> {
                         warn!(timeout = %humantime::format_duration(reply_timeout), "upstream did not reply in time; closing the client connection");
                     }
                     metrics.upstream_timeout.increment(1);
-                    return End::Failed(TIMED_OUT);
+                    return End::Failed;
                 }
             }
-        }
-    }
-
-    /// Applies a state change once Redis has answered the command that asked for it.
-    fn confirm(&self, effect: Effect, accepted: bool) {
-        match effect {
-            Effect::Multi if !accepted => self.links.multi_refused.store(true, Ordering::Release),
-            Effect::Multi => {}
-            // An identity command counts only if Redis accepted it.
-            effect if accepted => effect.apply(
-                &mut self
-                    .links
-                    .identity
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            ),
-            _ => {}
         }
     }
 
@@ -211,13 +221,38 @@ impl ReplySide<'_> {
         if *ready == 0 {
             return true;
         }
-        let ok = client.write_all(&buf[..*ready]).await.is_ok();
+        let ok = self.send(client, &buf[..*ready]).await;
         buf.advance(*ready);
         *ready = 0;
-        if !ok {
-            self.links.dead.cancel();
-        }
         ok
+    }
+
+    /// Writes `bytes` to the client. While the client is not reading (the write does not
+    /// complete at once), the request side is told, so it never waits for replies that
+    /// cannot be delivered. False if the client is gone.
+    async fn send(&self, client: &mut WriteHalf, bytes: &[u8]) -> bool {
+        let links = self.links;
+        let write = client.write_all(bytes);
+        tokio::pin!(write);
+        let first = tokio::select! {
+            biased;
+            r = &mut write => Some(r),
+            _ = std::future::ready(()) => None,
+        };
+        let result = match first {
+            Some(r) => r,
+            None => {
+                links.client_blocked.store(true, Ordering::Release);
+                links.blocked.notify_waiters();
+                let r = write.await;
+                links.client_blocked.store(false, Ordering::Release);
+                r
+            }
+        };
+        if result.is_err() {
+            links.dead.cancel();
+        }
+        result.is_ok()
     }
 
     /// Relays Redis's bytes to the client until either side closes (raw mode).
@@ -245,34 +280,6 @@ impl ReplySide<'_> {
                     Ok(_) => {}
                 },
             }
-        }
-    }
-
-    /// Answers every command still owed a reply with `reason`, keeping local replies in place.
-    async fn fail(&mut self, client: &mut WriteHalf, reason: &'static str) {
-        self.links.dead.cancel();
-        let err = error_reply(reason);
-        let mut out = BytesMut::new();
-        let mut owed = u64::from(self.pending);
-        for entry in self.links.queue.abandon() {
-            match entry {
-                Entry::Upstream { count, .. } => owed += u64::from(count),
-                Entry::Local(reply) => {
-                    for _ in 0..std::mem::take(&mut owed) {
-                        out.extend_from_slice(&err);
-                    }
-                    out.extend_from_slice(&reply);
-                }
-                Entry::Raw => {}
-            }
-        }
-        for _ in 0..owed {
-            out.extend_from_slice(&err);
-        }
-        if !out.is_empty() {
-            debug!(reason, "failing commands still owed a reply");
-            // A client that is not reading must not keep the session (and its slot) alive.
-            let _ = tokio::time::timeout(FINAL_WRITE, client.write_all(&out)).await;
         }
     }
 }

@@ -2,93 +2,48 @@
 //! Redis exactly as they came — or, for a governed invalidation, handed to the engine.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::queue::{Effect, Entry};
+use metrics::counter;
+
+use super::queue::Entry;
+use super::state::{Effect, Login, MAX_KEPT_PASSWORD};
 use super::{Links, MIN_READ, READ_BUF};
+use crate::config::FlushCommand;
 use crate::invalidation::{Request, Verdict};
 use crate::net::{ReadHalf, WriteHalf};
 use crate::policy::{self, Kind};
-use crate::resp::ProtocolError;
 use crate::resp::request::{Command, Parsed, RequestParser};
+use crate::resp::{ProtocolError, error_reply, parse_int};
 
 pub(super) struct RequestSide<'a> {
     pub links: &'a Links<'a>,
     pub parser: RequestParser,
-    pub state: ConnState,
+    /// A `MULTI` was sent and Redis may not have ended the transaction yet: commands whose
+    /// handling depends on it (entering pub/sub, no-reply commands) wait for the answer.
+    pub maybe_multi: bool,
+    /// A command that enters raw relaying was queued in the open transaction; its `EXEC`
+    /// switches the connection to raw (conservatively, whatever `EXEC` answers).
+    pub multi_enters_raw: bool,
+    /// Replies are relayed raw from here on; requests are still framed so that denied
+    /// flushes stay denied.
     pub raw: bool,
+    /// Framing gave up (bad input in raw mode): bytes go to Redis as they come, and Redis,
+    /// which frames them the same way, answers and closes.
+    pub unframed: bool,
     /// When the bytes being processed were read (for the overhead histogram).
     pub read_at: Instant,
 }
 
-/// Connection state the request side tracks as commands go by.
-#[derive(Default)]
-pub(super) struct ConnState {
-    /// `MULTI` was sent and (as far as is known yet) accepted.
-    in_multi: bool,
-    /// A raw-mode command (e.g. `SUBSCRIBE`) was queued in this transaction; `EXEC` runs it.
-    multi_enters_raw: bool,
-    /// The identity changed in a way not tracked (inside a transaction); from then on
-    /// invalidations pass through ungoverned rather than run as the wrong identity.
-    identity_unknown: bool,
-}
-
-impl ConnState {
-    /// Applies `MULTI` state: inside a transaction Redis queues commands (one `+QUEUED`
-    /// each), so only the commands that end or escape it keep their special meaning (G7:
-    /// invalidations inside a transaction pass through ungoverned).
-    fn transaction_aware(&mut self, kind: Kind) -> Kind {
-        match (self.in_multi, kind) {
-            (true, Kind::Identity) => {
-                // Takes effect at EXEC, if the transaction runs; not worth modelling.
-                self.identity_unknown = true;
-                Kind::Plain
-            }
-            (true, Kind::Delete | Kind::Flush { .. }) => Kind::Plain,
-            (false, Kind::Multi) => {
-                self.in_multi = true;
-                Kind::Multi
-            }
-            (_, Kind::Exec) if std::mem::take(&mut self.multi_enters_raw) => {
-                self.in_multi = false;
-                Kind::EntersRaw
-            }
-            (_, Kind::Exec | Kind::Discard | Kind::Reset) => {
-                self.in_multi = false;
-                self.multi_enters_raw = false;
-                kind
-            }
-            (true, Kind::EntersRaw) => {
-                self.multi_enters_raw = true;
-                Kind::Plain
-            }
-            // Queued, so it cannot block now; nested MULTI is an error reply.
-            (true, Kind::Blocking | Kind::Multi) => Kind::Plain,
-            (_, kind) => kind,
-        }
-    }
-
-    /// Redis refused a `MULTI` this side had assumed accepted.
-    fn multi_refused(&mut self) {
-        self.in_multi = false;
-        self.multi_enters_raw = false;
-    }
-}
-
-/// How long an invalidation waits for the replies to earlier commands on its connection
-/// before giving up on governing it (see [`Settled::NotYet`]). Replies normally arrive within
-/// a round trip; a client that writes a whole pipeline before reading never lets them.
-const SETTLE_LIMIT: Duration = Duration::from_millis(100);
-
 /// Whether everything sent before has been answered.
 enum Settled {
     Yes,
-    /// Not within the limit.
+    /// The client is not reading the replies already owed (it writes a whole pipeline
+    /// before reading), so waiting for them could wait forever.
     NotYet,
     /// The session is ending.
     Stop,
@@ -151,8 +106,7 @@ impl RequestSide<'_> {
                 }
             }
             let next = if self.raw {
-                let len = buf.len();
-                self.forward(upstream, &mut buf, len).await
+                self.process_raw(upstream, &mut buf).await
             } else {
                 self.process(upstream, &mut buf).await
             };
@@ -167,11 +121,6 @@ impl RequestSide<'_> {
         let mut scanned = 0;
         let mut run = Run::default();
         loop {
-            // A plain load first: this runs per command, the swap almost never.
-            let refused = &self.links.multi_refused;
-            if refused.load(Ordering::Acquire) && refused.swap(false, Ordering::AcqRel) {
-                self.state.multi_refused();
-            }
             let parsed = match self.parser.parse(&buf[scanned..]) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
@@ -185,33 +134,74 @@ impl RequestSide<'_> {
                 Parsed::Multibulk { .. } => self.parser.command(&buf[scanned..]),
                 Parsed::Inline { args, .. } => Command::Inline { args },
             };
-            let raw_kind = policy::classify(&cmd);
-            if self.state.in_multi && raw_kind == Kind::EntersRaw && !self.links.queue.is_drained()
-            {
-                // Whether this command is queued by a transaction or enters pub/sub now
-                // depends on whether Redis accepted the MULTI: find out before deciding.
+            let kind = policy::classify(&cmd);
+            let len = parsed.len();
+            if let Some(denial) = self.denial(kind) {
                 drop(parsed);
-                if let Settled::Stop = self
-                    .settle(upstream, buf, &mut scanned, &mut run, None)
-                    .await
-                {
+                let next = self
+                    .substitute(upstream, buf, &mut scanned, &mut run, len, denial)
+                    .await;
+                if let Next::Stop = next {
                     return Next::Stop;
                 }
                 continue;
             }
-            let kind = self.state.transaction_aware(raw_kind);
-            let len = parsed.len();
+            let uncertain = matches!(kind, Kind::EntersRaw | Kind::NoReply)
+                || (self.governs() && matches!(kind, Kind::Delete | Kind::Flush { .. }));
+            if uncertain && self.maybe_multi {
+                // Whether Redis queues this command or runs it now depends on whether the
+                // transaction is still open: find out before deciding.
+                drop(parsed);
+                match self.settle(upstream, buf, &mut scanned, &mut run).await {
+                    Settled::Stop => return Next::Stop,
+                    // Still unknown: it goes to Redis on this connection, which is always
+                    // correct for an invalidation; for the rest, relay raw from here on.
+                    Settled::NotYet => {
+                        if !matches!(kind, Kind::Delete | Kind::Flush { .. }) {
+                            return self.enter_raw(upstream, buf, scanned, &mut run).await;
+                        }
+                        scanned += len;
+                        run.count += 1;
+                        continue;
+                    }
+                    Settled::Yes => {}
+                }
+                if self.maybe_multi {
+                    match kind {
+                        Kind::EntersRaw => self.multi_enters_raw = true,
+                        Kind::NoReply | Kind::Delete | Kind::Flush { .. } => {}
+                        _ => unreachable!("only uncertain kinds settle here"),
+                    }
+                    // Queued by Redis: one `+QUEUED` reply, like any plain command.
+                    scanned += len;
+                    run.count += 1;
+                    continue;
+                }
+                // The transaction is over; the command is judged outside it.
+                continue;
+            }
             let effect = match kind {
-                Kind::Multi => Some(Effect::Multi),
+                Kind::Multi => {
+                    self.maybe_multi = true;
+                    Some(Effect::Multi)
+                }
+                Kind::Exec if self.multi_enters_raw => {
+                    drop(parsed);
+                    return self.enter_raw(upstream, buf, scanned, &mut run).await;
+                }
+                Kind::Exec => Some(Effect::Exec),
+                Kind::Discard => Some(Effect::Discard),
                 Kind::Reset => Some(Effect::Reset),
-                Kind::Identity if !self.state.in_multi => Effect::of(&cmd),
+                Kind::Identity => Some(effect_of(&cmd)),
                 _ => None,
             };
             let governed = match kind {
                 Kind::Delete | Kind::Flush { .. } if self.governs() => Some(match kind {
                     Kind::Flush { all, sync } => Request::Flush { all, sync },
                     _ => Request::Delete {
-                        unlink: cmd.arg(0).is_some_and(|n| n.eq_ignore_ascii_case(b"UNLINK")),
+                        unlink: cmd
+                            .arg(0)
+                            .is_some_and(|n| n.eq_ignore_ascii_case(b"UNLINK")),
                         keys: (1..cmd.argc())
                             .filter_map(|i| cmd.arg(i))
                             .map(Bytes::copy_from_slice)
@@ -222,33 +212,13 @@ impl RequestSide<'_> {
             };
             drop(parsed);
             if let Some(request) = governed {
-                // Everything before the invalidation goes out first and must have executed
-                // before it runs; everything after waits until it has been applied (G3).
                 match self
-                    .settle(upstream, buf, &mut scanned, &mut run, Some(SETTLE_LIMIT))
+                    .invalidate(upstream, buf, &mut scanned, &mut run, len, request)
                     .await
                 {
-                    Settled::Yes => {}
-                    Settled::Stop => return Next::Stop,
-                    Settled::NotYet => {
-                        // The client has not read the replies to what it sent before (it
-                        // writes a whole pipeline first). Waiting could deadlock with it, so
-                        // this one passes through: Redis orders it on the client's connection.
-                        debug!(
-                            "earlier replies still unread; invalidation passes through ungoverned"
-                        );
-                        scanned = len;
-                        run.count += 1;
-                        continue;
-                    }
+                    Next::Read => continue,
+                    Next::Stop => return Next::Stop,
                 }
-                buf.advance(len);
-                let Some(reply) = self.govern(request).await else {
-                    return Next::Stop;
-                };
-                self.read_at = Instant::now();
-                self.enqueue(Entry::Local(reply)).await;
-                continue;
             }
             scanned += len;
             if effect.is_some() {
@@ -268,6 +238,8 @@ impl RequestSide<'_> {
                     run.count += 1;
                     run.blocking = true;
                 }
+                // Forwarded with the run, owing nothing.
+                Kind::NoReply => {}
                 Kind::Quit => {
                     // Redis answers QUIT and closes; nothing after it is read.
                     run.count += 1;
@@ -276,13 +248,7 @@ impl RequestSide<'_> {
                     return Next::Stop;
                 }
                 Kind::EntersRaw => {
-                    // Unframe the raw command: it and everything after it go out as bytes.
-                    self.enqueue_run(&mut run).await;
-                    self.enqueue(Entry::Raw).await;
-                    self.raw = true;
-                    debug!("relaying raw from here on");
-                    let len = buf.len();
-                    return self.forward(upstream, buf, len).await;
+                    return self.enter_raw(upstream, buf, scanned - len, &mut run).await;
                 }
                 _ => run.count += 1,
             }
@@ -291,15 +257,189 @@ impl RequestSide<'_> {
         self.forward(upstream, buf, scanned).await
     }
 
+    /// Runs one governed invalidation at `buf[*scanned..][..len]`: everything before it goes
+    /// out first and must have been answered before it runs; everything after it waits until
+    /// it has been applied (G3).
+    async fn invalidate(
+        &mut self,
+        upstream: &mut WriteHalf,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        len: usize,
+        request: Request,
+    ) -> Next {
+        let passthrough = |scanned: &mut usize, run: &mut Run| {
+            *scanned += len;
+            run.count += 1;
+            Next::Read
+        };
+        match self.settle(upstream, buf, scanned, run).await {
+            Settled::Yes => {}
+            Settled::Stop => return Next::Stop,
+            Settled::NotYet => {
+                // The client is not reading what it was already sent; waiting could deadlock
+                // with it, so this one goes to Redis on the client's own connection, which
+                // orders it exactly. Correct, just not coalesced.
+                debug!("earlier replies still unread; invalidation goes to Redis directly");
+                return passthrough(scanned, run);
+            }
+        }
+        let who = {
+            let state = self.links.state();
+            if state.in_multi || !state.identity_known() {
+                // Queued by Redis in the transaction, or run as a client stormwall cannot
+                // impersonate: either way Redis must see it on this connection.
+                None
+            } else {
+                Some(state.identity.clone())
+            }
+        };
+        let Some(who) = who else {
+            return passthrough(scanned, run);
+        };
+        // RESP3 pushes that arrive meanwhile (client-tracking invalidations this very request
+        // causes) must follow its reply, as they do from Redis.
+        self.enqueue(Entry::Hold).await;
+        let links = self.links;
+        let verdict = tokio::select! {
+            verdict = links.ctx.engine.execute(&who, request) => verdict,
+            // The client or Redis is gone; dropping the request withdraws it if not yet sent.
+            _ = links.dead.cancelled() => return Next::Stop,
+        };
+        self.read_at = Instant::now();
+        match verdict {
+            Verdict::Reply(reply) => {
+                buf.advance(len);
+                self.enqueue(Entry::Local(reply)).await;
+                Next::Read
+            }
+            Verdict::PassThrough => passthrough(scanned, run),
+            // Its fate is unknown: the client sees its connection close, as with Redis.
+            Verdict::Unknown => Next::Stop,
+        }
+    }
+
+    /// How a flush the policy denies is refused, if `kind` is one.
+    fn denial(&self, kind: Kind) -> Option<Denial> {
+        let Kind::Flush { all, .. } = kind else {
+            return None;
+        };
+        let (cmd, name) = if all {
+            (FlushCommand::FlushAll, "FLUSHALL")
+        } else {
+            (FlushCommand::FlushDb, "FLUSHDB")
+        };
+        self.links
+            .config
+            .flush
+            .deny
+            .contains(&cmd)
+            .then_some(Denial { all, name })
+    }
+
+    /// Refuses a denied flush at `buf[*scanned..][..len]` in its place in the stream: Redis
+    /// gets a command it refuses instead (so a transaction around it aborts, exactly as for
+    /// any command Redis refuses when queueing), and the client gets stormwall's error in
+    /// place of Redis's.
+    async fn substitute(
+        &mut self,
+        upstream: &mut WriteHalf,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        len: usize,
+        denial: Denial,
+    ) -> Next {
+        counter!("stormwall_commands_total", "class" => "denied").increment(1);
+        counter!("stormwall_invalidation_rejected_total", "reason" => "denied").increment(1);
+        if !self.raw {
+            self.enqueue_run(run).await;
+            self.enqueue(Entry::Replace(denial.reply())).await;
+        }
+        if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+            return Next::Stop;
+        }
+        *scanned = 0;
+        if let Err(e) = upstream.write_all(denial.substitute()).await {
+            debug!(error = %e, "upstream write failed");
+            self.links.dead.cancel();
+            return Next::Stop;
+        }
+        buf.advance(len);
+        Next::Read
+    }
+
+    /// Forwards the `scanned` bytes framed so far, then relays raw from the command after
+    /// them (the one that enters raw mode) on.
+    async fn enter_raw(
+        &mut self,
+        upstream: &mut WriteHalf,
+        buf: &mut BytesMut,
+        scanned: usize,
+        run: &mut Run,
+    ) -> Next {
+        self.enqueue_run(run).await;
+        self.enqueue(Entry::Raw).await;
+        self.raw = true;
+        debug!("relaying raw from here on");
+        if let Next::Stop = self.forward(upstream, buf, scanned).await {
+            return Next::Stop;
+        }
+        self.process_raw(upstream, buf).await
+    }
+
+    /// Raw mode: bytes go to Redis as they came, except that denied flushes are still
+    /// replaced (the client then sees Redis's refusal of the substitute, or nothing under
+    /// `CLIENT REPLY OFF`).
+    pub(super) async fn process_raw(
+        &mut self,
+        upstream: &mut WriteHalf,
+        buf: &mut BytesMut,
+    ) -> Next {
+        let mut scanned = 0;
+        let mut run = Run::default();
+        while !self.unframed {
+            let parsed = match self.parser.parse(&buf[scanned..]) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(_) => {
+                    // Redis frames the same bytes the same way and answers the error itself.
+                    self.unframed = true;
+                    break;
+                }
+            };
+            let kind = match &parsed {
+                Parsed::Empty { .. } => Kind::Plain,
+                Parsed::Multibulk { .. } => policy::classify(&self.parser.command(&buf[scanned..])),
+                Parsed::Inline { args, .. } => policy::classify(&Command::Inline { args }),
+            };
+            let len = parsed.len();
+            drop(parsed);
+            match self.denial(kind) {
+                Some(denial) => {
+                    let next = self
+                        .substitute(upstream, buf, &mut scanned, &mut run, len, denial)
+                        .await;
+                    if let Next::Stop = next {
+                        return Next::Stop;
+                    }
+                }
+                None => scanned += len,
+            }
+        }
+        let len = if self.unframed { buf.len() } else { scanned };
+        self.forward(upstream, buf, len).await
+    }
+
     /// Sends everything framed so far and waits until Redis has answered all of it, so the
-    /// connection's state (identity, transaction) is known for the next command.
+    /// connection's confirmed state is current for the next command.
     async fn settle(
         &mut self,
         upstream: &mut WriteHalf,
         buf: &mut BytesMut,
         scanned: &mut usize,
         run: &mut Run,
-        limit: Option<Duration>,
     ) -> Settled {
         self.enqueue_run(run).await;
         if let Next::Stop = self.forward(upstream, buf, *scanned).await {
@@ -307,46 +447,26 @@ impl RequestSide<'_> {
         }
         *scanned = 0;
         let links = self.links;
-        let limit = async {
-            match limit {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = links.queue.drained() => {}
             _ = links.dead.cancelled() => return Settled::Stop,
-            _ = limit => return Settled::NotYet,
+            _ = links.client_blocked() => {
+                if !links.queue.is_drained() {
+                    return Settled::NotYet;
+                }
+            }
         }
-        if links.multi_refused.swap(false, Ordering::AcqRel) {
-            self.state.multi_refused();
+        let in_multi = links.state().in_multi;
+        self.maybe_multi = in_multi;
+        if !in_multi {
+            self.multi_enters_raw = false;
         }
         Settled::Yes
     }
 
     /// Whether invalidations on this connection go through the engine.
     fn governs(&self) -> bool {
-        self.links.config.invalidation.enabled && !self.state.identity_unknown
-    }
-
-    /// Runs one invalidation through the engine (everything before it has been answered) and
-    /// returns its reply. `None` if the session died meanwhile.
-    async fn govern(&mut self, request: Request) -> Option<Bytes> {
-        let links = self.links;
-        let who = links
-            .identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        tokio::select! {
-            verdict = links.ctx.engine.execute(&who, request) => match verdict {
-                Verdict::Reply(reply) => Some(reply),
-                // Wired by the session hardening work; until then nothing returns these.
-                Verdict::PassThrough | Verdict::Unknown => None,
-            },
-            // The client is gone; the engine finishes the work on its own.
-            _ = links.dead.cancelled() => None,
-        }
+        self.links.config.invalidation.enabled
     }
 
     /// Forwards the commands framed before the bad input, then answers with the protocol
@@ -414,35 +534,84 @@ impl RequestSide<'_> {
     }
 }
 
-impl Effect {
-    /// The identity change an `AUTH`/`HELLO … AUTH`/`SELECT` command asks for, if any.
-    fn of(cmd: &Command<'_>) -> Option<Effect> {
-        let name = cmd.arg(0)?;
-        let owned = |i: usize| cmd.arg(i).map(Bytes::copy_from_slice);
-        if name.eq_ignore_ascii_case(b"SELECT") && cmd.argc() == 2 {
-            let db = std::str::from_utf8(cmd.arg(1)?).ok()?.parse().ok()?;
-            return Some(Effect::Select(db));
+/// A flush the policy (`flush.deny`) refuses.
+struct Denial {
+    all: bool,
+    name: &'static str,
+}
+
+impl Denial {
+    /// The client's reply.
+    fn reply(&self) -> Bytes {
+        error_reply(&format!(
+            "ERR stormwall: {} is denied by this proxy's policy (flush.deny); not applied",
+            self.name
+        ))
+    }
+
+    /// What Redis gets instead: a command it does not know, which it refuses (and which
+    /// aborts a surrounding transaction). Its name is the explanation a client sees where
+    /// stormwall cannot put its own reply in place (raw mode).
+    fn substitute(&self) -> &'static [u8] {
+        if self.all {
+            b"*1\r\n$38\r\nFLUSHALL-denied-by-stormwall-flush.deny\r\n"
+        } else {
+            b"*1\r\n$37\r\nFLUSHDB-denied-by-stormwall-flush.deny\r\n"
         }
-        if name.eq_ignore_ascii_case(b"AUTH") {
-            return match cmd.argc() {
-                2 => Some(Effect::Auth {
-                    user: None,
-                    password: owned(1)?,
-                }),
-                3 => Some(Effect::Auth {
-                    user: owned(1),
-                    password: owned(2)?,
-                }),
-                _ => None,
-            };
+    }
+}
+
+/// The state change an `AUTH`/`HELLO`/`SELECT` asks for, read the way Redis reads it.
+fn effect_of(cmd: &Command<'_>) -> Effect {
+    let name = cmd.arg(0).unwrap_or_default();
+    if name.eq_ignore_ascii_case(b"SELECT") {
+        let db = cmd.arg(1).filter(|_| cmd.argc() == 2).and_then(parse_int);
+        return Effect::Select(db);
+    }
+    if name.eq_ignore_ascii_case(b"AUTH") {
+        // AUTH password | AUTH username password; other forms are errors Redis replies to.
+        let (user, password) = match cmd.argc() {
+            2 => (None, cmd.arg(1)),
+            3 => (cmd.arg(1), cmd.arg(2)),
+            _ => (None, None),
+        };
+        return Effect::Login {
+            hello: false,
+            login: login(user, password),
+        };
+    }
+    // HELLO [protover [AUTH username password] [SETNAME clientname]], parsed as Redis's
+    // helloCommand does: options in order, each consuming its values, the last AUTH wins.
+    let mut credentials = None;
+    let mut i = 2;
+    while let Some(opt) = cmd.arg(i) {
+        let more = cmd.argc() - 1 - i;
+        if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
+            credentials = Some((cmd.arg(i + 1), cmd.arg(i + 2)));
+            i += 3;
+        } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
+            i += 2;
+        } else {
+            // A syntax error Redis refuses: the reply decides, and it will not be accepted.
+            break;
         }
-        // HELLO [protover [AUTH username password] [SETNAME clientname]]
-        let at = (2..cmd.argc())
-            .find(|&i| cmd.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(b"AUTH")))?;
-        Some(Effect::Auth {
-            user: owned(at + 1),
-            password: owned(at + 2)?,
-        })
+    }
+    Effect::Login {
+        hello: true,
+        login: match credentials {
+            None => Login::Unchanged,
+            Some((user, password)) => login(user, password),
+        },
+    }
+}
+
+fn login(user: Option<&[u8]>, password: Option<&[u8]>) -> Login {
+    match password {
+        Some(p) if p.len() + user.map_or(0, <[u8]>::len) <= MAX_KEPT_PASSWORD => Login::Known {
+            user: user.map(Bytes::copy_from_slice),
+            password: Bytes::copy_from_slice(p),
+        },
+        _ => Login::Untracked,
     }
 }
 

@@ -1,0 +1,278 @@
+//! Connection state as Redis confirmed it.
+//!
+//! A session must know a few things about its client's connection to govern invalidations
+//! correctly: whether a transaction is open (then `DEL` is only queued), who the connection
+//! is (the shield acts as that user, in that database), and whether it is authenticated.
+//! Each of these changes only when Redis's *reply* says so — never on the client's request
+//! alone: a `DISCARD x` that Redis refuses leaves the transaction open, an `AUTH` inside a
+//! transaction is only `+QUEUED`, a `SELECT` Redis rejects selects nothing. The reply side
+//! feeds every reply to a state-changing command through [`Confirmed::confirm`]; the request
+//! side reads the result only once everything it sent before has been answered.
+//!
+//! What stormwall cannot model exactly (identity commands run by `EXEC`, a password it does
+//! not keep, a `SELECT` argument it cannot read) makes the identity *unknown*: the session
+//! then stops handing invalidations to the shield and sends them on the client's own
+//! connection, where Redis applies them as the client — correct, just not coalesced.
+
+use bytes::Bytes;
+
+use crate::upstream::Identity;
+
+/// Longest password the session keeps to act as its client on the shield's connections.
+/// Longer ones (still valid for Redis) leave the identity unknown instead of holding large
+/// buffers per queued `AUTH` (memory stays bounded in bytes, G6).
+pub(super) const MAX_KEPT_PASSWORD: usize = 4096;
+
+/// Credentials an `AUTH` or `HELLO … AUTH` asks for.
+#[derive(Debug)]
+pub(super) enum Login {
+    /// `HELLO` without `AUTH`: no identity change.
+    Unchanged,
+    Known {
+        user: Option<Bytes>,
+        password: Bytes,
+    },
+    /// Valid for Redis but not kept by stormwall (see [`MAX_KEPT_PASSWORD`]).
+    Untracked,
+}
+
+/// A command whose reply may change the connection state.
+#[derive(Debug)]
+pub(super) enum Effect {
+    Multi,
+    Exec,
+    Discard,
+    Reset,
+    /// `SELECT db`; `None` when stormwall cannot read the argument the way Redis did.
+    Select(Option<i64>),
+    /// `AUTH` (`hello == false`) or `HELLO` (`true`).
+    Login {
+        hello: bool,
+        login: Login,
+    },
+}
+
+impl Effect {
+    /// Bytes this effect holds while it waits in the reply queue.
+    pub(super) fn held_bytes(&self) -> usize {
+        match self {
+            Effect::Login {
+                login: Login::Known { user, password },
+                ..
+            } => password.len() + user.as_ref().map_or(0, |u| u.len()),
+            _ => 0,
+        }
+    }
+}
+
+/// The state Redis has confirmed for one client connection.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Confirmed {
+    pub identity: Identity,
+    /// Inside `MULTI … EXEC`: Redis queues commands instead of running them.
+    pub in_multi: bool,
+    /// The credentials or the database changed in a way stormwall cannot reproduce.
+    creds_unknown: bool,
+    db_unknown: bool,
+    /// Identity commands queued in the open transaction; they take effect if `EXEC` runs it.
+    queued_login: bool,
+    queued_select: bool,
+}
+
+impl Confirmed {
+    /// Whether the shield can act as this connection (its user, password and database).
+    pub fn identity_known(&self) -> bool {
+        !self.creds_unknown && !self.db_unknown
+    }
+
+    /// Applies `effect` as Redis's `reply` (one whole frame) decided it.
+    pub fn confirm(&mut self, effect: Effect, reply: &[u8]) {
+        let ok = reply == b"+OK\r\n";
+        let queued = reply == b"+QUEUED\r\n";
+        match effect {
+            Effect::Multi => {
+                if ok {
+                    self.in_multi = true;
+                    self.queued_login = false;
+                    self.queued_select = false;
+                }
+            }
+            Effect::Exec => {
+                let error = reply.first() == Some(&b'-');
+                // Redis ends the transaction when EXEC runs it (an array), when a WATCHed key
+                // changed (a null), or when it was flagged at queue time (EXECABORT). Any
+                // other error (wrong arity, no permission for EXEC) leaves it open.
+                if self.in_multi && (!error || reply.starts_with(b"-EXECABORT")) {
+                    let ran = !error && !is_null(reply);
+                    self.creds_unknown |= ran && self.queued_login;
+                    self.db_unknown |= ran && self.queued_select;
+                    self.end_transaction();
+                }
+            }
+            Effect::Discard => {
+                if self.in_multi && ok {
+                    self.end_transaction();
+                }
+            }
+            Effect::Reset => {
+                if reply == b"+RESET\r\n" {
+                    *self = Confirmed::default();
+                }
+            }
+            Effect::Select(db) => {
+                if self.in_multi {
+                    self.queued_select |= queued;
+                } else if ok {
+                    match db {
+                        Some(db) => {
+                            self.identity.db = db;
+                            self.db_unknown = false;
+                        }
+                        None => self.db_unknown = true,
+                    }
+                }
+            }
+            Effect::Login { hello, login } => {
+                if self.in_multi {
+                    self.queued_login |= queued;
+                    return;
+                }
+                let accepted = if hello {
+                    matches!(reply.first(), Some(b'*' | b'%'))
+                } else {
+                    ok
+                };
+                if !accepted {
+                    return;
+                }
+                match login {
+                    Login::Unchanged => {}
+                    Login::Known { user, password } => {
+                        self.identity.user = user;
+                        self.identity.password = Some(password);
+                        self.creds_unknown = false;
+                    }
+                    Login::Untracked => self.creds_unknown = true,
+                }
+            }
+        }
+    }
+
+    fn end_transaction(&mut self) {
+        self.in_multi = false;
+        self.queued_login = false;
+        self.queued_select = false;
+    }
+}
+
+/// A RESP2 or RESP3 null (`*-1`, `$-1`, `_`).
+fn is_null(reply: &[u8]) -> bool {
+    matches!(reply, b"*-1\r\n" | b"$-1\r\n" | b"_\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(password: &str) -> Login {
+        Login::Known {
+            user: None,
+            password: Bytes::from(password.to_owned()),
+        }
+    }
+
+    fn auth(password: &str) -> Effect {
+        Effect::Login {
+            hello: false,
+            login: known(password),
+        }
+    }
+
+    #[test]
+    fn transactions_end_only_when_redis_says_so() {
+        let mut s = Confirmed::default();
+        s.confirm(Effect::Multi, b"+OK\r\n");
+        assert!(s.in_multi);
+        s.confirm(
+            Effect::Discard,
+            b"-ERR wrong number of arguments for 'discard' command\r\n",
+        );
+        assert!(s.in_multi, "a refused DISCARD ended the transaction");
+        s.confirm(Effect::Reset, b"-ERR wrong number of arguments\r\n");
+        assert!(s.in_multi, "a refused RESET ended the transaction");
+        s.confirm(Effect::Exec, b"-NOPERM no permissions to run 'exec'\r\n");
+        assert!(s.in_multi, "a refused EXEC ended the transaction");
+        s.confirm(Effect::Exec, b"-EXECABORT Transaction discarded\r\n");
+        assert!(!s.in_multi);
+        s.confirm(Effect::Multi, b"+OK\r\n");
+        s.confirm(Effect::Discard, b"+OK\r\n");
+        assert!(!s.in_multi);
+        s.confirm(Effect::Multi, b"-ERR MULTI calls can not be nested\r\n");
+        assert!(!s.in_multi);
+    }
+
+    #[test]
+    fn queued_identity_commands_are_not_adopted() {
+        let mut s = Confirmed::default();
+        s.confirm(Effect::Multi, b"+OK\r\n");
+        s.confirm(auth("pw"), b"+QUEUED\r\n");
+        s.confirm(Effect::Select(Some(5)), b"+QUEUED\r\n");
+        assert_eq!(s.identity, Identity::default());
+        s.confirm(Effect::Discard, b"+OK\r\n");
+        assert_eq!(s.identity, Identity::default());
+        assert!(s.identity_known());
+        // Run by EXEC: their effect is real but not modelled, so the identity is unknown.
+        s.confirm(Effect::Multi, b"+OK\r\n");
+        s.confirm(Effect::Select(Some(5)), b"+QUEUED\r\n");
+        s.confirm(Effect::Exec, b"*1\r\n+OK\r\n");
+        assert!(!s.identity_known());
+        s.confirm(Effect::Select(Some(2)), b"+OK\r\n");
+        assert!(s.identity_known());
+        assert_eq!(s.identity.db, 2);
+        // A transaction a WATCH aborted ran nothing.
+        s.confirm(Effect::Multi, b"+OK\r\n");
+        s.confirm(auth("x"), b"+QUEUED\r\n");
+        s.confirm(Effect::Exec, b"*-1\r\n");
+        assert!(s.identity_known());
+    }
+
+    #[test]
+    fn identity_changes_on_acceptance_only() {
+        let mut s = Confirmed::default();
+        s.confirm(
+            auth("bad"),
+            b"-WRONGPASS invalid username-password pair\r\n",
+        );
+        assert_eq!(s.identity.password, None);
+        s.confirm(auth("good"), b"+OK\r\n");
+        assert_eq!(s.identity.password.as_deref(), Some(&b"good"[..]));
+        s.confirm(
+            Effect::Login {
+                hello: true,
+                login: known("h"),
+            },
+            b"-NOPROTO unsupported protocol version\r\n",
+        );
+        assert_eq!(s.identity.password.as_deref(), Some(&b"good"[..]));
+        s.confirm(
+            Effect::Login {
+                hello: true,
+                login: known("h"),
+            },
+            b"%7\r\n",
+        );
+        assert_eq!(s.identity.password.as_deref(), Some(&b"h"[..]));
+        s.confirm(
+            Effect::Login {
+                hello: false,
+                login: Login::Untracked,
+            },
+            b"+OK\r\n",
+        );
+        assert!(!s.identity_known());
+        s.confirm(Effect::Select(None), b"-ERR DB index is out of range\r\n");
+        s.confirm(Effect::Reset, b"+RESET\r\n");
+        assert!(s.identity_known());
+        assert_eq!(s.identity, Identity::default());
+    }
+}
