@@ -32,7 +32,8 @@ pub enum Kind {
     Quit,
     /// Returns the connection to its initial state (leaves `MULTI`, among others).
     Reset,
-    /// Changes who the connection acts as (`AUTH`, `HELLO`, `SELECT`).
+    /// Changes who the connection acts as, or what it must see of its own invalidations
+    /// (`AUTH`, `HELLO`, `SELECT`, `CLIENT TRACKING`).
     Identity,
     /// `DEL`/`UNLINK` with at least one key: governed by the invalidation engine.
     Delete,
@@ -67,6 +68,13 @@ pub fn classify(cmd: &Command<'_>) -> Kind {
         b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
         | b"SUNSUBSCRIBE" | b"MONITOR" | b"SYNC" | b"PSYNC" => Kind::EntersRaw,
         b"CLIENT" if is_client_reply_off(cmd) => Kind::EntersRaw,
+        b"CLIENT"
+            if cmd
+                .arg(1)
+                .is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING")) =>
+        {
+            Kind::Identity
+        }
         b"REPLCONF" => replconf(cmd),
         b"QUIT" => Kind::Quit,
         b"RESET" => Kind::Reset,
@@ -168,6 +176,7 @@ mod tests {
         );
         assert_eq!(kind(&["flushdb", "later"]), Kind::Plain);
         assert_eq!(kind(&["select", "2"]), Kind::Identity);
+        assert_eq!(kind(&["client", "tracking", "on"]), Kind::Identity);
         assert_eq!(kind(&["replconf", "ack", "0"]), Kind::NoReply);
         assert_eq!(kind(&["REPLCONF", "GETACK", "*"]), Kind::NoReply);
         assert_eq!(kind(&["replconf", "ack"]), Kind::Plain);

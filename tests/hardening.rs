@@ -292,3 +292,27 @@ fn connecting_while_redis_is_down_closes_without_an_error_reply() {
         String::from_utf8_lossy(&rest)
     );
 }
+
+/// With client tracking in `NOLOOP` mode Redis does not report a client's own writes back to
+/// it; a delete the shield ran on its own connection would be reported. Through stormwall
+/// the client sees exactly what it sees directly.
+#[test]
+fn tracking_noloop_client_is_not_told_about_its_own_delete() {
+    let twin = Twin::start("");
+    twin.setup(&[&["SET", "k", "v"], &["SET", "j", "v"]]);
+    let mut d = twin.direct.raw();
+    let mut p = twin.sw.raw();
+    for raw in [&mut d, &mut p] {
+        raw.call(&[b"HELLO", b"3"]);
+        let reply = raw.call(&[b"CLIENT", b"TRACKING", b"ON", b"NOLOOP"]);
+        assert_eq!(text(&reply), "OK");
+        raw.call(&[b"GET", b"k"]);
+        raw.call(&[b"GET", b"j"]);
+    }
+    // Its own DEL of `k` is not reported; the direct write to `j` after it is.
+    exchange(&mut d, &mut p, b"DEL k\r\n", 1);
+    twin.direct.raw().call(&[b"SET", b"j", b"w"]);
+    twin.behind.raw().call(&[b"SET", b"j", b"w"]);
+    let pushes = exchange(&mut d, &mut p, b"PING\r\n", 2);
+    assert!(matches!(&pushes[0], Frame::Push { .. }), "{pushes:?}");
+}

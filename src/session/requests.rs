@@ -287,9 +287,10 @@ impl RequestSide<'_> {
         }
         let who = {
             let state = self.links.state();
-            if state.in_multi || !state.identity_known() {
-                // Queued by Redis in the transaction, or run as a client stormwall cannot
-                // impersonate: either way Redis must see it on this connection.
+            if !state.may_delegate() {
+                // Queued by Redis in the transaction, run as a client stormwall cannot
+                // impersonate, or one whose own writes must not be reported back to it:
+                // Redis must see it on this connection.
                 None
             } else {
                 Some(state.identity.clone())
@@ -561,9 +562,18 @@ impl Denial {
     }
 }
 
-/// The state change an `AUTH`/`HELLO`/`SELECT` asks for, read the way Redis reads it.
+/// The state change an `AUTH`/`HELLO`/`SELECT`/`CLIENT TRACKING` asks for, read the way
+/// Redis reads it.
 fn effect_of(cmd: &Command<'_>) -> Effect {
     let name = cmd.arg(0).unwrap_or_default();
+    if name.eq_ignore_ascii_case(b"CLIENT") {
+        let on = cmd.arg(2).is_some_and(|a| a.eq_ignore_ascii_case(b"ON"));
+        let noloop = (3..cmd.argc()).any(|i| {
+            cmd.arg(i)
+                .is_some_and(|a| a.eq_ignore_ascii_case(b"NOLOOP"))
+        });
+        return Effect::Tracking(on.then_some(noloop));
+    }
     if name.eq_ignore_ascii_case(b"SELECT") {
         let db = cmd.arg(1).filter(|_| cmd.argc() == 2).and_then(parse_int);
         return Effect::Select(db);

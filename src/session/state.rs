@@ -50,6 +50,8 @@ pub(super) enum Effect {
         hello: bool,
         login: Login,
     },
+    /// `CLIENT TRACKING ON|OFF [… NOLOOP …]`: `Some(noloop)` for `ON`, `None` for `OFF`.
+    Tracking(Option<bool>),
 }
 
 impl Effect {
@@ -77,12 +79,21 @@ pub(super) struct Confirmed {
     /// Identity commands queued in the open transaction; they take effect if `EXEC` runs it.
     queued_login: bool,
     queued_select: bool,
+    /// Client tracking with `NOLOOP` is on (or may be): Redis does not tell a client about
+    /// its own writes, but a delete the shield runs on another connection would be reported
+    /// to it, so its invalidations must run on its own connection.
+    noloop: bool,
 }
 
 impl Confirmed {
     /// Whether the shield can act as this connection (its user, password and database).
     pub fn identity_known(&self) -> bool {
         !self.creds_unknown && !self.db_unknown
+    }
+
+    /// Whether an invalidation may run on a connection other than the client's own.
+    pub fn may_delegate(&self) -> bool {
+        !self.in_multi && self.identity_known() && !self.noloop
     }
 
     /// Applies `effect` as Redis's `reply` (one whole frame) decided it.
@@ -130,6 +141,14 @@ impl Confirmed {
                         }
                         None => self.db_unknown = true,
                     }
+                }
+            }
+            Effect::Tracking(noloop) => {
+                if self.in_multi {
+                    // Run by EXEC or not: assume it may be on (the safe side).
+                    self.noloop |= queued && noloop == Some(true);
+                } else if ok {
+                    self.noloop = noloop == Some(true);
                 }
             }
             Effect::Login { hello, login } => {
@@ -234,6 +253,19 @@ mod tests {
         s.confirm(auth("x"), b"+QUEUED\r\n");
         s.confirm(Effect::Exec, b"*-1\r\n");
         assert!(s.identity_known());
+    }
+
+    #[test]
+    fn tracking_noloop_keeps_invalidations_on_the_own_connection() {
+        let mut s = Confirmed::default();
+        s.confirm(Effect::Tracking(Some(true)), b"-ERR syntax error\r\n");
+        assert!(s.may_delegate());
+        s.confirm(Effect::Tracking(Some(true)), b"+OK\r\n");
+        assert!(!s.may_delegate());
+        s.confirm(Effect::Tracking(None), b"+OK\r\n");
+        assert!(s.may_delegate());
+        s.confirm(Effect::Tracking(Some(false)), b"+OK\r\n");
+        assert!(s.may_delegate());
     }
 
     #[test]
