@@ -243,7 +243,7 @@ fn limits() -> RequestLimits {
 
 fn reply_scanner() -> ReplyScanner {
     let l = LimitsConfig::default();
-    ReplyScanner::new(l.max_reply_depth, l.max_bulk_len)
+    ReplyScanner::new(l.max_bulk_len)
 }
 
 /// Frames and classifies every request in `buf`, exposing `read` more bytes each time the

@@ -86,27 +86,41 @@ impl Default for UpstreamConfig {
     }
 }
 
-/// Bounds on what one client may make stormwall hold in memory (contract point G6).
+/// Bounds on what one client may make stormwall hold in memory (contract point G6). The
+/// defaults are Redis's own, so that with them stormwall accepts and refuses exactly what
+/// Redis does; lower values refuse with the answer Redis gives for the same overflow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest bulk string accepted in a request or reply (Redis's `proto-max-bulk-len`).
+    /// A longer request argument gets `Protocol error: invalid bulk length`.
     pub max_bulk_len: u64,
-    /// Most arguments in one request.
+    /// Most arguments in one request (Redis's ceiling is 2^31-1). More gets
+    /// `Protocol error: invalid multibulk length`. Nothing is reserved per declared argument.
     pub max_array_len: u64,
-    /// Largest single request, all arguments together (Redis's `client-query-buffer-limit`).
+    /// Largest single request, all arguments together, which stormwall holds until it is
+    /// complete (Redis's `client-query-buffer-limit`, at least 1 MiB). Past it the connection
+    /// is closed without a reply, as Redis closes a client past its query buffer limit.
     pub max_request_bytes: u64,
-    /// Deepest nesting of aggregates accepted in a reply from Redis.
-    pub max_reply_depth: usize,
+    /// Deprecated and ignored: replies are framed at any depth, because Redis returns
+    /// arrays nested thousands deep from Lua. Accepted so that older config files still
+    /// load; [`Config::deprecations`] asks for its removal.
+    #[serde(default, skip_serializing)]
+    pub max_reply_depth: Option<u64>,
 }
+
+/// Redis's `INT_MAX` ceiling on a request's argument count.
+pub const MAX_ARRAY_LEN: u64 = i32::MAX as u64;
+/// Redis's minimum `client-query-buffer-limit`.
+pub const MIN_REQUEST_BYTES: u64 = 1024 * 1024;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_bulk_len: 512 * 1024 * 1024,
-            max_array_len: 1024 * 1024,
+            max_array_len: MAX_ARRAY_LEN,
             max_request_bytes: 1024 * 1024 * 1024,
-            max_reply_depth: 128,
+            max_reply_depth: None,
         }
     }
 }
@@ -320,12 +334,32 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and validates config text (`path` only names it in errors): what
+    /// [`from_file`](Self::from_file) does after reading, and what the fuzzer drives.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Warnings for settings that are accepted but no longer do anything; the binary logs
+    /// them at start and on every reload.
+    pub fn deprecations(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.limits.max_reply_depth.is_some() {
+            out.push(
+                "limits.max_reply_depth is deprecated and ignored: replies are framed at any \
+                 nesting depth (Redis returns arrays nested thousands deep from Lua); remove \
+                 it from the config file",
+            );
+        }
+        out
     }
 
     /// Rejects values that parse but cannot work, naming the key.
@@ -349,13 +383,16 @@ impl Config {
         if l.max_bulk_len == 0 {
             return Err(invalid("limits.max_bulk_len", "must be at least 1"));
         }
-        if l.max_array_len == 0 {
-            return Err(invalid("limits.max_array_len", "must be at least 1"));
+        if l.max_array_len == 0 || l.max_array_len > MAX_ARRAY_LEN {
+            return Err(invalid(
+                "limits.max_array_len",
+                format!("must be between 1 and {MAX_ARRAY_LEN} (Redis's own ceiling)"),
+            ));
         }
-        if l.max_request_bytes < l.max_bulk_len.min(64 * 1024) {
+        if l.max_request_bytes < MIN_REQUEST_BYTES {
             return Err(invalid(
                 "limits.max_request_bytes",
-                "must be at least 64 KiB (or limits.max_bulk_len, if smaller)",
+                "must be at least 1 MiB (1048576), like Redis's client-query-buffer-limit",
             ));
         }
         let inv = &self.invalidation;
@@ -392,9 +429,6 @@ impl Config {
         }
         if self.admin.probe_interval.is_zero() {
             return Err(invalid("admin.probe_interval", "must be greater than 0s"));
-        }
-        if l.max_reply_depth == 0 {
-            return Err(invalid("limits.max_reply_depth", "must be at least 1"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
@@ -520,6 +554,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn max_reply_depth_is_accepted_with_a_deprecation() {
+        let c = parse("[limits]\nmax_reply_depth = 128\n").unwrap();
+        assert_eq!(c.deprecations().len(), 1);
+        assert!(c.deprecations()[0].contains("max_reply_depth"));
+        assert!(Config::default().deprecations().is_empty());
+        // Not written back out, so --check-config output no longer shows it.
+        assert!(!c.to_toml().contains("max_reply_depth"));
+    }
+
+    #[test]
+    fn limits_default_to_redis_own_and_stay_within_them() {
+        let l = LimitsConfig::default();
+        assert_eq!(l.max_bulk_len, 512 * 1024 * 1024);
+        assert_eq!(l.max_array_len, 2_147_483_647);
+        assert_eq!(l.max_request_bytes, 1024 * 1024 * 1024);
+        let err = parse("[limits]\nmax_array_len = 2147483648\n").unwrap_err();
+        assert!(err.contains("limits.max_array_len"), "{err}");
+        let err = parse("[limits]\nmax_request_bytes = 65536\n").unwrap_err();
+        assert!(err.contains("limits.max_request_bytes"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use stormwall::config::{Config, LogFormat};
 use stormwall::net::Addr;
@@ -98,10 +98,16 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config.is_some() {
+        for warning in config.deprecations() {
+            eprintln!("stormwall: warning: {warning}");
+        }
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
     let log = logging::init(&config.log);
+    for warning in config.deprecations() {
+        warn!("{warning}");
+    }
     let metrics = match telemetry::install() {
         Ok(m) => m,
         Err(e) => {

@@ -72,6 +72,9 @@ pub async fn watch(
 
 /// Applies what can change live and reports what cannot.
 pub fn apply(ctx: &Context, new: Config, log: &LogHandle, cause: &str) {
+    for warning in new.deprecations() {
+        warn!("{warning}");
+    }
     let old = ctx.config.load_full();
     let restart = old.restart_only_changes(&new);
     if !restart.is_empty() {

@@ -13,6 +13,7 @@
 //! apart. `redis-protocol` is the reference: the unit tests check these scanners against its
 //! decoder, and local replies are encoded with it.
 
+mod querybuf;
 pub mod reply;
 pub mod request;
 
@@ -21,16 +22,56 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 
-/// A client or upstream sent bytes that are not valid RESP (or exceed a configured limit).
-/// The message is what follows `Protocol error: ` in the Redis-style error reply.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Protocol error: {0}")]
-pub struct ProtocolError(pub Cow<'static, str>);
+/// A client or upstream sent bytes that are not valid RESP (or exceed a configured limit),
+/// and what Redis does about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// Redis answers `-ERR Protocol error: <text>` and closes the connection. The text is
+    /// bytes: Redis quotes the offending byte as it came (`expected '$', got '\xff'`).
+    Reply(Cow<'static, [u8]>),
+    /// Redis closes the connection without an answer, as it does to a client past its
+    /// `client-query-buffer-limit`. The text is for logs only.
+    Close(&'static str),
+}
+
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProtocolError::Reply(text) => {
+                write!(f, "Protocol error: {}", String::from_utf8_lossy(text))
+            }
+            ProtocolError::Close(why) => write!(f, "{why} (connection closed without a reply)"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
 
 impl ProtocolError {
-    /// The error reply a client gets before its connection is closed.
+    /// The bytes a client gets before its connection is closed: Redis's error reply, or
+    /// nothing at all for [`ProtocolError::Close`].
     pub fn to_reply(&self) -> Bytes {
-        error_reply(&format!("ERR {self}"))
+        match self {
+            ProtocolError::Reply(text) => {
+                let mut out = b"-ERR Protocol error: ".to_vec();
+                // CR/LF would end the frame early; Redis maps them to spaces.
+                out.extend(text.iter().map(|&b| match b {
+                    b'\r' | b'\n' => b' ',
+                    b => b,
+                }));
+                out.extend_from_slice(b"\r\n");
+                Bytes::from(out)
+            }
+            ProtocolError::Close(_) => Bytes::new(),
+        }
+    }
+
+    /// The text after `Protocol error: ` (or the log reason of a close), for tests and logs.
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            ProtocolError::Reply(text) => String::from_utf8_lossy(text),
+            ProtocolError::Close(why) => Cow::Borrowed(why),
+        }
     }
 }
 
@@ -112,10 +153,11 @@ mod tests {
     #[test]
     fn error_replies_stay_one_line() {
         assert_eq!(&error_reply("ERR a\r\nb")[..], b"-ERR a  b\r\n");
-        let e = ProtocolError("invalid bulk length".into());
+        let e = ProtocolError::Reply(b"invalid bulk length"[..].into());
         assert_eq!(
             &e.to_reply()[..],
             b"-ERR Protocol error: invalid bulk length\r\n"
         );
+        assert!(ProtocolError::Close("too big").to_reply().is_empty());
     }
 }

@@ -1,26 +1,47 @@
-//! Request framing: one client command at a time, as Redis itself frames them.
+//! Request framing: one client command at a time, exactly as Redis 7.0 frames them.
 //!
 //! Two forms exist. Multibulk (`*N\r\n$len\r\narg\r\n…`) is what every client library sends;
 //! its arguments are recorded as byte ranges into the caller's buffer. Inline (`GET k\r\n`)
 //! is what `telnet` and `redis-cli`'s raw mode send; it is rare, so its arguments are copied
 //! out, which keeps the multibulk path allocation-free.
 //!
+//! The code follows `processMultibulkBuffer`/`processInlineBuffer` in Redis 7.0's
+//! `networking.c` step for step, because a client must not be able to tell stormwall from
+//! Redis: the same inputs are accepted, the same error texts come back, and they come at the
+//! same point. In particular a line is judged only once it is complete (a stray byte where
+//! `$` belongs is reported when its line has ended, like Redis), and an unfinished line over
+//! 64 KiB is refused only where Redis's reads end (see [`super::querybuf`]), which is why
+//! inline lines of up to 81,909 bytes pass on a fresh connection.
+//!
 //! The parser keeps its position between calls, so a request arriving in many reads is
 //! scanned once. Contract with the caller: every call passes a slice that *starts at the
-//! first byte of the unfinished request* (complete requests are consumed by the caller).
+//! first byte of the unfinished request* (complete requests are consumed by the caller) and
+//! holds every byte received after it.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
+use super::querybuf::{BIG_ARG, INLINE_MAX, QueryBuf};
 use super::{ProtocolError, parse_int};
 
-/// Longest inline request or `*N`/`$N` header line Redis accepts (`PROTO_INLINE_MAX_SIZE`).
-const MAX_LINE: usize = 64 * 1024;
+/// Redis's own ceiling on a multibulk count: a larger one is `invalid multibulk length`.
+pub const MAX_MULTIBULK: u64 = i32::MAX as u64;
+/// Before a client has authenticated (when Redis requires it), Redis refuses requests of more
+/// than this many arguments …
+const UNAUTH_MAX_ARGS: i64 = 10;
+/// … and arguments longer than this (`processMultibulkBuffer`, Redis 7.0).
+const UNAUTH_MAX_BULK: i64 = 16 * 1024;
 
-/// What one client may make the parser buffer (see `LimitsConfig`).
+/// What one client may make the parser buffer (see `LimitsConfig`). Where a limit is below
+/// Redis's own, crossing it gets the answer Redis gives for the same kind of overflow.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
+    /// Like `proto-max-bulk-len`: a longer argument is `invalid bulk length`.
     pub max_bulk_len: u64,
+    /// Like Redis's `INT_MAX` ceiling: more arguments is `invalid multibulk length`.
     pub max_array_len: u64,
+    /// Bytes of one request (what stormwall holds until it is complete). Past it the
+    /// connection is closed without a reply, as Redis does past `client-query-buffer-limit`.
     pub max_request_bytes: u64,
 }
 
@@ -44,20 +65,67 @@ impl Parsed {
     }
 }
 
+/// Redis's `reqtype`: decided by the first byte of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Unknown,
+    Inline,
+    Multibulk,
+}
+
+/// Outcome of one pass over what is visible.
+enum Step {
+    Done(Parsed),
+    /// More bytes are needed.
+    More,
+}
+
+/// Where the modelled Redis reads are, as offsets in the client's whole byte stream.
 #[derive(Debug)]
-enum State {
-    /// Nothing of the next request seen yet.
-    Start,
-    /// Inside a multibulk request: `pos` is where the next argument header starts.
-    Args { pos: usize, remaining: u64 },
+struct Reads {
+    /// Offset of `buf[0]`, the first byte of the unfinished request.
+    base: u64,
+    /// Where the read in progress starts and (if every byte is there) ends.
+    start: u64,
+    end: u64,
+    /// The first byte Redis still holds in its query buffer (it trims after each read).
+    kept: u64,
+    buf: QueryBuf,
+    /// A bulk argument of `BIG_ARG` bytes or more completed in the read in progress: where
+    /// it ended (CRLF included) and its length.
+    big_done: Option<(u64, u64)>,
+}
+
+impl Reads {
+    fn new() -> Reads {
+        let mut buf = QueryBuf::default();
+        let first = buf.next_read(0, None);
+        Reads {
+            base: 0,
+            start: 0,
+            end: first,
+            kept: 0,
+            buf,
+            big_done: None,
+        }
+    }
 }
 
 /// Resumable multibulk/inline request parser.
 #[derive(Debug)]
 pub struct RequestParser {
     limits: RequestLimits,
-    state: State,
+    unauthenticated: bool,
+    caught_up: bool,
+    kind: Kind,
+    /// Redis's `multibulklen`: arguments still to come (0 before the count line is read).
+    remaining: u64,
+    /// Redis's `bulklen`: the length of the argument whose header was read, if any.
+    bulk: Option<u64>,
+    /// Redis's `qb_pos`: where parsing continues, relative to the request's first byte.
+    pos: usize,
     args: Vec<Range<usize>>,
+    reads: Reads,
 }
 
 /// A parsed command's arguments, borrowed from the buffer (multibulk) or the parse (inline).
@@ -83,19 +151,53 @@ impl<'a> Command<'a> {
     /// Argument `i` (0 is the command name), if present.
     pub fn arg(&self, i: usize) -> Option<&'a [u8]> {
         match *self {
-            Command::Multibulk { buf, args } => args.get(i).map(|r| &buf[r.clone()]),
+            Command::Multibulk { buf, args } => args.get(i).and_then(|r| buf.get(r.clone())),
             Command::Inline { args } => args.get(i).map(|a| a.as_slice()),
         }
     }
+}
+
+fn refuse(text: &'static str) -> ProtocolError {
+    ProtocolError::Reply(Cow::Borrowed(text.as_bytes()))
 }
 
 impl RequestParser {
     pub fn new(limits: RequestLimits) -> RequestParser {
         RequestParser {
             limits,
-            state: State::Start,
+            unauthenticated: false,
+            caught_up: true,
+            kind: Kind::Unknown,
+            remaining: 0,
+            bulk: None,
+            pos: 0,
             args: Vec::new(),
+            reads: Reads::new(),
         }
+    }
+
+    /// Whether Redis would treat this client as not yet authenticated (Redis requires a
+    /// password or the default user is off, and the client has not authenticated). While it
+    /// is, requests of more than 10 arguments are refused with `Protocol error:
+    /// unauthenticated multibulk length` and arguments over 16 KiB with `Protocol error:
+    /// unauthenticated bulk length`, checked where Redis checks them (after its own count and
+    /// length checks), so an unauthenticated client cannot make stormwall buffer more than
+    /// Redis would. Default `false`; the session turns it on and off as Redis's replies
+    /// (to `AUTH`, `HELLO … AUTH`, `RESET`) say. Takes effect from the next header parsed.
+    pub fn set_unauthenticated(&mut self, unauthenticated: bool) {
+        self.unauthenticated = unauthenticated;
+    }
+
+    /// Whether the bytes passed to the next [`parse`](Self::parse) calls are all the client
+    /// had sent when they were read (the read did not fill the space offered). Redis looks at
+    /// an unfinished line at the end of each of its reads; a read that comes up short ends
+    /// where the client's bytes end, so a line over 64 KiB that stops there is refused at
+    /// once (`too big inline request`). With `false`, the end of the buffer is never taken
+    /// for the end of a read, and only the reads Redis makes when every byte is already there
+    /// count: then the result depends only on the bytes, never on how they were split.
+    /// Default `true`. The session should pass `bytes_read < space_offered` after each read.
+    pub fn set_caught_up(&mut self, caught_up: bool) {
+        self.caught_up = caught_up;
     }
 
     /// The arguments of the multibulk request last returned by [`parse`](Self::parse).
@@ -109,113 +211,226 @@ impl RequestParser {
 
     /// Parses the request at the start of `buf`. `Ok(None)` means more bytes are needed.
     pub fn parse(&mut self, buf: &[u8]) -> Result<Option<Parsed>, ProtocolError> {
-        if let State::Start = self.state {
-            match buf.first() {
-                None => return Ok(None),
-                Some(b'*') => {}
-                Some(_) => return parse_inline(buf),
-            }
-            let Some((n, next)) = header(buf, 0, "too big mbulk count string")? else {
-                return Ok(None);
-            };
-            let n = n.ok_or(ProtocolError("invalid multibulk length".into()))?;
-            if n <= 0 {
-                return Ok(Some(Parsed::Empty { len: next }));
-            }
-            if n as u64 > self.limits.max_array_len {
-                return Err(ProtocolError(
-                    format!(
-                        "invalid multibulk length ({n} arguments exceed stormwall's limits.max_array_len = {})",
-                        self.limits.max_array_len
-                    )
-                    .into(),
-                ));
-            }
-            self.args.clear();
-            self.state = State::Args {
-                pos: next,
-                remaining: n as u64,
-            };
-        }
-        let State::Args { pos, remaining } = &mut self.state else {
-            unreachable!("state is Args after the Start branch");
-        };
-        while *remaining > 0 {
-            let Some(&tag) = buf.get(*pos) else {
-                return Ok(None);
-            };
-            if tag != b'$' {
-                let shown = if tag.is_ascii_graphic() {
-                    tag as char
-                } else {
-                    '?'
-                };
-                self.state = State::Start;
-                return Err(ProtocolError(format!("expected '$', got '{shown}'").into()));
-            }
-            let Some((n, start)) = header(buf, *pos, "too big bulk count string")? else {
-                return Ok(None);
-            };
-            let len = match n {
-                Some(n) if n >= 0 && n as u64 <= self.limits.max_bulk_len => n as usize,
-                Some(n) if n > 0 => {
-                    return Err(ProtocolError(
-                        format!(
-                            "invalid bulk length ({n} bytes exceed stormwall's limits.max_bulk_len = {})",
-                            self.limits.max_bulk_len
-                        )
-                        .into(),
-                    ));
+        loop {
+            let reads = &self.reads;
+            let have = reads.base + buf.len() as u64;
+            // Nothing past the end of Redis's read in progress may decide anything yet.
+            let visible_end = have.min(reads.end);
+            let at_read_end =
+                visible_end == reads.end || (self.caught_up && visible_end > reads.start);
+            let visible = &buf[..((visible_end - reads.base) as usize).min(buf.len())];
+            match self.step(visible, at_read_end) {
+                Ok(Step::Done(parsed)) => {
+                    self.reads.base += parsed.len() as u64;
+                    self.clear();
+                    return Ok(Some(parsed));
                 }
-                _ => return Err(ProtocolError("invalid bulk length".into())),
-            };
-            // Checked before waiting for the bytes, so the declared size is never buffered.
-            let end = start + len;
-            if (end + 2) as u64 > self.limits.max_request_bytes {
-                return Err(ProtocolError(
-                    format!(
-                        "request too large (more than stormwall's limits.max_request_bytes = {})",
-                        self.limits.max_request_bytes
-                    )
-                    .into(),
-                ));
+                Ok(Step::More) if at_read_end => self.read_ended(visible_end),
+                Ok(Step::More) => return Ok(None),
+                Err(e) => {
+                    self.clear();
+                    return Err(e);
+                }
             }
-            if end + 2 > buf.len() {
-                return Ok(None);
-            }
-            // Like Redis, the two bytes after the payload are skipped, not checked.
-            self.args.push(start..end);
-            *pos = end + 2;
-            *remaining -= 1;
         }
-        let len = *pos;
-        self.state = State::Start;
-        Ok(Some(Parsed::Multibulk { len }))
     }
 
     /// Forgets a partially parsed request (after an error the connection is closed anyway,
     /// but a fresh state keeps the parser reusable).
     pub fn reset(&mut self) {
-        self.state = State::Start;
+        self.clear();
+    }
+
+    fn clear(&mut self) {
+        self.kind = Kind::Unknown;
+        self.remaining = 0;
+        self.bulk = None;
+        self.pos = 0;
+    }
+
+    /// One pass of Redis's `processInputBuffer` over `buf` (what Redis has read of this
+    /// request). `at_read_end`: `buf` ends where a Redis read ends, so over-long lines are
+    /// judged now.
+    fn step(&mut self, buf: &[u8], at_read_end: bool) -> Result<Step, ProtocolError> {
+        if self.kind == Kind::Unknown {
+            let Some(&first) = buf.first() else {
+                return Ok(Step::More);
+            };
+            self.kind = if first == b'*' {
+                Kind::Multibulk
+            } else {
+                Kind::Inline
+            };
+        }
+        if self.kind == Kind::Inline {
+            self.inline(buf, at_read_end)
+        } else {
+            self.multibulk(buf, at_read_end)
+        }
+    }
+
+    /// Bytes of an unfinished request held so far: past `max_request_bytes` the connection
+    /// is closed without a reply, as Redis closes a client past `client-query-buffer-limit`.
+    fn within_request_limit(&self, bytes: u64) -> Result<(), ProtocolError> {
+        if bytes > self.limits.max_request_bytes {
+            return Err(ProtocolError::Close(
+                "request larger than limits.max_request_bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `processInlineBuffer`.
+    fn inline(&mut self, buf: &[u8], at_read_end: bool) -> Result<Step, ProtocolError> {
+        let Some(nl) = line_end(b'\n', buf) else {
+            if at_read_end && buf.len() as u64 > INLINE_MAX {
+                return Err(refuse("too big inline request"));
+            }
+            self.within_request_limit(buf.len() as u64)?;
+            return Ok(Step::More);
+        };
+        let mut line = &buf[..nl];
+        if let [rest @ .., b'\r'] = line {
+            line = rest;
+        }
+        let args = split_args(line).ok_or(refuse("unbalanced quotes in request"))?;
+        let len = nl + 1;
+        Ok(Step::Done(if args.is_empty() {
+            Parsed::Empty { len }
+        } else {
+            Parsed::Inline { len, args }
+        }))
+    }
+
+    /// `processMultibulkBuffer`.
+    fn multibulk(&mut self, buf: &[u8], at_read_end: bool) -> Result<Step, ProtocolError> {
+        if self.remaining == 0 {
+            let cr = match line_end(b'\r', buf) {
+                None => {
+                    if at_read_end && buf.len() as u64 > INLINE_MAX {
+                        return Err(refuse("too big mbulk count string"));
+                    }
+                    self.within_request_limit(buf.len() as u64)?;
+                    return Ok(Step::More);
+                }
+                // The line ends at the CR, which must be followed by one more byte (skipped
+                // unchecked, as Redis does).
+                Some(cr) if cr + 2 > buf.len() => return Ok(Step::More),
+                Some(cr) => cr,
+            };
+            let n = match parse_int(&buf[1..cr]) {
+                Some(n) if n <= 0 => n,
+                Some(n) if n as u64 <= MAX_MULTIBULK.min(self.limits.max_array_len) => n,
+                _ => return Err(refuse("invalid multibulk length")),
+            };
+            if n > UNAUTH_MAX_ARGS && self.unauthenticated {
+                return Err(refuse("unauthenticated multibulk length"));
+            }
+            self.pos = cr + 2;
+            if n <= 0 {
+                return Ok(Step::Done(Parsed::Empty { len: self.pos }));
+            }
+            // Nothing is reserved per declared argument: the count is only a promise.
+            self.remaining = n as u64;
+            self.args.clear();
+        }
+        while self.remaining > 0 {
+            let len = match self.bulk {
+                Some(len) => len,
+                None => {
+                    let line = buf.get(self.pos..).unwrap_or_default();
+                    let cr = match line_end(b'\r', line) {
+                        None => {
+                            if at_read_end && line.len() as u64 > INLINE_MAX {
+                                return Err(refuse("too big bulk count string"));
+                            }
+                            self.within_request_limit(buf.len() as u64)?;
+                            return Ok(Step::More);
+                        }
+                        Some(cr) if cr + 2 > line.len() => return Ok(Step::More),
+                        Some(cr) => cr,
+                    };
+                    if line[0] != b'$' {
+                        return Err(expected_dollar(line[0]));
+                    }
+                    let n = match parse_int(&line[1..cr]) {
+                        Some(n) if n >= 0 && n as u64 <= self.limits.max_bulk_len => n,
+                        _ => return Err(refuse("invalid bulk length")),
+                    };
+                    if n > UNAUTH_MAX_BULK && self.unauthenticated {
+                        return Err(refuse("unauthenticated bulk length"));
+                    }
+                    self.pos += cr + 2;
+                    let n = n as u64;
+                    // Checked before waiting for the bytes, so a declared size is never held.
+                    self.within_request_limit((self.pos as u64).saturating_add(n + 2))?;
+                    self.bulk = Some(n);
+                    n
+                }
+            };
+            // `len` fits: it is below `max_request_bytes`, checked above against the buffer.
+            let have = buf.len().saturating_sub(self.pos) as u64;
+            if have < len + 2 {
+                return Ok(Step::More);
+            }
+            let start = self.pos;
+            let end = start + len as usize;
+            self.args.push(start..end);
+            self.pos = end + 2;
+            if len >= BIG_ARG {
+                self.reads.big_done = Some((self.reads.base + self.pos as u64, len));
+            }
+            self.bulk = None;
+            self.remaining -= 1;
+        }
+        Ok(Step::Done(Parsed::Multibulk { len: self.pos }))
+    }
+
+    /// A Redis read ended at stream offset `at` with the request unfinished: replay what
+    /// Redis does to its query buffer then (trim, large-argument handling) and where its next
+    /// read will end.
+    fn read_ended(&mut self, at: u64) {
+        let reads = &mut self.reads;
+        let stuck = reads.base + self.pos as u64;
+        let mut kept = reads.kept.max(stuck);
+        let big_bulk = match (self.kind, self.bulk) {
+            (Kind::Multibulk, Some(len)) if len >= BIG_ARG => Some(len),
+            _ => None,
+        };
+        match (reads.big_done.take(), big_bulk) {
+            // A large argument ended exactly where the read did: Redis hands its buffer to
+            // the argument and starts a new one as large.
+            (Some((end, len)), _) if end == at => {
+                reads.buf = QueryBuf::fresh(len + 2);
+                kept = at;
+            }
+            // A large argument's header was read in this read: Redis trims its buffer to the
+            // argument and sizes it for the rest.
+            (_, Some(len)) if stuck > reads.start => {
+                let held = at - stuck;
+                reads.buf.make_room(held, (len + 2).saturating_sub(held), false);
+            }
+            _ => {}
+        }
+        let missing = big_bulk.map(|len| (len + 2).saturating_sub(at - stuck));
+        let next = reads.buf.next_read(at - kept, missing);
+        reads.kept = kept;
+        reads.start = at;
+        reads.end = at.saturating_add(next);
     }
 }
 
-/// Parses a `*N\r\n` / `$N\r\n` header at `at`. Like Redis: the line ends at the first `\r`,
-/// which must be followed by one more byte (skipped). Returns the number (None if it is not
-/// one) and where the next field starts, or `Ok(None)` if the line is incomplete.
-fn header(
-    buf: &[u8],
-    at: usize,
-    too_big: &'static str,
-) -> Result<Option<(Option<i64>, usize)>, ProtocolError> {
-    let line = &buf[at + 1..];
-    match line_end(b'\r', line) {
-        None if line.len() > MAX_LINE => Err(ProtocolError(too_big.into())),
-        Some(cr) if cr > MAX_LINE => Err(ProtocolError(too_big.into())),
-        None => Ok(None),
-        Some(cr) if cr + 2 > line.len() => Ok(None),
-        Some(cr) => Ok(Some((parse_int(&line[..cr]), at + 1 + cr + 2))),
-    }
+/// `expected '$', got '%c'`: the byte as-is, except that Redis turns CR and LF in an error
+/// text into spaces (a NUL never gets here: it ends Redis's search for the line).
+fn expected_dollar(got: u8) -> ProtocolError {
+    let got = if got == b'\r' || got == b'\n' {
+        b' '
+    } else {
+        got
+    };
+    let mut text = b"expected '$', got '".to_vec();
+    text.extend_from_slice(&[got, b'\'']);
+    ProtocolError::Reply(Cow::Owned(text))
 }
 
 /// Where `delim` first occurs, as Redis's `strchr` finds it: a NUL byte ends the search, so
@@ -223,29 +438,6 @@ fn header(
 /// complains once the 64 KiB line limit is passed) rather than as a complete command.
 fn line_end(delim: u8, buf: &[u8]) -> Option<usize> {
     memchr::memchr2(delim, 0, buf).filter(|&i| buf[i] == delim)
-}
-
-fn parse_inline(buf: &[u8]) -> Result<Option<Parsed>, ProtocolError> {
-    let Some(nl) = line_end(b'\n', buf) else {
-        if buf.len() > MAX_LINE {
-            return Err(ProtocolError("too big inline request".into()));
-        }
-        return Ok(None);
-    };
-    if nl > MAX_LINE {
-        return Err(ProtocolError("too big inline request".into()));
-    }
-    let mut line = &buf[..nl];
-    if let [rest @ .., b'\r'] = line {
-        line = rest;
-    }
-    let args = split_args(line).ok_or(ProtocolError("unbalanced quotes in request".into()))?;
-    let len = nl + 1;
-    Ok(Some(if args.is_empty() {
-        Parsed::Empty { len }
-    } else {
-        Parsed::Inline { len, args }
-    }))
 }
 
 /// Splits an inline request into arguments exactly as Redis's `sdssplitargs` does: blanks
@@ -315,156 +507,5 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const LIMITS: RequestLimits = RequestLimits {
-        max_bulk_len: 1024,
-        max_array_len: 16,
-        max_request_bytes: 4096,
-    };
-
-    fn parse_all(input: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
-        let mut p = RequestParser::new(LIMITS);
-        let mut at = 0;
-        let mut out = Vec::new();
-        while let Some(parsed) = p.parse(&input[at..])? {
-            match &parsed {
-                Parsed::Multibulk { .. } => {
-                    let cmd = p.command(&input[at..]);
-                    out.push(
-                        (0..cmd.argc())
-                            .map(|i| cmd.arg(i).unwrap().to_vec())
-                            .collect(),
-                    );
-                }
-                Parsed::Inline { args, .. } => out.push(args.clone()),
-                Parsed::Empty { .. } => {}
-            }
-            at += parsed.len();
-        }
-        assert_eq!(at, input.len(), "trailing bytes left unparsed");
-        Ok(out)
-    }
-
-    fn err(input: &[u8]) -> String {
-        parse_all(input).unwrap_err().0.into_owned()
-    }
-
-    #[test]
-    fn multibulk_pipeline() {
-        let got =
-            parse_all(b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n").unwrap();
-        assert_eq!(
-            got,
-            vec![
-                vec![b"PING".to_vec()],
-                vec![b"SET".to_vec(), b"k".to_vec(), vec![]]
-            ]
-        );
-    }
-
-    #[test]
-    fn empty_requests_are_consumed_silently() {
-        assert_eq!(
-            parse_all(b"*0\r\n*-1\r\n\r\n   \n").unwrap(),
-            Vec::<Vec<Vec<u8>>>::new()
-        );
-    }
-
-    #[test]
-    fn byte_by_byte_equals_all_at_once() {
-        let input = b"*2\r\n$3\r\nGET\r\n$5\r\nhello\r\nPING\r\n*1\r\n$4\r\nQUIT\r\n";
-        let whole = parse_all(input).unwrap();
-        let mut p = RequestParser::new(LIMITS);
-        let (mut start, mut got) = (0, Vec::new());
-        for end in 1..=input.len() {
-            if let Some(parsed) = p.parse(&input[start..end]).unwrap() {
-                got.push(parsed.len());
-                start += parsed.len();
-            }
-        }
-        assert_eq!(start, input.len());
-        assert_eq!(got.len(), whole.len());
-    }
-
-    #[test]
-    fn redis_error_texts() {
-        assert_eq!(err(b"*x\r\n"), "invalid multibulk length");
-        assert!(err(b"*17\r\n").starts_with("invalid multibulk length"));
-        assert_eq!(err(b"*1\r\n:1\r\n"), "expected '$', got ':'");
-        assert_eq!(err(b"*1\r\n$-1\r\n"), "invalid bulk length");
-        assert_eq!(err(b"*1\r\n$abc\r\n"), "invalid bulk length");
-        assert!(err(b"*1\r\n$2000\r\n").starts_with("invalid bulk length"));
-        assert_eq!(err(b"SET \"a\r\n"), "unbalanced quotes in request");
-        let long = vec![b'a'; MAX_LINE + 10];
-        assert_eq!(err(&long), "too big inline request");
-        let mut long_header = b"*".to_vec();
-        long_header.extend(vec![b'1'; MAX_LINE + 10]);
-        assert_eq!(err(&long_header), "too big mbulk count string");
-    }
-
-    #[test]
-    fn request_size_limit_is_checked_before_buffering() {
-        let mut p = RequestParser::new(LIMITS);
-        // Each argument fits max_bulk_len, but together they exceed max_request_bytes; the
-        // error comes at the header of the argument that would cross it.
-        let mut input = b"*5\r\n".to_vec();
-        for _ in 0..4 {
-            input.extend_from_slice(b"$1000\r\n");
-            input.extend(vec![b'x'; 1000]);
-            input.extend_from_slice(b"\r\n");
-        }
-        input.extend_from_slice(b"$1000\r\n");
-        assert!(p.parse(&input).unwrap_err().0.contains("max_request_bytes"));
-    }
-
-    #[test]
-    fn nul_ends_the_search_for_a_line_end_like_strchr() {
-        let mut p = RequestParser::new(LIMITS);
-        assert_eq!(p.parse(b"GET a\0b\r\nPING\r\n").unwrap(), None);
-        assert_eq!(p.parse(b"*1\0\r\n").unwrap(), None);
-        let mut long = b"GET a\0".to_vec();
-        long.extend(vec![b'x'; MAX_LINE + 1]);
-        assert_eq!(err(&long), "too big inline request");
-    }
-
-    #[test]
-    fn inline_split_like_sdssplitargs() {
-        assert_eq!(
-            split_args(b"set  k   v").unwrap(),
-            vec![b"set".to_vec(), b"k".to_vec(), b"v".to_vec()]
-        );
-        assert_eq!(
-            split_args(br#"set "a b\x41\n" 'it\'s'"#).unwrap(),
-            vec![b"set".to_vec(), b"a bA\n".to_vec(), b"it's".to_vec()]
-        );
-        assert_eq!(split_args(br#"get "a"b"#), None);
-        assert_eq!(split_args(b"get 'a"), None);
-        assert_eq!(split_args(b"").unwrap(), Vec::<Vec<u8>>::new());
-    }
-
-    #[test]
-    fn agrees_with_redis_protocol_on_boundaries() {
-        // Valid multibulk requests: our frame length must equal redis-protocol's.
-        use redis_protocol::resp2::{encode::encode, types::OwnedFrame, types::Resp2Frame};
-        for argc in 1..8usize {
-            let frame = OwnedFrame::Array(
-                (0..argc)
-                    .map(|i| OwnedFrame::BulkString(vec![b'a' + i as u8; i * 37 % 200]))
-                    .collect(),
-            );
-            let mut bytes = vec![0; frame.encode_len(false)];
-            encode(&mut bytes, &frame, false).unwrap();
-            let (_, theirs) = redis_protocol::resp2::decode::decode(&bytes)
-                .unwrap()
-                .unwrap();
-            let ours = RequestParser::new(LIMITS)
-                .parse(&bytes)
-                .unwrap()
-                .unwrap()
-                .len();
-            assert_eq!(ours, theirs);
-        }
-    }
-}
+#[path = "request_tests.rs"]
+mod tests;

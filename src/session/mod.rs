@@ -146,7 +146,7 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
     };
     let replies = ReplySide {
         links: &links,
-        scanner: ReplyScanner::new(limits.max_reply_depth, limits.max_bulk_len),
+        scanner: ReplyScanner::new(limits.max_bulk_len),
         pending: 0,
         blocking: false,
         effect: None,

@@ -76,12 +76,17 @@ impl RequestSide<'_> {
             if buf.capacity() - buf.len() < MIN_READ {
                 buf.reserve(READ_BUF);
             }
+            let space = buf.capacity() - buf.len();
             let read = tokio::select! {
                 biased;
                 _ = &mut dead => return,
                 _ = &mut shutdown => return,
                 r = read_within(&mut client, &mut buf, idle) => r,
             };
+            // A read that did not fill the space ends where Redis's would (resp::request).
+            if let Some(Ok(n)) = &read {
+                self.parser.set_caught_up(*n < space);
+            }
             let Some(read) = read else {
                 if self.raw || !links.queue.is_drained() {
                     continue;
