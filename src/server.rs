@@ -64,6 +64,7 @@ pub async fn run(
         config: ArcSwap::new(config.clone()),
         shutdown: shutdown.clone(),
         upstream_up: AtomicBool::new(true),
+        auth_required: AtomicBool::new(false),
         engine: Engine::new(config.clone()),
         metrics: Hot::new(),
         log_throttle: Throttle::new(5),

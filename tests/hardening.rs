@@ -316,3 +316,36 @@ fn tracking_noloop_client_is_not_told_about_its_own_delete() {
     let pushes = exchange(&mut d, &mut p, b"PING\r\n", 2);
     assert!(matches!(&pushes[0], Frame::Push { .. }), "{pushes:?}");
 }
+
+/// Redis's limits for clients that have not authenticated: a large bulk or a long command
+/// from an unauthenticated client is refused at its header, before anything is buffered; an
+/// `AUTH` earlier in the same write lifts them, as it does in Redis.
+#[test]
+fn unauthenticated_clients_get_redis_pre_auth_limits() {
+    let twin = Twin::start_with(&["--requirepass", "pw"], "");
+    // The header of a 500 MB argument: refused at once, connection closed.
+    let input = b"*2\r\n$4\r\nECHO\r\n$500000000\r\n";
+    let mut d = twin.direct.raw();
+    let mut p = twin.sw.raw();
+    let got = exchange(&mut d, &mut p, input, 1);
+    assert_eq!(
+        error_text(&got[0]),
+        "ERR Protocol error: unauthenticated bulk length"
+    );
+    assert!(p.closed());
+    let mut many = b"*11\r\n".to_vec();
+    for _ in 0..11 {
+        many.extend_from_slice(b"$1\r\nx\r\n");
+    }
+    let got = twin.same(&many, 1);
+    assert_eq!(
+        error_text(&got[0]),
+        "ERR Protocol error: unauthenticated multibulk length"
+    );
+    // Authenticated in the same write: the large argument is accepted.
+    let value = vec![b'v'; 20_000];
+    let mut input = b"AUTH pw\r\n".to_vec();
+    input.extend(common::encode_cmd(&[b"ECHO", &value]));
+    let got = twin.same(&input, 2);
+    assert_eq!(text(&got[0]), "OK");
+}

@@ -66,6 +66,10 @@ pub struct Context {
     /// Whether the last upstream connection attempt succeeded; flips are logged once each,
     /// so a Redis outage produces two log lines, not one per client.
     pub upstream_up: AtomicBool,
+    /// Redis requires a password (its default user is not `nopass`), as the readiness probe
+    /// last saw it: clients that have not authenticated then get Redis's pre-authentication
+    /// limits from stormwall too, so they cannot make it buffer large requests.
+    pub auth_required: AtomicBool,
     /// The invalidation shield every session hands governed commands to.
     pub engine: Engine,
     pub metrics: Hot,
@@ -117,6 +121,8 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
             return;
         }
     };
+    // As Redis decides for a new connection: authenticated if no password is required.
+    let auth_required = ctx.auth_required.load(Ordering::Relaxed);
     let (client_read, client_write) = client.into_split();
     let (upstream_read, mut upstream_write) = upstream.into_split();
     let links = Links {
@@ -125,7 +131,8 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         dead: CancellationToken::new(),
         shutdown: ctx.shutdown.child_token(),
         queue: ReplyQueue::default(),
-        state: Mutex::new(Confirmed::default()),
+        state: Mutex::new(Confirmed::new(!auth_required)),
+        authenticated: AtomicBool::new(!auth_required),
         client_gone: AtomicBool::new(false),
         client_blocked: AtomicBool::new(false),
         blocked: Notify::new(),
@@ -176,6 +183,8 @@ struct Links<'a> {
     queue: ReplyQueue,
     /// The connection's state as Redis's replies confirmed it (written by the reply side).
     state: Mutex<Confirmed>,
+    /// `state.authenticated`, readable without the lock once per client read.
+    authenticated: AtomicBool,
     /// The client closed its side; Redis closing next is expected, not a failure.
     client_gone: AtomicBool,
     /// The reply side is waiting for the client to read (a write to it did not complete at
@@ -188,6 +197,20 @@ impl Links<'_> {
     fn state(&self) -> MutexGuard<'_, Confirmed> {
         // Nothing panics while holding it, and the state stays consistent if it did.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether Redis's pre-authentication limits apply to this client now.
+    fn unauthenticated(&self) -> bool {
+        self.ctx.auth_required.load(Ordering::Relaxed)
+            && !self.authenticated.load(Ordering::Acquire)
+    }
+
+    /// Applies Redis's verdict on a state-changing command.
+    fn confirm(&self, effect: state::Effect, reply: &[u8]) {
+        let mut state = self.state();
+        state.confirm(effect, reply);
+        self.authenticated
+            .store(state.authenticated, Ordering::Release);
     }
 
     /// Resolves once the reply side is waiting for the client to read.

@@ -143,7 +143,7 @@ impl ReplySide<'_> {
                             return End::Failed;
                         }
                         if let Some(effect) = self.effect.take() {
-                            links.state().confirm(effect, &buf[ready..ready + len]);
+                            links.confirm(effect, &buf[ready..ready + len]);
                         }
                         if let Some(reply) = self.replace.take() {
                             if !self.write(client, buf, &mut ready).await {

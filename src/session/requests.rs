@@ -125,10 +125,30 @@ impl RequestSide<'_> {
     async fn process(&mut self, upstream: &mut WriteHalf, buf: &mut BytesMut) -> Next {
         let mut scanned = 0;
         let mut run = Run::default();
+        self.parser
+            .set_unauthenticated(self.links.unauthenticated());
         loop {
             let parsed = match self.parser.parse(&buf[scanned..]) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
+                Err(e)
+                    if e.text().starts_with("unauthenticated")
+                        && !self.links.queue.is_drained() =>
+                {
+                    // An AUTH earlier in this write may authenticate the client first, as
+                    // Redis, reading in order, would have by now: find out, then judge again.
+                    self.parser.reset();
+                    if let Settled::Stop = self.settle(upstream, buf, &mut scanned, &mut run).await
+                    {
+                        return Next::Stop;
+                    }
+                    let unauthenticated = self.links.unauthenticated();
+                    self.parser.set_unauthenticated(unauthenticated);
+                    if unauthenticated {
+                        return self.protocol_error(upstream, buf, scanned, run, e).await;
+                    }
+                    continue;
+                }
                 Err(e) => return self.protocol_error(upstream, buf, scanned, run, e).await,
             };
             let cmd = match &parsed {
@@ -196,7 +216,9 @@ impl RequestSide<'_> {
                 }
                 Kind::Exec => Some(Effect::Exec),
                 Kind::Discard => Some(Effect::Discard),
-                Kind::Reset => Some(Effect::Reset),
+                Kind::Reset => Some(Effect::Reset {
+                    auth_required: self.links.ctx.auth_required.load(Ordering::Relaxed),
+                }),
                 Kind::Identity => Some(effect_of(&cmd)),
                 _ => None,
             };

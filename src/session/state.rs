@@ -42,7 +42,11 @@ pub(super) enum Effect {
     Multi,
     Exec,
     Discard,
-    Reset,
+    /// `RESET`; whether Redis required authentication when it was sent (a reset client is
+    /// the default user again, authenticated only if that user needs no password).
+    Reset {
+        auth_required: bool,
+    },
     /// `SELECT db`; `None` when stormwall cannot read the argument the way Redis did.
     Select(Option<i64>),
     /// `AUTH` (`hello == false`) or `HELLO` (`true`).
@@ -79,6 +83,10 @@ pub(super) struct Confirmed {
     /// Identity commands queued in the open transaction; they take effect if `EXEC` runs it.
     queued_login: bool,
     queued_select: bool,
+    /// Authenticated as Redis sees it: from the start when no password was required then,
+    /// or by an accepted `AUTH`/`HELLO … AUTH`. Redis's pre-authentication limits apply to
+    /// a client that is not, while Redis requires a password.
+    pub authenticated: bool,
     /// Client tracking with `NOLOOP` is on (or may be): Redis does not tell a client about
     /// its own writes, but a delete the shield runs on another connection would be reported
     /// to it, so its invalidations must run on its own connection.
@@ -86,6 +94,14 @@ pub(super) struct Confirmed {
 }
 
 impl Confirmed {
+    /// The state of a new connection.
+    pub fn new(authenticated: bool) -> Confirmed {
+        Confirmed {
+            authenticated,
+            ..Confirmed::default()
+        }
+    }
+
     /// Whether the shield can act as this connection (its user, password and database).
     pub fn identity_known(&self) -> bool {
         !self.creds_unknown && !self.db_unknown
@@ -125,9 +141,9 @@ impl Confirmed {
                     self.end_transaction();
                 }
             }
-            Effect::Reset => {
+            Effect::Reset { auth_required } => {
                 if reply == b"+RESET\r\n" {
-                    *self = Confirmed::default();
+                    *self = Confirmed::new(!auth_required);
                 }
             }
             Effect::Select(db) => {
@@ -165,7 +181,7 @@ impl Confirmed {
                     return;
                 }
                 match login {
-                    Login::Unchanged => {}
+                    Login::Unchanged => return,
                     Login::Known { user, password } => {
                         self.identity.user = user;
                         self.identity.password = Some(password);
@@ -173,6 +189,7 @@ impl Confirmed {
                     }
                     Login::Untracked => self.creds_unknown = true,
                 }
+                self.authenticated = true;
             }
         }
     }
@@ -217,7 +234,12 @@ mod tests {
             b"-ERR wrong number of arguments for 'discard' command\r\n",
         );
         assert!(s.in_multi, "a refused DISCARD ended the transaction");
-        s.confirm(Effect::Reset, b"-ERR wrong number of arguments\r\n");
+        s.confirm(
+            Effect::Reset {
+                auth_required: false,
+            },
+            b"-ERR wrong number of arguments\r\n",
+        );
         assert!(s.in_multi, "a refused RESET ended the transaction");
         s.confirm(Effect::Exec, b"-NOPERM no permissions to run 'exec'\r\n");
         assert!(s.in_multi, "a refused EXEC ended the transaction");
@@ -303,8 +325,15 @@ mod tests {
         );
         assert!(!s.identity_known());
         s.confirm(Effect::Select(None), b"-ERR DB index is out of range\r\n");
-        s.confirm(Effect::Reset, b"+RESET\r\n");
+        assert!(s.authenticated);
+        s.confirm(
+            Effect::Reset {
+                auth_required: true,
+            },
+            b"+RESET\r\n",
+        );
         assert!(s.identity_known());
+        assert!(!s.authenticated);
         assert_eq!(s.identity, Identity::default());
     }
 }
