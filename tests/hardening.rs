@@ -349,3 +349,24 @@ fn unauthenticated_clients_get_redis_pre_auth_limits() {
     let got = twin.same(&input, 2);
     assert_eq!(text(&got[0]), "OK");
 }
+
+/// A `REPLCONF ACK` queued in a transaction makes Redis write an `EXEC` array one element
+/// short (the next reply fills the gap). No client can count that; stormwall relays such an
+/// `EXEC` and what follows byte for byte, so the client gets exactly Redis's bytes instead
+/// of a proxy waiting forever for a reply that never comes.
+#[test]
+fn exec_of_a_queued_no_reply_command_is_relayed_byte_for_byte() {
+    let twin = Twin::start("reply_timeout = \"1s\"\n");
+    let input = b"MULTI\r\nREPLCONF ACK 0\r\nFLUSHDB\r\nEXEC\r\nPING\r\nECHO end\r\n";
+    let mut d = twin.direct.raw();
+    let mut p = twin.sw.raw();
+    d.send(input);
+    p.send(input);
+    let expected = b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n+PONG\r\n$3\r\nend\r\n";
+    assert_eq!(d.read_bytes(expected.len()), expected.to_vec());
+    assert_eq!(p.read_bytes(expected.len()), expected.to_vec());
+    // The connection is not waiting for a reply Redis never sends (which would end it at
+    // upstream.reply_timeout).
+    std::thread::sleep(Duration::from_millis(1500));
+    exchange(&mut d, &mut p, b"ECHO again\r\n", 1);
+}

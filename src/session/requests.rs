@@ -192,11 +192,10 @@ impl RequestSide<'_> {
                     Settled::Yes => {}
                 }
                 if self.maybe_multi {
-                    match kind {
-                        Kind::EntersRaw => self.multi_enters_raw = true,
-                        Kind::NoReply | Kind::Delete | Kind::Flush { .. } => {}
-                        _ => unreachable!("only uncertain kinds settle here"),
-                    }
+                    // What EXEC answers for a queued command that replies more than once or
+                    // not at all (Redis writes an EXEC array one element short for a queued
+                    // `REPLCONF ACK`) cannot be counted: that EXEC relays raw.
+                    self.multi_enters_raw |= matches!(kind, Kind::EntersRaw | Kind::NoReply);
                     // Queued by Redis: one `+QUEUED` reply, like any plain command.
                     scanned += len;
                     run.count += 1;
