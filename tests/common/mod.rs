@@ -522,3 +522,66 @@ pub fn array(items: &[Frame]) -> Frame {
         attributes: None,
     }
 }
+
+/// What a server sent back on one connection: every byte until it closed (or until
+/// `quiet` passed without a byte, if it did not close), and whether it closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transcript {
+    pub bytes: Vec<u8>,
+    pub closed: bool,
+}
+
+/// Sends `input` on a fresh connection to `port`, optionally half-closes (as a client that
+/// has nothing more to say), and collects the reply bytes. Write errors are ignored: a server
+/// may close early after a protocol error.
+pub fn exchange(port: u16, input: &[u8], half_close: bool, quiet: Duration) -> Transcript {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("cannot connect");
+    s.set_nodelay(true).expect("nodelay");
+    let _ = s.write_all(input);
+    if half_close {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    read_transcript(&mut s, quiet)
+}
+
+/// Reads until the peer closes (EOF or reset) or `quiet` passes without a byte.
+pub fn read_transcript(s: &mut TcpStream, quiet: Duration) -> Transcript {
+    s.set_read_timeout(Some(quiet)).expect("set timeout");
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return Transcript { bytes, closed: true },
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Transcript {
+                    bytes,
+                    closed: true,
+                };
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Transcript {
+                    bytes,
+                    closed: false,
+                };
+            }
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+}
+
+/// Shows bytes for a failure message: printable ASCII as is, the rest escaped, cut short.
+pub fn shown(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(120)];
+    let s: String = cut.iter().flat_map(|&b| std::ascii::escape_default(b)).map(char::from).collect();
+    if bytes.len() > cut.len() {
+        format!("{s}… ({} bytes)", bytes.len())
+    } else {
+        s
+    }
+}
