@@ -1,4 +1,5 @@
 //! The `stormwall` command: parse flags, load and check the config, run until a signal.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -109,10 +110,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
@@ -156,6 +154,26 @@ fn main() -> ExitCode {
     // Sessions still blocked after the drain timeout must not hold the process open.
     runtime.shutdown_background();
     code
+}
+
+/// The async runtime: one thread that runs every task, in the order they were woken.
+///
+/// Why not tokio's multi-thread runtime: it keeps a per-worker "LIFO slot", and a task woken
+/// while the worker polls for I/O takes that slot, pushing the task woken before it to the
+/// back of the queue. When client A's command and then client B's arrive in the same poll,
+/// B's session runs first and B's command reaches Redis first. `benches/ordering.rs` counted
+/// that in about a third of back-to-back pairs (a plain TCP relay: ~6%). Disabling the slot
+/// (`Builder::disable_lifo_slot`, behind `--cfg tokio_unstable`) still leaves two workers
+/// racing for the two sessions, worse than a relay whenever the machine is busy. With one
+/// thread, wake-ups run first-in first-out, so commands reach Redis in the order they
+/// reached stormwall, and measured CPU per request was no higher (no cross-thread wake-ups);
+/// see `results/ordering.md`. The cost is that one stormwall process uses at most one core
+/// for forwarding, which a sidecar next to one Redis (itself single-threaded) rarely needs
+/// more of.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// First SIGTERM/SIGINT starts a graceful drain; a second one exits at once.
