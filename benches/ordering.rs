@@ -9,8 +9,9 @@
 //! Run: `cargo bench --bench ordering` (about a minute). Writes `results/ordering.md`.
 //! `STORMWALL_BENCH_TRIES=N` (default 1000 per path and round), `STORMWALL_BENCH_ROUNDS=R`
 //! (default 3), `STORMWALL_BENCH_QUICK=1` (one short round, results/ left alone),
-//! `STORMWALL_BENCH_BIN=path` (measure another stormwall build, e.g. to compare runtime
-//! settings; its label is `STORMWALL_BENCH_LABEL`).
+//! `STORMWALL_BENCH_BIN=path` (measure another stormwall build; its label is
+//! `STORMWALL_BENCH_LABEL`), `STORMWALL_BENCH_COMPARE=path` (also measure this build in
+//! the same run, labelled `STORMWALL_BENCH_COMPARE_LABEL`: before/after comparisons).
 //!
 //! Method. Per path (Redis directly, `socat` forking one relay process per connection, and
 //! stormwall), two connections A and B are opened and each sends one `PING` first, so
@@ -122,10 +123,10 @@ fn stormwall_bin() -> String {
     std::env::var("STORMWALL_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_stormwall").into())
 }
 
-fn start_stormwall(upstream: u16) -> (Proc, u16) {
+fn start_stormwall(bin: &str, upstream: u16) -> (Proc, u16) {
     let port = free_port();
     let mut child = Proc(
-        Command::new(stormwall_bin())
+        Command::new(bin)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--upstream", &format!("127.0.0.1:{upstream}")])
             .args(["--admin", "127.0.0.1:0", "--log-level", "warn"])
@@ -158,6 +159,24 @@ fn get_rps(port: u16, n: u64) -> f64 {
         .unwrap_or_else(|| panic!("cannot parse redis-benchmark output: {text}"))
 }
 
+/// User plus system CPU time of a process so far, in seconds (`/proc/PID/stat`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime are fields 14 and 15 of the line: indices 11 and 12 after the name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    let hz = common::stdout_of("getconf", &["CLK_TCK"])
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(100.0);
+    ticks / hz
+}
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -177,61 +196,109 @@ fn main() {
     let requests = if quick { 20_000 } else { 100_000 };
     let label = std::env::var("STORMWALL_BENCH_LABEL").unwrap_or_else(|_| "stormwall".into());
 
-    let (_redis, redis_port) = start_redis(&[]);
+    let (redis, redis_port) = start_redis(&[]);
     let socat = start_socat(redis_port);
-    let (_sw, sw_port) = start_stormwall(redis_port);
-    let mut paths: Vec<(String, u16)> = vec![("direct".into(), redis_port)];
+    let (sw, sw_port) = start_stormwall(&stormwall_bin(), redis_port);
+    // (label, port, the process whose CPU time a request costs: Redis or the proxy)
+    let mut paths: Vec<(String, u16, Option<u32>)> =
+        vec![("direct".into(), redis_port, Some(redis.pid()))];
     if let Some((_, p)) = &socat {
-        paths.push(("socat".into(), *p));
+        // socat forks a process per connection; their CPU time is not tracked.
+        paths.push(("socat".into(), *p, None));
     }
-    paths.push((label, sw_port));
+    paths.push((label, sw_port, Some(sw.pid())));
+    // Another build measured in the same run, e.g. the last release before a change.
+    let compare = std::env::var("STORMWALL_BENCH_COMPARE").ok();
+    let _other = compare.as_ref().map(|bin| {
+        let (proc, port) = start_stormwall(bin, redis_port);
+        let label = std::env::var("STORMWALL_BENCH_COMPARE_LABEL").unwrap_or_else(|_| bin.clone());
+        paths.push((label, port, Some(proc.pid())));
+        proc
+    });
 
     // reorders[path][round], rps[path][round]
     let mut reorders = vec![Vec::new(); paths.len()];
     let mut rps = vec![Vec::new(); paths.len()];
+    let mut cpu = vec![Vec::new(); paths.len()];
     for round in 0..rounds {
         // A different path goes first each round, so drifts of the machine hit all alike.
-        for k in 0..paths.len() {
-            let p = (k + round as usize) % paths.len();
-            let (name, port) = &paths[p];
+        // Orders are counted before any throughput run of the round, so that no path's
+        // count is taken while relay processes or connections of a load run wind down.
+        let order: Vec<usize> = (0..paths.len())
+            .map(|k| (k + round as usize) % paths.len())
+            .collect();
+        for &p in &order {
+            let (name, port, _) = &paths[p];
             let r = count_reorders(*port, tries, &format!("{round}:{name}"));
-            let t = get_rps(*port, requests);
-            println!(
-                "round {round} {name:>10}: {r:>4} of {tries} reordered; GET -c 50 -P 1 {t:>9.0} req/s"
-            );
+            println!("round {round} {name:>10}: {r:>4} of {tries} reordered");
             reorders[p].push(r);
+        }
+        for &p in &order {
+            let (name, port, pid) = &paths[p];
+            let before = pid.map(cpu_seconds);
+            let t = get_rps(*port, requests);
+            let us = pid
+                .zip(before)
+                .map(|(pid, b)| (cpu_seconds(pid) - b) * 1e6 / requests as f64);
+            println!(
+                "round {round} {name:>10}: GET -c 50 -P 1 {t:>9.0} req/s, {} µs CPU/request",
+                us.map_or("?".into(), |u| format!("{u:.1}"))
+            );
             rps[p].push(t);
+            cpu[p].extend(us);
+            thread::sleep(Duration::from_secs(1));
         }
     }
 
-    let mut md = report_header(
-        "Cross-connection arrival order",
-        "cargo bench --bench ordering",
-    );
+    // The command as run, with the settings that change what is measured.
+    let settings: Vec<String> = [
+        "STORMWALL_BENCH_BIN",
+        "STORMWALL_BENCH_COMPARE",
+        "STORMWALL_BENCH_ROUNDS",
+        "STORMWALL_BENCH_TRIES",
+    ]
+    .iter()
+    .filter_map(|k| Some(format!("{k}={}", std::env::var(k).ok()?)))
+    .collect();
+    let command = format!("{} cargo bench --bench ordering", settings.join(" "));
+    let mut md = report_header("Cross-connection arrival order", command.trim());
     let _ = writeln!(md, "| machine | {} |", cores_and_cpu());
     let _ = writeln!(md, "| redis | {} |", sh("redis-server", &["--version"]));
     let _ = writeln!(md, "| stormwall | `{}` |", stormwall_bin());
+    if let Some(bin) = &compare {
+        let _ = writeln!(md, "| compared with | `{bin}` |");
+    }
     let _ = writeln!(
         md,
         "| method | {rounds} rounds × {tries} tries per path: `RPUSH k a` on connection A, \
          then (after A's write returned) `RPUSH k b` on connection B; reordered = Redis \
          answered A `:2` (B's push ran first); tries 1 ms apart. Throughput: \
-         `redis-benchmark -c 50 -P 1 -t get -d 16 -n {requests}`, median of rounds |"
+         `redis-benchmark -c 50 -P 1 -t get -d 16 -n {requests}`, median of rounds (and \
+         its min–max); CPU per request = user + system time of the process serving the path \
+         (Redis directly, or the proxy) during that run, from `/proc/PID/stat`, median — \
+         steadier than req/s when other processes share the cores |"
     );
     let _ = writeln!(
         md,
-        "\n| path | reordered (of {}) | per round | GET -c 50 -P 1 req/s |\n| --- | ---: | --- | ---: |",
+        "\n| path | reordered (of {}) | per round | GET -c 50 -P 1 req/s (min–max) | CPU µs per request |\n| --- | ---: | --- | ---: | ---: |",
         tries as u64 * rounds
     );
-    for (p, (name, _)) in paths.iter().enumerate() {
+    for (p, (name, _, _)) in paths.iter().enumerate() {
         let total: u32 = reorders[p].iter().sum();
         let per: Vec<String> = reorders[p].iter().map(u32::to_string).collect();
         let _ = writeln!(
             md,
-            "| {name} | {total} ({:.1}%) | {} | {:.0} |",
+            "| {name} | {total} ({:.1}%) | {} | {:.0} ({:.0}–{:.0}) | {} |",
             100.0 * total as f64 / (tries as f64 * rounds as f64),
             per.join(", "),
-            median(rps[p].clone())
+            median(rps[p].clone()),
+            rps[p].iter().copied().fold(f64::INFINITY, f64::min),
+            rps[p].iter().copied().fold(0.0, f64::max),
+            if cpu[p].is_empty() {
+                "–".to_string()
+            } else {
+                format!("{:.1}", median(cpu[p].clone()))
+            }
         );
     }
     println!("\n{md}");

@@ -23,6 +23,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub reload: ReloadConfig,
     pub shutdown: ShutdownConfig,
+    pub runtime: RuntimeConfig,
     pub log: LogConfig,
 }
 
@@ -71,6 +72,10 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
     RestartOnly {
         key: "reload.watch_interval",
         keep: |from, into| into.reload.watch_interval = from.reload.watch_interval,
+    },
+    RestartOnly {
+        key: "runtime.worker_threads",
+        keep: |from, into| into.runtime.worker_threads = from.runtime.worker_threads,
     },
     RestartOnly {
         key: "log.format",
@@ -326,6 +331,24 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// The async runtime the proxy runs on (see `runtime()` in `src/main.rs` for why one thread
+/// is the default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// 1: one thread runs everything, and commands from different clients reach Redis in the
+    /// order they reached stormwall. More: tokio's multi-thread scheduler with this many
+    /// workers, for more forwarding throughput than one core gives, at the price of commands
+    /// sent back to back on different connections sometimes reaching Redis out of order.
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { worker_threads: 1 }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -444,6 +467,12 @@ impl Config {
         }
         if self.admin.probe_interval.is_zero() {
             return Err(invalid("admin.probe_interval", "must be greater than 0s"));
+        }
+        if !(1..=1024).contains(&self.runtime.worker_threads) {
+            return Err(invalid(
+                "runtime.worker_threads",
+                "must be between 1 and 1024",
+            ));
         }
         if l.max_reply_depth == 0 {
             return Err(invalid("limits.max_reply_depth", "must be at least 1"));
@@ -568,6 +597,7 @@ mod tests {
             "admin.address" => "[admin]\naddress = \"127.0.0.1:7003\"\n",
             "admin.probe_interval" => "[admin]\nprobe_interval = \"3s\"\n",
             "reload.watch_interval" => "[reload]\nwatch_interval = \"10s\"\n",
+            "runtime.worker_threads" => "[runtime]\nworker_threads = 2\n",
             "log.format" => "[log]\nformat = \"json\"\n",
             other => panic!("restart-only key {other} has no test value here"),
         }
@@ -587,6 +617,19 @@ mod tests {
                 setting.key
             );
         }
+    }
+
+    #[test]
+    fn worker_threads_must_be_positive() {
+        let err = parse("[runtime]\nworker_threads = 0\n").unwrap_err();
+        assert!(err.contains("runtime.worker_threads"), "{err}");
+        assert_eq!(
+            parse("[runtime]\nworker_threads = 4\n")
+                .unwrap()
+                .runtime
+                .worker_threads,
+            4
+        );
     }
 
     #[test]

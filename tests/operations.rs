@@ -357,7 +357,10 @@ fn admin_closes_half_open_connections_and_keeps_answering() {
             start.elapsed()
         );
     }
-    assert!(start.elapsed() >= Duration::from_secs(4), "closed too early");
+    assert!(
+        start.elapsed() >= Duration::from_secs(4),
+        "closed too early"
+    );
     assert_eq!(http_get(&sw, "/healthz").0, 200);
 
     // Beyond the connection cap (256), new connections are closed at once.
