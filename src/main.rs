@@ -167,8 +167,8 @@ fn main() -> ExitCode {
 /// ~1–6%). Disabling the slot (`Builder::disable_lifo_slot`, only behind `--cfg
 /// tokio_unstable`) still leaves two workers racing for the two sessions: 224 of 1,000 on
 /// a busy machine. With one thread, wake-ups run first-in first-out, so commands reach
-/// Redis in the order they reached stormwall (0 of 5,000), and CPU per request was no
-/// higher (no cross-thread wake-ups). The cost: forwarding uses at most one core, and when
+/// Redis in the order they reached stormwall (2 of 5,000 out of order, as many as when
+/// connected to Redis directly), and CPU per request was lower (no cross-thread wake-ups). The cost: forwarding uses at most one core, and when
 /// other processes compete for the CPU a single thread gets a single thread's share of it;
 /// `results/ordering.md` has the numbers. Operators who need more than one core of
 /// forwarding set `worker_threads` higher and accept the reordering.
