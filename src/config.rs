@@ -23,8 +23,65 @@ pub struct Config {
     pub admin: AdminConfig,
     pub reload: ReloadConfig,
     pub shutdown: ShutdownConfig,
+    pub runtime: RuntimeConfig,
     pub log: LogConfig,
 }
+
+/// A setting a reload cannot change: what is bound, connected or installed once at start
+/// (listeners, the upstream address, the admin endpoint, the reload watcher, the log format).
+pub struct RestartOnly {
+    /// The key as written in the file, e.g. `listen.address`; what the reload log names.
+    pub key: &'static str,
+    /// Copies this setting's value from the running config (first) into a reloaded one.
+    keep: fn(&Config, &mut Config),
+}
+
+/// Every restart-only setting, in one place: the reload check, the merge that keeps running
+/// values, the reload log and the documentation (`deploy/stormwall.example.toml`, the
+/// README; a unit test keeps them in step) all come from this list. Anything not listed
+/// changes live on reload.
+pub const RESTART_ONLY: &[RestartOnly] = &[
+    RestartOnly {
+        key: "listen.address",
+        keep: |from, into| into.listen.address = from.listen.address.clone(),
+    },
+    RestartOnly {
+        key: "listen.unix_socket",
+        keep: |from, into| into.listen.unix_socket = from.listen.unix_socket.clone(),
+    },
+    RestartOnly {
+        key: "listen.tcp_keepalive",
+        keep: |from, into| into.listen.tcp_keepalive = from.listen.tcp_keepalive,
+    },
+    RestartOnly {
+        key: "upstream.address",
+        keep: |from, into| into.upstream.address = from.upstream.address.clone(),
+    },
+    RestartOnly {
+        key: "admin.enabled",
+        keep: |from, into| into.admin.enabled = from.admin.enabled,
+    },
+    RestartOnly {
+        key: "admin.address",
+        keep: |from, into| into.admin.address = from.admin.address.clone(),
+    },
+    RestartOnly {
+        key: "admin.probe_interval",
+        keep: |from, into| into.admin.probe_interval = from.admin.probe_interval,
+    },
+    RestartOnly {
+        key: "reload.watch_interval",
+        keep: |from, into| into.reload.watch_interval = from.reload.watch_interval,
+    },
+    RestartOnly {
+        key: "runtime.worker_threads",
+        keep: |from, into| into.runtime.worker_threads = from.runtime.worker_threads,
+    },
+    RestartOnly {
+        key: "log.format",
+        keep: |from, into| into.log.format = from.log.format,
+    },
+];
 
 /// Where clients connect, and how many may.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -288,6 +345,24 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// The async runtime the proxy runs on (see `runtime()` in `src/main.rs` for why one thread
+/// is the default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// 1: one thread runs everything, and commands from different clients reach Redis in the
+    /// order they reached stormwall. More: tokio's multi-thread scheduler with this many
+    /// workers, for more forwarding throughput than one core gives, at the price of commands
+    /// sent back to back on different connections sometimes reaching Redis out of order.
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { worker_threads: 1 }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -430,6 +505,12 @@ impl Config {
         if self.admin.probe_interval.is_zero() {
             return Err(invalid("admin.probe_interval", "must be greater than 0s"));
         }
+        if !(1..=1024).contains(&self.runtime.worker_threads) {
+            return Err(invalid(
+                "runtime.worker_threads",
+                "must be between 1 and 1024",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -439,45 +520,28 @@ impl Config {
         Ok(())
     }
 
-    /// Settings that only take effect at start: the keys (named as in the file) whose values
+    /// Settings that only take effect at start ([`RESTART_ONLY`]): the keys whose values
     /// differ between `self` and `new`.
     pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        let mut check = |key: &'static str, differs: bool| {
-            if differs {
-                changed.push(key);
-            }
-        };
-        check("listen.address", self.listen.address != new.listen.address);
-        check(
-            "listen.unix_socket",
-            self.listen.unix_socket != new.listen.unix_socket,
-        );
-        check(
-            "listen.tcp_keepalive",
-            self.listen.tcp_keepalive != new.listen.tcp_keepalive,
-        );
-        check(
-            "upstream.address",
-            self.upstream.address != new.upstream.address,
-        );
-        check("admin", self.admin != new.admin);
-        check("reload.watch_interval", self.reload != new.reload);
-        check("log.format", self.log.format != new.log.format);
-        changed
+        RESTART_ONLY
+            .iter()
+            .filter(|setting| {
+                // Changed if putting the running value back into `new` changes `new`.
+                let mut kept = new.clone();
+                (setting.keep)(self, &mut kept);
+                kept != *new
+            })
+            .map(|setting| setting.key)
+            .collect()
     }
 
     /// `new` with every restart-only setting kept as it is in `self`, so a reload applies
     /// what it can and leaves the rest as the running process has it.
     pub fn with_live_changes_from(&self, new: &Config) -> Config {
         let mut merged = new.clone();
-        merged.listen.address = self.listen.address.clone();
-        merged.listen.unix_socket = self.listen.unix_socket.clone();
-        merged.listen.tcp_keepalive = self.listen.tcp_keepalive;
-        merged.upstream.address = self.upstream.address.clone();
-        merged.admin = self.admin.clone();
-        merged.reload = self.reload.clone();
-        merged.log.format = self.log.format;
+        for setting in RESTART_ONLY {
+            (setting.keep)(self, &mut merged);
+        }
         merged
     }
 
@@ -553,6 +617,96 @@ mod tests {
                     "{section}.{key} missing from the example config"
                 );
             }
+        }
+    }
+
+    /// A non-default value for every restart-only key, as TOML.
+    fn changed_value(key: &str) -> &'static str {
+        match key {
+            "listen.address" => "[listen]\naddress = \"127.0.0.1:7001\"\n",
+            "listen.unix_socket" => "[listen]\nunix_socket = \"/tmp/sw-test.sock\"\n",
+            "listen.tcp_keepalive" => "[listen]\ntcp_keepalive = \"1m\"\n",
+            "upstream.address" => "[upstream]\naddress = \"127.0.0.1:7002\"\n",
+            "admin.enabled" => "[admin]\nenabled = false\n",
+            "admin.address" => "[admin]\naddress = \"127.0.0.1:7003\"\n",
+            "admin.probe_interval" => "[admin]\nprobe_interval = \"3s\"\n",
+            "reload.watch_interval" => "[reload]\nwatch_interval = \"10s\"\n",
+            "runtime.worker_threads" => "[runtime]\nworker_threads = 2\n",
+            "log.format" => "[log]\nformat = \"json\"\n",
+            other => panic!("restart-only key {other} has no test value here"),
+        }
+    }
+
+    #[test]
+    fn each_restart_only_key_is_reported_and_kept() {
+        let running = Config::default();
+        for setting in RESTART_ONLY {
+            let new = parse(changed_value(setting.key)).unwrap();
+            assert_ne!(new, running, "{}: test value is the default", setting.key);
+            assert_eq!(running.restart_only_changes(&new), vec![setting.key]);
+            assert_eq!(
+                running.with_live_changes_from(&new),
+                running,
+                "{} changed on reload",
+                setting.key
+            );
+        }
+    }
+
+    #[test]
+    fn worker_threads_must_be_positive() {
+        let err = parse("[runtime]\nworker_threads = 0\n").unwrap_err();
+        assert!(err.contains("runtime.worker_threads"), "{err}");
+        assert_eq!(
+            parse("[runtime]\nworker_threads = 4\n")
+                .unwrap()
+                .runtime
+                .worker_threads,
+            4
+        );
+    }
+
+    #[test]
+    fn live_settings_change_on_reload() {
+        let running = Config::default();
+        let new = parse(
+            "[listen]\nmax_clients = 5\n[limits]\nmax_bulk_len = 1000\n\
+             [flush]\nmin_interval = \"2s\"\n[log]\nlevel = \"debug\"\n",
+        )
+        .unwrap();
+        assert!(running.restart_only_changes(&new).is_empty());
+        assert_eq!(running.with_live_changes_from(&new), new);
+    }
+
+    #[test]
+    fn restart_only_keys_are_real_and_documented() {
+        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/stormwall.example.toml"),
+        )
+        .unwrap();
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
+        for setting in RESTART_ONLY {
+            let (section, key) = setting.key.split_once('.').unwrap();
+            // `unix_socket` has no default, so it is absent from the rendered defaults.
+            let known = defaults
+                .get(section)
+                .and_then(|t| t.as_table())
+                .is_some_and(|t| t.contains_key(key))
+                || setting.key == "listen.unix_socket";
+            assert!(known, "{} is not a config key", setting.key);
+            assert!(
+                example.contains(&format!("`{}`", setting.key)),
+                "deploy/stormwall.example.toml does not list {} as restart-only",
+                setting.key
+            );
+            assert!(
+                readme.contains(&format!("`{}`", setting.key)),
+                "README.md does not list {} as restart-only",
+                setting.key
+            );
         }
     }
 

@@ -1,8 +1,10 @@
-//! Log output through `tracing`: plain or JSON lines on stderr, one line per notable event.
+//! Log output through `tracing`: plain or JSON lines on stderr, one line per notable event,
+//! coloured only when stderr is a terminal.
 //!
 //! The level comes from `RUST_LOG` when set (so an operator can turn on debug logs without
 //! editing the file), otherwise from `log.level` in the config, and can change on reload.
 
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing_subscriber::EnvFilter;
@@ -33,8 +35,11 @@ pub fn init(config: &LogConfig) -> LogHandle {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: in a file, journald or a log shipper
+    // they are noise (`\x1b[2m…`) that breaks grep and parsers.
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let set: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync> = match config.format {
         LogFormat::Plain => {
@@ -59,7 +64,7 @@ pub fn init(config: &LogConfig) -> LogHandle {
 
 /// A rate limit for warnings that every connection could hit at once (an upstream outage
 /// seen by 10,000 clients): a few lines a second, then a count of what was suppressed.
-pub struct Throttle {
+pub(crate) struct Throttle {
     limiter: governor::DefaultDirectRateLimiter,
     suppressed: AtomicU64,
 }

@@ -1,4 +1,5 @@
 //! The `stormwall` command: parse flags, load and check the config, run until a signal.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,10 +116,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(config.runtime.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
@@ -162,6 +160,35 @@ fn main() -> ExitCode {
     // Sessions still blocked after the drain timeout must not hold the process open.
     runtime.shutdown_background();
     code
+}
+
+/// The async runtime: by default one thread that runs every task in the order they were
+/// woken (`runtime.worker_threads = 1`).
+///
+/// Why not tokio's multi-thread runtime by default: it keeps a per-worker "LIFO slot", and a
+/// task woken while the worker polls for I/O takes that slot, pushing the task woken before
+/// it to the back of the queue. When client A's command and then client B's arrive in the
+/// same poll, B's session runs first and B's command reaches Redis first: about a third of
+/// back-to-back pairs on an idle machine (`benches/ordering.rs`; a plain TCP relay, socat:
+/// ~1–6%). Disabling the slot (`Builder::disable_lifo_slot`, only behind `--cfg
+/// tokio_unstable`) still leaves two workers racing for the two sessions: 224 of 1,000 on
+/// a busy machine. With one thread, wake-ups run first-in first-out, so commands reach
+/// Redis in the order they reached stormwall (2 of 5,000 out of order, as many as when
+/// connected to Redis directly), and CPU per request was lower (no cross-thread wake-ups). The cost: forwarding uses at most one core, and when
+/// other processes compete for the CPU a single thread gets a single thread's share of it;
+/// `results/ordering.md` has the numbers. Operators who need more than one core of
+/// forwarding set `worker_threads` higher and accept the reordering.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .build()
+    }
 }
 
 /// First SIGTERM/SIGINT starts a graceful drain; a second one exits at once.

@@ -80,14 +80,14 @@ fn tune_tcp(stream: &TcpStream, keepalive: Duration) -> io::Result<()> {
 }
 
 /// A connected byte stream.
-pub enum Stream {
+pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
 impl Stream {
     /// Connects to `addr`, giving up after `timeout`.
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: &Addr,
         timeout: Duration,
         keepalive: Duration,
@@ -115,7 +115,7 @@ impl Stream {
             })
     }
 
-    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+    pub(crate) fn into_split(self) -> (ReadHalf, WriteHalf) {
         match self {
             Stream::Tcp(s) => {
                 let (r, w) = s.into_split();
@@ -129,12 +129,12 @@ impl Stream {
     }
 }
 
-pub enum ReadHalf {
+pub(crate) enum ReadHalf {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
 }
 
-pub enum WriteHalf {
+pub(crate) enum WriteHalf {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
 }
@@ -202,7 +202,7 @@ pub enum Listener {
 
 impl Listener {
     /// Binds `addr`. A stale unix socket file left by a previous run is replaced, as Redis does.
-    pub async fn bind(addr: &Addr, keepalive: Duration) -> io::Result<Listener> {
+    pub(crate) async fn bind(addr: &Addr, keepalive: Duration) -> io::Result<Listener> {
         match addr {
             Addr::Tcp(hp) => Ok(Listener::Tcp(
                 TcpListener::bind(hp.as_str()).await?,
@@ -221,7 +221,7 @@ impl Listener {
     }
 
     /// The address actually bound (useful when the configured port was 0).
-    pub fn local_addr(&self) -> String {
+    pub(crate) fn local_addr(&self) -> String {
         match self {
             Listener::Tcp(l, _) => l
                 .local_addr()
@@ -232,7 +232,7 @@ impl Listener {
     }
 
     /// Accepts one connection and returns it with a printable peer name.
-    pub async fn accept(&self) -> io::Result<(Stream, String)> {
+    pub(crate) async fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
             Listener::Tcp(l, keepalive) => {
                 let (s, peer) = l.accept().await?;

@@ -3,7 +3,7 @@
 //!
 //! What can change live — limits, timeouts, the invalidation and flush policies, the log
 //! level, `max_clients` — takes effect for new connections and for the shield's next batch.
-//! What cannot (listen/upstream/admin addresses, the log format) is reported as needing a
+//! What cannot (the settings in [`crate::config::RESTART_ONLY`]) is reported as needing a
 //! restart and keeps its running value. An invalid file is rejected with a log line naming
 //! the problem; the running config stays.
 
@@ -23,7 +23,7 @@ use crate::session::Context;
 pub type Loader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Reloads on SIGHUP and file changes until `stop` is cancelled.
-pub async fn watch(
+pub(crate) async fn watch(
     ctx: Arc<Context>,
     load: Loader,
     file: Option<std::path::PathBuf>,
@@ -71,7 +71,7 @@ pub async fn watch(
 }
 
 /// Applies what can change live and reports what cannot.
-pub fn apply(ctx: &Context, new: Config, log: &LogHandle, cause: &str) {
+pub(crate) fn apply(ctx: &Context, new: Config, log: &LogHandle, cause: &str) {
     for warning in new.deprecations() {
         warn!("{warning}");
     }

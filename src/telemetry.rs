@@ -75,7 +75,7 @@ fn zero_series() {
 }
 
 /// Keeps histogram storage bounded; the exporter needs this called periodically.
-pub async fn upkeep(handle: PrometheusHandle) {
+pub(crate) async fn upkeep(handle: PrometheusHandle) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
@@ -182,14 +182,14 @@ fn describe() {
     );
 }
 
-/// Handles for everything a session records, resolved once per process.
-pub struct Hot {
+/// Handles for everything a session records, resolved once per process. (Governed commands
+/// are counted by the invalidation engine, which decides their class.)
+pub(crate) struct Hot {
     pub connections: Gauge,
     pub connections_total: Counter,
     pub rejected_max_clients: Counter,
     pub rejected_upstream: Counter,
     pub passthrough: Counter,
-    pub governed: Counter,
     pub protocol_errors: Counter,
     pub upstream_up: Gauge,
     pub connects_ok: Counter,
@@ -209,7 +209,6 @@ impl Hot {
             rejected_max_clients: counter!("stormwall_client_connections_rejected_total", "reason" => "max_clients"),
             rejected_upstream: counter!("stormwall_client_connections_rejected_total", "reason" => "upstream_unreachable"),
             passthrough: counter!("stormwall_commands_total", "class" => "passthrough"),
-            governed: counter!("stormwall_commands_total", "class" => "governed"),
             protocol_errors: counter!("stormwall_protocol_errors_total"),
             upstream_up: gauge!("stormwall_upstream_up"),
             connects_ok: counter!("stormwall_upstream_connects_total", "result" => "ok"),

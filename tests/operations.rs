@@ -296,3 +296,90 @@ fn reload_tightens_limits_live_and_rejects_a_broken_file() {
     }
     assert!(done.load(Ordering::Relaxed) > 100);
 }
+
+#[test]
+fn log_has_no_colour_codes_when_stderr_is_a_file() {
+    // The harness sends stormwall's stderr to a file, as systemd, Docker and Kubernetes do.
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "");
+    assert_eq!(text(&sw.raw().call(&[b"PING"])), "PONG");
+    let log = sw.log();
+    assert!(log.contains("stormwall listening"), "{log}");
+    assert!(
+        !log.contains("\x1b["),
+        "ANSI escape codes in a log written to a file:\n{log:?}"
+    );
+}
+
+/// Opens a connection to the admin port and sends the start of a request line, never the
+/// rest: the slow-loris pattern.
+fn half_open_admin(sw: &Stormwall) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", sw.admin_port)).unwrap();
+    s.write_all(b"GET /heal").unwrap();
+    s
+}
+
+/// True once the peer has closed `s` (a read returns EOF or a reset) within `within`.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // hyper may answer 408 before closing; keep reading until the close.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn admin_closes_half_open_connections_and_keeps_answering() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "");
+    let start = Instant::now();
+    let mut slow: Vec<_> = (0..200).map(|_| half_open_admin(&sw)).collect();
+    // While they hang, probes are answered.
+    for _ in 0..5 {
+        assert_eq!(http_get(&sw, "/healthz"), (200, "ok\n".into()));
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Each is closed once the header-read timeout (5 s) has passed.
+    for s in &mut slow {
+        let left = Duration::from_secs(10).saturating_sub(start.elapsed());
+        assert!(
+            closed_within(s, left.max(Duration::from_millis(1))),
+            "a half-open admin connection was still open after {:?}",
+            start.elapsed()
+        );
+    }
+    assert!(
+        start.elapsed() >= Duration::from_secs(4),
+        "closed too early"
+    );
+    assert_eq!(http_get(&sw, "/healthz").0, 200);
+
+    // Beyond the connection cap (256), new connections are closed at once.
+    let mut held: Vec<_> = (0..256).map(|_| half_open_admin(&sw)).collect();
+    thread::sleep(Duration::from_millis(300));
+    let mut extra: Vec<_> = (0..20).map(|_| half_open_admin(&sw)).collect();
+    let refused = extra
+        .iter_mut()
+        .map(|s| closed_within(s, Duration::from_secs(1)))
+        .filter(|&closed| closed)
+        .count();
+    assert_eq!(refused, 20, "connections over the cap were kept");
+    held.clear();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    let url = format!("http://127.0.0.1:{}/healthz", sw.admin_port);
+    wait_until("admin answers again", Duration::from_secs(5), || {
+        agent.get(&url).call().is_ok()
+    });
+}
