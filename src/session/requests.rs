@@ -242,12 +242,22 @@ impl RequestSide<'_> {
                         continue;
                     }
                 }
-                buf.advance(len);
-                let Some(reply) = self.govern(request).await else {
-                    return Next::Stop;
-                };
-                self.read_at = Instant::now();
-                self.enqueue(Entry::Local(reply)).await;
+                match self.govern(request).await {
+                    Some(Verdict::Reply(reply)) => {
+                        buf.advance(len);
+                        self.read_at = Instant::now();
+                        self.enqueue(Entry::Local(reply)).await;
+                    }
+                    Some(Verdict::PassThrough) => {
+                        // The shield cannot act as this client: its own command goes out on
+                        // its own connection, in order, like any other.
+                        scanned = len;
+                        run.count += 1;
+                    }
+                    // Unknown fate: the connection closes without a reply, as it would were
+                    // Redis's own connection lost (G6).
+                    Some(Verdict::Unknown) | None => return Next::Stop,
+                }
                 continue;
             }
             scanned += len;
@@ -330,8 +340,8 @@ impl RequestSide<'_> {
     }
 
     /// Runs one invalidation through the engine (everything before it has been answered) and
-    /// returns its reply. `None` if the session died meanwhile.
-    async fn govern(&mut self, request: Request) -> Option<Bytes> {
+    /// returns how it ended. `None` if the session died meanwhile.
+    async fn govern(&mut self, request: Request) -> Option<Verdict> {
         let links = self.links;
         let who = links
             .identity
@@ -339,12 +349,8 @@ impl RequestSide<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         tokio::select! {
-            verdict = links.ctx.engine.execute(&who, request) => match verdict {
-                Verdict::Reply(reply) => Some(reply),
-                // Wired by the session hardening work; until then nothing returns these.
-                Verdict::PassThrough | Verdict::Unknown => None,
-            },
-            // The client is gone; the engine finishes the work on its own.
+            verdict = links.ctx.engine.execute(&who, request) => Some(verdict),
+            // The client is gone: dropping the request tells the engine not to send it.
             _ = links.dead.cancelled() => None,
         }
     }
