@@ -103,13 +103,19 @@ impl Conn {
             ]);
         }
         handshake.push(vec![Bytes::from_static(b"PING")]);
-        for reply in conn
+        let replies = conn
             .call_until(&handshake, deadline)
             .await
-            .map_err(ConnError::Io)?
-        {
-            if let OwnedFrame::Error(e) = reply {
-                return Err(ConnError::Refused(e));
+            .map_err(ConnError::Io)?;
+        let ping = handshake.len() - 1;
+        for (i, reply) in replies.into_iter().enumerate() {
+            match reply {
+                // Any answer to PING shows Redis answers; only NOAUTH says this connection
+                // is not authenticated (a user without `+ping` gets NOPERM and is fine).
+                OwnedFrame::Error(e) if i < ping || e.starts_with("NOAUTH") => {
+                    return Err(ConnError::Refused(e));
+                }
+                _ => {}
             }
         }
         Ok(conn)
@@ -180,6 +186,23 @@ fn encode_command(out: &mut BytesMut, args: &[Bytes]) {
         out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let who = Identity {
+            user: Some(Bytes::from_static(b"alice")),
+            password: Some(Bytes::from_static(b"hunter2")),
+            db: 3,
+        };
+        let shown = format!("{who:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("alice") && shown.contains("<redacted>"), "{shown}");
     }
 }
 
