@@ -202,7 +202,10 @@ mod tests {
         };
         let shown = format!("{who:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("alice") && shown.contains("<redacted>"), "{shown}");
+        assert!(
+            shown.contains("alice") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 }
 

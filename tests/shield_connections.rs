@@ -14,9 +14,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{
-    Frame, Raw, Redis, Stormwall, admin_get, as_int, eventually, is_error, metric, text,
-};
+use common::{Frame, Raw, Redis, Stormwall, admin_get, as_int, eventually, is_error, metric, text};
 
 fn ok(f: &Frame) -> bool {
     text(f) == "OK"
@@ -52,7 +50,10 @@ fn a_queued_delete_whose_client_left_never_runs() {
     b.cmd(&[b"DEL", b"k"]);
     thread::sleep(Duration::from_millis(100));
     redis.restart();
-    assert!(b.closed(), "the client of the queued DEL was not disconnected");
+    assert!(
+        b.closed(),
+        "the client of the queued DEL was not disconnected"
+    );
     let mut b = sw.raw();
     assert!(ok(&b.call(&[b"SET", b"k", b"fresh"])));
     thread::sleep(Duration::from_millis(2500));
@@ -82,7 +83,10 @@ fn a_queued_flush_whose_client_left_never_runs() {
     b.cmd(&[b"FLUSHDB"]);
     thread::sleep(Duration::from_millis(100));
     redis.restart();
-    assert!(b.closed(), "the client of the queued FLUSHDB was not disconnected");
+    assert!(
+        b.closed(),
+        "the client of the queued FLUSHDB was not disconnected"
+    );
     let mut b = sw.raw();
     assert!(ok(&b.call(&[b"SET", b"k", b"fresh"])));
     thread::sleep(Duration::from_millis(2500));
@@ -111,7 +115,11 @@ fn a_shield_connection_closed_by_redis_is_replaced_before_use() {
 
     let id = shield_conn_id(&redis, "unlink");
     assert_eq!(
-        as_int(&redis.raw().call(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()])),
+        as_int(
+            &redis
+                .raw()
+                .call(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()])
+        ),
         1
     );
     assert_eq!(as_int(&set_and_del(&mut c)), 1, "after CLIENT KILL");
@@ -187,13 +195,20 @@ fn a_rotated_password_does_not_refuse_an_authenticated_client() {
     ])));
     let mut c = sw.raw();
     assert!(ok(&c.call(&[b"AUTH", b"alice", b"p1"])));
-    assert!(ok(&admin.call(&[b"ACL", b"SETUSER", b"alice", b"<p1", b">p2"])));
+    assert!(ok(
+        &admin.call(&[b"ACL", b"SETUSER", b"alice", b"<p1", b">p2"])
+    ));
     assert!(ok(&c.call(&[b"SET", b"k", b"v"])));
     assert_eq!(as_int(&c.call(&[b"DEL", b"k"])), 1);
     assert!(ok(&c.call(&[b"FLUSHDB"])));
     // Logged once for the identity, not once per request.
     let log = sw.log();
-    assert_eq!(log.matches("Redis refuses this identity's credentials").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("Redis refuses this identity's credentials")
+            .count(),
+        2,
+        "{log}"
+    );
     assert!(!log.contains("p1\""), "a password in the log:\n{log}");
 }
 
@@ -275,13 +290,25 @@ fn acl_rules_apply_to_the_clients_own_command() {
     let mut admin = redis.raw();
     for (user, rules) in [
         ("unlink_only", &["-@all", "+unlink"][..]),
-        ("unlink_multi", &["-@all", "+unlink", "+multi", "+discard", "+exec"][..]),
+        (
+            "unlink_multi",
+            &["-@all", "+unlink", "+multi", "+discard", "+exec"][..],
+        ),
         ("del_only", &["-@all", "+del"][..]),
-        ("del_multi", &["-@all", "+del", "+multi", "+discard", "+exec"][..]),
+        (
+            "del_multi",
+            &["-@all", "+del", "+multi", "+discard", "+exec"][..],
+        ),
         ("fa_async", &["-@all", "+flushall|async"][..]),
-        ("fa_async_multi", &["-@all", "+flushall|async", "+multi", "+discard"][..]),
+        (
+            "fa_async_multi",
+            &["-@all", "+flushall|async", "+multi", "+discard"][..],
+        ),
         ("fa_sync", &["-@all", "+flushall|sync"][..]),
-        ("fa_sync_multi", &["-@all", "+flushall|sync", "+multi", "+discard"][..]),
+        (
+            "fa_sync_multi",
+            &["-@all", "+flushall|sync", "+multi", "+discard"][..],
+        ),
     ] {
         let mut cmd: Vec<&[u8]> = vec![b"ACL", b"SETUSER", user.as_bytes(), b"on", b">pw", b"~*"];
         cmd.extend(rules.iter().map(|r| r.as_bytes()));
@@ -290,10 +317,16 @@ fn acl_rules_apply_to_the_clients_own_command() {
     for user in ["unlink_only", "unlink_multi"] {
         let r = same_as_redis(&redis, &sw, user, &[b"DEL", b"x"]);
         assert!(text(&r).starts_with("NOPERM"), "{user}: {r:?}");
-        assert_eq!(as_int(&same_as_redis(&redis, &sw, user, &[b"UNLINK", b"x"])), 1);
+        assert_eq!(
+            as_int(&same_as_redis(&redis, &sw, user, &[b"UNLINK", b"x"])),
+            1
+        );
     }
     for user in ["del_only", "del_multi"] {
-        assert_eq!(as_int(&same_as_redis(&redis, &sw, user, &[b"DEL", b"x"])), 1);
+        assert_eq!(
+            as_int(&same_as_redis(&redis, &sw, user, &[b"DEL", b"x"])),
+            1
+        );
         let r = same_as_redis(&redis, &sw, user, &[b"UNLINK", b"x"]);
         assert!(text(&r).starts_with("NOPERM"), "{user}: {r:?}");
     }
@@ -302,10 +335,20 @@ fn acl_rules_apply_to_the_clients_own_command() {
             let r = same_as_redis(&redis, &sw, user, cmd);
             assert!(text(&r).starts_with("NOPERM"), "{user}: {r:?}");
         }
-        assert!(ok(&same_as_redis(&redis, &sw, user, &[b"FLUSHALL", b"ASYNC"])));
+        assert!(ok(&same_as_redis(
+            &redis,
+            &sw,
+            user,
+            &[b"FLUSHALL", b"ASYNC"]
+        )));
     }
     for user in ["fa_sync", "fa_sync_multi"] {
-        assert!(ok(&same_as_redis(&redis, &sw, user, &[b"FLUSHALL", b"SYNC"])));
+        assert!(ok(&same_as_redis(
+            &redis,
+            &sw,
+            user,
+            &[b"FLUSHALL", b"SYNC"]
+        )));
         let r = same_as_redis(&redis, &sw, user, &[b"FLUSHALL"]);
         assert!(text(&r).starts_with("NOPERM"), "{user}: {r:?}");
     }
@@ -415,9 +458,7 @@ fn under_overload_the_budget_does_useful_work() {
         });
     }
     drop(tx);
-    let (applied, refused) = rx
-        .iter()
-        .fold((0, 0), |(a, r), (a2, r2)| (a + a2, r + r2));
+    let (applied, refused) = rx.iter().fold((0, 0), |(a, r), (a2, r2)| (a + a2, r + r2));
     let elapsed = started.elapsed().as_secs_f64();
     let budget = rate * elapsed + burst;
     let useful = applied as f64 / budget;
@@ -427,7 +468,10 @@ fn under_overload_the_budget_does_useful_work() {
     );
     assert!(refused > 0, "not overloaded");
     assert!(applied as f64 <= budget * 1.05, "over budget");
-    assert!(useful > 0.85, "only {useful:.3} of the budget did useful work");
+    assert!(
+        useful > 0.85,
+        "only {useful:.3} of the budget did useful work"
+    );
 }
 
 /// Issue 14 item 4: an occasional flush is never delayed; three FLUSHDBs from a client with
@@ -466,9 +510,9 @@ fn random_kills_never_give_a_wrong_count() {
         thread::spawn(move || {
             let mut kills = 0;
             while Instant::now() < until {
-                kills += as_int(&admin.call(&[
-                    b"CLIENT", b"KILL", b"TYPE", b"normal", b"SKIPME", b"yes",
-                ]));
+                kills += as_int(
+                    &admin.call(&[b"CLIENT", b"KILL", b"TYPE", b"normal", b"SKIPME", b"yes"]),
+                );
                 thread::sleep(Duration::from_millis(30));
             }
             kills
@@ -539,7 +583,11 @@ fn random_kills_never_give_a_wrong_count() {
     assert!(kills > 0 && !deleted.is_empty());
     let mut check = redis.raw();
     for key in &deleted {
-        assert_eq!(as_int(&check.call(&[b"EXISTS", key.as_bytes()])), 0, "{key}");
+        assert_eq!(
+            as_int(&check.call(&[b"EXISTS", key.as_bytes()])),
+            0,
+            "{key}"
+        );
     }
     for key in &kept {
         assert_eq!(

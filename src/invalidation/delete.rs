@@ -189,7 +189,10 @@ impl Worker {
             let configured = inv.delete_command == DeleteCommand::Unlink;
             if pending.iter().any(|j| j.what.unlink != configured)
                 && self.rewrite_stale()
-                && self.check_rewrite(&shared, &pending, deadline).await.is_err()
+                && self
+                    .check_rewrite(&shared, &pending, deadline)
+                    .await
+                    .is_err()
             {
                 self.exec.discard();
                 continue;
@@ -205,7 +208,9 @@ impl Worker {
             if plan.entries.is_empty() {
                 // Requests naming no key: Redis would answer 0 without deleting anything.
                 let rest = pending.split_off(participants);
-                pending.into_iter().for_each(|j| j.answer(Outcome::Count(0)));
+                pending
+                    .into_iter()
+                    .for_each(|j| j.answer(Outcome::Count(0)));
                 pending = rest;
                 continue;
             }
@@ -269,7 +274,11 @@ impl Worker {
                 .iter()
                 .map(|e| {
                     let mut cmd = Vec::with_capacity(e.keys.len() + 1);
-                    cmd.push(Bytes::from_static(if e.unlink { b"UNLINK" } else { b"DEL" }));
+                    cmd.push(Bytes::from_static(if e.unlink {
+                        b"UNLINK"
+                    } else {
+                        b"DEL"
+                    }));
                     cmd.extend(e.keys.iter().cloned());
                     cmd
                 })
@@ -292,8 +301,11 @@ impl Worker {
             let judged = match self.exec.send(&batch, deadline).await {
                 // Closed before anything was written (a MULTI before it is discarded with
                 // the connection): plan again.
-                Err(_) => None,
-                Ok(Err(_lost)) => Some(vec![]),
+                Err(_) => {
+                    pending.extend(rest);
+                    continue;
+                }
+                Ok(Err(_lost)) => None,
                 Ok(Ok(replies)) => {
                     let judged = if wrap {
                         judge_transaction(&plan, &replies)
@@ -304,20 +316,17 @@ impl Worker {
                         // Replies that make no sense: the connection is out of step.
                         self.exec.discard();
                     }
-                    Some(judged.unwrap_or_default())
+                    judged
                 }
             };
-            let Some(judged) = judged else {
-                pending.extend(rest);
-                continue;
-            };
             (paid_keys, paid_commands) = (0, 0);
-            if judged.len() != participants {
-                // Sent, and the answer was lost: the fate of every participant is unknown.
+            let Some(judged) = judged else {
+                // Sent, and the answer was lost (or garbled): the fate of every participant
+                // is unknown, and a retry could give a wrong count.
                 pending.into_iter().for_each(|j| j.answer(Outcome::Unknown));
                 pending = rest;
                 continue;
-            }
+            };
             let mut again = Vec::new();
             for (job, judged) in pending.into_iter().zip(judged) {
                 match judged {
@@ -498,7 +507,10 @@ fn judge_results(plan: &Plan, results: &[OwnedFrame]) -> Option<Vec<Judged>> {
         .iter()
         .enumerate()
         .map(|(i, cover)| {
-            let own = cover.last().copied().filter(|&e| plan.entries[e].owner == i);
+            let own = cover
+                .last()
+                .copied()
+                .filter(|&e| plan.entries[e].owner == i);
             let others_failed = cover.iter().any(|&e| Some(e) != own && failed(e));
             Some(match own.map(|e| (e, results.get(e))) {
                 Some((e, Some(OwnedFrame::Error(err)))) => {

@@ -216,8 +216,7 @@ impl Round<'_> {
             let commands: Vec<Vec<Bytes>> = groups.iter().map(|&f| self.form(f)).collect();
             counter!("stormwall_flushes_executed_total", "command" => self.label)
                 .increment(groups.len() as u64);
-            counter!("stormwall_invalidation_commands_sent_total")
-                .increment(groups.len() as u64);
+            counter!("stormwall_invalidation_commands_sent_total").increment(groups.len() as u64);
             let replies = match self.exec.send(&commands, deadline).await {
                 Err(_) => continue,
                 Ok(Err(_lost)) => {

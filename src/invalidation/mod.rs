@@ -426,21 +426,13 @@ impl Engine {
                     _admission: admission,
                 };
                 let counted = target.clone();
-                self.route(
-                    flushers,
-                    (target, all),
-                    &counted,
-                    cap,
-                    job,
-                    flush::worker,
-                )
+                self.route(flushers, (target, all), &counted, cap, job, flush::worker)
             }
         };
         if let Err(reason) = routed {
             return Outcome::PassThrough(reason);
         }
-        rx.await
-            .unwrap_or(Outcome::NotApplied(Refusal::WorkerGone))
+        rx.await.unwrap_or(Outcome::NotApplied(Refusal::WorkerGone))
     }
 
     /// Sends `job` to the worker for `key` (acting as `who`), starting one if the identity
@@ -521,13 +513,11 @@ async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admiss
         }
     };
     let attempt = async {
-        let request = take(&shared.requests, 1)
-            .await
-            .ok_or(Refusal::QueueFull {
-                what: "requests",
-                setting: "invalidation.max_pending",
-                limit: inv.max_pending,
-            })?;
+        let request = take(&shared.requests, 1).await.ok_or(Refusal::QueueFull {
+            what: "requests",
+            setting: "invalidation.max_pending",
+            limit: inv.max_pending,
+        })?;
         let keys = take(&shared.pending_keys, keys)
             .await
             .ok_or(Refusal::QueueFull {

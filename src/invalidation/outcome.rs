@@ -177,7 +177,10 @@ mod tests {
             Refusal::WorkerGone,
         ] {
             let text = reply(Outcome::NotApplied(r));
-            assert!(text.starts_with('-') && text.contains("not applied"), "{text}");
+            assert!(
+                text.starts_with('-') && text.contains("not applied"),
+                "{text}"
+            );
         }
     }
 
@@ -185,10 +188,7 @@ mod tests {
     fn results_are_redis_replies() {
         assert_eq!(reply(Outcome::Count(3)), ":3\r\n");
         assert_eq!(reply(Outcome::Flushed), "+OK\r\n");
-        assert_eq!(
-            reply(Outcome::Redis("NOPERM no".into())),
-            "-NOPERM no\r\n"
-        );
+        assert_eq!(reply(Outcome::Redis("NOPERM no".into())), "-NOPERM no\r\n");
         assert_eq!(Outcome::Unknown.verdict(), Verdict::Unknown);
         assert_eq!(
             Outcome::PassThrough(PassReason::Credentials).verdict(),
