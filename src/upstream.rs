@@ -7,14 +7,14 @@
 
 use std::fmt;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Waker};
+use std::mem::MaybeUninit;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::config::UpstreamConfig;
@@ -122,18 +122,23 @@ impl Conn {
     }
 
     /// Whether Redis has closed this idle connection (a `CLIENT KILL`, its `timeout`, a
-    /// restart), seen without waiting: a read that does not block finds the end of the
-    /// stream, an error, or bytes nobody asked for (out of step: unusable too).
+    /// restart), asked of the kernel without waiting: a peek finds the end of the stream, an
+    /// error, or bytes nobody asked for (out of step: unusable too). The kernel is asked
+    /// directly, not the runtime's readiness cache, which may not have seen a close that
+    /// happened a moment ago.
     pub fn is_closed(&mut self) -> bool {
         if !self.buf.is_empty() {
             return true;
         }
-        let mut spare = [0u8; 64];
-        let mut out = ReadBuf::new(&mut spare);
-        let mut cx = Context::from_waker(Waker::noop());
-        Pin::new(&mut self.read)
-            .poll_read(&mut cx, &mut out)
-            .is_ready()
+        let socket = match &self.read {
+            ReadHalf::Tcp(r) => SockRef::from(r.as_ref()),
+            ReadHalf::Unix(r) => SockRef::from(r.as_ref()),
+        };
+        let mut spare = [MaybeUninit::<u8>::uninit(); 1];
+        match socket.peek(&mut spare) {
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+            Ok(_) => true,
+        }
     }
 
     /// Sends `commands` as one pipeline and returns their replies in order, giving up at
@@ -218,9 +223,9 @@ pub struct Probe {
 
 impl Probe {
     pub async fn check(&mut self, cfg: &UpstreamConfig) -> io::Result<()> {
-        // Redis closing an idle connection (its `timeout`, a `CLIENT KILL`) says nothing about
-        // whether it answers: such a connection is replaced quietly, and only a fresh
-        // connection's failure counts.
+        // Redis closing the probe's connection (its `timeout`, a `CLIENT KILL`, even in the
+        // middle of a PING) says nothing about whether it answers: such a connection is
+        // replaced quietly, and only a fresh connection's failure counts.
         if self.conn.as_mut().is_some_and(Conn::is_closed) {
             self.conn = None;
         }

@@ -452,16 +452,19 @@ impl Engine {
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let mut workers = self.registry.lock();
-        if let Some(sender) = pick(&mut workers).get(&key) {
-            // A worker only ends after removing itself under this lock, so this succeeds.
-            return match sender.send(job) {
-                Ok(()) => Ok(()),
+        let job = match pick(&mut workers).get(&key) {
+            None => job,
+            // A worker retires by removing itself under this lock, so this only fails if
+            // it ended otherwise (a panic): a new one takes its place.
+            Some(sender) => match sender.send(job) {
+                Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(job)) => {
-                    job.answer(Outcome::NotApplied(Refusal::WorkerGone));
-                    Ok(())
+                    pick(&mut workers).remove(&key);
+                    workers.remove(who);
+                    job
                 }
-            };
-        }
+            },
+        };
         if !workers.identities.contains_key(who) && workers.identities.len() >= cap {
             if !self.registry.capped.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
