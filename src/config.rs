@@ -503,6 +503,20 @@ mod tests {
         assert!(err.contains("listen.max_clients"), "{err}");
         let err = parse("[upstream]\nconnect_timeout = \"soon\"\n").unwrap_err();
         assert!(err.contains("connect_timeout"), "{err}");
+        for (text, key) in [
+            ("[flush]\nburst = 0\n", "flush.burst"),
+            (
+                "[invalidation]\nmax_identities = 0\n",
+                "invalidation.max_identities",
+            ),
+            (
+                "[invalidation]\nidentity_idle_timeout = \"0s\"\n",
+                "invalidation.identity_idle_timeout",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

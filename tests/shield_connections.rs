@@ -434,10 +434,11 @@ fn under_overload_the_budget_does_useful_work() {
     let until = started + Duration::from_secs(3);
     for c in 0..20 {
         let tx = tx.clone();
-        let mut conn = sw.raw();
+        let port = sw.port;
         thread::spawn(move || {
-            let (mut applied, mut refused) = (0u64, 0u64);
+            let (mut applied, mut refused, mut closed) = (0u64, 0u64, 0u64);
             let mut i = 0;
+            let mut conn = Raw::connect(port);
             while Instant::now() < until {
                 i += 1;
                 // Five keys a request: 20 clients keep 100 keys waiting, a second's budget,
@@ -445,7 +446,13 @@ fn under_overload_the_budget_does_useful_work() {
                 let keys: Vec<String> = (0..5).map(|k| format!("load:{c}:{i}:{k}")).collect();
                 let mut cmd: Vec<&[u8]> = vec![b"DEL"];
                 cmd.extend(keys.iter().map(|k| k.as_bytes()));
-                let reply = conn.call(&cmd);
+                conn.cmd(&cmd);
+                let Some(reply) = conn.try_read_frame() else {
+                    // Sent, and not answered by its deadline: unknown (a slow machine).
+                    closed += 1;
+                    conn = Raw::connect(port);
+                    continue;
+                };
                 if is_error(&reply) {
                     assert!(text(&reply).contains("not applied"), "{reply:?}");
                     refused += 5;
@@ -454,22 +461,30 @@ fn under_overload_the_budget_does_useful_work() {
                     applied += 5;
                 }
             }
-            tx.send((applied, refused)).unwrap();
+            tx.send((applied, refused, closed)).unwrap();
         });
     }
     drop(tx);
-    let (applied, refused) = rx.iter().fold((0, 0), |(a, r), (a2, r2)| (a + a2, r + r2));
+    let (applied, refused, closed) = rx.iter().fold((0, 0, 0), |(a, r, c), (a2, r2, c2)| {
+        (a + a2, r + r2, c + c2)
+    });
     let elapsed = started.elapsed().as_secs_f64();
     let budget = rate * elapsed + burst;
     let useful = applied as f64 / budget;
     eprintln!(
-        "overload: {applied} keys applied, {refused} refused in {elapsed:.2}s; \
-         budget {budget:.0} keys; useful fraction {useful:.3}"
+        "overload: {applied} keys applied, {refused} refused, {closed} requests unknown \
+         in {elapsed:.2}s; budget {budget:.0} keys; useful fraction {useful:.3}"
+    );
+    assert!(
+        closed * 20 <= applied / 5,
+        "{closed} requests ended unknown"
     );
     assert!(refused > 0, "not overloaded");
     assert!(applied as f64 <= budget * 1.05, "over budget");
+    // About 0.95 on an idle machine (0.18 when budget was spent before removing expired
+    // requests); the margin is for a machine busy enough to leave budget unclaimed.
     assert!(
-        useful > 0.85,
+        useful > 0.7,
         "only {useful:.3} of the budget did useful work"
     );
 }
@@ -595,5 +610,135 @@ fn random_kills_never_give_a_wrong_count() {
             1,
             "{key}: 'not applied' but deleted"
         );
+    }
+}
+
+/// The engine's side of the contract with the session, through its API: what it returns for
+/// a request it cannot act on (PassThrough), one whose fate is unknown (Unknown), and one
+/// whose caller went away (never executed). The session acts on these; the tests above see
+/// the result through a real stormwall.
+mod engine {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use stormwall::config::Config;
+    use stormwall::invalidation::{Engine, Request, Verdict};
+    use stormwall::net::Addr;
+    use stormwall::upstream::Identity;
+
+    use super::*;
+
+    fn engine(redis: &Redis, toml: &str) -> Engine {
+        let mut config: Config = ::toml::from_str(toml).unwrap();
+        config.upstream.address = Addr::Tcp(redis.addr());
+        config.validate().unwrap();
+        Engine::new(Arc::new(config))
+    }
+
+    fn del(key: &str) -> Request {
+        Request::Delete {
+            keys: vec![Bytes::from(key.to_owned())],
+            unlink: false,
+        }
+    }
+
+    fn as_password(pw: &str, db: i64) -> Identity {
+        Identity {
+            user: None,
+            password: Some(Bytes::from(pw.to_owned())),
+            db,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn credentials_redis_refuses_pass_through() {
+        let redis = Redis::start_with(&["--requirepass", "right"]);
+        let engine = engine(&redis, "");
+        assert_eq!(
+            engine.execute(&as_password("wrong", 0), del("k")).await,
+            Verdict::PassThrough
+        );
+        let flush = Request::Flush {
+            all: false,
+            sync: None,
+        };
+        assert_eq!(
+            engine.execute(&as_password("wrong", 0), flush).await,
+            Verdict::PassThrough
+        );
+        assert_eq!(
+            engine.execute(&as_password("right", 0), del("k")).await,
+            Verdict::Reply(Bytes::from_static(b":0\r\n"))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identities_beyond_the_cap_pass_through() {
+        let redis = Redis::start();
+        let engine = engine(&redis, "[invalidation]\nmax_identities = 1\n");
+        let db = |db| Identity {
+            db,
+            ..Identity::default()
+        };
+        assert!(matches!(
+            engine.execute(&db(0), del("k")).await,
+            Verdict::Reply(_)
+        ));
+        assert_eq!(engine.execute(&db(1), del("k")).await, Verdict::PassThrough);
+        // The identity that has a worker is still served.
+        assert!(matches!(
+            engine.execute(&db(0), del("k")).await,
+            Verdict::Reply(_)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_caller_went_away_is_never_sent() {
+        let redis = Redis::start();
+        let engine = engine(
+            &redis,
+            "[invalidation]\nkeys_per_second = 1\nkeys_burst = 1\n",
+        );
+        let who = Identity::default();
+        assert!(matches!(
+            engine.execute(&who, del("k1")).await,
+            Verdict::Reply(_)
+        ));
+        // Waits for budget; the caller gives up (the session drops the future).
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(100), engine.execute(&who, del("k"))).await;
+        assert!(gave_up.is_err());
+        assert!(ok(&redis.raw().call(&[b"SET", b"k", b"v"])));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(as_int(&redis.raw().call(&[b"EXISTS", b"k"])), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_sent_into_a_stall_is_unknown() {
+        let redis = Redis::start();
+        let engine = engine(
+            &redis,
+            "[invalidation]\nmax_wait = \"500ms\"\n[flush]\nmin_interval = \"100ms\"\n",
+        );
+        let who = Identity::default();
+        assert!(matches!(
+            engine.execute(&who, del("k")).await,
+            Verdict::Reply(_)
+        ));
+        let signal = |sig: &str| {
+            Command::new("kill")
+                .args([sig, &redis.pid().to_string()])
+                .status()
+                .unwrap()
+        };
+        signal("-STOP");
+        let sent = engine.execute(&who, del("k")).await;
+        let unsent = engine.execute(&who, del("k")).await;
+        signal("-CONT");
+        assert_eq!(sent, Verdict::Unknown);
+        match unsent {
+            Verdict::Reply(r) => assert!(r.starts_with(b"-TRYAGAIN"), "{r:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -42,7 +42,8 @@ use super::access::{self, Access, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
 use super::{
-    DeleteJob, Live, Registry, Shared, deleters, earliest, expire_before, next_job, prune, take,
+    DeleteJob, Live, Registry, Shared, deleters, earliest, expire_before, next_job, prune,
+    send_margin, take,
 };
 use crate::config::DeleteCommand;
 use crate::upstream::Identity;
@@ -168,7 +169,8 @@ impl Worker {
             let inv = &shared.config.invalidation;
             let max_wait = inv.max_wait;
             let expired = || Outcome::NotApplied(Refusal::Expired { max_wait });
-            prune(&mut pending, expired);
+            let margin = send_margin(max_wait);
+            prune(&mut pending, margin, expired);
             if pending.is_empty() {
                 return;
             }
@@ -223,7 +225,7 @@ impl Worker {
                 inv.commands_per_second,
                 commands,
                 &mut paid_commands,
-                deadline,
+                deadline - margin,
             )
             .await
             {
@@ -234,7 +236,7 @@ impl Worker {
                         inv.keys_per_second,
                         keys,
                         &mut paid_keys,
-                        deadline,
+                        deadline - margin,
                     )
                     .await
                 }
@@ -243,7 +245,7 @@ impl Worker {
             if let Err(at) = budget {
                 // The budget cannot be had before some requests' deadlines: they are answered
                 // now, without spending budget on them, and the rest planned again.
-                expire_before(&mut pending, at, expired);
+                expire_before(&mut pending, at + margin, expired);
                 continue;
             }
             // Waiting for budget took time: a client that left meanwhile is not executed.

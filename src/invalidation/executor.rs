@@ -52,6 +52,10 @@ impl Drop for Counted {
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// After Redis refused the identity, requests pass through without asking again for this
+/// long: a storm from a client whose password changed must not become a storm of failing
+/// `AUTH`s on new connections.
+const REFUSAL_HOLD: Duration = Duration::from_secs(1);
 
 pub(super) struct Executor {
     who: Identity,
@@ -60,6 +64,8 @@ pub(super) struct Executor {
     /// Connections opened so far: what a worker learned about a connection (its
     /// permissions) is stale once this changes.
     opened: u64,
+    /// When Redis last refused the identity, and its error.
+    refused: Option<(Instant, String)>,
 }
 
 impl Executor {
@@ -69,6 +75,7 @@ impl Executor {
             conn: None,
             backoff: FIRST_BACKOFF,
             opened: 0,
+            refused: None,
         }
     }
 
@@ -92,13 +99,22 @@ impl Executor {
             self.conn = None;
         }
         if self.conn.is_none() {
+            if let Some((at, e)) = &self.refused
+                && at.elapsed() < REFUSAL_HOLD
+            {
+                return Err(NotSent::Refused(e.clone()));
+            }
             match Conn::open(upstream, &self.who, deadline).await {
                 Ok(conn) => {
+                    self.refused = None;
                     self.opened += 1;
                     self.backoff = FIRST_BACKOFF;
                     self.conn = Some(Counted::new(conn));
                 }
-                Err(ConnError::Refused(e)) => return Err(NotSent::Refused(e)),
+                Err(ConnError::Refused(e)) => {
+                    self.refused = Some((Instant::now(), e.clone()));
+                    return Err(NotSent::Refused(e));
+                }
                 Err(ConnError::Io(e)) => {
                     debug!(error = %e, "shield connection failed");
                     return Err(NotSent::Unreachable);

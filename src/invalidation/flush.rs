@@ -31,7 +31,9 @@ use tokio::sync::mpsc;
 use super::access::{self, Access, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
-use super::{FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, take};
+use super::{
+    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin, take,
+};
 use crate::config::FlushMode;
 use crate::upstream::Identity;
 
@@ -129,7 +131,8 @@ impl Round<'_> {
                     Outcome::NotApplied(Refusal::Expired { max_wait })
                 }
             };
-            prune(&mut waiters, late);
+            let margin = send_margin(max_wait);
+            prune(&mut waiters, margin, late);
             if waiters.is_empty() {
                 return;
             }
@@ -202,11 +205,11 @@ impl Round<'_> {
                 inv.commands_per_second,
                 groups.len() as u64,
                 &mut paid,
-                deadline,
+                deadline - margin,
             )
             .await
             {
-                expire_before(&mut waiters, at, late);
+                expire_before(&mut waiters, at + margin, late);
                 continue;
             }
             // Waiting for budget took time: a client that left meanwhile is not flushed for.

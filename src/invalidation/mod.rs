@@ -133,11 +133,18 @@ impl<T> Job<T> {
     }
 }
 
-/// Answers the requests whose deadline has passed (`late` says how: not applied, or unknown
-/// if an attempt may have applied them) and drops those whose client is gone, so neither is
-/// ever sent. Called before every attempt to send.
-fn prune<T>(pending: &mut Vec<Job<T>>, late: impl Fn() -> Outcome) {
-    let now = Instant::now();
+/// How much of a request's `max_wait` must be left for it to be sent: one sent with less
+/// would likely outlast its deadline in flight and end unknown (a closed connection) where
+/// it could have been refused as not applied.
+fn send_margin(max_wait: Duration) -> Duration {
+    (max_wait / 10).min(Duration::from_millis(100))
+}
+
+/// Answers the requests too close to their deadline to be sent (`late` says how: not
+/// applied, or unknown if an attempt may have applied them) and drops those whose client is
+/// gone, so neither is ever sent. Called before every attempt to send.
+fn prune<T>(pending: &mut Vec<Job<T>>, margin: Duration, late: impl Fn() -> Outcome) {
+    let now = Instant::now() + margin;
     if !pending.iter().any(|j| j.deadline <= now || j.abandoned()) {
         return;
     }

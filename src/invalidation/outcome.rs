@@ -107,7 +107,7 @@ impl Refusal {
                 wait(max_wait)
             ),
             Refusal::Expired { max_wait } => format!(
-                "TRYAGAIN stormwall: invalidation not executed within invalidation.max_wait ({}); not applied",
+                "TRYAGAIN stormwall: the invalidation could not be executed within invalidation.max_wait ({}); not applied",
                 wait(max_wait)
             ),
             Refusal::Unreachable => {
