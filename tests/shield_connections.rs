@@ -354,6 +354,32 @@ fn acl_rules_apply_to_the_clients_own_command() {
     }
 }
 
+/// An ACL change applies to the very next request, as it does in Redis: the shield's
+/// permission to rewrite is asked for each batch, never remembered.
+#[test]
+fn acl_changes_apply_at_once() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "");
+    let mut admin = redis.raw();
+    assert!(ok(&admin.call(&[
+        b"ACL", b"SETUSER", b"u", b"on", b">pw", b"~*", b"+@all"
+    ])));
+    let mut c = sw.raw();
+    assert!(ok(&c.call(&[b"AUTH", b"u", b"pw"])));
+    let mut set_and_del = |c: &mut Raw| {
+        assert!(ok(&admin.call(&[b"SET", b"x", b"1"])));
+        c.call(&[b"DEL", b"x"])
+    };
+    assert_eq!(as_int(&set_and_del(&mut c)), 1);
+    assert!(ok(&redis.raw().call(&[b"ACL", b"SETUSER", b"u", b"-del"])));
+    let r = set_and_del(&mut c);
+    assert!(text(&r).starts_with("NOPERM"), "DEL after -del: {r:?}");
+    assert!(ok(&redis
+        .raw()
+        .call(&[b"ACL", b"SETUSER", b"u", b"+del", b"-unlink"])));
+    assert_eq!(as_int(&set_and_del(&mut c)), 1, "DEL after -unlink");
+}
+
 /// Concurrent DEL and UNLINK of one key by a user who may run both: exactly one of them
 /// removes it (their answers fit one sequential order).
 #[test]
@@ -398,7 +424,9 @@ fn a_redis_stall_ends_governed_requests_at_max_wait() {
     };
     signal("-STOP");
     let started = Instant::now();
-    a.cmd(&[b"DEL", b"k"]);
+    // UNLINK, the configured command, goes out as it is (a DEL would first have its
+    // permission to be sent as UNLINK asked, and that question, not the DEL, would stall).
+    a.cmd(&[b"UNLINK", b"k"]);
     let sent = a.try_read_frame();
     let first = started.elapsed();
     let started = Instant::now();
@@ -732,7 +760,12 @@ mod engine {
                 .unwrap()
         };
         signal("-STOP");
-        let sent = engine.execute(&who, del("k")).await;
+        let unlink = Request::Delete {
+            keys: vec![Bytes::from_static(b"k")],
+            unlink: true,
+        };
+        let sent = engine.execute(&who, unlink).await;
+        // A DEL needs a permission check first: that is what stalls, and the DEL is never sent.
         let unsent = engine.execute(&who, del("k")).await;
         signal("-CONT");
         assert_eq!(sent, Verdict::Unknown);

@@ -13,16 +13,19 @@
 //!
 //! Claiming is only sound if the batch executes atomically — otherwise a write landing between
 //! two requests' commands could split one request's effect across two points in time. So a
-//! batch of several commands is wrapped in `MULTI`/`EXEC` (`MULTI` awaited first: were it
-//! refused, commands behind it would run one by one). If a command is refused at queue time
+//! batch of several commands is wrapped in `MULTI`/`EXEC`. (Were `MULTI` refused — the
+//! identity's ACL changed since it was last seen to allow it — the commands run one by one:
+//! requests answered by a single command still get exact counts, the others are reported
+//! unknown.) If a command is refused at queue time
 //! (an ACL user without permission on one of its keys), Redis aborts the whole transaction:
 //! the refused request gets Redis's own error (it was not applied) and the rest are planned
 //! again. If the identity may not use `MULTI` at all, the worker stops claiming and sends each
 //! request's own keys, one command per request.
 //!
 //! `invalidation.delete_command` is applied to a request only where the identity may run both
-//! its own command and the configured one, as Redis answers a side-effect-free check
-//! ([`access`](super::access)); otherwise the request's own command is sent.
+//! its own command and the configured one, as Redis answers a side-effect-free check made for
+//! each batch that needs it ([`access`](super::access)); otherwise the request's own command
+//! is sent.
 //!
 //! Before every send, requests whose deadline passed or whose client left are taken out and
 //! the batch is planned again: nothing is sent for a client that is no longer waiting.
@@ -30,7 +33,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Weak;
-use std::time::Duration;
 
 use bytes::Bytes;
 use metrics::{counter, histogram};
@@ -38,7 +40,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::access::{self, Access, is_command_refusal};
+use super::access::{self, Access, Forms, PROBE_KEY, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
 use super::{
@@ -55,10 +57,6 @@ pub(super) struct Delete {
     pub unlink: bool,
 }
 
-/// How long a permission check is trusted before it is asked again (ACLs can change at
-/// any time; this bounds how long a rewrite can lag behind such a change).
-const RECHECK: Duration = Duration::from_secs(1);
-
 /// Serves one identity's delete requests until it is idle for `identity_idle_timeout`.
 pub(super) async fn worker(
     live: Live,
@@ -70,7 +68,6 @@ pub(super) async fn worker(
         live: live.clone(),
         exec: Executor::new(who.clone()),
         atomic: true,
-        rewrite: None,
         told: false,
     };
     while let Some(first) = next_job(&live, &registry, deleters, &who, &who, &mut rx).await {
@@ -84,18 +81,8 @@ struct Worker {
     exec: Executor,
     /// Whether this identity may use `MULTI` (and so whether keys can be claimed).
     atomic: bool,
-    /// What the last permission check said.
-    rewrite: Option<Rewrite>,
     /// The credentials refusal was logged (once per worker).
     told: bool,
-}
-
-/// Whether the identity may run both `DEL` and `UNLINK` (so either may be sent for the
-/// other), as checked on connection number `conn` at `at`.
-struct Rewrite {
-    allowed: bool,
-    at: Instant,
-    conn: u64,
 }
 
 /// One delete command in a plan.
@@ -189,17 +176,19 @@ impl Worker {
                 }
             }
             let configured = inv.delete_command == DeleteCommand::Unlink;
-            if pending.iter().any(|j| j.what.unlink != configured)
-                && self.rewrite_stale()
-                && self
-                    .check_rewrite(&shared, &pending, deadline)
-                    .await
-                    .is_err()
-            {
-                self.exec.discard();
-                continue;
-            }
-            let rewrite = self.rewrite.as_ref().is_some_and(|r| r.allowed);
+            // The configured command replaces a client's own only where the identity may run
+            // both, as Redis says now.
+            let rewrite = if pending.iter().any(|j| j.what.unlink != configured) {
+                match self.may_rewrite(&shared, deadline).await {
+                    Ok(rewrite) => rewrite,
+                    Err(_) => {
+                        self.exec.discard();
+                        continue;
+                    }
+                }
+            } else {
+                false
+            };
             let plan = plan(
                 &pending,
                 self.atomic,
@@ -253,24 +242,6 @@ impl Worker {
                 continue;
             }
             let wrap = self.atomic && plan.entries.len() > 1;
-            if wrap {
-                match self.exec.send(&[command(b"MULTI")], deadline).await {
-                    Ok(Ok(replies)) => match replies.first() {
-                        Some(OwnedFrame::SimpleString(s)) if s == b"OK" => {}
-                        Some(OwnedFrame::Error(e)) if e.starts_with("NOPERM") => {
-                            // This identity may not use transactions: stop claiming.
-                            self.atomic = false;
-                            continue;
-                        }
-                        _ => {
-                            self.exec.discard();
-                            continue;
-                        }
-                    },
-                    // Nothing was queued: a lost MULTI applies nothing.
-                    Ok(Err(_)) | Err(_) => continue,
-                }
-            }
             let mut batch: Vec<Vec<Bytes>> = plan
                 .entries
                 .iter()
@@ -286,6 +257,7 @@ impl Worker {
                 })
                 .collect();
             if wrap {
+                batch.insert(0, command(b"MULTI"));
                 batch.push(command(b"EXEC"));
             }
             let received: usize = pending[..participants]
@@ -297,18 +269,22 @@ impl Worker {
             counter!("stormwall_invalidation_keys_sent_total").increment(keys);
             counter!("stormwall_invalidation_coalesced_keys_total")
                 .increment((received as u64).saturating_sub(keys));
-            counter!("stormwall_invalidation_commands_sent_total")
-                .increment(batch.len() as u64 + u64::from(wrap));
+            counter!("stormwall_invalidation_commands_sent_total").increment(batch.len() as u64);
             let rest = pending.split_off(participants);
             let judged = match self.exec.send(&batch, deadline).await {
-                // Closed before anything was written (a MULTI before it is discarded with
-                // the connection): plan again.
+                // Closed before anything was written: plan again.
                 Err(_) => {
                     pending.extend(rest);
                     continue;
                 }
                 Ok(Err(_lost)) => None,
                 Ok(Ok(replies)) => {
+                    if wrap
+                        && matches!(replies.first(), Some(OwnedFrame::Error(e)) if e.starts_with("NOPERM"))
+                    {
+                        // This identity may not use transactions (any more): stop claiming.
+                        self.atomic = false;
+                    }
                     let judged = if wrap {
                         judge_transaction(&plan, &replies)
                     } else {
@@ -336,54 +312,33 @@ impl Worker {
                     Judged::Again => again.push(job),
                 }
             }
-            if plan_had_stale_rewrite(&plan, &again) {
-                self.rewrite = None;
-            }
             again.extend(rest);
             pending = again;
         }
     }
 
-    fn rewrite_stale(&self) -> bool {
-        match &self.rewrite {
-            None => true,
-            Some(r) => r.conn != self.exec.opened() || r.at.elapsed() > RECHECK,
-        }
-    }
-
-    /// Asks Redis whether this identity may run both `DEL` and `UNLINK`.
-    async fn check_rewrite(
-        &mut self,
-        shared: &Shared,
-        pending: &[DeleteJob],
-        deadline: Instant,
-    ) -> io::Result<()> {
-        let key = pending
-            .iter()
-            .find_map(|j| j.what.keys.first().cloned())
-            .unwrap_or_else(|| Bytes::from_static(b"stormwall:probe"));
+    /// Asks Redis whether this identity may run both `DEL` and `UNLINK`, so that either may
+    /// be sent for the other. Also learns whether it may use `MULTI`.
+    async fn may_rewrite(&mut self, shared: &Shared, deadline: Instant) -> io::Result<bool> {
+        let probe = Bytes::from_static(PROBE_KEY);
         let forms = [
-            vec![Bytes::from_static(b"DEL"), key.clone()],
-            vec![Bytes::from_static(b"UNLINK"), key],
+            vec![Bytes::from_static(b"DEL"), probe.clone()],
+            vec![Bytes::from_static(b"UNLINK"), probe],
         ];
         let conn = self
             .exec
             .ready(&shared.config.upstream, deadline)
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::NotConnected))?;
-        let allowed = match access::check(conn, &forms, deadline).await? {
-            Some(verdicts) => verdicts.iter().all(|a| *a == Access::Allowed),
-            None => {
-                self.atomic = false;
-                false
-            }
-        };
-        self.rewrite = Some(Rewrite {
-            allowed,
-            at: Instant::now(),
-            conn: self.exec.opened(),
-        });
-        Ok(())
+        Ok(
+            match access::check(conn, &forms, Forms::Harmless, deadline).await? {
+                Some(verdicts) => verdicts.iter().all(|a| *a == Access::Allowed),
+                None => {
+                    self.atomic = false;
+                    false
+                }
+            },
+        )
     }
 
     /// Redis no longer accepts this identity on a connection of the shield's own: the
@@ -405,12 +360,6 @@ impl Worker {
 
 fn command(name: &'static [u8]) -> Vec<Bytes> {
     vec![Bytes::from_static(name)]
-}
-
-/// Whether a request planned again was refused a rewrite (so the permission check is stale).
-/// Such requests are the owners of rewritten entries that are now planned again.
-fn plan_had_stale_rewrite(plan: &Plan, again: &[DeleteJob]) -> bool {
-    !again.is_empty() && plan.entries.iter().any(|e| e.rewritten)
 }
 
 /// Splits the first pending requests (up to `max_keys` keys sent, at least one request)
@@ -465,11 +414,26 @@ fn plan(
     Plan { entries, covers }
 }
 
-/// Judges `[cmd…, EXEC]` replies (after an accepted `MULTI`). `None`: replies that make no
-/// sense.
+/// Judges `[MULTI, cmd…, EXEC]` replies. `None`: replies that make no sense.
 fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Vec<Judged>> {
     let n = plan.entries.len();
-    let queued = replies.get(..n)?;
+    match replies.first()? {
+        OwnedFrame::SimpleString(s) if s == b"OK" => {}
+        // MULTI was refused, so the commands ran one by one, each at its own moment: a
+        // request answered by one command has its exact answer; one whose keys were spread
+        // over several commands has no single moment, and its count is unknown.
+        OwnedFrame::Error(_) => {
+            let mut judged = judge_results(plan, replies.get(1..=n)?)?;
+            for (j, cover) in judged.iter_mut().zip(&plan.covers) {
+                if cover.len() > 1 {
+                    *j = Judged::Done(Outcome::Unknown);
+                }
+            }
+            return Some(judged);
+        }
+        _ => return None,
+    }
+    let queued = replies.get(1..=n)?;
     if queued.iter().any(|r| matches!(r, OwnedFrame::Error(_))) {
         // Redis aborted the transaction: nothing was applied. A refused request gets Redis's
         // error for its own command; everyone else is planned again.
@@ -483,7 +447,7 @@ fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Vec<Judged>>
         }
         return Some(judged);
     }
-    match replies.get(n)? {
+    match replies.get(n + 1)? {
         OwnedFrame::Array(results) if results.len() == n => judge_results(plan, results),
         // EXEC itself refused (e.g. `-READONLY`): nothing was applied, and a client's own
         // command would have been refused the same way.

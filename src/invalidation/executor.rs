@@ -61,9 +61,6 @@ pub(super) struct Executor {
     who: Identity,
     conn: Option<Counted>,
     backoff: Duration,
-    /// Connections opened so far: what a worker learned about a connection (its
-    /// permissions) is stale once this changes.
-    opened: u64,
     /// When Redis last refused the identity, and its error.
     refused: Option<(Instant, String)>,
 }
@@ -74,17 +71,12 @@ impl Executor {
             who,
             conn: None,
             backoff: FIRST_BACKOFF,
-            opened: 0,
             refused: None,
         }
     }
 
     pub fn identity(&self) -> &Identity {
         &self.who
-    }
-
-    pub fn opened(&self) -> u64 {
-        self.opened
     }
 
     /// Makes sure a live connection is at hand: keeps the current one unless Redis closed
@@ -107,7 +99,6 @@ impl Executor {
             match Conn::open(upstream, &self.who, deadline).await {
                 Ok(conn) => {
                     self.refused = None;
-                    self.opened += 1;
                     self.backoff = FIRST_BACKOFF;
                     self.conn = Some(Counted::new(conn));
                 }

@@ -28,7 +28,7 @@ use metrics::counter;
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::sync::mpsc;
 
-use super::access::{self, Access, is_command_refusal};
+use super::access::{self, Access, Forms, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
 use super::{
@@ -157,7 +157,7 @@ impl Round<'_> {
                     continue;
                 }
             };
-            let access = match access::check(conn, &forms, deadline).await {
+            let access = match access::check(conn, &forms, Forms::Destructive, deadline).await {
                 Ok(access) => access,
                 Err(_) => {
                     self.exec.discard();
