@@ -2,7 +2,7 @@
 //! many clients into a bounded, smooth load on Redis while every client still gets exactly
 //! the answer it asked for (contract points G2–G5).
 //!
-//! A session hands a governed request to [`Engine::execute`] and waits for the reply bytes.
+//! A session hands a governed request to [`Engine::execute`] and waits for its [`Verdict`].
 //! The engine:
 //!
 //! 1. **admits** it into a bounded queue (`invalidation.max_pending`, `max_pending_keys`);
@@ -12,8 +12,10 @@
 //!    are only ever batched with others that could do exactly the same, and are executed on
 //!    a connection authenticated as that identity (G5);
 //! 3. the worker **batches** whatever is queued when it becomes free (group commit — no
-//!    added latency when idle), spends the rate-limit budgets, executes, and answers each
-//!    request with its own result. Deletes are in [`delete`], flushes in [`flush`].
+//!    added latency when idle), takes the rate-limit budgets (only for what it then sends),
+//!    executes on its own connection ([`executor`]), and answers each request with its own
+//!    result. Deletes are in [`delete`], flushes in [`flush`], permission checks in
+//!    [`access`], and what each ending means for the client in [`outcome`].
 //!
 //! Every request ends in exactly one [`Outcome`] (G4): its real result; an error saying it
 //! was not applied; "unknown" when a connection was lost after it was sent (the session
