@@ -639,6 +639,11 @@ fn random_kills_never_give_a_wrong_count() {
             "{key}: 'not applied' but deleted"
         );
     }
+    // Nothing is left accounted for requests that ended in any of those ways.
+    eventually("queue depth back to 0", Duration::from_secs(5), || {
+        metric(&sw, "stormwall_invalidation_queue_depth", &[]) == 0.0
+    });
+    assert!(metric(&sw, "stormwall_shield_upstream_connections", &[]) <= 1.0);
 }
 
 /// The engine's side of the contract with the session, through its API: what it returns for
