@@ -582,6 +582,90 @@ mod tests {
         assert_eq!(plan(&batch, true, |_| true, 100).entries.len(), 1);
     }
 
+    fn ok(s: &str) -> OwnedFrame {
+        OwnedFrame::SimpleString(s.as_bytes().to_vec())
+    }
+
+    fn err(s: &str) -> OwnedFrame {
+        OwnedFrame::Error(s.into())
+    }
+
+    fn shown_judged(judged: Option<Vec<Judged>>) -> Vec<String> {
+        judged
+            .expect("replies make sense")
+            .into_iter()
+            .map(|j| match j {
+                Judged::Done(o) => format!("{o:?}"),
+                Judged::Again => "Again".into(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_aborted_transaction_answers_the_refused_and_replans_the_rest() {
+        // Request 0 is a rewritten DEL refused for the command (permissions changed since the
+        // check): it goes again. Request 1 is refused for a key: that is its answer.
+        let batch = jobs(&[(&["a"], false), (&["b"], true), (&["c"], true)]);
+        let p = plan(&batch, true, |_| true, 100);
+        let keys =
+            "NOPERM this user has no permissions to access one of the keys used as arguments";
+        let replies = [
+            ok("OK"),
+            err("NOPERM this user has no permissions to run the 'unlink' command"),
+            err(keys),
+            ok("QUEUED"),
+            err("EXECABORT Transaction discarded because of previous errors."),
+        ];
+        assert_eq!(
+            shown_judged(judge_transaction(&p, &replies)),
+            vec![
+                "Again".to_string(),
+                format!("Redis({keys:?})"),
+                "Again".into()
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn counts_come_from_the_exec_results() {
+        let batch = jobs(&[(&["a", "b"], true), (&["b"], true), (&["c"], true)]);
+        let p = plan(&batch, true, |d| d.unlink, 100);
+        let results = OwnedFrame::Array(vec![OwnedFrame::Integer(2), OwnedFrame::Integer(1)]);
+        let replies = [ok("OK"), ok("QUEUED"), ok("QUEUED"), results];
+        assert_eq!(
+            shown_judged(judge_transaction(&p, &replies)),
+            vec!["Count(2)", "Count(0)", "Count(1)"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_multi_leaves_spread_requests_unknown() {
+        // MULTI refused: the commands ran one by one. Request 1's keys were removed by two
+        // commands at two moments: no exact count exists for it.
+        let batch = jobs(&[(&["a"], true), (&["a", "b"], true), (&["a"], true)]);
+        let p = plan(&batch, true, |d| d.unlink, 100);
+        let replies = [
+            err("NOPERM this user has no permissions to run the 'multi' command"),
+            OwnedFrame::Integer(1),
+            OwnedFrame::Integer(1),
+            err("ERR EXEC without MULTI"),
+        ];
+        assert_eq!(
+            shown_judged(judge_transaction(&p, &replies)),
+            vec!["Count(1)", "Unknown", "Count(0)"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_claimer_sends_its_dependents_again() {
+        let batch = jobs(&[(&["a"], true), (&["a"], true)]);
+        let p = plan(&batch, true, |d| d.unlink, 100);
+        assert_eq!(
+            shown_judged(judge_pipeline(&p, &[err("ERR boom")])),
+            vec!["Redis(\"ERR boom\")", "Again"]
+        );
+    }
+
     #[tokio::test]
     async fn a_plan_keeps_within_the_key_budget() {
         let batch = jobs(&[(&["a", "b"], true), (&["c", "d"], true), (&["e"], true)]);
