@@ -213,6 +213,14 @@ pub struct InvalidationConfig {
     /// Invalidation commands (deletes and flushes) sent to Redis per second, and burst.
     pub commands_per_second: u32,
     pub commands_burst: u32,
+    /// The shield keeps a worker and a Redis connection per identity (user, password,
+    /// database); one unused for this long is closed, and its password forgotten.
+    #[serde(with = "humantime_serde")]
+    pub identity_idle_timeout: Duration,
+    /// Most identities with a live worker at once. Invalidations of further identities pass
+    /// through ungoverned on the client's own connection (so one client cycling through
+    /// passwords cannot make the shield open unbounded connections to Redis).
+    pub max_identities: usize,
 }
 
 impl Default for InvalidationConfig {
@@ -230,6 +238,8 @@ impl Default for InvalidationConfig {
             keys_burst: 10_000,
             commands_per_second: 2_000,
             commands_burst: 200,
+            identity_idle_timeout: Duration::from_secs(60),
+            max_identities: 64,
         }
     }
 }
@@ -261,6 +271,9 @@ pub struct FlushConfig {
     pub mode: FlushMode,
     /// Commands refused outright with an error, e.g. `["FLUSHALL"]`.
     pub deny: Vec<FlushCommand>,
+    /// Flushes of a target that may go at once before `min_interval` spacing applies, so an
+    /// occasional flush (a test suite's teardown) is never delayed.
+    pub burst: u32,
 }
 
 impl Default for FlushConfig {
@@ -269,6 +282,7 @@ impl Default for FlushConfig {
             min_interval: Duration::from_secs(1),
             mode: FlushMode::Async,
             deny: Vec::new(),
+            burst: 3,
         }
     }
 }
@@ -482,10 +496,18 @@ impl Config {
                 inv.commands_per_second as usize,
             ),
             ("invalidation.commands_burst", inv.commands_burst as usize),
+            ("invalidation.max_identities", inv.max_identities),
+            ("flush.burst", self.flush.burst as usize),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if inv.identity_idle_timeout.is_zero() {
+            return Err(invalid(
+                "invalidation.identity_idle_timeout",
+                "must be greater than 0s",
+            ));
         }
         if inv.max_wait.is_zero() {
             return Err(invalid("invalidation.max_wait", "must be greater than 0s"));
@@ -579,6 +601,20 @@ mod tests {
         assert!(err.contains("listen.max_clients"), "{err}");
         let err = parse("[upstream]\nconnect_timeout = \"soon\"\n").unwrap_err();
         assert!(err.contains("connect_timeout"), "{err}");
+        for (text, key) in [
+            ("[flush]\nburst = 0\n", "flush.burst"),
+            (
+                "[invalidation]\nmax_identities = 0\n",
+                "invalidation.max_identities",
+            ),
+            (
+                "[invalidation]\nidentity_idle_timeout = \"0s\"\n",
+                "invalidation.identity_idle_timeout",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

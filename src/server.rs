@@ -77,7 +77,11 @@ pub async fn run(
         tokio::spawn(telemetry::upkeep(metrics.clone()));
         tokio::spawn(admin::serve(listener, ctx.clone(), metrics, background.clone()))
     });
-    tokio::spawn(probe_upstream(ctx.clone(), background.clone()));
+    // Known before the first client: whether Redis is up, and whether it requires
+    // authentication (Redis's pre-authentication limits then apply to new clients).
+    let mut probe = upstream::Probe::default();
+    check_upstream(&ctx, &mut probe).await;
+    tokio::spawn(probe_upstream(ctx.clone(), probe, background.clone()));
     let (loader, file, log) = services.reload;
     tokio::spawn(reload::watch(
         ctx.clone(),
@@ -121,20 +125,28 @@ pub async fn run(
     }
 }
 
-/// Keeps `upstream_up` (and so `/readyz`) current even when no client is connecting, and
-/// logs the moments Redis goes away and comes back.
-async fn probe_upstream(ctx: Arc<Context>, stop: CancellationToken) {
-    let mut probe = upstream::Probe::default();
+/// Keeps `upstream_up` (and so `/readyz`) and `auth_required` current even when no client is
+/// connecting, and logs the moments Redis goes away and comes back. The first check was made
+/// before clients were accepted ([`check_upstream`]).
+async fn probe_upstream(ctx: Arc<Context>, mut probe: upstream::Probe, stop: CancellationToken) {
     loop {
-        let config = ctx.config.load_full();
-        match probe.check(&config.upstream).await {
-            Ok(()) => ctx.note_upstream(true, None),
-            Err(e) => ctx.note_upstream(false, Some(&e)),
-        }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(config.admin.probe_interval) => {}
+            _ = tokio::time::sleep(ctx.config.load().admin.probe_interval) => {}
         }
+        check_upstream(&ctx, &mut probe).await;
+    }
+}
+
+/// One probe of Redis: is it up, and does it require clients to authenticate.
+async fn check_upstream(ctx: &Context, probe: &mut upstream::Probe) {
+    let config = ctx.config.load_full();
+    match probe.check(&config.upstream).await {
+        Ok(auth_required) => {
+            ctx.auth_required.store(auth_required, Ordering::Relaxed);
+            ctx.note_upstream(true, None);
+        }
+        Err(e) => ctx.note_upstream(false, Some(&e)),
     }
 }
 

@@ -58,8 +58,11 @@ fn zero_series() {
         counter!("stormwall_flushes_requested_total", "command" => command).absolute(0);
         counter!("stormwall_flushes_executed_total", "command" => command).absolute(0);
     }
-    for reason in ["queue_full", "max_wait", "denied", "upstream"] {
+    for reason in crate::invalidation::REJECTED_REASONS {
         counter!("stormwall_invalidation_rejected_total", "reason" => reason).absolute(0);
+    }
+    for reason in crate::invalidation::PASSTHROUGH_REASONS {
+        counter!("stormwall_invalidation_passthrough_total", "reason" => reason).absolute(0);
     }
     for name in [
         "stormwall_invalidation_keys_received_total",
@@ -68,10 +71,18 @@ fn zero_series() {
         "stormwall_invalidation_commands_sent_total",
         "stormwall_invalidation_batches_total",
         "stormwall_invalidation_retries_total",
+        "stormwall_invalidation_unknown_total",
+        "stormwall_invalidation_abandoned_total",
     ] {
         counter!(name).absolute(0);
     }
-    gauge!("stormwall_invalidation_queue_depth").set(0.0);
+    for name in [
+        "stormwall_invalidation_queue_depth",
+        "stormwall_invalidation_identities",
+        "stormwall_shield_upstream_connections",
+    ] {
+        gauge!(name).set(0.0);
+    }
 }
 
 /// Keeps histogram storage bounded; the exporter needs this called periodically.
@@ -178,7 +189,28 @@ fn describe() {
     );
     describe_counter!(
         "stormwall_invalidation_retries_total",
-        "Retries of an invalidation batch after a transient upstream failure."
+        "Attempts to reach Redis again for an invalidation batch after a failure to connect."
+    );
+    describe_counter!(
+        "stormwall_invalidation_unknown_total",
+        "Governed requests whose fate is unknown (the connection was lost after sending); \
+         the client's connection is closed."
+    );
+    describe_counter!(
+        "stormwall_invalidation_abandoned_total",
+        "Governed requests dropped unsent because their client had gone."
+    );
+    describe_counter!(
+        "stormwall_invalidation_passthrough_total",
+        "Governed requests handed back to run on the client's own connection, by reason."
+    );
+    describe_gauge!(
+        "stormwall_invalidation_identities",
+        "Identities (user, password, database) with a live shield worker."
+    );
+    describe_gauge!(
+        "stormwall_shield_upstream_connections",
+        "Connections the shield holds open to Redis."
     );
 }
 
@@ -247,7 +279,9 @@ mod tests {
             include_str!("invalidation/mod.rs"),
             include_str!("invalidation/delete.rs"),
             include_str!("invalidation/flush.rs"),
-            include_str!("invalidation/retry.rs"),
+            include_str!("invalidation/executor.rs"),
+            include_str!("invalidation/outcome.rs"),
+            include_str!("invalidation/access.rs"),
             include_str!("reload.rs"),
         ]
         .into_iter()

@@ -1,23 +1,38 @@
 //! Batched `DEL`/`UNLINK`: each key deleted once per batch, each client told exactly how many
-//! keys *its* request removed (G2).
+//! keys *its* request removed (G2), and allowed or refused exactly as Redis would treat its
+//! own command (G5).
 //!
 //! A batch is a sequence of requests in arrival order. Under the sequential order "request 1,
 //! then request 2, …", a key shared by several requests is removed by the first of them; the
 //! later ones would find it gone. So each key is *claimed* by the first request that names it,
 //! and each request sends one delete command with only the keys it claimed: the command's
 //! integer reply is then exactly that request's answer, and requests left with no keys answer
-//! `0`. A storm of identical `DEL`s becomes a single command.
+//! `0`. A storm of identical `DEL`s becomes a single command. Claims are per command name: a
+//! key claimed by an `UNLINK` never answers a `DEL` request, whose user may not be allowed to
+//! run `DEL` (Redis must see that request's own command to refuse it).
 //!
 //! Claiming is only sound if the batch executes atomically — otherwise a write landing between
 //! two requests' commands could split one request's effect across two points in time. So a
-//! batch of several commands is wrapped in `MULTI`/`EXEC`. If a command is refused at queue
-//! time (an ACL user without permission on one of its keys), Redis aborts the whole
-//! transaction: the refused request gets Redis's own error (it was not applied, G4/G5) and the
-//! rest are planned and executed again. If the identity may not use `MULTI` at all, the worker
-//! stops claiming and sends each request's own keys, one command per request.
+//! batch of several commands is wrapped in `MULTI`/`EXEC`. (Were `MULTI` refused — the
+//! identity's ACL changed since it was last seen to allow it — the commands run one by one:
+//! requests answered by a single command still get exact counts, the others are reported
+//! unknown.) If a command is refused at queue time
+//! (an ACL user without permission on one of its keys), Redis aborts the whole transaction:
+//! the refused request gets Redis's own error (it was not applied) and the rest are planned
+//! again. If the identity may not use `MULTI` at all, the worker stops claiming and sends each
+//! request's own keys, one command per request.
+//!
+//! `invalidation.delete_command` is applied to a request only where the identity may run both
+//! its own command and the configured one, as Redis answers a side-effect-free check made for
+//! each batch that needs it ([`access`](super::access)); otherwise the request's own command
+//! is sent.
+//!
+//! Before every send, requests whose deadline passed or whose client left are taken out and
+//! the batch is planned again: nothing is sent for a client that is no longer waiting.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::io;
+use std::sync::Weak;
 
 use bytes::Bytes;
 use metrics::{counter, histogram};
@@ -25,22 +40,37 @@ use redis_protocol::resp2::types::OwnedFrame;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::retry::Executor;
-use super::{Job, Live, Shared, expired, spend};
+use super::access::{self, Access, Forms, PROBE_KEY, is_command_refusal};
+use super::executor::{Executor, NotSent};
+use super::outcome::{Outcome, PassReason, Refusal};
+use super::{
+    DeleteJob, Live, Registry, Shared, deleters, earliest, expire_before, next_job, prune,
+    send_margin, take,
+};
 use crate::config::DeleteCommand;
-use crate::resp::error_reply;
 use crate::upstream::Identity;
 
-type DeleteJob = Job<Vec<Bytes>>;
+/// A delete request: its keys (deduplicated) and whether the client sent `UNLINK`.
+#[derive(Debug)]
+pub(super) struct Delete {
+    pub keys: Vec<Bytes>,
+    pub unlink: bool,
+}
 
-/// Serves one identity's delete requests until the engine is dropped.
-pub(super) async fn worker(live: Live, who: Identity, mut rx: mpsc::UnboundedReceiver<DeleteJob>) {
+/// Serves one identity's delete requests until it is idle for `identity_idle_timeout`.
+pub(super) async fn worker(
+    live: Live,
+    registry: Weak<Registry>,
+    who: Identity,
+    mut rx: mpsc::UnboundedReceiver<DeleteJob>,
+) {
     let mut worker = Worker {
-        live,
-        exec: Executor::new(who),
+        live: live.clone(),
+        exec: Executor::new(who.clone()),
         atomic: true,
+        told: false,
     };
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = next_job(&live, &registry, deleters, &who, &who, &mut rx).await {
         let batch = worker.gather(first, &mut rx).await;
         worker.run(batch).await;
     }
@@ -51,23 +81,40 @@ struct Worker {
     exec: Executor,
     /// Whether this identity may use `MULTI` (and so whether keys can be claimed).
     atomic: bool,
+    /// The credentials refusal was logged (once per worker).
+    told: bool,
 }
 
-/// What became of one request after a round.
-enum Verdict {
-    Done(Bytes),
-    /// Not applied in this round (its transaction was aborted, or it lost its keys to a
-    /// request that failed); plan it again.
+/// One delete command in a plan.
+#[derive(Debug)]
+struct Entry {
+    /// The request (index into the participants) whose answer this command's reply is.
+    owner: usize,
+    unlink: bool,
+    /// Sent as the other command than the client's.
+    rewritten: bool,
+    keys: Vec<Bytes>,
+}
+
+/// The commands for the first `covers.len()` pending requests (the participants).
+#[derive(Debug)]
+struct Plan {
+    entries: Vec<Entry>,
+    /// Per participant: the entries that remove its keys (its own, if any, last).
+    covers: Vec<Vec<usize>>,
+}
+
+/// What became of one participant after a round.
+enum Judged {
+    Done(Outcome),
+    /// Not applied in this round (its transaction was aborted, it lost its keys to a
+    /// request that failed, or a rewrite was refused); plan it again.
     Again,
-}
-
-fn count_reply(n: i64) -> Bytes {
-    Bytes::from(format!(":{n}\r\n"))
 }
 
 impl Worker {
     /// The settings as of now (a reload is picked up at the next use).
-    fn shared(&self) -> Arc<Shared> {
+    fn shared(&self) -> std::sync::Arc<Shared> {
         self.live.load_full()
     }
 
@@ -81,12 +128,13 @@ impl Worker {
         if !inv.batch_delay.is_zero() {
             tokio::time::sleep(inv.batch_delay).await;
         }
-        let mut distinct: HashSet<Bytes> = first.what.iter().cloned().collect();
+        let mut distinct: std::collections::HashSet<Bytes> =
+            first.what.keys.iter().cloned().collect();
         let mut batch = vec![first];
         while distinct.len() < inv.max_batch_keys {
             match rx.try_recv() {
                 Ok(job) => {
-                    distinct.extend(job.what.iter().cloned());
+                    distinct.extend(job.what.keys.iter().cloned());
                     batch.push(job);
                 }
                 Err(_) => break,
@@ -95,257 +143,397 @@ impl Worker {
         batch
     }
 
-    async fn run(&mut self, batch: Vec<DeleteJob>) {
+    async fn run(&mut self, mut pending: Vec<DeleteJob>) {
         let now = Instant::now();
-        let mut pending = Vec::with_capacity(batch.len());
-        for job in batch {
+        for job in &pending {
             histogram!("stormwall_invalidation_wait_seconds")
                 .record((now - job.received).as_secs_f64());
-            pending.push(job);
         }
-        while !pending.is_empty() {
-            let plan = plan(&pending, self.atomic);
-            let keys: usize = plan.iter().map(|(_, k)| k.len()).sum();
+        // Budget already taken for the current plan and not yet used by a send.
+        let (mut paid_keys, mut paid_commands) = (0u64, 0u64);
+        loop {
             let shared = self.shared();
             let inv = &shared.config.invalidation;
-            let deadline = pending
-                .iter()
-                .map(|j| j.deadline)
-                .min()
-                .unwrap_or_else(Instant::now);
-            let _ = spend(&shared.keys, inv.keys_burst, keys, deadline).await
-                && spend(&shared.commands, inv.commands_burst, plan.len(), deadline).await;
-            // Budgets may have made some requests wait past their deadline: they are answered
-            // now and never executed later.
-            let now = Instant::now();
-            if pending.iter().any(|j| now > j.deadline) {
-                let (late, rest): (Vec<_>, Vec<_>) =
-                    pending.into_iter().partition(|j| now > j.deadline);
-                late.into_iter().for_each(|j| j.answer(expired()));
+            let max_wait = inv.max_wait;
+            let expired = || Outcome::NotApplied(Refusal::Expired { max_wait });
+            let margin = send_margin(max_wait);
+            prune(&mut pending, margin, expired);
+            if pending.is_empty() {
+                return;
+            }
+            let deadline = earliest(&pending);
+            match self.exec.ready(&shared.config.upstream, deadline).await {
+                Ok(_) => {}
+                Err(NotSent::Refused(e)) => return self.pass_through(pending, &e),
+                Err(_) => {
+                    if !self.exec.pause(deadline).await {
+                        for job in pending {
+                            job.answer(Outcome::NotApplied(Refusal::Unreachable));
+                        }
+                        return;
+                    }
+                    continue;
+                }
+            }
+            let configured = inv.delete_command == DeleteCommand::Unlink;
+            // The configured command replaces a client's own only where the identity may run
+            // both, as Redis says now.
+            let rewrite = if pending.iter().any(|j| j.what.unlink != configured) {
+                match self.may_rewrite(&shared, deadline).await {
+                    Ok(rewrite) => rewrite,
+                    Err(_) => {
+                        self.exec.discard();
+                        continue;
+                    }
+                }
+            } else {
+                false
+            };
+            let plan = plan(
+                &pending,
+                self.atomic,
+                |d| if rewrite { configured } else { d.unlink },
+                inv.keys_burst as usize,
+            );
+            let participants = plan.covers.len();
+            if plan.entries.is_empty() {
+                // Requests naming no key: Redis would answer 0 without deleting anything.
+                let rest = pending.split_off(participants);
+                pending
+                    .into_iter()
+                    .for_each(|j| j.answer(Outcome::Count(0)));
                 pending = rest;
                 continue;
             }
-            let verdicts = self.round(&pending, &plan).await;
+            let keys: u64 = plan.entries.iter().map(|e| e.keys.len() as u64).sum();
+            let commands = plan.entries.len() as u64;
+            let deadline = earliest(&pending[..participants]);
+            let budget = match take(
+                &shared.commands,
+                inv.commands_burst,
+                inv.commands_per_second,
+                commands,
+                &mut paid_commands,
+                deadline - margin,
+            )
+            .await
+            {
+                Ok(()) => {
+                    take(
+                        &shared.keys,
+                        inv.keys_burst,
+                        inv.keys_per_second,
+                        keys,
+                        &mut paid_keys,
+                        deadline - margin,
+                    )
+                    .await
+                }
+                Err(at) => Err(at),
+            };
+            if let Err(at) = budget {
+                // The budget cannot be had before some requests' deadlines: they are answered
+                // now, without spending budget on them, and the rest planned again.
+                expire_before(&mut pending, at + margin, expired);
+                continue;
+            }
+            // Waiting for budget took time: a client that left meanwhile is not executed.
+            if pending[..participants].iter().any(|j| j.abandoned()) {
+                continue;
+            }
+            let wrap = self.atomic && plan.entries.len() > 1;
+            let mut batch: Vec<Vec<Bytes>> = plan
+                .entries
+                .iter()
+                .map(|e| {
+                    let mut cmd = Vec::with_capacity(e.keys.len() + 1);
+                    cmd.push(Bytes::from_static(if e.unlink {
+                        b"UNLINK"
+                    } else {
+                        b"DEL"
+                    }));
+                    cmd.extend(e.keys.iter().cloned());
+                    cmd
+                })
+                .collect();
+            if wrap {
+                batch.insert(0, command(b"MULTI"));
+                batch.push(command(b"EXEC"));
+            }
+            let received: usize = pending[..participants]
+                .iter()
+                .map(|j| j.what.keys.len())
+                .sum();
+            counter!("stormwall_invalidation_batches_total").increment(1);
+            histogram!("stormwall_invalidation_batch_keys").record(keys as f64);
+            counter!("stormwall_invalidation_keys_sent_total").increment(keys);
+            counter!("stormwall_invalidation_coalesced_keys_total")
+                .increment((received as u64).saturating_sub(keys));
+            counter!("stormwall_invalidation_commands_sent_total").increment(batch.len() as u64);
+            let rest = pending.split_off(participants);
+            let judged = match self.exec.send(&batch, deadline).await {
+                // Closed before anything was written: plan again.
+                Err(_) => {
+                    pending.extend(rest);
+                    continue;
+                }
+                Ok(Err(_lost)) => None,
+                Ok(Ok(replies)) => {
+                    if wrap
+                        && matches!(replies.first(), Some(OwnedFrame::Error(e)) if e.starts_with("NOPERM"))
+                    {
+                        // This identity may not use transactions (any more): stop claiming.
+                        self.atomic = false;
+                    }
+                    let judged = if wrap {
+                        judge_transaction(&plan, &replies)
+                    } else {
+                        judge_pipeline(&plan, &replies)
+                    };
+                    if judged.is_none() {
+                        // Replies that make no sense: the connection is out of step.
+                        self.exec.discard();
+                    }
+                    judged
+                }
+            };
+            (paid_keys, paid_commands) = (0, 0);
+            let Some(judged) = judged else {
+                // Sent, and the answer was lost (or garbled): the fate of every participant
+                // is unknown, and a retry could give a wrong count.
+                pending.into_iter().for_each(|j| j.answer(Outcome::Unknown));
+                pending = rest;
+                continue;
+            };
             let mut again = Vec::new();
-            for (job, verdict) in pending.into_iter().zip(verdicts) {
-                match verdict {
-                    Verdict::Done(reply) => job.answer(reply),
-                    Verdict::Again => again.push(job),
+            for (job, judged) in pending.into_iter().zip(judged) {
+                match judged {
+                    Judged::Done(outcome) => job.answer(outcome),
+                    Judged::Again => again.push(job),
                 }
             }
+            again.extend(rest);
             pending = again;
         }
     }
 
-    /// Executes one plan and judges every pending request by the replies.
-    async fn round(&mut self, pending: &[DeleteJob], plan: &[(usize, Vec<Bytes>)]) -> Vec<Verdict> {
-        let name = match self.shared().config.invalidation.delete_command {
-            DeleteCommand::Unlink => Bytes::from_static(b"UNLINK"),
-            DeleteCommand::Del => Bytes::from_static(b"DEL"),
-        };
-        let wrap = self.atomic && plan.len() > 1;
-        let mut commands = Vec::with_capacity(plan.len() + 2);
-        if wrap {
-            commands.push(vec![Bytes::from_static(b"MULTI")]);
-        }
-        for (_, keys) in plan {
-            let mut cmd = Vec::with_capacity(keys.len() + 1);
-            cmd.push(name.clone());
-            cmd.extend(keys.iter().cloned());
-            commands.push(cmd);
-        }
-        if wrap {
-            commands.push(vec![Bytes::from_static(b"EXEC")]);
-        }
-        let received: usize = pending.iter().map(|j| j.what.len()).sum();
-        let sent: usize = plan.iter().map(|(_, k)| k.len()).sum();
-        counter!("stormwall_invalidation_batches_total").increment(1);
-        histogram!("stormwall_invalidation_batch_keys").record(sent as f64);
-        counter!("stormwall_invalidation_keys_sent_total").increment(sent as u64);
-        counter!("stormwall_invalidation_coalesced_keys_total")
-            .increment(received.saturating_sub(sent) as u64);
-        counter!("stormwall_invalidation_commands_sent_total").increment(commands.len() as u64);
-
-        let deadline = pending
-            .iter()
-            .map(|j| j.deadline)
-            .min()
-            .unwrap_or_else(Instant::now);
-        let outcome = match self.exec.run(&self.shared(), &commands, deadline).await {
-            Ok(o) => o,
-            Err(failure) => {
-                let reply = failure.reply(self.exec.identity());
-                return pending
-                    .iter()
-                    .map(|_| Verdict::Done(reply.clone()))
-                    .collect();
-            }
-        };
-        let replies = outcome.replies;
-        let mut verdicts: Vec<Verdict> = if wrap {
-            self.judge_transaction(pending.len(), plan, &replies)
-        } else {
-            judge_pipeline(pending.len(), plan, &replies, self.atomic)
-        };
-        if outcome.after_lost_attempt {
-            // A lost attempt may already have removed the keys, so the counts now in hand may
-            // be too low. The keys are gone either way; say so instead of guessing a number.
-            let uncertain = error_reply(
-                "ERR stormwall: the keys are deleted, but the connection to Redis dropped during \
-                 the batch, so how many of them this request removed is unknown",
-            );
-            for v in &mut verdicts {
-                if let Verdict::Done(reply) = v
-                    && reply.first() == Some(&b':')
-                {
-                    *reply = uncertain.clone();
+    /// Asks Redis whether this identity may run both `DEL` and `UNLINK`, so that either may
+    /// be sent for the other. Also learns whether it may use `MULTI`.
+    async fn may_rewrite(&mut self, shared: &Shared, deadline: Instant) -> io::Result<bool> {
+        let probe = Bytes::from_static(PROBE_KEY);
+        let forms = [
+            vec![Bytes::from_static(b"DEL"), probe.clone()],
+            vec![Bytes::from_static(b"UNLINK"), probe],
+        ];
+        let conn = self
+            .exec
+            .ready(&shared.config.upstream, deadline)
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::NotConnected))?;
+        Ok(
+            match access::check(conn, &forms, Forms::Harmless, deadline).await? {
+                Some(verdicts) => verdicts.iter().all(|a| *a == Access::Allowed),
+                None => {
+                    self.atomic = false;
+                    false
                 }
-            }
-        }
-        verdicts
+            },
+        )
     }
 
-    /// Judges `[MULTI, cmd…, EXEC]` replies.
-    fn judge_transaction(
-        &mut self,
-        jobs: usize,
-        plan: &[(usize, Vec<Bytes>)],
-        replies: &[OwnedFrame],
-    ) -> Vec<Verdict> {
-        let mut verdicts: Vec<Verdict> = (0..jobs).map(|_| Verdict::Done(count_reply(0))).collect();
-        if let Some(OwnedFrame::Error(e)) = replies.first() {
-            if e.starts_with("NOPERM") {
-                // This identity may not use transactions: stop claiming, send per request.
-                self.atomic = false;
-                return (0..jobs).map(|_| Verdict::Again).collect();
-            }
-            let reply = error_reply(e);
-            return (0..jobs).map(|_| Verdict::Done(reply.clone())).collect();
+    /// Redis no longer accepts this identity on a connection of the shield's own: the
+    /// sessions run these requests on their clients' own connections.
+    fn pass_through(&mut self, pending: Vec<DeleteJob>, error: &str) {
+        if !std::mem::replace(&mut self.told, true) {
+            tracing::warn!(
+                db = self.exec.identity().db,
+                %error,
+                "Redis refuses this identity's credentials on a new connection; its \
+                 invalidations run on the clients' own connections (not coalesced)"
+            );
         }
-        let queued = replies.get(1..=plan.len()).unwrap_or(&[]);
-        let refused: Vec<(usize, &String)> = queued
-            .iter()
-            .zip(plan)
-            .filter_map(|(r, (owner, _))| match r {
-                OwnedFrame::Error(e) => Some((*owner, e)),
-                _ => None,
-            })
-            .collect();
-        if !refused.is_empty() {
-            // Redis aborted the transaction: nothing was applied. The refused requests get
-            // Redis's error; everyone else is planned again without them.
-            let mut verdicts: Vec<Verdict> = (0..jobs).map(|_| Verdict::Again).collect();
-            for (owner, e) in refused {
-                verdicts[owner] = Verdict::Done(error_reply(e));
-            }
-            return verdicts;
+        for job in pending {
+            job.answer(Outcome::PassThrough(PassReason::Credentials));
         }
-        match replies.get(plan.len() + 1) {
-            Some(OwnedFrame::Array(results)) if results.len() == plan.len() => {
-                for (result, (owner, _)) in results.iter().zip(plan) {
-                    verdicts[*owner] = Verdict::Done(result_reply(result));
+    }
+}
+
+fn command(name: &'static [u8]) -> Vec<Bytes> {
+    vec![Bytes::from_static(name)]
+}
+
+/// Splits the first pending requests (up to `max_keys` keys sent, at least one request)
+/// into delete commands, `unlink_for` choosing each request's command. With `claim`, each
+/// key goes only to the first request that names it under the same command name.
+fn plan(
+    pending: &[DeleteJob],
+    claim: bool,
+    unlink_for: impl Fn(&Delete) -> bool,
+    max_keys: usize,
+) -> Plan {
+    let mut claimed: [HashMap<&Bytes, usize>; 2] = [HashMap::new(), HashMap::new()];
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut covers = Vec::new();
+    let mut total = 0;
+    for (i, job) in pending.iter().enumerate() {
+        if i > 0 && total + job.what.keys.len() > max_keys {
+            break;
+        }
+        let unlink = unlink_for(&job.what);
+        let claims = &mut claimed[usize::from(unlink)];
+        let index = entries.len();
+        let mut own = Vec::new();
+        let mut cover: Vec<usize> = Vec::new();
+        for key in &job.what.keys {
+            match claims.get(key) {
+                Some(&e) if claim => {
+                    if !cover.contains(&e) {
+                        cover.push(e);
+                    }
                 }
-                verdicts
-            }
-            other => {
-                let reply = match other {
-                    Some(OwnedFrame::Error(e)) => error_reply(e),
-                    _ => unexpected(),
-                };
-                (0..jobs).map(|_| Verdict::Done(reply.clone())).collect()
+                _ => {
+                    if claim {
+                        claims.insert(key, index);
+                    }
+                    own.push(key.clone());
+                }
             }
         }
+        if !own.is_empty() {
+            total += own.len();
+            cover.push(index);
+            entries.push(Entry {
+                owner: i,
+                unlink,
+                rewritten: unlink != job.what.unlink,
+                keys: own,
+            });
+        }
+        covers.push(cover);
+    }
+    Plan { entries, covers }
+}
+
+/// Judges `[MULTI, cmd…, EXEC]` replies. `None`: replies that make no sense.
+fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Vec<Judged>> {
+    let n = plan.entries.len();
+    match replies.first()? {
+        OwnedFrame::SimpleString(s) if s == b"OK" => {}
+        // MULTI was refused, so the commands ran one by one, each at its own moment: a
+        // request answered by one command has its exact answer; one whose keys were spread
+        // over several commands has no single moment, and its count is unknown.
+        OwnedFrame::Error(_) => {
+            let mut judged = judge_results(plan, replies.get(1..=n)?)?;
+            for (j, cover) in judged.iter_mut().zip(&plan.covers) {
+                if cover.len() > 1 {
+                    *j = Judged::Done(Outcome::Unknown);
+                }
+            }
+            return Some(judged);
+        }
+        _ => return None,
+    }
+    let queued = replies.get(1..=n)?;
+    if queued.iter().any(|r| matches!(r, OwnedFrame::Error(_))) {
+        // Redis aborted the transaction: nothing was applied. A refused request gets Redis's
+        // error for its own command; everyone else is planned again.
+        let mut judged: Vec<Judged> = plan.covers.iter().map(|_| Judged::Again).collect();
+        for (reply, entry) in queued.iter().zip(&plan.entries) {
+            if let OwnedFrame::Error(e) = reply
+                && !(entry.rewritten && is_command_refusal(e))
+            {
+                judged[entry.owner] = Judged::Done(Outcome::Redis(e.clone()));
+            }
+        }
+        return Some(judged);
+    }
+    match replies.get(n + 1)? {
+        OwnedFrame::Array(results) if results.len() == n => judge_results(plan, results),
+        // EXEC itself refused (e.g. `-READONLY`): nothing was applied, and a client's own
+        // command would have been refused the same way.
+        OwnedFrame::Error(e) => Some(
+            plan.covers
+                .iter()
+                .map(|_| Judged::Done(Outcome::Redis(e.clone())))
+                .collect(),
+        ),
+        _ => None,
     }
 }
 
 /// Judges replies to plain pipelined delete commands.
-fn judge_pipeline(
-    jobs: usize,
-    plan: &[(usize, Vec<Bytes>)],
-    replies: &[OwnedFrame],
-    claimed: bool,
-) -> Vec<Verdict> {
-    let mut verdicts: Vec<Verdict> = (0..jobs).map(|_| Verdict::Done(count_reply(0))).collect();
-    let mut failed_owner = false;
-    for (result, (owner, _)) in replies.iter().zip(plan) {
-        let reply = result_reply(result);
-        failed_owner |= reply.first() == Some(&b'-');
-        verdicts[*owner] = Verdict::Done(reply);
-    }
-    if claimed && failed_owner {
-        // Requests that sent nothing lost their keys to the request that failed: their keys
-        // may still exist, so they go again rather than answer 0.
-        let owners: HashSet<usize> = plan.iter().map(|(o, _)| *o).collect();
-        for (i, v) in verdicts.iter_mut().enumerate() {
-            if !owners.contains(&i) {
-                *v = Verdict::Again;
-            }
-        }
-    }
-    verdicts
+fn judge_pipeline(plan: &Plan, replies: &[OwnedFrame]) -> Option<Vec<Judged>> {
+    judge_results(plan, replies.get(..plan.entries.len())?)
 }
 
-/// Splits the batch into one command per request. With `claim`, each key goes only to the
-/// first request that names it (requests left without keys send nothing).
-fn plan(pending: &[DeleteJob], claim: bool) -> Vec<(usize, Vec<Bytes>)> {
-    let mut claimed: HashSet<&Bytes> = HashSet::new();
-    let mut plan = Vec::new();
-    for (i, job) in pending.iter().enumerate() {
-        let keys: Vec<Bytes> = if claim {
-            job.what
-                .iter()
-                .filter(|k| claimed.insert(*k))
-                .cloned()
-                .collect()
-        } else {
-            job.what.clone()
-        };
-        if !keys.is_empty() {
-            plan.push((i, keys));
-        }
-    }
-    plan
-}
-
-fn result_reply(frame: &OwnedFrame) -> Bytes {
-    match frame {
-        OwnedFrame::Integer(n) => count_reply(*n),
-        OwnedFrame::Error(e) => error_reply(e),
-        _ => unexpected(),
-    }
-}
-
-fn unexpected() -> Bytes {
-    error_reply("ERR stormwall: unexpected reply from Redis to an invalidation; not applied")
+/// Judges each participant by the results of the commands that removed its keys.
+fn judge_results(plan: &Plan, results: &[OwnedFrame]) -> Option<Vec<Judged>> {
+    let failed = |e: usize| matches!(results.get(e), Some(OwnedFrame::Error(_)));
+    plan.covers
+        .iter()
+        .enumerate()
+        .map(|(i, cover)| {
+            let own = cover
+                .last()
+                .copied()
+                .filter(|&e| plan.entries[e].owner == i);
+            let others_failed = cover.iter().any(|&e| Some(e) != own && failed(e));
+            Some(match own.map(|e| (e, results.get(e))) {
+                Some((e, Some(OwnedFrame::Error(err)))) => {
+                    if plan.entries[e].rewritten && is_command_refusal(err) {
+                        Judged::Again
+                    } else {
+                        Judged::Done(Outcome::Redis(err.clone()))
+                    }
+                }
+                // Its own keys were removed, but keys it shared with a request that failed
+                // were not: no single point in time gives this count.
+                Some((_, Some(OwnedFrame::Integer(_)))) if others_failed => {
+                    Judged::Done(Outcome::Unknown)
+                }
+                Some((_, Some(OwnedFrame::Integer(n)))) => Judged::Done(Outcome::Count(*n)),
+                Some(_) => return None,
+                // Every key of it was removed by an earlier request, unless that one failed:
+                // then its keys may still exist, and it goes again.
+                None if others_failed => Judged::Again,
+                None => Judged::Done(Outcome::Count(0)),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invalidation::{Admission, Job};
 
-    fn jobs(requests: &[&[&str]]) -> Vec<DeleteJob> {
-        let sem = Arc::new(tokio::sync::Semaphore::new(100));
+    fn jobs(requests: &[(&[&str], bool)]) -> Vec<DeleteJob> {
         requests
             .iter()
-            .map(|keys| Job {
-                what: keys.iter().map(|k| Bytes::from(k.to_string())).collect(),
+            .map(|(keys, unlink)| Job {
+                what: Delete {
+                    keys: keys.iter().map(|k| Bytes::from(k.to_string())).collect(),
+                    unlink: *unlink,
+                },
                 deadline: Instant::now(),
                 received: Instant::now(),
                 reply: tokio::sync::oneshot::channel().0,
-                _admission: super::super::Admission {
-                    _request: Some(sem.clone().try_acquire_owned().unwrap()),
-                    _keys: None,
-                },
+                _admission: Admission::new(None, None),
             })
             .collect()
     }
 
-    fn shown(plan: &[(usize, Vec<Bytes>)]) -> Vec<(usize, Vec<&str>)> {
-        plan.iter()
-            .map(|(o, ks)| {
+    fn shown(plan: &Plan) -> Vec<(usize, bool, Vec<&str>)> {
+        plan.entries
+            .iter()
+            .map(|e| {
                 (
-                    *o,
-                    ks.iter().map(|k| std::str::from_utf8(k).unwrap()).collect(),
+                    e.owner,
+                    e.unlink,
+                    e.keys
+                        .iter()
+                        .map(|k| std::str::from_utf8(k).unwrap())
+                        .collect(),
                 )
             })
             .collect()
@@ -353,18 +541,137 @@ mod tests {
 
     #[tokio::test]
     async fn keys_are_claimed_by_the_first_request() {
-        let batch = jobs(&[&["a", "b"], &["b", "c"], &["a"], &["c", "d"]]);
+        let batch = jobs(&[
+            (&["a", "b"], true),
+            (&["b", "c"], true),
+            (&["a"], true),
+            (&["c", "d"], true),
+        ]);
+        let p = plan(&batch, true, |d| d.unlink, 100);
         assert_eq!(
-            shown(&plan(&batch, true)),
-            vec![(0, vec!["a", "b"]), (1, vec!["c"]), (3, vec!["d"])]
+            shown(&p),
+            vec![
+                (0, true, vec!["a", "b"]),
+                (1, true, vec!["c"]),
+                (3, true, vec!["d"])
+            ]
         );
+        assert_eq!(p.covers[2], vec![0]);
         // Without claims every request sends its own keys.
-        assert_eq!(plan(&batch, false).len(), 4);
+        assert_eq!(plan(&batch, false, |d| d.unlink, 100).entries.len(), 4);
     }
 
     #[tokio::test]
     async fn identical_requests_become_one_command() {
-        let batch = jobs(&[&["k1", "k2"], &["k1", "k2"], &["k1", "k2"]]);
-        assert_eq!(shown(&plan(&batch, true)), vec![(0, vec!["k1", "k2"])]);
+        let batch = jobs(&[(&["k1", "k2"], false), (&["k1", "k2"], false)]);
+        assert_eq!(
+            shown(&plan(&batch, true, |d| d.unlink, 100)),
+            vec![(0, false, vec!["k1", "k2"])]
+        );
+    }
+
+    #[tokio::test]
+    async fn claims_are_per_command_name() {
+        // A DEL request is never answered by an UNLINK's claim: its own command goes out.
+        let batch = jobs(&[(&["k"], true), (&["k"], false)]);
+        assert_eq!(
+            shown(&plan(&batch, true, |d| d.unlink, 100)),
+            vec![(0, true, vec!["k"]), (1, false, vec!["k"])]
+        );
+        // Where both may be run, the rewrite makes them one command.
+        assert_eq!(plan(&batch, true, |_| true, 100).entries.len(), 1);
+    }
+
+    fn ok(s: &str) -> OwnedFrame {
+        OwnedFrame::SimpleString(s.as_bytes().to_vec())
+    }
+
+    fn err(s: &str) -> OwnedFrame {
+        OwnedFrame::Error(s.into())
+    }
+
+    fn shown_judged(judged: Option<Vec<Judged>>) -> Vec<String> {
+        judged
+            .expect("replies make sense")
+            .into_iter()
+            .map(|j| match j {
+                Judged::Done(o) => format!("{o:?}"),
+                Judged::Again => "Again".into(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_aborted_transaction_answers_the_refused_and_replans_the_rest() {
+        // Request 0 is a rewritten DEL refused for the command (permissions changed since the
+        // check): it goes again. Request 1 is refused for a key: that is its answer.
+        let batch = jobs(&[(&["a"], false), (&["b"], true), (&["c"], true)]);
+        let p = plan(&batch, true, |_| true, 100);
+        let keys =
+            "NOPERM this user has no permissions to access one of the keys used as arguments";
+        let replies = [
+            ok("OK"),
+            err("NOPERM this user has no permissions to run the 'unlink' command"),
+            err(keys),
+            ok("QUEUED"),
+            err("EXECABORT Transaction discarded because of previous errors."),
+        ];
+        assert_eq!(
+            shown_judged(judge_transaction(&p, &replies)),
+            vec![
+                "Again".to_string(),
+                format!("Redis({keys:?})"),
+                "Again".into()
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn counts_come_from_the_exec_results() {
+        let batch = jobs(&[(&["a", "b"], true), (&["b"], true), (&["c"], true)]);
+        let p = plan(&batch, true, |d| d.unlink, 100);
+        let results = OwnedFrame::Array(vec![OwnedFrame::Integer(2), OwnedFrame::Integer(1)]);
+        let replies = [ok("OK"), ok("QUEUED"), ok("QUEUED"), results];
+        assert_eq!(
+            shown_judged(judge_transaction(&p, &replies)),
+            vec!["Count(2)", "Count(0)", "Count(1)"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_multi_leaves_spread_requests_unknown() {
+        // MULTI refused: the commands ran one by one. Request 1's keys were removed by two
+        // commands at two moments: no exact count exists for it.
+        let batch = jobs(&[(&["a"], true), (&["a", "b"], true), (&["a"], true)]);
+        let p = plan(&batch, true, |d| d.unlink, 100);
+        let replies = [
+            err("NOPERM this user has no permissions to run the 'multi' command"),
+            OwnedFrame::Integer(1),
+            OwnedFrame::Integer(1),
+            err("ERR EXEC without MULTI"),
+        ];
+        assert_eq!(
+            shown_judged(judge_transaction(&p, &replies)),
+            vec!["Count(1)", "Unknown", "Count(0)"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_claimer_sends_its_dependents_again() {
+        let batch = jobs(&[(&["a"], true), (&["a"], true)]);
+        let p = plan(&batch, true, |d| d.unlink, 100);
+        assert_eq!(
+            shown_judged(judge_pipeline(&p, &[err("ERR boom")])),
+            vec!["Redis(\"ERR boom\")", "Again"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_plan_keeps_within_the_key_budget() {
+        let batch = jobs(&[(&["a", "b"], true), (&["c", "d"], true), (&["e"], true)]);
+        let p = plan(&batch, true, |d| d.unlink, 3);
+        assert_eq!(p.covers.len(), 1, "only the first request fits");
+        // A single request larger than the budget still goes, alone.
+        assert_eq!(plan(&batch, true, |d| d.unlink, 1).covers.len(), 1);
     }
 }

@@ -1,41 +1,94 @@
 //! Coalesced `FLUSHDB`/`FLUSHALL`: one flush answers every request for the same target that
-//! arrived before it started (G2), and flushes of a target are at least `flush.min_interval`
-//! apart.
+//! arrived before it started (G2); a few flushes of a target go at once (`flush.burst`),
+//! after which they are spaced `flush.min_interval` apart.
 //!
 //! A worker serves one target (an identity's database for `FLUSHDB`, or all of that
-//! identity's databases for `FLUSHALL`). When a request arrives it waits out the interval
-//! since the previous flush *started*, then takes every request queued by that moment and
-//! executes a single flush for all of them. Requests arriving while that flush runs wait for
-//! the next one: a flush that started before a request arrived never answers it.
+//! identity's databases for `FLUSHALL`). When a request arrives it waits for the target's
+//! spacing budget, then takes every request queued by that moment and executes a single
+//! flush for all of them. Requests arriving while that flush runs wait for the next one: a
+//! flush that started before a request arrived never answers it.
+//!
+//! Each request is allowed or refused exactly as Redis would treat its own form (`FLUSHALL`,
+//! `FLUSHALL SYNC`, `FLUSHALL ASYNC` may each be allowed or not by ACL rules): before each
+//! flush, Redis is asked which forms this identity may run ([`access`](super::access)). A
+//! request whose own form is refused gets Redis's refusal; `flush.mode` rewrites a request
+//! only where both forms are allowed; requests that end up with different forms get one flush
+//! each, in one pipeline.
+//!
+//! A flush's answer is `+OK` however many attempts it took, so a flush whose connection was
+//! lost in flight is retried (for the clients still waiting) until the deadline; only then is
+//! its fate reported unknown.
+
+use std::num::NonZeroU32;
+use std::sync::Weak;
 
 use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use metrics::counter;
+use redis_protocol::resp2::types::OwnedFrame;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
-use super::retry::Executor;
-use super::{Job, Live, expired, spend};
+use super::access::{self, Access, Forms, is_command_refusal};
+use super::executor::{Executor, NotSent};
+use super::outcome::{Outcome, PassReason, Refusal};
+use super::{
+    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin, take,
+};
 use crate::config::FlushMode;
-use crate::resp::error_reply;
 use crate::upstream::Identity;
 
-/// `Some(true)`: the client asked for `SYNC`; `Some(false)`: `ASYNC`; `None`: neither.
-type FlushJob = Job<Option<bool>>;
+/// The three forms of a flush, as indexes: the client's `None`, `Some(true)`, `Some(false)`.
+const PLAIN: usize = 0;
+const SYNC: usize = 1;
+const ASYNC: usize = 2;
 
-/// Serves one flush target until the engine is dropped.
+fn form_of(sync: Option<bool>) -> usize {
+    match sync {
+        None => PLAIN,
+        Some(true) => SYNC,
+        Some(false) => ASYNC,
+    }
+}
+
+/// A target's spacing: `burst` flushes at once, then one per `min_interval`.
+struct Spacing {
+    settings: (std::time::Duration, u32),
+    limiter: Option<DefaultDirectRateLimiter>,
+}
+
+impl Spacing {
+    fn new(settings: (std::time::Duration, u32)) -> Spacing {
+        let burst = NonZeroU32::new(settings.1).unwrap_or(NonZeroU32::MIN);
+        Spacing {
+            settings,
+            limiter: Quota::with_period(settings.0)
+                .map(|q| RateLimiter::direct(q.allow_burst(burst))),
+        }
+    }
+}
+
+/// Serves one flush target until it is idle for `identity_idle_timeout`.
 pub(super) async fn worker(
     live: Live,
+    registry: Weak<Registry>,
     (who, all): (Identity, bool),
     mut rx: mpsc::UnboundedReceiver<FlushJob>,
 ) {
-    let command: &'static str = if all { "FLUSHALL" } else { "FLUSHDB" };
+    let key = (who.clone(), all);
+    let name: &'static [u8] = if all { b"FLUSHALL" } else { b"FLUSHDB" };
     let label = if all { "flushall" } else { "flushdb" };
-    let mut exec = Executor::new(who);
-    let mut last_start: Option<Instant> = None;
-    while let Some(first) = rx.recv().await {
+    let mut exec = Executor::new(who.clone());
+    let mut told = false;
+    let mut spacing: Option<Spacing> = None;
+    while let Some(first) = next_job(&live, &registry, flushers, &key, &who, &mut rx).await {
         let shared = live.load_full();
-        if let Some(start) = last_start {
-            tokio::time::sleep_until(start + shared.config.flush.min_interval).await;
+        let settings = (shared.config.flush.min_interval, shared.config.flush.burst);
+        let spacing = match spacing.as_mut() {
+            Some(s) if s.settings == settings => s,
+            _ => spacing.insert(Spacing::new(settings)),
+        };
+        if let Some(limiter) = &spacing.limiter {
+            limiter.until_ready().await;
         }
         let mut waiters = vec![first];
         while let Ok(job) = rx.try_recv() {
@@ -43,70 +96,186 @@ pub(super) async fn worker(
         }
         counter!("stormwall_flushes_requested_total", "command" => label)
             .increment(waiters.len() as u64);
-        let now = Instant::now();
-        let (late, mut waiters): (Vec<_>, Vec<_>) =
-            waiters.into_iter().partition(|j| now > j.deadline);
-        late.into_iter().for_each(|j| j.answer(expired()));
-        if waiters.is_empty() {
-            continue;
-        }
-        let deadline = waiters
-            .iter()
-            .map(|j| j.deadline)
-            .min()
-            .unwrap_or_else(Instant::now);
-        if !spend(
-            &shared.commands,
-            shared.config.invalidation.commands_burst,
-            1,
-            deadline,
-        )
-        .await
-        {
-            // Over the command budget past the earliest deadline: answer the late, keep the rest.
-            let now = Instant::now();
-            let (late, rest): (Vec<_>, Vec<_>) =
-                waiters.into_iter().partition(|j| now > j.deadline);
-            late.into_iter().for_each(|j| j.answer(expired()));
-            waiters = rest;
+        let mut round = Round {
+            exec: &mut exec,
+            name,
+            label,
+            told: &mut told,
+        };
+        round.run(&live, waiters).await;
+    }
+}
+
+struct Round<'a> {
+    exec: &'a mut Executor,
+    name: &'static [u8],
+    label: &'static str,
+    told: &'a mut bool,
+}
+
+impl Round<'_> {
+    /// Flushes once for `waiters` (more than once only if forms differ, or to retry).
+    async fn run(&mut self, live: &Live, mut waiters: Vec<FlushJob>) {
+        // A flush was sent and its answer lost: from then on, a waiter whose time runs out
+        // may have been flushed.
+        let mut maybe_applied = false;
+        let mut paid = 0u64;
+        loop {
+            let shared = live.load_full();
+            let inv = &shared.config.invalidation;
+            let max_wait = inv.max_wait;
+            let late = || {
+                if maybe_applied {
+                    Outcome::Unknown
+                } else {
+                    Outcome::NotApplied(Refusal::Expired { max_wait })
+                }
+            };
+            let margin = send_margin(max_wait);
+            prune(&mut waiters, margin, late);
             if waiters.is_empty() {
+                return;
+            }
+            let deadline = earliest(&waiters);
+            let forms: Vec<Vec<Bytes>> = [PLAIN, SYNC, ASYNC]
+                .into_iter()
+                .map(|f| self.form(f))
+                .collect();
+            let conn = match self.exec.ready(&shared.config.upstream, deadline).await {
+                Ok(conn) => conn,
+                Err(NotSent::Refused(e)) => return self.pass_through(waiters, &e),
+                Err(_) => {
+                    if !self.exec.pause(deadline).await {
+                        let outcome = if maybe_applied {
+                            Outcome::Unknown
+                        } else {
+                            Outcome::NotApplied(Refusal::Unreachable)
+                        };
+                        waiters.into_iter().for_each(|j| j.answer(outcome.clone()));
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let access = match access::check(conn, &forms, Forms::Destructive, deadline).await {
+                Ok(access) => access,
+                Err(_) => {
+                    self.exec.discard();
+                    continue;
+                }
+            };
+            // Each waiter's own form first: refused as Redis refuses it.
+            if let Some(access) = &access {
+                for job in std::mem::take(&mut waiters) {
+                    match &access[form_of(job.what)] {
+                        Access::Denied(e) => job.answer(Outcome::Redis(e.clone())),
+                        Access::Allowed => waiters.push(job),
+                    }
+                }
+                if waiters.is_empty() {
+                    return;
+                }
+            }
+            let may = |f: usize| access.as_ref().is_some_and(|a| a[f] == Access::Allowed);
+            let sent: Vec<usize> = waiters
+                .iter()
+                .map(|j| {
+                    let own = form_of(j.what);
+                    let wanted = match shared.config.flush.mode {
+                        FlushMode::Async => ASYNC,
+                        FlushMode::Sync => SYNC,
+                        FlushMode::AsRequested => own,
+                    };
+                    if wanted == own || (may(own) && may(wanted)) {
+                        wanted
+                    } else {
+                        own
+                    }
+                })
+                .collect();
+            let mut groups: Vec<usize> = Vec::new();
+            for f in &sent {
+                if !groups.contains(f) {
+                    groups.push(*f);
+                }
+            }
+            if let Err(at) = take(
+                &shared.commands,
+                inv.commands_burst,
+                inv.commands_per_second,
+                groups.len() as u64,
+                &mut paid,
+                deadline - margin,
+            )
+            .await
+            {
+                expire_before(&mut waiters, at + margin, late);
                 continue;
             }
-        }
-        let sync = match shared.config.flush.mode {
-            FlushMode::Async => false,
-            FlushMode::Sync => true,
-            // Coalesced requests that disagree get the stronger one.
-            FlushMode::AsRequested => waiters.iter().any(|j| j.what == Some(true)),
-        };
-        let mode = if sync { "SYNC" } else { "ASYNC" };
-        let cmd = vec![
-            Bytes::from_static(command.as_bytes()),
-            Bytes::from_static(mode.as_bytes()),
-        ];
-        last_start = Some(Instant::now());
-        counter!("stormwall_flushes_executed_total", "command" => label).increment(1);
-        counter!("stormwall_invalidation_commands_sent_total").increment(1);
-        let deadline = waiters
-            .iter()
-            .map(|j| j.deadline)
-            .min()
-            .unwrap_or_else(Instant::now);
-        // A flush's answer is +OK however many attempts it took, so a retried flush is exact.
-        let reply = match exec.run(&shared, &[cmd], deadline).await {
-            Ok(outcome) => match outcome.replies.first() {
-                Some(redis_protocol::resp2::types::OwnedFrame::SimpleString(s)) if s == b"OK" => {
-                    Bytes::from_static(b"+OK\r\n")
+            // Waiting for budget took time: a client that left meanwhile is not flushed for.
+            if waiters.iter().any(|j| j.abandoned()) {
+                continue;
+            }
+            let commands: Vec<Vec<Bytes>> = groups.iter().map(|&f| self.form(f)).collect();
+            counter!("stormwall_flushes_executed_total", "command" => self.label)
+                .increment(groups.len() as u64);
+            counter!("stormwall_invalidation_commands_sent_total").increment(groups.len() as u64);
+            let replies = match self.exec.send(&commands, deadline).await {
+                Err(_) => continue,
+                Ok(Err(_lost)) => {
+                    maybe_applied = true;
+                    paid = 0;
+                    continue;
                 }
-                Some(redis_protocol::resp2::types::OwnedFrame::Error(e)) => error_reply(e),
-                _ => error_reply(
-                    "ERR stormwall: unexpected reply from Redis to a flush; not applied",
-                ),
-            },
-            Err(failure) => failure.reply(exec.identity()),
-        };
+                Ok(Ok(replies)) => replies,
+            };
+            paid = 0;
+            let mut again = Vec::new();
+            for (job, form) in waiters.into_iter().zip(sent) {
+                let group = groups.iter().position(|&g| g == form).unwrap_or(0);
+                match replies.get(group) {
+                    Some(OwnedFrame::SimpleString(s)) if s == b"OK" => job.answer(Outcome::Flushed),
+                    // A rewrite refused since the check: the next round checks again.
+                    Some(OwnedFrame::Error(e))
+                        if form != form_of(job.what) && is_command_refusal(e) =>
+                    {
+                        again.push(job)
+                    }
+                    Some(OwnedFrame::Error(e)) if !maybe_applied => {
+                        job.answer(Outcome::Redis(e.clone()))
+                    }
+                    _ => {
+                        self.exec.discard();
+                        job.answer(Outcome::Unknown)
+                    }
+                }
+            }
+            waiters = again;
+        }
+    }
+
+    fn form(&self, form: usize) -> Vec<Bytes> {
+        let mut cmd = vec![Bytes::from_static(self.name)];
+        match form {
+            SYNC => cmd.push(Bytes::from_static(b"SYNC")),
+            ASYNC => cmd.push(Bytes::from_static(b"ASYNC")),
+            _ => {}
+        }
+        cmd
+    }
+
+    /// Redis no longer accepts this identity on a connection of the shield's own.
+    fn pass_through(&mut self, waiters: Vec<FlushJob>, error: &str) {
+        if !std::mem::replace(self.told, true) {
+            tracing::warn!(
+                db = self.exec.identity().db,
+                %error,
+                "Redis refuses this identity's credentials on a new connection; its flushes \
+                 run on the clients' own connections (not coalesced)"
+            );
+        }
         for job in waiters {
-            job.answer(reply.clone());
+            job.answer(Outcome::PassThrough(PassReason::Credentials));
         }
     }
 }

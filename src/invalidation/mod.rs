@@ -2,7 +2,7 @@
 //! many clients into a bounded, smooth load on Redis while every client still gets exactly
 //! the answer it asked for (contract points G2–G5).
 //!
-//! A session hands a governed request to [`Engine::execute`] and waits for the reply bytes.
+//! A session hands a governed request to [`Engine::execute`] and waits for its [`Verdict`].
 //! The engine:
 //!
 //! 1. **admits** it into a bounded queue (`invalidation.max_pending`, `max_pending_keys`);
@@ -12,32 +12,45 @@
 //!    are only ever batched with others that could do exactly the same, and are executed on
 //!    a connection authenticated as that identity (G5);
 //! 3. the worker **batches** whatever is queued when it becomes free (group commit — no
-//!    added latency when idle), spends the rate-limit budgets, executes, and answers each
-//!    request with its own result. Deletes are in [`delete`], flushes in [`flush`].
+//!    added latency when idle), takes the rate-limit budgets (only for what it then sends),
+//!    executes on its own connection ([`executor`]), and answers each request with its own
+//!    result. Deletes are in [`delete`], flushes in [`flush`], permission checks in
+//!    [`access`], and what each ending means for the client in [`outcome`].
 //!
-//! Every request ends in exactly one reply: its real result, or an error that says whether
-//! it was applied (G4). Requests whose `max_wait` passes before execution are answered with
-//! `-TRYAGAIN` and never executed later.
+//! Every request ends in exactly one [`Outcome`] (G4): its real result; an error saying it
+//! was not applied; "unknown" when a connection was lost after it was sent (the session
+//! closes the client's connection, as Redis's own failure would); or "pass through" when the
+//! shield cannot act as the client (the session runs the client's own command). A request
+//! whose `max_wait` passes, or whose client has gone, before it is sent is never sent later.
+//!
+//! Workers are per identity, so they are bounded: one idle for
+//! `invalidation.identity_idle_timeout` ends, closing its connection and forgetting its
+//! password, and at most `invalidation.max_identities` live at once.
 
+mod access;
 mod delete;
+mod executor;
 mod flush;
-mod retry;
+mod outcome;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use metrics::{counter, gauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::{Config, FlushCommand, OnFull};
-use crate::resp::error_reply;
+use crate::config::{Config, OnFull};
 use crate::upstream::Identity;
+use outcome::{Outcome, PassReason, Refusal};
+pub(crate) use outcome::{PASSTHROUGH_REASONS, REJECTED_REASONS};
 
 /// A governed request as the session parsed it.
 #[derive(Debug)]
@@ -51,7 +64,7 @@ pub enum Request {
 }
 
 /// How a governed request ended, as the session must act on it. One place decides this for
-/// every outcome (see the engine's workers), so the error text, the metric label and whether
+/// every outcome ([`Outcome::verdict`]), so the error text, the metric label and whether
 /// the request was applied can never disagree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -77,10 +90,28 @@ impl Request {
     }
 }
 
-/// Queue slots held by a request until it is answered.
+/// What a request holds until it is answered or dropped: its queue slots, and its place in
+/// the queue-depth gauge. Released on drop, however the request ends — answered, expired,
+/// or abandoned by a client that left.
 struct Admission {
     _request: Option<OwnedSemaphorePermit>,
     _keys: Option<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    fn new(request: Option<OwnedSemaphorePermit>, keys: Option<OwnedSemaphorePermit>) -> Self {
+        gauge!("stormwall_invalidation_queue_depth").increment(1.0);
+        Admission {
+            _request: request,
+            _keys: keys,
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        gauge!("stormwall_invalidation_queue_depth").decrement(1.0);
+    }
 }
 
 /// One request travelling to a worker.
@@ -88,15 +119,67 @@ struct Job<T> {
     what: T,
     deadline: Instant,
     received: Instant,
-    reply: oneshot::Sender<Bytes>,
+    reply: oneshot::Sender<Outcome>,
     _admission: Admission,
 }
 
 impl<T> Job<T> {
-    fn answer(self, reply: Bytes) {
-        // The session may have gone away; the work is done either way.
-        let _ = self.reply.send(reply);
+    fn answer(self, outcome: Outcome) {
+        // The session may have gone away; nothing is left to do for it either way.
+        let _ = self.reply.send(outcome);
     }
+
+    /// The client is gone (its session dropped the request): it must not be sent now.
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// How much of a request's `max_wait` must be left for it to be sent: one sent with less
+/// would likely outlast its deadline in flight and end unknown (a closed connection) where
+/// it could have been refused as not applied.
+fn send_margin(max_wait: Duration) -> Duration {
+    (max_wait / 10).min(Duration::from_millis(100))
+}
+
+/// Answers the requests too close to their deadline to be sent (`late` says how: not
+/// applied, or unknown if an attempt may have applied them) and drops those whose client is
+/// gone, so neither is ever sent. Called before every attempt to send.
+fn prune<T>(pending: &mut Vec<Job<T>>, margin: Duration, late: impl Fn() -> Outcome) {
+    let now = Instant::now() + margin;
+    if !pending.iter().any(|j| j.deadline <= now || j.abandoned()) {
+        return;
+    }
+    let mut abandoned = 0u64;
+    for job in std::mem::take(pending) {
+        if job.abandoned() {
+            abandoned += 1;
+        } else if job.deadline <= now {
+            job.answer(late());
+        } else {
+            pending.push(job);
+        }
+    }
+    counter!("stormwall_invalidation_abandoned_total").increment(abandoned);
+}
+
+/// Answers the requests whose deadline is before `at` with `outcome`, keeping the rest.
+fn expire_before<T>(pending: &mut Vec<Job<T>>, at: Instant, outcome: impl Fn() -> Outcome) {
+    for job in std::mem::take(pending) {
+        if job.deadline < at {
+            job.answer(outcome());
+        } else {
+            pending.push(job);
+        }
+    }
+}
+
+/// The earliest deadline among `jobs` (now, if there are none).
+fn earliest<T>(jobs: &[Job<T>]) -> Instant {
+    jobs.iter()
+        .map(|j| j.deadline)
+        .min()
+        .unwrap_or_else(Instant::now)
 }
 
 /// The engine's settings and budgets as of the last (re)load. Workers read a fresh snapshot
@@ -162,14 +245,112 @@ impl Shared {
 /// The live settings, swapped whole on reload.
 type Live = Arc<ArcSwap<Shared>>;
 
-/// Worker queues by what they serve.
-type Workers<K, T> = HashMap<K, mpsc::UnboundedSender<Job<T>>>;
+type DeleteJob = Job<delete::Delete>;
+type FlushJob = Job<Option<bool>>;
+
+/// The live workers, by what they serve, and how many workers each identity has.
+#[derive(Default)]
+struct Workers {
+    deleters: HashMap<Identity, mpsc::UnboundedSender<DeleteJob>>,
+    /// By target: an identity (with database 0 for `FLUSHALL`) and whether it is `FLUSHALL`.
+    flushers: HashMap<(Identity, bool), mpsc::UnboundedSender<FlushJob>>,
+    identities: HashMap<Identity, usize>,
+}
+
+impl Workers {
+    fn add(&mut self, who: &Identity) {
+        *self.identities.entry(who.clone()).or_default() += 1;
+        gauge!("stormwall_invalidation_identities").set(self.identities.len() as f64);
+    }
+
+    fn remove(&mut self, who: &Identity) {
+        if let Some(n) = self.identities.get_mut(who) {
+            *n -= 1;
+            if *n == 0 {
+                self.identities.remove(who);
+            }
+        }
+        gauge!("stormwall_invalidation_identities").set(self.identities.len() as f64);
+    }
+}
+
+/// Where workers are found, started, and retired. Workers hold it weakly, so dropping the
+/// engine ends them.
+#[derive(Default)]
+struct Registry {
+    workers: Mutex<Workers>,
+    /// The identity cap is refusing new identities: logged when it starts and stops.
+    capped: AtomicBool,
+}
+
+/// Picks one kind of worker map out of [`Workers`].
+type Pick<K, T> = fn(&mut Workers) -> &mut HashMap<K, mpsc::UnboundedSender<Job<T>>>;
+
+fn deleters(w: &mut Workers) -> &mut HashMap<Identity, mpsc::UnboundedSender<DeleteJob>> {
+    &mut w.deleters
+}
+
+fn flushers(w: &mut Workers) -> &mut HashMap<(Identity, bool), mpsc::UnboundedSender<FlushJob>> {
+    &mut w.flushers
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Workers> {
+        // The lock is never held across an await, and a poisoned map is still a valid map.
+        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends a worker that found nothing to do for `identity_idle_timeout`, unless a request
+    /// reached it meanwhile. Senders only send under the lock, so once this returns true no
+    /// request can reach the worker any more, and it may end.
+    fn retire<K: std::hash::Hash + Eq, T>(
+        registry: &Weak<Registry>,
+        pick: Pick<K, T>,
+        key: &K,
+        who: &Identity,
+        rx: &mpsc::UnboundedReceiver<Job<T>>,
+    ) -> bool {
+        let Some(registry) = registry.upgrade() else {
+            return true;
+        };
+        let mut workers = registry.lock();
+        if !rx.is_empty() {
+            return false;
+        }
+        pick(&mut workers).remove(key);
+        workers.remove(who);
+        tracing::debug!(db = who.db, "idle invalidation worker retired");
+        true
+    }
+}
+
+/// Receives a worker's next request, waiting at most `identity_idle_timeout`; `None` when
+/// the worker should end (retired while idle, or the engine is gone).
+async fn next_job<K: std::hash::Hash + Eq, T>(
+    live: &Live,
+    registry: &Weak<Registry>,
+    pick: Pick<K, T>,
+    key: &K,
+    who: &Identity,
+    rx: &mut mpsc::UnboundedReceiver<Job<T>>,
+) -> Option<Job<T>> {
+    loop {
+        let idle = live.load().config.invalidation.identity_idle_timeout;
+        match tokio::time::timeout(idle, rx.recv()).await {
+            Ok(job) => return job,
+            Err(_) => {
+                if Registry::retire(registry, pick, key, who, rx) {
+                    return None;
+                }
+            }
+        }
+    }
+}
 
 /// The engine sessions call into. Cheap to share behind an `Arc`.
 pub struct Engine {
     live: Live,
-    deleters: Mutex<Workers<Identity, Vec<Bytes>>>,
-    flushers: Mutex<Workers<(Identity, bool), Option<bool>>>,
+    registry: Arc<Registry>,
 }
 
 fn quota(per_second: u32, burst: u32) -> Quota {
@@ -181,8 +362,7 @@ impl Engine {
     pub fn new(config: Arc<Config>) -> Engine {
         Engine {
             live: Arc::new(ArcSwap::from_pointee(Shared::new(config, None))),
-            deleters: Mutex::new(HashMap::new()),
-            flushers: Mutex::new(HashMap::new()),
+            registry: Arc::default(),
         }
     }
 
@@ -192,32 +372,27 @@ impl Engine {
         self.live.store(Arc::new(Shared::new(config, Some(&old))));
     }
 
-    /// Executes a governed request as `who` and says how it ended.
-    pub async fn execute(&self, who: &Identity, request: Request) -> Verdict {
-        Verdict::Reply(self.execute_reply(who, request).await)
+    /// The reply to a flush `flush.deny` refuses (the session refuses it in place, wherever it
+    /// appears, so it never reaches the engine), counted like every other refusal.
+    pub fn denied(all: bool) -> Bytes {
+        let command = if all { "FLUSHALL" } else { "FLUSHDB" };
+        match Outcome::NotApplied(Refusal::Denied { command }).verdict() {
+            Verdict::Reply(reply) => reply,
+            // A refusal is always a reply; nothing else is reachable.
+            Verdict::PassThrough | Verdict::Unknown => Bytes::new(),
+        }
     }
 
-    async fn execute_reply(&self, who: &Identity, request: Request) -> Bytes {
+    /// Executes a governed request as `who` and says how it ended.
+    pub async fn execute(&self, who: &Identity, request: Request) -> Verdict {
+        self.run(who, request).await.verdict()
+    }
+
+    async fn run(&self, who: &Identity, request: Request) -> Outcome {
         let shared = self.live.load_full();
         let config = &shared.config;
         let command = request.command();
         counter!("stormwall_invalidation_requests_total", "command" => command).increment(1);
-        if let Request::Flush { all, .. } = request {
-            let cmd = if all {
-                FlushCommand::FlushAll
-            } else {
-                FlushCommand::FlushDb
-            };
-            if config.flush.deny.contains(&cmd) {
-                let name = if all { "FLUSHALL" } else { "FLUSHDB" };
-                counter!("stormwall_invalidation_rejected_total", "reason" => "denied")
-                    .increment(1);
-                counter!("stormwall_commands_total", "class" => "denied").increment(1);
-                return error_reply(&format!(
-                    "ERR stormwall: {name} is denied by this proxy's policy (flush.deny); not applied"
-                ));
-            }
-        }
         counter!("stormwall_commands_total", "class" => "governed").increment(1);
         let received = Instant::now();
         let deadline = received + config.invalidation.max_wait;
@@ -228,20 +403,23 @@ impl Engine {
         counter!("stormwall_invalidation_keys_received_total").increment(keys as u64);
         let admission = match admit(&shared, keys, deadline).await {
             Ok(a) => a,
-            Err(reply) => return reply,
+            Err(refusal) => return Outcome::NotApplied(refusal),
         };
-        gauge!("stormwall_invalidation_queue_depth").increment(1.0);
         let (tx, rx) = oneshot::channel();
-        match request {
-            Request::Delete { keys, .. } => {
+        let cap = config.invalidation.max_identities;
+        let routed = match request {
+            Request::Delete { keys, unlink } => {
                 let job = Job {
-                    what: dedup(keys),
+                    what: delete::Delete {
+                        keys: dedup(keys),
+                        unlink,
+                    },
                     deadline,
                     received,
                     reply: tx,
                     _admission: admission,
                 };
-                self.route(&self.deleters, who.clone(), job, delete::worker);
+                self.route(deleters, who.clone(), who, cap, job, delete::worker)
             }
             Request::Flush { all, sync } => {
                 let mut target = who.clone();
@@ -256,41 +434,77 @@ impl Engine {
                     reply: tx,
                     _admission: admission,
                 };
-                self.route(&self.flushers, (target, all), job, flush::worker);
+                let counted = target.clone();
+                self.route(flushers, (target, all), &counted, cap, job, flush::worker)
             }
+        };
+        if let Err(reason) = routed {
+            return Outcome::PassThrough(reason);
         }
-        let reply = rx.await.unwrap_or_else(|_| {
-            error_reply("ERR stormwall: invalidation worker stopped before answering; not applied")
-        });
-        gauge!("stormwall_invalidation_queue_depth").decrement(1.0);
-        reply
+        rx.await.unwrap_or(Outcome::NotApplied(Refusal::WorkerGone))
     }
 
-    /// Sends `job` to the worker for `key`, starting one if needed.
-    fn route<K, T, F, Fut>(&self, workers: &Mutex<Workers<K, T>>, key: K, job: Job<T>, spawn: F)
+    /// Sends `job` to the worker for `key` (acting as `who`), starting one if the identity
+    /// cap allows.
+    fn route<K, T, F, Fut>(
+        &self,
+        pick: Pick<K, T>,
+        key: K,
+        who: &Identity,
+        cap: usize,
+        job: Job<T>,
+        spawn: F,
+    ) -> Result<(), PassReason>
     where
         K: std::hash::Hash + Eq + Clone,
-        F: FnOnce(Live, K, mpsc::UnboundedReceiver<Job<T>>) -> Fut,
+        F: FnOnce(Live, Weak<Registry>, K, mpsc::UnboundedReceiver<Job<T>>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        // The lock is never held across an await, and a poisoned map is still a valid map.
-        let mut map = workers.lock().unwrap_or_else(|p| p.into_inner());
-        let sender = map.entry(key.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(spawn(self.live.clone(), key, rx));
-            tx
-        });
-        if let Err(mpsc::error::SendError(job)) = sender.send(job) {
-            job.answer(error_reply(
-                "ERR stormwall: invalidation worker is gone; not applied",
-            ));
+        let mut workers = self.registry.lock();
+        let job = match pick(&mut workers).get(&key) {
+            None => job,
+            // A worker retires by removing itself under this lock, so this only fails if
+            // it ended otherwise (a panic): a new one takes its place.
+            Some(sender) => match sender.send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(job)) => {
+                    pick(&mut workers).remove(&key);
+                    workers.remove(who);
+                    job
+                }
+            },
+        };
+        if !workers.identities.contains_key(who) && workers.identities.len() >= cap {
+            if !self.registry.capped.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max_identities = cap,
+                    "invalidation.max_identities reached: invalidations of further identities \
+                     pass through ungoverned"
+                );
+            }
+            return Err(PassReason::MaxIdentities);
         }
+        if self.registry.capped.swap(false, Ordering::Relaxed) {
+            tracing::info!("below invalidation.max_identities again: every identity is governed");
+        }
+        workers.add(who);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(spawn(
+            self.live.clone(),
+            Arc::downgrade(&self.registry),
+            key.clone(),
+            rx,
+        ));
+        // The receiver is alive: the worker was just spawned with it.
+        let _ = tx.send(job);
+        pick(&mut workers).insert(key, tx);
+        Ok(())
     }
 }
 
 /// Takes queue slots for a request with `keys` keys, as `invalidation.on_full` says: wait for
 /// room (up to the request's deadline) or give up at once.
-async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admission, Bytes> {
+async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admission, Refusal> {
     let inv = &shared.config.invalidation;
     let wait = inv.on_full == OnFull::Wait;
     // A request larger than the whole key budget takes all of it rather than never fitting.
@@ -311,46 +525,40 @@ async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admiss
         }
     };
     let attempt = async {
-        let request = take(&shared.requests, 1).await.ok_or((
-            "requests",
-            "invalidation.max_pending",
-            inv.max_pending,
-        ))?;
-        let keys = take(&shared.pending_keys, keys).await.ok_or((
-            "keys",
-            "invalidation.max_pending_keys",
-            inv.max_pending_keys,
-        ))?;
-        Ok(Admission {
-            _request: request,
-            _keys: keys,
-        })
+        let request = take(&shared.requests, 1).await.ok_or(Refusal::QueueFull {
+            what: "requests",
+            setting: "invalidation.max_pending",
+            limit: inv.max_pending,
+        })?;
+        let keys = take(&shared.pending_keys, keys)
+            .await
+            .ok_or(Refusal::QueueFull {
+                what: "keys",
+                setting: "invalidation.max_pending_keys",
+                limit: inv.max_pending_keys,
+            })?;
+        Ok(Admission::new(request, keys))
     };
-    let refused = if wait {
+    let refusal = if wait {
         match tokio::time::timeout_at(deadline, attempt).await {
             Ok(Ok(admission)) => return Ok(admitted(shared, admission)),
-            _ => error_reply(&format!(
-                "TRYAGAIN stormwall: the invalidation queue stayed full for invalidation.max_wait ({}); not applied",
-                humantime::format_duration(inv.max_wait)
-            )),
+            _ => Refusal::QueueStayedFull {
+                max_wait: inv.max_wait,
+            },
         }
     } else {
         match attempt.await {
             Ok(admission) => return Ok(admitted(shared, admission)),
-            Err((what, setting, limit)) => error_reply(&format!(
-                "BUSY stormwall: invalidation queue is full (too many pending {what}; {setting} = {limit}); not applied, retry later"
-            )),
+            Err(refusal) => refusal,
         }
     };
-    let reason = if wait { "max_wait" } else { "queue_full" };
-    counter!("stormwall_invalidation_rejected_total", "reason" => reason).increment(1);
     if !shared.refusing.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             policy = if wait { "wait" } else { "reject" },
             "invalidation limit engaged: the queue is full and requests are refused (not applied)"
         );
     }
-    Err(refused)
+    Err(refusal)
 }
 
 /// Notes that requests are admitted again after a period of refusals.
@@ -373,34 +581,45 @@ fn dedup(keys: Vec<Bytes>) -> Vec<Bytes> {
         .collect()
 }
 
-/// The reply for a request whose deadline passed before it could be executed.
-fn expired() -> Bytes {
-    counter!("stormwall_invalidation_rejected_total", "reason" => "max_wait").increment(1);
-    error_reply(
-        "TRYAGAIN stormwall: invalidation not executed within invalidation.max_wait; not applied",
-    )
-}
-
-/// Waits until `n` units fit the limiter, taking them in burst-sized bites. False if
-/// `deadline` came first (the caller then answers the requests whose time is up).
-async fn spend(
+/// Takes `n` units of a rate budget, in bites of at most `burst`, counting what it took in
+/// `taken` (units already taken for this plan are not taken again). When the rest cannot
+/// be had by `deadline`, nothing more is taken and the error says when it could be: the
+/// caller answers the requests that cannot wait that long instead of spending budget on
+/// them (governor's `check_n` shows the wait without spending).
+async fn take(
     limiter: &DefaultDirectRateLimiter,
     burst: u32,
-    mut n: usize,
+    per_second: u32,
+    n: u64,
+    taken: &mut u64,
     deadline: Instant,
-) -> bool {
-    while n > 0 {
-        let bite = n.min(burst.max(1) as usize);
-        if let Some(bite_nz) = NonZeroU32::new(bite as u32) {
-            // Cannot exceed capacity: bites are at most the configured burst.
-            if tokio::time::timeout_at(deadline, limiter.until_n_ready(bite_nz))
-                .await
-                .is_err()
-            {
-                return false;
-            }
+) -> Result<(), Instant> {
+    let unit = Duration::from_secs(1) / per_second.max(1);
+    while *taken < n {
+        let left = n - *taken;
+        let bite = left.min(u64::from(burst.max(1)));
+        // The bites after this one need at least this long, however full the budget is now.
+        let later = unit.saturating_mul(u32::try_from(left - bite).unwrap_or(u32::MAX));
+        let Some(bite_nz) = u32::try_from(bite).ok().and_then(NonZeroU32::new) else {
+            break;
+        };
+        if Instant::now() + later > deadline {
+            return Err(Instant::now() + later);
         }
-        n -= bite;
+        match limiter.check_n(bite_nz) {
+            Ok(Ok(())) => *taken += bite,
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(limiter.clock().now());
+                let ready = Instant::now() + wait + later;
+                if ready > deadline {
+                    return Err(ready);
+                }
+                tokio::time::sleep(wait).await;
+            }
+            // A bite larger than the limiter's burst (a reload changed it meanwhile): it can
+            // never be had.
+            Err(_) => return Err(deadline + Duration::from_secs(1)),
+        }
     }
-    true
+    Ok(())
 }

@@ -8,17 +8,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
 
-use metrics::counter;
-
 use super::queue::Entry;
 use super::state::{Effect, Login, MAX_KEPT_PASSWORD};
 use super::{Links, MIN_READ, READ_BUF};
 use crate::config::FlushCommand;
-use crate::invalidation::{Request, Verdict};
+use crate::invalidation::{Engine, Request, Verdict};
 use crate::net::{ReadHalf, WriteHalf};
 use crate::policy::{self, Kind};
 use crate::resp::request::{Command, Parsed, RequestParser};
-use crate::resp::{ProtocolError, error_reply, parse_int};
+use crate::resp::{ProtocolError, parse_int};
 
 pub(super) struct RequestSide<'a> {
     pub links: &'a Links<'a>,
@@ -352,17 +350,21 @@ impl RequestSide<'_> {
         let Kind::Flush { all, .. } = kind else {
             return None;
         };
-        let (cmd, name) = if all {
-            (FlushCommand::FlushAll, "FLUSHALL")
+        let cmd = if all {
+            FlushCommand::FlushAll
         } else {
-            (FlushCommand::FlushDb, "FLUSHDB")
+            FlushCommand::FlushDb
         };
+        // The live policy, not this session's snapshot: a reload that denies a flush applies
+        // to connected clients at once.
         self.links
+            .ctx
             .config
+            .load()
             .flush
             .deny
             .contains(&cmd)
-            .then_some(Denial { all, name })
+            .then_some(Denial { all })
     }
 
     /// Refuses a denied flush at `buf[*scanned..][..len]` in its place in the stream: Redis
@@ -378,11 +380,10 @@ impl RequestSide<'_> {
         len: usize,
         denial: Denial,
     ) -> Next {
-        counter!("stormwall_commands_total", "class" => "denied").increment(1);
-        counter!("stormwall_invalidation_rejected_total", "reason" => "denied").increment(1);
+        let reply = Engine::denied(denial.all);
         if !self.raw {
             self.enqueue_run(run).await;
-            self.enqueue(Entry::Replace(denial.reply())).await;
+            self.enqueue(Entry::Replace(reply)).await;
         }
         if let Next::Stop = self.forward(upstream, buf, *scanned).await {
             return Next::Stop;
@@ -564,18 +565,9 @@ impl RequestSide<'_> {
 /// A flush the policy (`flush.deny`) refuses.
 struct Denial {
     all: bool,
-    name: &'static str,
 }
 
 impl Denial {
-    /// The client's reply.
-    fn reply(&self) -> Bytes {
-        error_reply(&format!(
-            "ERR stormwall: {} is denied by this proxy's policy (flush.deny); not applied",
-            self.name
-        ))
-    }
-
     /// What Redis gets instead: a command it does not know, which it refuses (and which
     /// aborts a surrounding transaction). Its name is the explanation a client sees where
     /// stormwall cannot put its own reply in place (raw mode).

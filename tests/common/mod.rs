@@ -551,7 +551,12 @@ pub fn read_transcript(s: &mut TcpStream, quiet: Duration) -> Transcript {
     let mut chunk = [0u8; 65536];
     loop {
         match s.read(&mut chunk) {
-            Ok(0) => return Transcript { bytes, closed: true },
+            Ok(0) => {
+                return Transcript {
+                    bytes,
+                    closed: true,
+                };
+            }
             Ok(n) => bytes.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return Transcript {
@@ -578,10 +583,58 @@ pub fn read_transcript(s: &mut TcpStream, quiet: Duration) -> Transcript {
 /// Shows bytes for a failure message: printable ASCII as is, the rest escaped, cut short.
 pub fn shown(bytes: &[u8]) -> String {
     let cut = &bytes[..bytes.len().min(120)];
-    let s: String = cut.iter().flat_map(|&b| std::ascii::escape_default(b)).map(char::from).collect();
+    let s: String = cut
+        .iter()
+        .flat_map(|&b| std::ascii::escape_default(b))
+        .map(char::from)
+        .collect();
     if bytes.len() > cut.len() {
         format!("{s}… ({} bytes)", bytes.len())
     } else {
         s
+    }
+}
+
+/// GETs `path` from stormwall's admin endpoint: (status, body).
+pub fn admin_get(sw: &Stormwall, path: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&format!("http://127.0.0.1:{}{path}", sw.admin_port))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path} failed: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap())
+}
+
+/// The sum of a counter's or gauge's samples in `/metrics` with the given labels (0 if absent).
+pub fn metric(sw: &Stormwall, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (status, body) = admin_get(sw, "/metrics");
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("invalid Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{name} is not a counter or gauge: {other:?}"),
+        })
+        .sum()
+}
+
+/// Polls `check` every 50 ms until it holds, panicking after `within`.
+pub fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
