@@ -80,6 +80,10 @@ impl ConnState {
     }
 }
 
+/// How long a client that stopped in the middle of a line over 64 KiB may pause before the
+/// line is judged as Redis judges it at the end of a read (refused).
+const LINE_PAUSE: Duration = Duration::from_millis(50);
+
 /// How long an invalidation waits for the replies to earlier commands on its connection
 /// before giving up on governing it (see [`Settled::NotYet`]). Replies normally arrive within
 /// a round trip; a client that writes a whole pipeline before reading never lets them.
@@ -121,16 +125,24 @@ impl RequestSide<'_> {
             if buf.capacity() - buf.len() < MIN_READ {
                 buf.reserve(READ_BUF);
             }
-            let space = buf.capacity() - buf.len();
+            // Stopped in a line over 64 KiB: Redis refuses it if the client sends no more,
+            // so wait only briefly before judging it (resp::request::set_caught_up).
+            let judge = self.parser.awaits_line_end();
+            let wait = if judge { LINE_PAUSE } else { idle };
             let read = tokio::select! {
                 biased;
                 _ = &mut dead => return,
                 _ = &mut shutdown => return,
-                r = read_within(&mut client, &mut buf, idle) => r,
+                r = read_within(&mut client, &mut buf, wait) => r,
             };
-            // A read that did not fill the space ends where Redis's would (resp::request).
-            if let Some(Ok(n)) = &read {
-                self.parser.set_caught_up(*n < space);
+            if judge && read.is_none() {
+                self.parser.set_caught_up(true);
+                let next = self.process(upstream, &mut buf).await;
+                self.parser.set_caught_up(false);
+                if let Next::Stop = next {
+                    return;
+                }
+                continue;
             }
             let Some(read) = read else {
                 if self.raw || !links.queue.is_drained() {
@@ -141,6 +153,14 @@ impl RequestSide<'_> {
             };
             match read {
                 Ok(0) => {
+                    // Redis's last read ended where the client's bytes did: a line over
+                    // 64 KiB left unfinished there is refused before the EOF is seen.
+                    if self.parser.awaits_line_end() {
+                        self.parser.set_caught_up(true);
+                        if let Next::Stop = self.process(upstream, &mut buf).await {
+                            return;
+                        }
+                    }
                     // Redis treats a client's EOF as the end of the connection (dropping a
                     // blocked BLPOP, say); passing the EOF on makes it do just that.
                     links.client_gone.store(true, Ordering::Release);
