@@ -272,7 +272,11 @@ fn request_over_max_request_bytes_is_closed_without_a_reply() {
     input.extend_from_slice(b"$300000\r\n");
     c.send(&input);
     assert_eq!(c.read_frame(), number(3));
-    assert_eq!(c.try_read_frame(), None, "a reply after the over-limit request");
+    assert_eq!(
+        c.try_read_frame(),
+        None,
+        "a reply after the over-limit request"
+    );
     // Nothing of the refused request reached Redis.
     assert_eq!(ok.call(&[b"LLEN", b"l"]), number(3));
 }

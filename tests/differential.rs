@@ -38,5 +38,9 @@ fn same_bytes_same_replies_same_data() {
         rig.sw.log()
     );
     // The run must have compared something, not skipped everything as known.
-    assert!(tally.matched * 2 > tally.cases, "only {} cases matched", tally.matched);
+    assert!(
+        tally.matched * 2 > tally.cases,
+        "only {} cases matched",
+        tally.matched
+    );
 }

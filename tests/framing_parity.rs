@@ -83,7 +83,8 @@ fn a_stray_byte_is_quoted_as_redis_quotes_it() {
     ] {
         let t = same(&redis, &sw, input);
         assert!(
-            t.bytes.starts_with(b"-ERR Protocol error: expected '$', got '"),
+            t.bytes
+                .starts_with(b"-ERR Protocol error: expected '$', got '"),
             "{}",
             shown(&t.bytes)
         );
@@ -104,7 +105,10 @@ fn a_stray_byte_is_judged_only_once_its_line_is_complete() {
         s.write_all(b"23\r\n").unwrap();
         got.push(read_transcript(&mut s, QUIET));
     }
-    assert_eq!(got[0].bytes, b"-ERR Protocol error: expected '$', got '?'\r\n");
+    assert_eq!(
+        got[0].bytes,
+        b"-ERR Protocol error: expected '$', got '?'\r\n"
+    );
     assert_eq!(got[1], got[0]);
 }
 
@@ -141,16 +145,25 @@ fn header_lines_over_64k_and_the_65536_digit_edge() {
     let mut count = b"*".to_vec();
     count.extend(digits(65_536));
     let t = same(&redis, &sw, &count);
-    assert_eq!(t.bytes, b"-ERR Protocol error: too big mbulk count string\r\n");
+    assert_eq!(
+        t.bytes,
+        b"-ERR Protocol error: too big mbulk count string\r\n"
+    );
     let mut bulk = b"*1\r\n$".to_vec();
     bulk.extend(digits(65_536));
     let t = same(&redis, &sw, &bulk);
-    assert_eq!(t.bytes, b"-ERR Protocol error: too big bulk count string\r\n");
+    assert_eq!(
+        t.bytes,
+        b"-ERR Protocol error: too big bulk count string\r\n"
+    );
     let mut count = b"*".to_vec();
     count.extend(digits(70_000));
     count.extend_from_slice(b"\r\n");
     let t = same(&redis, &sw, &count);
-    assert_eq!(t.bytes, b"-ERR Protocol error: invalid multibulk length\r\n");
+    assert_eq!(
+        t.bytes,
+        b"-ERR Protocol error: invalid multibulk length\r\n"
+    );
     let mut bulk = b"*1\r\n$".to_vec();
     bulk.extend(digits(70_000));
     bulk.extend_from_slice(b"\r\n");
@@ -175,10 +188,7 @@ fn deeply_nested_script_replies_pass_and_the_connection_stays_usable() {
         let t = same(&redis, &sw, &input);
         assert!(t.bytes.starts_with(b"*1\r\n*1\r\n"), "{}", shown(&t.bytes));
         assert!(t.bytes.ends_with(b":1\r\n+PONG\r\n"), "{}", shown(&t.bytes));
-        assert_eq!(
-            t.bytes.windows(4).filter(|w| w == b"*1\r\n").count(),
-            depth
-        );
+        assert_eq!(t.bytes.windows(4).filter(|w| w == b"*1\r\n").count(), depth);
     }
     // Past Lua's own stack (~8,000 levels) Redis sends nested arrays ending in an error
     // element: passed through like the rest.
@@ -186,6 +196,10 @@ fn deeply_nested_script_replies_pass_and_the_connection_stays_usable() {
     input.extend_from_slice(b"PING\r\n");
     let t = same(&redis, &sw, &input);
     let text = String::from_utf8_lossy(&t.bytes);
-    assert!(text.contains("reached lua stack limit"), "{}", shown(&t.bytes));
+    assert!(
+        text.contains("reached lua stack limit"),
+        "{}",
+        shown(&t.bytes)
+    );
     assert!(t.bytes.ends_with(b"+PONG\r\n"));
 }

@@ -226,7 +226,10 @@ mod tests {
         let mut input = b"*1\r\n".repeat(depth);
         input.extend_from_slice(b":1\r\n+OK\r\n");
         let got = frames(&input);
-        assert_eq!(got, vec![(depth * 4 + 4, FrameKind::Reply), (5, FrameKind::Reply)]);
+        assert_eq!(
+            got,
+            vec![(depth * 4 + 4, FrameKind::Reply), (5, FrameKind::Reply)]
+        );
         // Resumed at every byte, a 2,000-deep mixed frame gives the same boundary.
         let mut nested = b"*2\r\n%1\r\n+k\r\n".repeat(2_000);
         nested.extend_from_slice(b":1\r\n");

@@ -425,7 +425,9 @@ impl RequestParser {
             // argument and sizes it for the rest.
             (_, Some(len)) if stuck > reads.start => {
                 let held = at - stuck;
-                reads.buf.make_room(held, (len + 2).saturating_sub(held), false);
+                reads
+                    .buf
+                    .make_room(held, (len + 2).saturating_sub(held), false);
             }
             _ => {}
         }

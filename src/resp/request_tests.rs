@@ -26,7 +26,9 @@ fn feed(parser: &mut RequestParser, input: &[u8], chunks: &[usize]) -> Outcome {
     let mut requests = Vec::new();
     let mut sizes = chunks.iter().copied().chain(std::iter::repeat(usize::MAX));
     while have < input.len() {
-        have = have.saturating_add(sizes.next().unwrap_or(usize::MAX).max(1)).min(input.len());
+        have = have
+            .saturating_add(sizes.next().unwrap_or(usize::MAX).max(1))
+            .min(input.len());
         loop {
             let buf = &input[start..have];
             match parser.parse(buf) {
@@ -415,7 +417,9 @@ fn any_split_gives_the_same_requests_and_errors() {
                 // Byte by byte where that stays cheap (an unfinished line is rescanned).
                 0 if input.len() <= 4_000 => vec![1; input.len()],
                 0 => vec![997; input.len() / 997 + 1],
-                _ => (0..64).map(|_| 1 + rng.below(1 + input.len() / 4)).collect(),
+                _ => (0..64)
+                    .map(|_| 1 + rng.below(1 + input.len() / 4))
+                    .collect(),
             };
             let mut p = RequestParser::new(LIMITS);
             p.set_caught_up(false);
@@ -438,9 +442,7 @@ fn splits_only_move_long_line_errors_when_caught_up() {
         let mut p = RequestParser::new(LIMITS);
         p.set_caught_up(true);
         let split = feed(&mut p, &input, &chunks);
-        let long_line = |o: &Outcome| {
-            matches!(&o.end, Err(e) if e.text().starts_with("too big"))
-        };
+        let long_line = |o: &Outcome| matches!(&o.end, Err(e) if e.text().starts_with("too big"));
         if long_line(&split) && !long_line(&all) {
             assert!(split.requests.len() <= all.requests.len());
             assert_eq!(split.requests[..], all.requests[..split.requests.len()]);
@@ -449,4 +451,3 @@ fn splits_only_move_long_line_errors_when_caught_up() {
         }
     }
 }
-

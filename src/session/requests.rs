@@ -236,7 +236,9 @@ impl RequestSide<'_> {
                 Kind::Delete | Kind::Flush { .. } if self.governs() => Some(match kind {
                     Kind::Flush { all, sync } => Request::Flush { all, sync },
                     _ => Request::Delete {
-                        unlink: cmd.arg(0).is_some_and(|n| n.eq_ignore_ascii_case(b"UNLINK")),
+                        unlink: cmd
+                            .arg(0)
+                            .is_some_and(|n| n.eq_ignore_ascii_case(b"UNLINK")),
                         keys: (1..cmd.argc())
                             .filter_map(|i| cmd.arg(i))
                             .map(Bytes::copy_from_slice)

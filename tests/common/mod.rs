@@ -551,7 +551,12 @@ pub fn read_transcript(s: &mut TcpStream, quiet: Duration) -> Transcript {
     let mut chunk = [0u8; 65536];
     loop {
         match s.read(&mut chunk) {
-            Ok(0) => return Transcript { bytes, closed: true },
+            Ok(0) => {
+                return Transcript {
+                    bytes,
+                    closed: true,
+                };
+            }
             Ok(n) => bytes.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return Transcript {
@@ -578,7 +583,11 @@ pub fn read_transcript(s: &mut TcpStream, quiet: Duration) -> Transcript {
 /// Shows bytes for a failure message: printable ASCII as is, the rest escaped, cut short.
 pub fn shown(bytes: &[u8]) -> String {
     let cut = &bytes[..bytes.len().min(120)];
-    let s: String = cut.iter().flat_map(|&b| std::ascii::escape_default(b)).map(char::from).collect();
+    let s: String = cut
+        .iter()
+        .flat_map(|&b| std::ascii::escape_default(b))
+        .map(char::from)
+        .collect();
     if bytes.len() > cut.len() {
         format!("{s}… ({} bytes)", bytes.len())
     } else {

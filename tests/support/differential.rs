@@ -38,7 +38,10 @@ pub const KNOWN: &[(&str, &str)] = &[
     // known: issue 8 item 1 — transaction state follows the client's DISCARD/EXEC even
     // when Redis refused them, so a governed DEL/FLUSH inside a refused-then-queued
     // transaction runs at once.
-    ("multi", "issue 8 item 1: transaction state assumed, not confirmed"),
+    (
+        "multi",
+        "issue 8 item 1: transaction state assumed, not confirmed",
+    ),
     // known: an inline line over 64 KiB that Redis accepts (its reads on the client's
     // connection end late enough) is forwarded as-is, and the Redis behind stormwall, whose
     // reads of stormwall's connection end elsewhere, may refuse it with "too big inline
@@ -90,12 +93,21 @@ fn command(rng: &mut Rng) -> (Vec<Vec<u8>>, Vec<&'static str>) {
         7 => vec![b"INCR".to_vec(), b"n0".to_vec()],
         8 => vec![b"APPEND".to_vec(), key(rng), val(rng)],
         9 => vec![b"LPUSH".to_vec(), b"l0".to_vec(), val(rng), val(rng)],
-        10 => vec![b"LRANGE".to_vec(), b"l0".to_vec(), b"0".to_vec(), b"-1".to_vec()],
+        10 => vec![
+            b"LRANGE".to_vec(),
+            b"l0".to_vec(),
+            b"0".to_vec(),
+            b"-1".to_vec(),
+        ],
         11 => vec![b"HSET".to_vec(), b"h0".to_vec(), val(rng), val(rng)],
         12 => vec![b"HGETALL".to_vec(), b"h0".to_vec()],
         13..=15 => {
             tags.push("invalidation");
-            let mut a = vec![if rng.below(2) == 0 { b"DEL".to_vec() } else { b"UNLINK".to_vec() }];
+            let mut a = vec![if rng.below(2) == 0 {
+                b"DEL".to_vec()
+            } else {
+                b"UNLINK".to_vec()
+            }];
             for _ in 0..1 + rng.below(3) {
                 a.push(key(rng));
             }
@@ -126,7 +138,14 @@ fn command(rng: &mut Rng) -> (Vec<Vec<u8>>, Vec<&'static str>) {
         }
         23 => {
             tags.push("resp3");
-            vec![b"HELLO".to_vec(), if rng.below(3) == 0 { b"2".to_vec() } else { b"3".to_vec() }]
+            vec![
+                b"HELLO".to_vec(),
+                if rng.below(3) == 0 {
+                    b"2".to_vec()
+                } else {
+                    b"3".to_vec()
+                },
+            ]
         }
         24 => {
             tags.push("multi");
@@ -134,7 +153,11 @@ fn command(rng: &mut Rng) -> (Vec<Vec<u8>>, Vec<&'static str>) {
         }
         25 => {
             tags.push("multi");
-            let mut a = vec![if rng.below(2) == 0 { b"EXEC".to_vec() } else { b"DISCARD".to_vec() }];
+            let mut a = vec![if rng.below(2) == 0 {
+                b"EXEC".to_vec()
+            } else {
+                b"DISCARD".to_vec()
+            }];
             // A wrong number of arguments: Redis refuses it (and inside a transaction,
             // queues nothing and keeps the transaction open).
             if rng.below(3) == 0 {
@@ -399,10 +422,9 @@ pub fn run(rig: &Rig, seed: u64, cases: usize, mut progress: impl FnMut(usize)) 
             Some(m) => match KNOWN.iter().find(|(tag, _)| case.tags.contains(tag)) {
                 Some((tag, _)) => {
                     *tally.known.entry(tag).or_default() += 1;
-                    tally
-                        .known_examples
-                        .entry(tag)
-                        .or_insert_with(|| format!("seed {seed:#x} case {i}: {}", m.describe(&case)));
+                    tally.known_examples.entry(tag).or_insert_with(|| {
+                        format!("seed {seed:#x} case {i}: {}", m.describe(&case))
+                    });
                 }
                 None => {
                     *tally.unexplained.entry(m.kind).or_default() += 1;
