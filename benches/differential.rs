@@ -4,7 +4,6 @@
 //! of mismatch counts by category with the first example of each.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "../tests/support/differential.rs"]
 mod differential;

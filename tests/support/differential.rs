@@ -235,7 +235,7 @@ pub fn case(rng: &mut Rng) -> Case {
         match rng.below(20) {
             0 => {
                 const EMPTY: &[&[u8]] = &[b"*0\r\n", b"*-1\r\n", b"\r\n", b"  \n"];
-                let empty: &[u8] = *rng.pick(EMPTY);
+                let empty = *rng.pick(EMPTY);
                 bytes.extend_from_slice(empty);
             }
             1..=4 => {
