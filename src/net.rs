@@ -48,7 +48,16 @@ impl fmt::Display for Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Addr::Tcp(hp) => f.write_str(hp),
-            Addr::Unix(p) => write!(f, "{}", p.display()),
+            // Written so that it parses back as a path: one without a `/` (or one that
+            // itself starts with `unix:`) needs the prefix (found by the config fuzzer).
+            Addr::Unix(p) => {
+                let path = p.display().to_string();
+                if path.contains('/') && !path.starts_with("unix:") {
+                    f.write_str(&path)
+                } else {
+                    write!(f, "unix:{path}")
+                }
+            }
         }
     }
 }
@@ -261,6 +270,20 @@ impl Drop for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_print_as_they_parse() {
+        // `--check-config` prints the config; it must load back the same.
+        for text in [
+            "127.0.0.1:6379",
+            "/run/redis.sock",
+            "unix:redis.sock",
+            "unix:unix:x",
+        ] {
+            let addr: Addr = text.parse().unwrap();
+            assert_eq!(addr.to_string().parse::<Addr>().unwrap(), addr, "{text}");
+        }
+    }
 
     #[test]
     fn addr_parsing() {

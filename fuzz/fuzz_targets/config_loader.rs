@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
     // The deprecated key is accepted but not written back.
     let mut expected = config.clone();
     expected.limits.max_reply_depth = None;
-    assert_eq!(back, expected, "rendered config loads differently:\n{rendered}");
+    assert_eq!(
+        back, expected,
+        "rendered config loads differently:\n{rendered}"
+    );
     let running = Config::default();
     let _ = running.restart_only_changes(&config);
     running

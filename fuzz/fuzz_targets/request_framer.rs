@@ -91,7 +91,11 @@ fn agrees_with_redis_protocol(frame: &[u8], args: &[Vec<u8>]) {
         })
         .collect();
     if let Some(theirs) = theirs {
-        assert_eq!(len, frame.len(), "frame length differs from redis-protocol's");
+        assert_eq!(
+            len,
+            frame.len(),
+            "frame length differs from redis-protocol's"
+        );
         assert_eq!(theirs, args, "arguments differ from redis-protocol's");
     }
 }
@@ -136,6 +140,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(split.requests.len() <= whole.requests.len());
         assert_eq!(split.requests[..], whole.requests[..split.requests.len()]);
     } else {
-        assert_eq!(whole, split, "a split changed more than an over-long line's fate");
+        assert_eq!(
+            whole, split,
+            "a split changed more than an over-long line's fate"
+        );
     }
 });

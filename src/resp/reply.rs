@@ -219,6 +219,35 @@ mod tests {
     }
 
     #[test]
+    fn any_depth_without_recursion() {
+        // Deeper than any call stack would allow, and the stack of open levels stays far
+        // smaller than the frame it describes.
+        let depth = 200_000;
+        let mut input = b"*1\r\n".repeat(depth);
+        input.extend_from_slice(b":1\r\n+OK\r\n");
+        let got = frames(&input);
+        assert_eq!(
+            got,
+            vec![(depth * 4 + 4, FrameKind::Reply), (5, FrameKind::Reply)]
+        );
+        // Resumed at every byte, a 2,000-deep mixed frame gives the same boundary.
+        let mut nested = b"*2\r\n%1\r\n+k\r\n".repeat(2_000);
+        nested.extend_from_slice(b":1\r\n");
+        nested.extend(b"$1\r\nx\r\n".repeat(2_000));
+        let whole = frames(&nested);
+        assert_eq!(whole, vec![(nested.len(), FrameKind::Reply)]);
+        let mut s = ReplyScanner::new(1 << 20);
+        let mut got = None;
+        for end in 1..=nested.len() {
+            if let Some(frame) = s.next(&nested[..end]).unwrap() {
+                got = Some(frame);
+                break;
+            }
+        }
+        assert_eq!(got, Some(whole[0]));
+    }
+
+    #[test]
     fn crlf_search_skips_lone_carriage_returns() {
         assert_eq!(find_crlf(b"ab\r\n"), Some(2));
         assert_eq!(find_crlf(b"a\rb\r\n"), Some(3));

@@ -126,6 +126,8 @@ pub struct RequestParser {
     pos: usize,
     args: Vec<Range<usize>>,
     reads: Reads,
+    /// Bytes of the unfinished line the last pass stopped in (0 if it did not).
+    open_line: u64,
 }
 
 /// A parsed command's arguments, borrowed from the buffer (multibulk) or the parse (inline).
@@ -166,13 +168,14 @@ impl RequestParser {
         RequestParser {
             limits,
             unauthenticated: false,
-            caught_up: true,
+            caught_up: false,
             kind: Kind::Unknown,
             remaining: 0,
             bulk: None,
             pos: 0,
             args: Vec::new(),
             reads: Reads::new(),
+            open_line: 0,
         }
     }
 
@@ -188,16 +191,26 @@ impl RequestParser {
         self.unauthenticated = unauthenticated;
     }
 
-    /// Whether the bytes passed to the next [`parse`](Self::parse) calls are all the client
-    /// had sent when they were read (the read did not fill the space offered). Redis looks at
-    /// an unfinished line at the end of each of its reads; a read that comes up short ends
-    /// where the client's bytes end, so a line over 64 KiB that stops there is refused at
-    /// once (`too big inline request`). With `false`, the end of the buffer is never taken
-    /// for the end of a read, and only the reads Redis makes when every byte is already there
-    /// count: then the result depends only on the bytes, never on how they were split.
-    /// Default `true`. The session should pass `bytes_read < space_offered` after each read.
+    /// Whether the client has stopped sending: the bytes passed to the next
+    /// [`parse`](Self::parse) calls are all it sent. Redis looks at an unfinished line at the
+    /// end of each of its reads, and a read ends early where the client's bytes end, so a
+    /// line over 64 KiB that stops there is refused (`too big inline request`). With `false`
+    /// (the default) the end of the buffer is never taken for the end of a read and only the
+    /// reads Redis makes when every byte is already there count: the outcome then depends
+    /// only on the bytes, never on how TCP split them. (A read that merely comes up short is
+    /// no sign: a stream still arriving does that all the time, and Redis, reading less
+    /// often and in larger pieces, mostly does not see it.) The session sets it when
+    /// [`awaits_line_end`](Self::awaits_line_end) and no byte came for a moment, parses
+    /// again, and clears it.
     pub fn set_caught_up(&mut self, caught_up: bool) {
         self.caught_up = caught_up;
+    }
+
+    /// Whether the last [`parse`](Self::parse) stopped in an unfinished line of more than
+    /// 64 KiB, which Redis refuses if the client sends nothing more (so the session should
+    /// not wait for more bytes for long before asking again with `set_caught_up(true)`).
+    pub fn awaits_line_end(&self) -> bool {
+        self.open_line > INLINE_MAX
     }
 
     /// The arguments of the multibulk request last returned by [`parse`](Self::parse).
@@ -252,6 +265,7 @@ impl RequestParser {
     /// request). `at_read_end`: `buf` ends where a Redis read ends, so over-long lines are
     /// judged now.
     fn step(&mut self, buf: &[u8], at_read_end: bool) -> Result<Step, ProtocolError> {
+        self.open_line = 0;
         if self.kind == Kind::Unknown {
             let Some(&first) = buf.first() else {
                 return Ok(Step::More);
@@ -286,6 +300,7 @@ impl RequestParser {
             if at_read_end && buf.len() as u64 > INLINE_MAX {
                 return Err(refuse("too big inline request"));
             }
+            self.open_line = buf.len() as u64;
             self.within_request_limit(buf.len() as u64)?;
             return Ok(Step::More);
         };
@@ -310,6 +325,7 @@ impl RequestParser {
                     if at_read_end && buf.len() as u64 > INLINE_MAX {
                         return Err(refuse("too big mbulk count string"));
                     }
+                    self.open_line = buf.len() as u64;
                     self.within_request_limit(buf.len() as u64)?;
                     return Ok(Step::More);
                 }
@@ -344,6 +360,7 @@ impl RequestParser {
                             if at_read_end && line.len() as u64 > INLINE_MAX {
                                 return Err(refuse("too big bulk count string"));
                             }
+                            self.open_line = line.len() as u64;
                             self.within_request_limit(buf.len() as u64)?;
                             return Ok(Step::More);
                         }

@@ -2,6 +2,7 @@
 //! Redis exactly as they came — or, for a governed invalidation, handed to the engine.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,6 +37,10 @@ pub(super) struct RequestSide<'a> {
     /// When the bytes being processed were read (for the overhead histogram).
     pub read_at: Instant,
 }
+
+/// How long a client that stopped in the middle of a line over 64 KiB may pause before the
+/// line is judged as Redis judges it at the end of a read (refused).
+const LINE_PAUSE: Duration = Duration::from_millis(50);
 
 /// Whether everything sent before has been answered.
 enum Settled {
@@ -74,16 +79,24 @@ impl RequestSide<'_> {
             if buf.capacity() - buf.len() < MIN_READ {
                 buf.reserve(READ_BUF);
             }
-            let space = buf.capacity() - buf.len();
+            // Stopped in a line over 64 KiB: Redis refuses it if the client sends no more,
+            // so wait only briefly before judging it (resp::request::set_caught_up).
+            let judge = self.parser.awaits_line_end();
+            let wait = if judge { LINE_PAUSE } else { idle };
             let read = tokio::select! {
                 biased;
                 _ = &mut dead => return,
                 _ = &mut shutdown => return,
-                r = read_within(&mut client, &mut buf, idle) => r,
+                r = read_within(&mut client, &mut buf, wait) => r,
             };
-            // A read that did not fill the space ends where Redis's would (resp::request).
-            if let Some(Ok(n)) = &read {
-                self.parser.set_caught_up(*n < space);
+            if judge && read.is_none() {
+                self.parser.set_caught_up(true);
+                let next = self.consume(upstream, &mut buf).await;
+                self.parser.set_caught_up(false);
+                if let Next::Stop = next {
+                    return;
+                }
+                continue;
             }
             let Some(read) = read else {
                 if self.raw || !links.queue.is_drained() {
@@ -94,6 +107,14 @@ impl RequestSide<'_> {
             };
             match read {
                 Ok(0) => {
+                    // Redis's last read ended where the client's bytes did: a line over
+                    // 64 KiB left unfinished there is refused before the EOF is seen.
+                    if self.parser.awaits_line_end() {
+                        self.parser.set_caught_up(true);
+                        if let Next::Stop = self.consume(upstream, &mut buf).await {
+                            return;
+                        }
+                    }
                     // Redis treats a client's EOF as the end of the connection (dropping a
                     // blocked BLPOP, say); passing the EOF on makes it do just that.
                     links.client_gone.store(true, Ordering::Release);
@@ -108,14 +129,19 @@ impl RequestSide<'_> {
                     return;
                 }
             }
-            let next = if self.raw {
-                self.process_raw(upstream, &mut buf).await
-            } else {
-                self.process(upstream, &mut buf).await
-            };
+            let next = self.consume(upstream, &mut buf).await;
             if let Next::Stop = next {
                 return;
             }
+        }
+    }
+
+    /// Handles what was read, framed (or, in raw mode, relayed).
+    async fn consume(&mut self, upstream: &mut WriteHalf, buf: &mut BytesMut) -> Next {
+        if self.raw {
+            self.process_raw(upstream, buf).await
+        } else {
+            self.process(upstream, buf).await
         }
     }
 
