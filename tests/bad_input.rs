@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Frame, Raw, Redis, Stormwall, array, blob, encode_cmd, error_text, number, text};
+use common::{
+    Frame, Raw, Redis, Rng, Stormwall, array, blob, encode_cmd, error_text, number, text,
+};
 
 /// Reads every frame `input` produces on a fresh connection, until the peer closes (panics if
 /// it does not close within the read timeout).
@@ -614,26 +616,6 @@ fn inline_command_with_a_nul_byte_does_not_wedge_the_session() {
             "the only client slot is still taken 5s after its client left"
         );
         thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A tiny deterministic PRNG (xorshift64*), so a failing fuzz run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
     }
 }
 

@@ -255,6 +255,17 @@ fn tracking_push_follows_the_governed_reply() {
     assert!(matches!(got[1], Frame::Push { .. }), "{got:?}");
 }
 
+/// Asserts the connection closes with no byte sent.
+fn assert_closed_without_a_reply(raw: &mut Raw) {
+    let mut rest = Vec::new();
+    let _ = raw.stream.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "got bytes instead of a close: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
 /// G6: a command whose fate is unknown (Redis died before answering) ends in a closed
 /// connection, never in an error reply a client library would take for the answer.
 #[test]
@@ -266,13 +277,7 @@ fn redis_dying_mid_command_closes_the_client_without_an_error_reply() {
     raw.send(b"DEBUG SLEEP 2\r\n");
     std::thread::sleep(Duration::from_millis(200));
     redis.kill();
-    let mut rest = Vec::new();
-    let _ = raw.stream.read_to_end(&mut rest);
-    assert!(
-        rest.is_empty(),
-        "got bytes instead of a close: {:?}",
-        String::from_utf8_lossy(&rest)
-    );
+    assert_closed_without_a_reply(&mut raw);
 }
 
 /// A client that connects while Redis is down is closed, as Redis's refused connection
@@ -284,13 +289,7 @@ fn connecting_while_redis_is_down_closes_without_an_error_reply() {
     redis.kill();
     let mut raw = sw.raw();
     raw.send(b"PING\r\n");
-    let mut rest = Vec::new();
-    let _ = raw.stream.read_to_end(&mut rest);
-    assert!(
-        rest.is_empty(),
-        "got bytes instead of a close: {:?}",
-        String::from_utf8_lossy(&rest)
-    );
+    assert_closed_without_a_reply(&mut raw);
 }
 
 /// With client tracking in `NOLOOP` mode Redis does not report a client's own writes back to

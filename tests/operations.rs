@@ -8,45 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Redis, Stormwall, text};
-
-/// GETs `path` from the admin endpoint: (status, body).
-fn http_get(sw: &Stormwall, path: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
-    let mut resp = agent
-        .get(&format!("http://127.0.0.1:{}{path}", sw.admin_port))
-        .call()
-        .unwrap_or_else(|e| panic!("GET {path} failed: {e}"));
-    let status = resp.status().as_u16();
-    (status, resp.body_mut().read_to_string().unwrap())
-}
-
-fn scrape(sw: &Stormwall) -> prometheus_parse::Scrape {
-    let (status, body) = http_get(sw, "/metrics");
-    assert_eq!(status, 200);
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .expect("invalid Prometheus text")
-}
-
-/// The value of a counter or gauge sample with the given labels (0 if absent).
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            other => panic!("{name} is not a counter or gauge: {other:?}"),
-        })
-        .sum()
-}
+use common::{Redis, Stormwall, admin_get, scrape, text, value};
 
 fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -154,9 +116,9 @@ fn metrics_count_a_known_workload() {
     ] {
         assert!(s.docs.contains_key(name), "{name} has no HELP");
     }
-    let (status, body) = http_get(&sw, "/healthz");
+    let (status, body) = admin_get(&sw, "/healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
-    let (status, config) = http_get(&sw, "/config");
+    let (status, config) = admin_get(&sw, "/config");
     assert_eq!(status, 200);
     assert!(
         config.contains(&format!("address = \"127.0.0.1:{}\"", sw.port)),
@@ -169,20 +131,20 @@ fn readyz_follows_redis() {
     let mut redis = Redis::start();
     let sw = Stormwall::start(&redis.addr(), "[admin]\nprobe_interval = \"100ms\"\n");
     wait_until("ready", Duration::from_secs(5), || {
-        http_get(&sw, "/readyz").0 == 200
+        admin_get(&sw, "/readyz").0 == 200
     });
     redis.kill();
     wait_until(
         "not ready after Redis stopped",
         Duration::from_secs(10),
         || {
-            let (status, body) = http_get(&sw, "/readyz");
+            let (status, body) = admin_get(&sw, "/readyz");
             status == 503 && body.contains("upstream")
         },
     );
     assert_eq!(value(&scrape(&sw), "stormwall_upstream_up", &[]), 0.0);
     assert_eq!(
-        http_get(&sw, "/healthz").0,
+        admin_get(&sw, "/healthz").0,
         200,
         "alive even when Redis is not"
     );
@@ -190,7 +152,7 @@ fn readyz_follows_redis() {
     wait_until(
         "ready again after Redis returned",
         Duration::from_secs(10),
-        || http_get(&sw, "/readyz").0 == 200,
+        || admin_get(&sw, "/readyz").0 == 200,
     );
     assert_eq!(text(&sw.raw().call(&[b"PING"])), "PONG");
 }
@@ -345,7 +307,7 @@ fn admin_closes_half_open_connections_and_keeps_answering() {
     let mut slow: Vec<_> = (0..200).map(|_| half_open_admin(&sw)).collect();
     // While they hang, probes are answered.
     for _ in 0..5 {
-        assert_eq!(http_get(&sw, "/healthz"), (200, "ok\n".into()));
+        assert_eq!(admin_get(&sw, "/healthz"), (200, "ok\n".into()));
         thread::sleep(Duration::from_millis(200));
     }
     // Each is closed once the header-read timeout (5 s) has passed.
@@ -361,7 +323,7 @@ fn admin_closes_half_open_connections_and_keeps_answering() {
         start.elapsed() >= Duration::from_secs(4),
         "closed too early"
     );
-    assert_eq!(http_get(&sw, "/healthz").0, 200);
+    assert_eq!(admin_get(&sw, "/healthz").0, 200);
 
     // Beyond the connection cap (256), new connections are closed at once.
     let mut held: Vec<_> = (0..256).map(|_| half_open_admin(&sw)).collect();

@@ -10,33 +10,13 @@
 
 mod common;
 
-use common::{Frame, Raw, Redis, Stormwall, encode_cmd, is_error};
-
-/// xorshift64*: deterministic, dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
+use common::{Frame, Raw, Redis, Rng, Stormwall, encode_cmd, is_error};
 
 const KEYS: &[&str] = &["a:1", "a:2", "b:1", "b:2"];
 
 /// One random command, as its words.
 fn command(rng: &mut Rng) -> Vec<String> {
-    let key = rng.pick(KEYS);
+    let key = *rng.pick(KEYS);
     let words: Vec<&str> = match rng.below(29) {
         0 => vec!["MULTI"],
         1 => vec!["EXEC"],
@@ -45,7 +25,7 @@ fn command(rng: &mut Rng) -> Vec<String> {
         4 => vec!["EXEC", "x"],
         5 => vec!["RESET", "x"],
         6 => vec!["WATCH", key],
-        7 => vec!["SELECT", rng.pick(&["0", "1", "2", "01", "99", "x"])],
+        7 => vec!["SELECT", *rng.pick(&["0", "1", "2", "01", "99", "x"])],
         8 => rng
             .pick(&[
                 "AUTH alice pa",
@@ -70,13 +50,13 @@ fn command(rng: &mut Rng) -> Vec<String> {
             ])
             .split(' ')
             .collect(),
-        10 => vec!["CLIENT", "TRACKING", rng.pick(&["ON", "OFF"]), "NOLOOP"],
+        10 => vec!["CLIENT", "TRACKING", *rng.pick(&["ON", "OFF"]), "NOLOOP"],
         11 | 12 => vec!["SET", key, "v"],
         13 => vec!["GET", key],
-        14..=17 => vec!["DEL", key, rng.pick(KEYS)],
+        14..=17 => vec!["DEL", key, *rng.pick(KEYS)],
         18 => vec!["UNLINK", key],
         19 => vec!["FLUSHDB"],
-        20 => vec!["EXISTS", key, rng.pick(KEYS)],
+        20 => vec!["EXISTS", key, *rng.pick(KEYS)],
         21 => vec!["INCR", "n"],
         22 => vec!["PING"],
         23 => vec!["DBSIZE"],

@@ -610,12 +610,16 @@ pub fn admin_get(sw: &Stormwall, path: &str) -> (u16, String) {
     (status, resp.body_mut().read_to_string().unwrap())
 }
 
-/// The sum of a counter's or gauge's samples in `/metrics` with the given labels (0 if absent).
-pub fn metric(sw: &Stormwall, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// Parses `/metrics`.
+pub fn scrape(sw: &Stormwall) -> prometheus_parse::Scrape {
     let (status, body) = admin_get(sw, "/metrics");
     assert_eq!(status, 200);
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .expect("invalid Prometheus text");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("invalid Prometheus text")
+}
+
+/// The sum of a counter's or gauge's samples with the given labels (0 if absent).
+pub fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     scrape
         .samples
         .iter()
@@ -630,11 +634,42 @@ pub fn metric(sw: &Stormwall, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// [`value`] from a fresh scrape.
+pub fn metric(sw: &Stormwall, name: &str, labels: &[(&str, &str)]) -> f64 {
+    value(&scrape(sw), name, labels)
+}
+
 /// Polls `check` every 50 ms until it holds, panicking after `within`.
 pub fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A tiny deterministic PRNG (xorshift64*), so a failing generated case can be replayed from
+/// its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    pub fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[self.below(from.len())]
     }
 }

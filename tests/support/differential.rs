@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub use super::common::Rng;
 use super::common::{Redis, Stormwall, Transcript, encode_cmd, exchange, shown};
 
 /// Where stormwall differs from Redis on purpose. Cases are still run and their data and
@@ -57,26 +58,6 @@ pub const KNOWN: &[(&str, &str)] = &[
 pub struct Case {
     pub bytes: Vec<u8>,
     pub tags: Vec<&'static str>,
-}
-
-/// xorshift64*: small and seeded.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
-        &from[self.below(from.len())]
-    }
 }
 
 const KEYS: &[&[u8]] = &[b"k0", b"k1", b"k2", b"n0", b"l0", b"h0", b"missing"];
