@@ -369,3 +369,87 @@ fn exec_of_a_queued_no_reply_command_is_relayed_byte_for_byte() {
     std::thread::sleep(Duration::from_millis(1500));
     exchange(&mut d, &mut p, b"ECHO again\r\n", 1);
 }
+
+/// Redis started to require a password after the shield's own connection was opened (that
+/// connection stays authenticated, as Redis keeps them): a client connecting now is not,
+/// and its invalidations are refused exactly as Redis refuses them — they never run on the
+/// shield's older connection.
+#[test]
+fn a_password_required_later_is_required_of_new_clients() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "[flush]\nmin_interval = \"0s\"\n");
+    let mut early = sw.raw();
+    early.call(&[b"SET", b"warm", b"1"]);
+    assert_eq!(as_int(&early.call(&[b"DEL", b"warm"])), 1);
+    assert_eq!(text(&early.call(&[b"FLUSHDB"])), "OK");
+    let mut admin = redis.raw();
+    admin.call(&[b"SET", b"victim", b"1"]);
+    assert_eq!(
+        text(&admin.call(&[b"CONFIG", b"SET", b"requirepass", b"pw"])),
+        "OK"
+    );
+    admin.call(&[b"AUTH", b"pw"]);
+    let mut late = sw.raw();
+    for cmd in [
+        &[&b"DEL"[..], b"victim"][..],
+        &[b"UNLINK", b"victim"],
+        &[b"FLUSHDB"],
+    ] {
+        let reply = late.call(cmd);
+        assert!(
+            error_text(&reply).starts_with("NOAUTH"),
+            "{cmd:?}: {reply:?}"
+        );
+    }
+    assert_eq!(
+        as_int(&admin.call(&[b"EXISTS", b"victim"])),
+        1,
+        "deleted by an unauthenticated client"
+    );
+    // The early client's connection stays authenticated, as it would directly.
+    assert_eq!(as_int(&early.call(&[b"DEL", b"victim"])), 1);
+}
+
+/// A client-side caching client (RESP3 tracking, no `NOLOOP`) reads the invalidation push
+/// for its own `DEL` together with the `DEL`'s reply, as Redis writes them: a cache that
+/// checks for pushes when the reply arrives never serves the deleted value.
+#[test]
+fn tracking_clients_get_their_own_invalidation_with_the_reply() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "");
+    let mut c = sw.raw();
+    c.call(&[b"HELLO", b"3"]);
+    assert_eq!(text(&c.call(&[b"CLIENT", b"TRACKING", b"ON"])), "OK");
+    for _ in 0..50 {
+        c.call(&[b"SET", b"tk", b"1"]);
+        c.call(&[b"GET", b"tk"]);
+        assert_eq!(as_int(&c.call(&[b"DEL", b"tk"])), 1);
+        let push = c.try_read_frame_now();
+        assert!(matches!(push, Some(Frame::Push { .. })), "{push:?}");
+    }
+}
+
+/// `CLIENT CACHING NO` (tracking in `OPTOUT` mode) applies to the connection's next command:
+/// the `DEL` consumes it, so the `GET` after it is tracked, as with Redis.
+#[test]
+fn client_caching_applies_to_the_next_command_even_an_invalidation() {
+    let twin = Twin::start("");
+    twin.setup(&[&["SET", "ok1", "v"], &["SET", "ok2", "v"]]);
+    let mut d = twin.direct.raw();
+    let mut p = twin.sw.raw();
+    for raw in [&mut d, &mut p] {
+        raw.call(&[b"HELLO", b"3"]);
+        let reply = raw.call(&[b"CLIENT", b"TRACKING", b"ON", b"OPTOUT"]);
+        assert_eq!(text(&reply), "OK");
+    }
+    exchange(
+        &mut d,
+        &mut p,
+        b"CLIENT CACHING NO\r\nDEL ok1\r\nGET ok2\r\n",
+        3,
+    );
+    twin.direct.raw().call(&[b"SET", b"ok2", b"x"]);
+    twin.behind.raw().call(&[b"SET", b"ok2", b"x"]);
+    let got = exchange(&mut d, &mut p, b"PING\r\n", 2);
+    assert!(matches!(got[0], Frame::Push { .. }), "{got:?}");
+}

@@ -413,6 +413,10 @@ fn a_redis_stall_ends_governed_requests_at_max_wait() {
     let mut b = sw.raw();
     assert!(ok(&a.call(&[b"SET", b"k", b"1"])));
     assert_eq!(as_int(&a.call(&[b"DEL", b"k"])), 1);
+    // b's first invalidation too, before the stall: a connection's first one waits for
+    // Redis to show that it is authenticated, on the connection itself (as a direct
+    // client's command would wait out the stall).
+    assert_eq!(as_int(&b.call(&[b"DEL", b"k2"])), 0);
     let signal = |sig: &str| {
         assert!(
             Command::new("kill")

@@ -158,7 +158,6 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         blocking: false,
         effect: None,
         replace: None,
-        holding: false,
         sent: Instant::now(),
     };
     // The upstream write half is only borrowed by the request side, so that it half-closes

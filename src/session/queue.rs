@@ -40,9 +40,9 @@ pub(super) enum Entry {
     /// The next reply from Redis answers a command stormwall substituted (a denied flush);
     /// the client gets these bytes instead.
     Replace(Bytes),
-    /// A governed command is with the shield: hold back RESP3 pushes until its reply (the
-    /// next entry) is written, so they follow it as they would from Redis.
-    Hold,
+    /// The next reply from Redis answers stormwall's own authentication probe (a `PING`):
+    /// it confirms [`Effect::AuthProbe`] and is not forwarded.
+    Probe,
     /// From here on, Redis's bytes are relayed as they come (pub/sub, `MONITOR`, …).
     Raw,
 }
@@ -254,7 +254,7 @@ mod tests {
                     format!("{count}{}", if effect.is_some() { "e" } else { "" })
                 }
                 Entry::Local(_) => "L".into(),
-                Entry::Replace(_) | Entry::Hold | Entry::Raw => "other".into(),
+                Entry::Replace(_) | Entry::Probe | Entry::Raw => "other".into(),
             });
         }
         assert_eq!(shapes, ["2", "1e", "3", "L"]);

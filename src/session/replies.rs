@@ -25,12 +25,10 @@ pub(super) struct ReplySide<'a> {
     pub blocking: bool,
     /// … the state change its reply confirms …
     pub effect: Option<Effect>,
-    /// … or the bytes the client gets in place of that reply …
+    /// … or the bytes the client gets in place of that reply (none for a probe) …
     pub replace: Option<Bytes>,
     /// … and when it was sent.
     pub sent: Instant,
-    /// A governed command is with the shield: pushes wait until its reply is written.
-    pub holding: bool,
 }
 
 /// Why the reply side stopped.
@@ -82,11 +80,7 @@ impl ReplySide<'_> {
             let mut ready = 0;
             loop {
                 if self.pending == 0 && !finished {
-                    let popped = links.queue.try_pop();
-                    if let Pop::Entry(_) = popped {
-                        self.holding = false;
-                    }
-                    match popped {
+                    match links.queue.try_pop() {
                         Pop::Entry(Entry::Upstream {
                             count,
                             blocking,
@@ -111,10 +105,11 @@ impl ReplySide<'_> {
                             links.queue.answered();
                             continue;
                         }
-                        Pop::Entry(Entry::Hold) => {
-                            self.holding = true;
-                            links.queue.answered();
-                            continue;
+                        Pop::Entry(Entry::Probe) => {
+                            progress = Instant::now();
+                            (self.pending, self.blocking, self.sent) = (1, false, Instant::now());
+                            (self.effect, self.replace) =
+                                (Some(Effect::AuthProbe), Some(Bytes::new()));
                         }
                         Pop::Entry(Entry::Raw) => {
                             return if self.write(client, buf, &mut ready).await {
@@ -126,9 +121,6 @@ impl ReplySide<'_> {
                         Pop::Empty => {}
                         Pop::Finished => finished = true,
                     }
-                }
-                if self.holding {
-                    break;
                 }
                 match self.scanner.next(&buf[ready..]) {
                     Ok(None) => break,

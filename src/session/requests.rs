@@ -335,23 +335,27 @@ impl RequestSide<'_> {
                 return passthrough(scanned, run);
             }
         }
+        if !self.links.state().may_delegate() {
+            // Queued by Redis in the transaction, run as a client stormwall cannot
+            // impersonate, or by a tracking client: Redis must see it on this connection.
+            return passthrough(scanned, run);
+        }
+        if !self.links.state().auth_proven {
+            // Whether Redis treats this connection as authenticated is not known yet (it may
+            // have started to require a password after the shield's own connections, but
+            // before this one, were opened): ask it on this connection first.
+            if let Next::Stop = self.probe_auth(upstream).await {
+                return Next::Stop;
+            }
+        }
         let who = {
             let state = self.links.state();
-            if !state.may_delegate() {
-                // Queued by Redis in the transaction, run as a client stormwall cannot
-                // impersonate, or one whose own writes must not be reported back to it:
-                // Redis must see it on this connection.
-                None
-            } else {
-                Some(state.identity.clone())
-            }
+            state.auth_proven.then(|| state.identity.clone())
         };
         let Some(who) = who else {
+            // Redis would refuse the client: its own command gets Redis's own refusal.
             return passthrough(scanned, run);
         };
-        // RESP3 pushes that arrive meanwhile (client-tracking invalidations this very request
-        // causes) must follow its reply, as they do from Redis.
-        self.enqueue(Entry::Hold).await;
         let links = self.links;
         let verdict = tokio::select! {
             verdict = links.ctx.engine.execute(&who, request) => verdict,
@@ -368,6 +372,22 @@ impl RequestSide<'_> {
             Verdict::PassThrough => passthrough(scanned, run),
             // Its fate is unknown: the client sees its connection close, as with Redis.
             Verdict::Unknown => Next::Stop,
+        }
+    }
+
+    /// Sends a `PING` on the client's connection (its reply is not forwarded) and waits for
+    /// it, so the confirmed state says whether Redis treats the connection as authenticated.
+    /// Done once per connection, before its first invalidation the shield would run.
+    async fn probe_auth(&mut self, upstream: &mut WriteHalf) -> Next {
+        self.enqueue(Entry::Probe).await;
+        if let Err(e) = upstream.write_all(b"*1\r\n$4\r\nPING\r\n").await {
+            debug!(error = %e, "upstream write failed");
+            self.links.dead.cancel();
+            return Next::Stop;
+        }
+        tokio::select! {
+            _ = self.links.queue.drained() => Next::Read,
+            _ = self.links.dead.cancelled() => Next::Stop,
         }
     }
 
@@ -611,12 +631,7 @@ impl Denial {
 fn effect_of(cmd: &Command<'_>) -> Effect {
     let name = cmd.arg(0).unwrap_or_default();
     if name.eq_ignore_ascii_case(b"CLIENT") {
-        let on = cmd.arg(2).is_some_and(|a| a.eq_ignore_ascii_case(b"ON"));
-        let noloop = (3..cmd.argc()).any(|i| {
-            cmd.arg(i)
-                .is_some_and(|a| a.eq_ignore_ascii_case(b"NOLOOP"))
-        });
-        return Effect::Tracking(on.then_some(noloop));
+        return Effect::Tracking(cmd.arg(2).is_some_and(|a| a.eq_ignore_ascii_case(b"ON")));
     }
     if name.eq_ignore_ascii_case(b"SELECT") {
         let db = cmd.arg(1).filter(|_| cmd.argc() == 2).and_then(parse_int);

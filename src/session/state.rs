@@ -54,8 +54,11 @@ pub(super) enum Effect {
         hello: bool,
         login: Login,
     },
-    /// `CLIENT TRACKING ON|OFF [… NOLOOP …]`: `Some(noloop)` for `ON`, `None` for `OFF`.
-    Tracking(Option<bool>),
+    /// `CLIENT TRACKING ON|OFF`: whether it turns tracking on.
+    Tracking(bool),
+    /// A `PING` stormwall sent on the client's connection to learn whether Redis treats the
+    /// connection as authenticated (its reply is not forwarded).
+    AuthProbe,
 }
 
 impl Effect {
@@ -83,14 +86,21 @@ pub(super) struct Confirmed {
     /// Identity commands queued in the open transaction; they take effect if `EXEC` runs it.
     queued_login: bool,
     queued_select: bool,
-    /// Authenticated as Redis sees it: from the start when no password was required then,
-    /// or by an accepted `AUTH`/`HELLO … AUTH`. Redis's pre-authentication limits apply to
-    /// a client that is not, while Redis requires a password.
+    /// Authenticated as Redis sees it, as best known: from the start when no password was
+    /// required then, or by an accepted `AUTH`/`HELLO … AUTH`. Redis's pre-authentication
+    /// limits apply to a client that is not, while Redis requires a password.
     pub authenticated: bool,
-    /// Client tracking with `NOLOOP` is on (or may be): Redis does not tell a client about
-    /// its own writes, but a delete the shield runs on another connection would be reported
-    /// to it, so its invalidations must run on its own connection.
-    noloop: bool,
+    /// Redis has *shown* that it treats this connection as authenticated: it accepted an
+    /// `AUTH`, or ran a command that needs authentication. Only then may the shield act for
+    /// the client: its own connections may have been authenticated before Redis started to
+    /// require a password, when this client's was not.
+    pub auth_proven: bool,
+    /// Client tracking is on (or may be): Redis sends a tracking client the invalidation
+    /// push for its own write together with the write's reply (or, with `NOLOOP`, none at
+    /// all), and `CLIENT CACHING` applies to the connection's next command. A delete the
+    /// shield runs elsewhere would break all three, so its invalidations run on its own
+    /// connection.
+    tracking: bool,
 }
 
 impl Confirmed {
@@ -107,15 +117,22 @@ impl Confirmed {
         !self.creds_unknown && !self.db_unknown
     }
 
-    /// Whether an invalidation may run on a connection other than the client's own.
+    /// Whether an invalidation may run on a connection other than the client's own (once
+    /// Redis has shown the client is authenticated: [`Confirmed::auth_proven`]).
     pub fn may_delegate(&self) -> bool {
-        !self.in_multi && self.identity_known() && !self.noloop
+        !self.in_multi && self.identity_known() && !self.tracking
     }
 
     /// Applies `effect` as Redis's `reply` (one whole frame) decided it.
     pub fn confirm(&mut self, effect: Effect, reply: &[u8]) {
         let ok = reply == b"+OK\r\n";
         let queued = reply == b"+QUEUED\r\n";
+        // Redis checks authentication before it runs (or queues) any of these, so a reply
+        // other than an error shows the connection is authenticated; so does `NOPERM`, which
+        // comes after that check. (`AUTH`, `HELLO` and `RESET` run unauthenticated.)
+        let shows_auth = !matches!(effect, Effect::Reset { .. } | Effect::Login { .. })
+            && (reply.first() != Some(&b'-') || reply.starts_with(b"-NOPERM"));
+        self.auth_proven |= shows_auth;
         match effect {
             Effect::Multi => {
                 if ok {
@@ -159,14 +176,15 @@ impl Confirmed {
                     }
                 }
             }
-            Effect::Tracking(noloop) => {
+            Effect::Tracking(on) => {
                 if self.in_multi {
                     // Run by EXEC or not: assume it may be on (the safe side).
-                    self.noloop |= queued && noloop == Some(true);
+                    self.tracking |= queued && on;
                 } else if ok {
-                    self.noloop = noloop == Some(true);
+                    self.tracking = on;
                 }
             }
+            Effect::AuthProbe => {}
             Effect::Login { hello, login } => {
                 if self.in_multi {
                     self.queued_login |= queued;
@@ -190,6 +208,7 @@ impl Confirmed {
                     Login::Untracked => self.creds_unknown = true,
                 }
                 self.authenticated = true;
+                self.auth_proven = true;
             }
         }
     }
@@ -278,16 +297,44 @@ mod tests {
     }
 
     #[test]
-    fn tracking_noloop_keeps_invalidations_on_the_own_connection() {
+    fn tracking_keeps_invalidations_on_the_own_connection() {
         let mut s = Confirmed::default();
-        s.confirm(Effect::Tracking(Some(true)), b"-ERR syntax error\r\n");
+        s.confirm(Effect::Tracking(true), b"-ERR syntax error\r\n");
         assert!(s.may_delegate());
-        s.confirm(Effect::Tracking(Some(true)), b"+OK\r\n");
+        s.confirm(Effect::Tracking(true), b"+OK\r\n");
         assert!(!s.may_delegate());
-        s.confirm(Effect::Tracking(None), b"+OK\r\n");
+        s.confirm(Effect::Tracking(false), b"+OK\r\n");
         assert!(s.may_delegate());
-        s.confirm(Effect::Tracking(Some(false)), b"+OK\r\n");
-        assert!(s.may_delegate());
+    }
+
+    #[test]
+    fn authentication_is_proven_by_what_redis_runs() {
+        let mut s = Confirmed::new(true);
+        assert!(!s.auth_proven, "assumed, not shown");
+        s.confirm(Effect::AuthProbe, b"-NOAUTH Authentication required.\r\n");
+        s.confirm(
+            Effect::Select(Some(1)),
+            b"-ERR wrong number of arguments\r\n",
+        );
+        s.confirm(
+            Effect::Login {
+                hello: true,
+                login: Login::Unchanged,
+            },
+            b"%7\r\n",
+        );
+        assert!(!s.auth_proven);
+        s.confirm(Effect::AuthProbe, b"+PONG\r\n");
+        assert!(s.auth_proven);
+        s.confirm(
+            Effect::Reset {
+                auth_required: true,
+            },
+            b"+RESET\r\n",
+        );
+        assert!(!s.auth_proven);
+        s.confirm(auth("pw"), b"+OK\r\n");
+        assert!(s.auth_proven);
     }
 
     #[test]

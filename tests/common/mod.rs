@@ -366,6 +366,26 @@ impl Raw {
         }
     }
 
+    /// A frame already received or readable without waiting; `None` if there is none yet.
+    pub fn try_read_frame_now(&mut self) -> Option<Frame> {
+        self.stream.set_nonblocking(true).expect("nonblocking");
+        let frame = loop {
+            if let Some((frame, len)) = decode_any(&self.buf) {
+                self.buf.drain(..len);
+                break Some(frame);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        };
+        self.stream.set_nonblocking(false).expect("blocking");
+        frame
+    }
+
     /// Sends a command and returns its reply.
     pub fn call(&mut self, args: &[&[u8]]) -> Frame {
         self.cmd(args);
