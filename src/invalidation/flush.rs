@@ -50,6 +50,16 @@ fn form_of(sync: Option<bool>) -> usize {
     }
 }
 
+/// How much a form makes sure of before `+OK`: `SYNC` frees the memory, plain follows
+/// Redis's `lazyfree-lazy-user-flush`, `ASYNC` frees it later.
+fn strength(form: usize) -> u8 {
+    match form {
+        SYNC => 2,
+        PLAIN => 1,
+        _ => 0,
+    }
+}
+
 /// A target's spacing: `burst` flushes at once, then one per `min_interval`.
 struct Spacing {
     settings: (std::time::Duration, u32),
@@ -79,6 +89,7 @@ pub(super) async fn worker(
     let label = if all { "flushall" } else { "flushdb" };
     let mut exec = Executor::new(who.clone());
     let mut told = false;
+    let mut checkable = true;
     let mut spacing: Option<Spacing> = None;
     while let Some(first) = next_job(&live, &registry, flushers, &key, &who, &mut rx).await {
         let shared = live.load_full();
@@ -101,6 +112,7 @@ pub(super) async fn worker(
             name,
             label,
             told: &mut told,
+            checkable: &mut checkable,
         };
         round.run(&live, waiters).await;
     }
@@ -111,6 +123,9 @@ struct Round<'a> {
     name: &'static [u8],
     label: &'static str,
     told: &'a mut bool,
+    /// The identity may run `DISCARD`, so its permissions can be checked (a check whose
+    /// `DISCARD` is refused leaves the connection inside `MULTI`).
+    checkable: &'a mut bool,
 }
 
 impl Round<'_> {
@@ -157,19 +172,27 @@ impl Round<'_> {
                     continue;
                 }
             };
-            let access = match access::check(conn, &forms, Forms::Destructive, deadline).await {
-                Ok(access) => access,
-                Err(_) => {
-                    self.exec.discard();
-                    continue;
+            let access = if *self.checkable {
+                match access::check(conn, &forms, Forms::Destructive, deadline).await {
+                    Ok(access) => access,
+                    Err(e) => {
+                        if e.kind() == std::io::ErrorKind::PermissionDenied {
+                            *self.checkable = false;
+                        }
+                        self.exec.discard();
+                        continue;
+                    }
                 }
+            } else {
+                None
             };
             // Each waiter's own form first: refused as Redis refuses it.
             if let Some(access) = &access {
                 for job in std::mem::take(&mut waiters) {
                     match &access[form_of(job.what)] {
                         Access::Denied(e) => job.answer(Outcome::Redis(e.clone())),
-                        Access::Allowed => waiters.push(job),
+                        // Unsure: the flush itself, sent plain, gets Redis's own answer.
+                        Access::Allowed | Access::Unsure => waiters.push(job),
                     }
                 }
                 if waiters.is_empty() {
@@ -177,6 +200,14 @@ impl Round<'_> {
                 }
             }
             let may = |f: usize| access.as_ref().is_some_and(|a| a[f] == Access::Allowed);
+            // As requested, one flush answers all: the strongest form any of them asked for
+            // (a plain flush is synchronous unless Redis's `lazyfree-lazy-user-flush` says
+            // otherwise, so it is stronger than ASYNC and weaker than SYNC).
+            let strongest = waiters
+                .iter()
+                .map(|j| form_of(j.what))
+                .max_by_key(|&f| strength(f))
+                .unwrap_or(PLAIN);
             let sent: Vec<usize> = waiters
                 .iter()
                 .map(|j| {
@@ -184,7 +215,7 @@ impl Round<'_> {
                     let wanted = match shared.config.flush.mode {
                         FlushMode::Async => ASYNC,
                         FlushMode::Sync => SYNC,
-                        FlushMode::AsRequested => own,
+                        FlushMode::AsRequested => strongest,
                     };
                     if wanted == own || (may(own) && may(wanted)) {
                         wanted
