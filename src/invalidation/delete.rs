@@ -68,6 +68,7 @@ pub(super) async fn worker(
         live: live.clone(),
         exec: Executor::new(who.clone()),
         atomic: true,
+        checkable: true,
         told: false,
     };
     while let Some(first) = next_job(&live, &registry, deleters, &who, &who, &mut rx).await {
@@ -81,6 +82,9 @@ struct Worker {
     exec: Executor,
     /// Whether this identity may use `MULTI` (and so whether keys can be claimed).
     atomic: bool,
+    /// Whether this identity may run `DISCARD`, so its permissions can be checked (a check
+    /// whose `DISCARD` is refused leaves the connection inside `MULTI`).
+    checkable: bool,
     /// The credentials refusal was logged (once per worker).
     told: bool,
 }
@@ -347,6 +351,9 @@ impl Worker {
     /// Asks Redis whether this identity may run both `DEL` and `UNLINK`, so that either may
     /// be sent for the other. Also learns whether it may use `MULTI`.
     async fn may_rewrite(&mut self, shared: &Shared, deadline: Instant) -> io::Result<bool> {
+        if !self.checkable {
+            return Ok(false);
+        }
         let probe = Bytes::from_static(PROBE_KEY);
         let forms = [
             vec![Bytes::from_static(b"DEL"), probe.clone()],
@@ -359,18 +366,20 @@ impl Worker {
             .map_err(|_| io::Error::from(io::ErrorKind::NotConnected))?;
         match access::check(conn, &forms, Forms::Harmless, deadline).await {
             Ok(Some(verdicts)) => Ok(verdicts.iter().all(|a| *a == Access::Allowed)),
-            // The user may not run `MULTI` (or `DISCARD`, which leaves this connection inside
-            // `MULTI`): no check, no claims; each request sends its own command.
+            // The user may not run `MULTI`: no check, no claims; each request sends its own
+            // command.
             Ok(None) => {
                 self.atomic = false;
                 Ok(false)
             }
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                self.exec.discard();
-                self.atomic = false;
-                Ok(false)
+            // The user may not run `DISCARD`: this connection is left inside `MULTI` (the
+            // caller replaces it), and no check can be made again.
+            Err(e) => {
+                if e.kind() == io::ErrorKind::PermissionDenied {
+                    self.checkable = false;
+                }
+                Err(e)
             }
-            Err(e) => Err(e),
         }
     }
 
