@@ -16,11 +16,19 @@
 //! batch of several commands is wrapped in `MULTI`/`EXEC`. (Were `MULTI` refused — the
 //! identity's ACL changed since it was last seen to allow it — the commands run one by one:
 //! requests answered by a single command still get exact counts, the others are reported
-//! unknown.) If a command is refused at queue time
-//! (an ACL user without permission on one of its keys), Redis aborts the whole transaction:
-//! the refused request gets Redis's own error (it was not applied) and the rest are planned
-//! again. If the identity may not use `MULTI` at all, the worker stops claiming and sends each
-//! request's own keys, one command per request.
+//! unknown.) If a command is refused at queue time by an ACL rule (an ACL user without
+//! permission on it or on one of its keys), Redis aborts the whole transaction: the refused
+//! request gets Redis's own error (it was not applied) and the rest are planned again. If the
+//! identity may not use `MULTI` at all, the worker stops claiming and sends each request's own
+//! keys, one command per request.
+//!
+//! Redis may also refuse the transaction itself, which no client's own command would meet:
+//! over `maxmemory` every command queued inside `MULTI` gets `-OOM` (a plain `DEL` is always
+//! allowed, it frees memory), and a user may be allowed `MULTI` but not `EXEC`
+//! (`-EXECABORT … NOPERM … 'exec'`). Nothing was applied then, and the same requests go again
+//! at once without a transaction, each with its own command: no claims in that round, and
+//! every count is still exact, since each command is atomic and their order is a sequential
+//! order. Only an ACL refusal inside `MULTI` is taken as the client's answer.
 //!
 //! `invalidation.delete_command` is applied to a request only where the identity may run both
 //! its own command and the configured one, as Redis answers a side-effect-free check made for

@@ -11,9 +11,12 @@
 //! Each request is allowed or refused exactly as Redis would treat its own form (`FLUSHALL`,
 //! `FLUSHALL SYNC`, `FLUSHALL ASYNC` may each be allowed or not by ACL rules): before each
 //! flush, Redis is asked which forms this identity may run ([`access`](super::access)). A
-//! request whose own form is refused gets Redis's refusal; `flush.mode` rewrites a request
-//! only where both forms are allowed; requests that end up with different forms get one flush
-//! each, in one pipeline.
+//! request whose own form is refused gets Redis's refusal (an ACL rule, or `rename-command`);
+//! a refusal that only the check's `MULTI` meets (`-OOM` over `maxmemory`) says nothing, and
+//! the flush itself, never inside `MULTI`, gets Redis's own answer. `flush.mode` rewrites a
+//! request only where both forms are allowed (`as-requested`: to the strongest form among the
+//! requests, `SYNC` over plain over `ASYNC`, so coalesced requests share one flush); requests
+//! that end up with different forms get one flush each, in one pipeline.
 //!
 //! A flush's answer is `+OK` however many attempts it took, so a flush whose connection was
 //! lost in flight is retried (for the clients still waiting) until the deadline; only then is
