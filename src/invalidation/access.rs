@@ -8,6 +8,11 @@
 //! cached: a cached "allowed" could outlive an `ACL SETUSER` that revoked it, while an answer
 //! asked after the request arrived and before it is answered fits a sequential order.
 //!
+//! Only two refusals are the same inside `MULTI` as outside, and so a form's own: `NOPERM`
+//! (ACL rules) and `unknown command` (`rename-command`). Others say nothing about the form:
+//! over `maxmemory` Redis refuses every command queued inside `MULTI` with `-OOM`, though a
+//! plain `DEL` or flush would run.
+//!
 //! Were `MULTI` itself refused, the forms behind it would run for real. So forms that are
 //! not harmless when run (flushes) are sent only after `MULTI` was accepted; harmless forms
 //! (a delete of a key nobody uses) go in the same write, and the check costs one round trip.
