@@ -8,6 +8,11 @@
 //! cached: a cached "allowed" could outlive an `ACL SETUSER` that revoked it, while an answer
 //! asked after the request arrived and before it is answered fits a sequential order.
 //!
+//! Only two refusals are the same inside `MULTI` as outside, and so a form's own: `NOPERM`
+//! (ACL rules) and `unknown command` (`rename-command`). Others say nothing about the form:
+//! over `maxmemory` Redis refuses every command queued inside `MULTI` with `-OOM`, though a
+//! plain `DEL` or flush would run.
+//!
 //! Were `MULTI` itself refused, the forms behind it would run for real. So forms that are
 //! not harmless when run (flushes) are sent only after `MULTI` was accepted; harmless forms
 //! (a delete of a key nobody uses) go in the same write, and the check costs one round trip.
@@ -21,15 +26,23 @@ use tokio::time::Instant;
 use crate::upstream::Conn;
 
 /// A key named in delete forms being checked. Were the check's `MULTI` refused, the forms
-/// would delete it for real: it is no application's key.
-pub(super) const PROBE_KEY: &[u8] = b"stormwall:acl-probe:\xff";
+/// would delete it for real: it is no application's key. It is valid UTF-8 because Redis
+/// quotes it in some refusals (`-ERR unknown command 'DEL', with args beginning with: …`
+/// under `rename-command`), and an error reply is read as text.
+pub(super) const PROBE_KEY: &[u8] = b"{stormwall}:acl-probe:never-set";
 
 /// Redis's verdict on one command form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Access {
     Allowed,
-    /// Refused at queue time, with Redis's error (what the client would get).
+    /// Refused for what it is (an ACL rule, a renamed command), with Redis's error: what the
+    /// client would get for this form.
     Denied(String),
+    /// Refused at queue time for being inside `MULTI` (`-OOM` over `maxmemory` refuses every
+    /// queued command, though a plain `DEL` or flush is allowed), or for a passing state
+    /// (`-MISCONF`, `-READONLY`): says nothing about the form. Never a client's answer, and
+    /// never enough to rewrite.
+    Unsure,
 }
 
 /// Whether running `forms` for real would change nothing (so they may follow `MULTI` in the
@@ -41,7 +54,8 @@ pub(super) enum Forms {
 }
 
 /// Asks whether the connection's user may run each of `forms`. `None` when it cannot be
-/// asked (the user may not run `MULTI`). An error leaves the connection unusable.
+/// asked (the user may not run `MULTI`). An error leaves the connection unusable; one of
+/// kind `PermissionDenied` says the user may not run `DISCARD`, so it can never be asked.
 pub(super) async fn check(
     conn: &mut Conn,
     forms: &[Vec<Bytes>],
@@ -69,6 +83,14 @@ pub(super) async fn check(
         return Ok(None);
     }
     let out_of_step = || io::Error::new(io::ErrorKind::InvalidData, "unexpected reply to a check");
+    if replies.len() == forms.len() + 2 && matches!(replies.last(), Some(OwnedFrame::Error(_))) {
+        // `DISCARD` refused (an ACL rule): the connection is still inside `MULTI`, and every
+        // later check would end the same way.
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "DISCARD refused",
+        ));
+    }
     if !is_ok(replies.last()) || replies.len() != forms.len() + 2 {
         return Err(out_of_step());
     }
@@ -79,7 +101,8 @@ pub(super) async fn check(
             // The command is allowed; the probe's key is not. Key permissions are the same
             // for every form of one command, and the real command gets Redis's own answer.
             OwnedFrame::Error(e) if is_key_refusal(e) => Ok(Access::Allowed),
-            OwnedFrame::Error(e) => Ok(Access::Denied(e.clone())),
+            OwnedFrame::Error(e) if is_own_refusal(e) => Ok(Access::Denied(e.clone())),
+            OwnedFrame::Error(_) => Ok(Access::Unsure),
             _ => Err(out_of_step()),
         })
         .collect::<io::Result<Vec<_>>>()
@@ -98,4 +121,10 @@ pub(super) fn is_key_refusal(error: &str) -> bool {
 /// `NOPERM` for the command itself.
 pub(super) fn is_command_refusal(error: &str) -> bool {
     error.starts_with("NOPERM") && !is_key_refusal(error)
+}
+
+/// A refusal of the command form itself, the same inside `MULTI` as outside: an ACL rule,
+/// or a command Redis does not know (`rename-command`).
+fn is_own_refusal(error: &str) -> bool {
+    is_command_refusal(error) || error.starts_with("ERR unknown command")
 }

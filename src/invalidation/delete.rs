@@ -16,11 +16,19 @@
 //! batch of several commands is wrapped in `MULTI`/`EXEC`. (Were `MULTI` refused — the
 //! identity's ACL changed since it was last seen to allow it — the commands run one by one:
 //! requests answered by a single command still get exact counts, the others are reported
-//! unknown.) If a command is refused at queue time
-//! (an ACL user without permission on one of its keys), Redis aborts the whole transaction:
-//! the refused request gets Redis's own error (it was not applied) and the rest are planned
-//! again. If the identity may not use `MULTI` at all, the worker stops claiming and sends each
-//! request's own keys, one command per request.
+//! unknown.) If a command is refused at queue time by an ACL rule (an ACL user without
+//! permission on it or on one of its keys), Redis aborts the whole transaction: the refused
+//! request gets Redis's own error (it was not applied) and the rest are planned again. If the
+//! identity may not use `MULTI` at all, the worker stops claiming and sends each request's own
+//! keys, one command per request.
+//!
+//! Redis may also refuse the transaction itself, which no client's own command would meet:
+//! over `maxmemory` every command queued inside `MULTI` gets `-OOM` (a plain `DEL` is always
+//! allowed, it frees memory), and a user may be allowed `MULTI` but not `EXEC`
+//! (`-EXECABORT … NOPERM … 'exec'`). Nothing was applied then, and the same requests go again
+//! at once without a transaction, each with its own command: no claims in that round, and
+//! every count is still exact, since each command is atomic and their order is a sequential
+//! order. Only an ACL refusal inside `MULTI` is taken as the client's answer.
 //!
 //! `invalidation.delete_command` is applied to a request only where the identity may run both
 //! its own command and the configured one, as Redis answers a side-effect-free check made for
@@ -68,6 +76,7 @@ pub(super) async fn worker(
         live: live.clone(),
         exec: Executor::new(who.clone()),
         atomic: true,
+        checkable: true,
         told: false,
     };
     while let Some(first) = next_job(&live, &registry, deleters, &who, &who, &mut rx).await {
@@ -81,6 +90,9 @@ struct Worker {
     exec: Executor,
     /// Whether this identity may use `MULTI` (and so whether keys can be claimed).
     atomic: bool,
+    /// Whether this identity may run `DISCARD`, so its permissions can be checked (a check
+    /// whose `DISCARD` is refused leaves the connection inside `MULTI`).
+    checkable: bool,
     /// The credentials refusal was logged (once per worker).
     told: bool,
 }
@@ -151,6 +163,8 @@ impl Worker {
         }
         // Budget already taken for the current plan and not yet used by a send.
         let (mut paid_keys, mut paid_commands) = (0u64, 0u64);
+        // Redis refused the last round's transaction itself: this round goes without one.
+        let mut plain = false;
         loop {
             let shared = self.shared();
             let inv = &shared.config.invalidation;
@@ -189,9 +203,10 @@ impl Worker {
             } else {
                 false
             };
+            let claim = self.atomic && !std::mem::take(&mut plain);
             let plan = plan(
                 &pending,
-                self.atomic,
+                claim,
                 |d| if rewrite { configured } else { d.unlink },
                 inv.keys_burst as usize,
             );
@@ -207,6 +222,11 @@ impl Worker {
             }
             let keys: u64 = plan.entries.iter().map(|e| e.keys.len() as u64).sum();
             let commands = plan.entries.len() as u64;
+            // A plan holds more than `keys_burst` keys only when it is one request alone: a
+            // single request is not a storm, and one needing more budget than `max_wait` can
+            // ever bring would otherwise be refused forever (Redis itself would run it). It
+            // is charged one full burst, so the requests after it still wait their turn.
+            let charged = keys.min(u64::from(inv.keys_burst));
             let deadline = earliest(&pending[..participants]);
             let budget = match take(
                 &shared.commands,
@@ -223,7 +243,7 @@ impl Worker {
                         &shared.keys,
                         inv.keys_burst,
                         inv.keys_per_second,
-                        keys,
+                        charged,
                         &mut paid_keys,
                         deadline - margin,
                     )
@@ -241,7 +261,7 @@ impl Worker {
             if pending[..participants].iter().any(|j| j.abandoned()) {
                 continue;
             }
-            let wrap = self.atomic && plan.entries.len() > 1;
+            let wrap = claim && plan.entries.len() > 1;
             let mut batch: Vec<Vec<Bytes>> = plan
                 .entries
                 .iter()
@@ -286,7 +306,26 @@ impl Worker {
                         self.atomic = false;
                     }
                     let judged = if wrap {
-                        judge_transaction(&plan, &replies)
+                        match judge_transaction(&plan, &replies) {
+                            Some(Transaction::Judged(judged)) => Some(judged),
+                            Some(Transaction::Refused { exec_denied }) => {
+                                // Nothing was applied and no budget used: the same requests
+                                // go again at once, each with its own command, whose answers
+                                // are Redis's own for that command.
+                                tracing::debug!(
+                                    exec_denied,
+                                    "Redis refused the shield's transaction; sending each \
+                                     request's own command instead"
+                                );
+                                if exec_denied {
+                                    self.atomic = false;
+                                }
+                                plain = true;
+                                pending.extend(rest);
+                                continue;
+                            }
+                            None => None,
+                        }
                     } else {
                         judge_pipeline(&plan, &replies)
                     };
@@ -320,6 +359,9 @@ impl Worker {
     /// Asks Redis whether this identity may run both `DEL` and `UNLINK`, so that either may
     /// be sent for the other. Also learns whether it may use `MULTI`.
     async fn may_rewrite(&mut self, shared: &Shared, deadline: Instant) -> io::Result<bool> {
+        if !self.checkable {
+            return Ok(false);
+        }
         let probe = Bytes::from_static(PROBE_KEY);
         let forms = [
             vec![Bytes::from_static(b"DEL"), probe.clone()],
@@ -330,15 +372,23 @@ impl Worker {
             .ready(&shared.config.upstream, deadline)
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::NotConnected))?;
-        Ok(
-            match access::check(conn, &forms, Forms::Harmless, deadline).await? {
-                Some(verdicts) => verdicts.iter().all(|a| *a == Access::Allowed),
-                None => {
-                    self.atomic = false;
-                    false
+        match access::check(conn, &forms, Forms::Harmless, deadline).await {
+            Ok(Some(verdicts)) => Ok(verdicts.iter().all(|a| *a == Access::Allowed)),
+            // The user may not run `MULTI`: no check, no claims; each request sends its own
+            // command.
+            Ok(None) => {
+                self.atomic = false;
+                Ok(false)
+            }
+            // The user may not run `DISCARD`: this connection is left inside `MULTI` (the
+            // caller replaces it), and no check can be made again.
+            Err(e) => {
+                if e.kind() == io::ErrorKind::PermissionDenied {
+                    self.checkable = false;
                 }
-            },
-        )
+                Err(e)
+            }
+        }
     }
 
     /// Redis no longer accepts this identity on a connection of the shield's own: the
@@ -414,8 +464,20 @@ fn plan(
     Plan { entries, covers }
 }
 
+/// How a `[MULTI, cmd…, EXEC]` round ended.
+enum Transaction {
+    Judged(Vec<Judged>),
+    /// Redis refused the transaction, not a request's own command: `-OOM` for every command
+    /// queued over `maxmemory` (a plain `DEL` is allowed), `EXEC` refused (`exec_denied`: by
+    /// an ACL rule, for good), or any other queue-time error a client's own command might not
+    /// get. Nothing was applied, and no client may see this error.
+    Refused {
+        exec_denied: bool,
+    },
+}
+
 /// Judges `[MULTI, cmd…, EXEC]` replies. `None`: replies that make no sense.
-fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Vec<Judged>> {
+fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Transaction> {
     let n = plan.entries.len();
     match replies.first()? {
         OwnedFrame::SimpleString(s) if s == b"OK" => {}
@@ -429,11 +491,18 @@ fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Vec<Judged>>
                     *j = Judged::Done(Outcome::Unknown);
                 }
             }
-            return Some(judged);
+            return Some(Transaction::Judged(judged));
         }
         _ => return None,
     }
     let queued = replies.get(1..=n)?;
+    // Only an ACL refusal is known to be the same for the command outside `MULTI`.
+    if queued
+        .iter()
+        .any(|r| matches!(r, OwnedFrame::Error(e) if !e.starts_with("NOPERM")))
+    {
+        return Some(Transaction::Refused { exec_denied: false });
+    }
     if queued.iter().any(|r| matches!(r, OwnedFrame::Error(_))) {
         // Redis aborted the transaction: nothing was applied. A refused request gets Redis's
         // error for its own command; everyone else is planned again.
@@ -445,18 +514,17 @@ fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Vec<Judged>>
                 judged[entry.owner] = Judged::Done(Outcome::Redis(e.clone()));
             }
         }
-        return Some(judged);
+        return Some(Transaction::Judged(judged));
     }
     match replies.get(n + 1)? {
-        OwnedFrame::Array(results) if results.len() == n => judge_results(plan, results),
-        // EXEC itself refused (e.g. `-READONLY`): nothing was applied, and a client's own
-        // command would have been refused the same way.
-        OwnedFrame::Error(e) => Some(
-            plan.covers
-                .iter()
-                .map(|_| Judged::Done(Outcome::Redis(e.clone())))
-                .collect(),
-        ),
+        OwnedFrame::Array(results) if results.len() == n => {
+            judge_results(plan, results).map(Transaction::Judged)
+        }
+        // EXEC itself refused (`-EXECABORT … NOPERM … 'exec'`, `-READONLY`, …): nothing was
+        // applied. The clients' own commands get their own answers without a transaction.
+        OwnedFrame::Error(e) => Some(Transaction::Refused {
+            exec_denied: e.contains("NOPERM"),
+        }),
         _ => None,
     }
 }
@@ -601,6 +669,43 @@ mod tests {
             .collect()
     }
 
+    fn judged(t: Option<Transaction>) -> Option<Vec<Judged>> {
+        match t? {
+            Transaction::Judged(j) => Some(j),
+            Transaction::Refused { .. } => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transaction_refused_for_itself_is_never_an_answer() {
+        let batch = jobs(&[(&["a"], true), (&["b"], true)]);
+        let p = plan(&batch, true, |d| d.unlink, 100);
+        let oom = "OOM command not allowed when used memory > 'maxmemory'.";
+        let replies = [
+            ok("OK"),
+            err(oom),
+            err(oom),
+            err("EXECABORT Transaction discarded because of previous errors."),
+        ];
+        assert!(matches!(
+            judge_transaction(&p, &replies),
+            Some(Transaction::Refused { exec_denied: false })
+        ));
+        let replies = [
+            ok("OK"),
+            ok("QUEUED"),
+            ok("QUEUED"),
+            err(
+                "EXECABORT Transaction discarded because of: NOPERM this user has no \
+                 permissions to run the 'exec' command",
+            ),
+        ];
+        assert!(matches!(
+            judge_transaction(&p, &replies),
+            Some(Transaction::Refused { exec_denied: true })
+        ));
+    }
+
     #[tokio::test]
     async fn an_aborted_transaction_answers_the_refused_and_replans_the_rest() {
         // Request 0 is a rewritten DEL refused for the command (permissions changed since the
@@ -617,7 +722,7 @@ mod tests {
             err("EXECABORT Transaction discarded because of previous errors."),
         ];
         assert_eq!(
-            shown_judged(judge_transaction(&p, &replies)),
+            shown_judged(judged(judge_transaction(&p, &replies))),
             vec![
                 "Again".to_string(),
                 format!("Redis({keys:?})"),
@@ -633,7 +738,7 @@ mod tests {
         let results = OwnedFrame::Array(vec![OwnedFrame::Integer(2), OwnedFrame::Integer(1)]);
         let replies = [ok("OK"), ok("QUEUED"), ok("QUEUED"), results];
         assert_eq!(
-            shown_judged(judge_transaction(&p, &replies)),
+            shown_judged(judged(judge_transaction(&p, &replies))),
             vec!["Count(2)", "Count(0)", "Count(1)"]
         );
     }
@@ -651,7 +756,7 @@ mod tests {
             err("ERR EXEC without MULTI"),
         ];
         assert_eq!(
-            shown_judged(judge_transaction(&p, &replies)),
+            shown_judged(judged(judge_transaction(&p, &replies))),
             vec!["Count(1)", "Unknown", "Count(0)"]
         );
     }

@@ -11,9 +11,12 @@
 //! Each request is allowed or refused exactly as Redis would treat its own form (`FLUSHALL`,
 //! `FLUSHALL SYNC`, `FLUSHALL ASYNC` may each be allowed or not by ACL rules): before each
 //! flush, Redis is asked which forms this identity may run ([`access`](super::access)). A
-//! request whose own form is refused gets Redis's refusal; `flush.mode` rewrites a request
-//! only where both forms are allowed; requests that end up with different forms get one flush
-//! each, in one pipeline.
+//! request whose own form is refused gets Redis's refusal (an ACL rule, or `rename-command`);
+//! a refusal that only the check's `MULTI` meets (`-OOM` over `maxmemory`) says nothing, and
+//! the flush itself, never inside `MULTI`, gets Redis's own answer. `flush.mode` rewrites a
+//! request only where both forms are allowed (`as-requested`: to the strongest form among the
+//! requests, `SYNC` over plain over `ASYNC`, so coalesced requests share one flush); requests
+//! that end up with different forms get one flush each, in one pipeline.
 //!
 //! A flush's answer is `+OK` however many attempts it took, so a flush whose connection was
 //! lost in flight is retried (for the clients still waiting) until the deadline; only then is
@@ -50,6 +53,16 @@ fn form_of(sync: Option<bool>) -> usize {
     }
 }
 
+/// How much a form makes sure of before `+OK`: `SYNC` frees the memory, plain follows
+/// Redis's `lazyfree-lazy-user-flush`, `ASYNC` frees it later.
+fn strength(form: usize) -> u8 {
+    match form {
+        SYNC => 2,
+        PLAIN => 1,
+        _ => 0,
+    }
+}
+
 /// A target's spacing: `burst` flushes at once, then one per `min_interval`.
 struct Spacing {
     settings: (std::time::Duration, u32),
@@ -79,6 +92,7 @@ pub(super) async fn worker(
     let label = if all { "flushall" } else { "flushdb" };
     let mut exec = Executor::new(who.clone());
     let mut told = false;
+    let mut checkable = true;
     let mut spacing: Option<Spacing> = None;
     while let Some(first) = next_job(&live, &registry, flushers, &key, &who, &mut rx).await {
         let shared = live.load_full();
@@ -101,6 +115,7 @@ pub(super) async fn worker(
             name,
             label,
             told: &mut told,
+            checkable: &mut checkable,
         };
         round.run(&live, waiters).await;
     }
@@ -111,6 +126,9 @@ struct Round<'a> {
     name: &'static [u8],
     label: &'static str,
     told: &'a mut bool,
+    /// The identity may run `DISCARD`, so its permissions can be checked (a check whose
+    /// `DISCARD` is refused leaves the connection inside `MULTI`).
+    checkable: &'a mut bool,
 }
 
 impl Round<'_> {
@@ -157,19 +175,27 @@ impl Round<'_> {
                     continue;
                 }
             };
-            let access = match access::check(conn, &forms, Forms::Destructive, deadline).await {
-                Ok(access) => access,
-                Err(_) => {
-                    self.exec.discard();
-                    continue;
+            let access = if *self.checkable {
+                match access::check(conn, &forms, Forms::Destructive, deadline).await {
+                    Ok(access) => access,
+                    Err(e) => {
+                        if e.kind() == std::io::ErrorKind::PermissionDenied {
+                            *self.checkable = false;
+                        }
+                        self.exec.discard();
+                        continue;
+                    }
                 }
+            } else {
+                None
             };
             // Each waiter's own form first: refused as Redis refuses it.
             if let Some(access) = &access {
                 for job in std::mem::take(&mut waiters) {
                     match &access[form_of(job.what)] {
                         Access::Denied(e) => job.answer(Outcome::Redis(e.clone())),
-                        Access::Allowed => waiters.push(job),
+                        // Unsure: the flush itself, sent plain, gets Redis's own answer.
+                        Access::Allowed | Access::Unsure => waiters.push(job),
                     }
                 }
                 if waiters.is_empty() {
@@ -177,6 +203,14 @@ impl Round<'_> {
                 }
             }
             let may = |f: usize| access.as_ref().is_some_and(|a| a[f] == Access::Allowed);
+            // As requested, one flush answers all: the strongest form any of them asked for
+            // (a plain flush is synchronous unless Redis's `lazyfree-lazy-user-flush` says
+            // otherwise, so it is stronger than ASYNC and weaker than SYNC).
+            let strongest = waiters
+                .iter()
+                .map(|j| form_of(j.what))
+                .max_by_key(|&f| strength(f))
+                .unwrap_or(PLAIN);
             let sent: Vec<usize> = waiters
                 .iter()
                 .map(|j| {
@@ -184,7 +218,7 @@ impl Round<'_> {
                     let wanted = match shared.config.flush.mode {
                         FlushMode::Async => ASYNC,
                         FlushMode::Sync => SYNC,
-                        FlushMode::AsRequested => own,
+                        FlushMode::AsRequested => strongest,
                     };
                     if wanted == own || (may(own) && may(wanted)) {
                         wanted
