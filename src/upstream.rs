@@ -110,9 +110,10 @@ impl Conn {
         let ping = handshake.len() - 1;
         for (i, reply) in replies.into_iter().enumerate() {
             match reply {
-                // Any answer to PING shows Redis answers; only NOAUTH says this connection
-                // is not authenticated (a user without `+ping` gets NOPERM and is fine).
-                OwnedFrame::Error(e) if i < ping || e.starts_with("NOAUTH") => {
+                // A user without `+ping` gets NOPERM and is fine; any other error to the
+                // handshake (NOAUTH, WRONGPASS, `max number of clients reached` — Redis then
+                // closes the connection —, LOADING) means this connection cannot serve.
+                OwnedFrame::Error(e) if i < ping || !e.starts_with("NOPERM") => {
                     return Err(ConnError::Refused(e));
                 }
                 _ => {}

@@ -453,3 +453,30 @@ fn client_caching_applies_to_the_next_command_even_an_invalidation() {
     let got = exchange(&mut d, &mut p, b"PING\r\n", 2);
     assert!(matches!(got[0], Frame::Push { .. }), "{got:?}");
 }
+
+/// When Redis refuses the shield a new connection for a reason other than credentials (its
+/// `maxclients` reached), a client whose own connection works gets Redis's own answer to its
+/// own command, not an error from stormwall.
+#[test]
+fn a_shield_refused_a_connection_runs_the_command_on_the_clients_own() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), "");
+    let mut client = sw.raw();
+    client.call(&[b"SET", b"mk", b"1"]);
+    client.call(&[b"PING"]);
+    let mut admin = redis.raw();
+    let info = text(&admin.call(&[b"INFO", b"clients"]));
+    let connected = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .expect("connected_clients");
+    let reply = admin.call(&[
+        b"CONFIG",
+        b"SET",
+        b"maxclients",
+        connected.trim().as_bytes(),
+    ]);
+    assert_eq!(text(&reply), "OK");
+    assert_eq!(as_int(&client.call(&[b"DEL", b"mk"])), 1);
+    assert_eq!(as_int(&admin.call(&[b"EXISTS", b"mk"])), 0);
+}

@@ -204,7 +204,7 @@ fn a_rotated_password_does_not_refuse_an_authenticated_client() {
     // Logged once for the identity, not once per request.
     let log = sw.log();
     assert_eq!(
-        log.matches("Redis refuses this identity's credentials")
+        log.matches("Redis refuses a new connection for this identity")
             .count(),
         2,
         "{log}"

@@ -398,12 +398,12 @@ impl Worker {
             tracing::warn!(
                 db = self.exec.identity().db,
                 %error,
-                "Redis refuses this identity's credentials on a new connection; its \
+                "Redis refuses a new connection for this identity; its \
                  invalidations run on the clients' own connections (not coalesced)"
             );
         }
         for job in pending {
-            job.answer(Outcome::PassThrough(PassReason::Credentials));
+            job.answer(Outcome::PassThrough(PassReason::of(error)));
         }
     }
 }

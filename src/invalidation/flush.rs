@@ -304,12 +304,12 @@ impl Round<'_> {
             tracing::warn!(
                 db = self.exec.identity().db,
                 %error,
-                "Redis refuses this identity's credentials on a new connection; its flushes \
+                "Redis refuses a new connection for this identity; its flushes \
                  run on the clients' own connections (not coalesced)"
             );
         }
         for job in waiters {
-            job.answer(Outcome::PassThrough(PassReason::Credentials));
+            job.answer(Outcome::PassThrough(PassReason::of(error)));
         }
     }
 }

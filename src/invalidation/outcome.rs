@@ -63,13 +63,27 @@ pub(super) enum PassReason {
     /// Redis no longer accepts the identity's credentials on a new connection (changed or
     /// removed password), though the client's own connection stays authenticated.
     Credentials,
+    /// Redis refuses a new connection for another reason (`max number of clients reached`,
+    /// still loading its data), while the client's own connection may serve.
+    Refused,
 }
 
 impl PassReason {
+    /// Why Redis refused a new connection, from its error.
+    pub(super) fn of(error: &str) -> PassReason {
+        let auth = ["NOAUTH", "WRONGPASS", "ERR AUTH", "NOPERM"];
+        if auth.iter().any(|a| error.starts_with(a)) || error.contains("password") {
+            PassReason::Credentials
+        } else {
+            PassReason::Refused
+        }
+    }
+
     pub(super) fn label(self) -> &'static str {
         match self {
             PassReason::MaxIdentities => "max_identities",
             PassReason::Credentials => "credentials",
+            PassReason::Refused => "refused",
         }
     }
 }
@@ -77,7 +91,7 @@ impl PassReason {
 /// Every label of `stormwall_invalidation_rejected_total`, for zeroing at start.
 pub(crate) const REJECTED_REASONS: [&str; 4] = ["queue_full", "max_wait", "denied", "upstream"];
 /// Every label of `stormwall_invalidation_passthrough_total`.
-pub(crate) const PASSTHROUGH_REASONS: [&str; 2] = ["max_identities", "credentials"];
+pub(crate) const PASSTHROUGH_REASONS: [&str; 3] = ["max_identities", "credentials", "refused"];
 
 impl Refusal {
     fn reason(&self) -> &'static str {
