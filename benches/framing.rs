@@ -60,16 +60,6 @@ const READ: usize = 16 * 1024;
 // ---------------------------------------------------------------------------------------
 // Inputs
 
-fn multibulk(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
 fn key(i: usize) -> Vec<u8> {
     format!("account:{i:06}:settings").into_bytes()
 }
@@ -107,16 +97,16 @@ fn case(name: &'static str, n: usize, make: &dyn Fn(usize) -> Vec<u8>, read: usi
 }
 
 fn request_cases() -> Vec<Case> {
-    let get = |i: usize| multibulk(&[b"GET", &key(i)]);
-    let set16 = |i: usize| multibulk(&[b"SET", &key(i), &value(16, i)]);
-    let set16k = |i: usize| multibulk(&[b"SET", &key(i), &value(16 * 1024, i)]);
+    let get = |i: usize| common::resp_command(&[b"GET", &key(i)]);
+    let set16 = |i: usize| common::resp_command(&[b"SET", &key(i), &value(16, i)]);
+    let set16k = |i: usize| common::resp_command(&[b"SET", &key(i), &value(16 * 1024, i)]);
     let mget = |i: usize| {
         let keys: Vec<Vec<u8>> = (0..10).map(|k| key(i * 10 + k)).collect();
         let mut args: Vec<&[u8]> = vec![b"MGET"];
         args.extend(keys.iter().map(|k| k.as_slice()));
-        multibulk(&args)
+        common::resp_command(&args)
     };
-    let del = |i: usize| multibulk(&[b"DEL", &key(i), &key(i + 1), &key(i + 2)]);
+    let del = |i: usize| common::resp_command(&[b"DEL", &key(i), &key(i + 1), &key(i + 2)]);
     let mixed = move |i: usize| match i % 10 {
         0..=5 => get(i),
         6 | 7 => set16(i),

@@ -87,16 +87,6 @@ fn connect_auth(port: u16, password: Option<&str>) -> redis::Connection {
     }
 }
 
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
 /// What one hostile client writes, as a list of chunks (shared, so 400 MB of passwords do
 /// not cost the bench 400 MB per client).
 type Script = Vec<std::sync::Arc<Vec<u8>>>;
@@ -115,10 +105,10 @@ struct Scenario {
 
 fn scenarios(quick: bool) -> Vec<Scenario> {
     let scale = if quick { 4 } else { 1 };
-    let get_big = std::sync::Arc::new(resp(&[b"GET", b"big"]));
-    let lrange = std::sync::Arc::new(resp(&[b"LRANGE", b"biglist", b"0", b"-1"]));
+    let get_big = std::sync::Arc::new(common::resp_command(&[b"GET", b"big"]));
+    let lrange = std::sync::Arc::new(common::resp_command(&[b"LRANGE", b"biglist", b"0", b"-1"]));
     let password = vec![b'p'; 1_000_000];
-    let auth = std::sync::Arc::new(resp(&[b"AUTH", b"default", &password]));
+    let auth = std::sync::Arc::new(common::resp_command(&[b"AUTH", b"default", &password]));
     let unauth_header = std::sync::Arc::new(b"*2\r\n$4\r\nECHO\r\n$500000000\r\n".to_vec());
     let mib_of_x = std::sync::Arc::new(vec![b'x'; 1 << 20]);
     let set_big: fn(&mut redis::Connection, bool) = |con, _| {

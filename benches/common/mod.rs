@@ -38,6 +38,17 @@ impl Proc {
 
 /// A free loopback port: bound to port 0 and released again (the small race with other
 /// processes is acceptable for a bench).
+/// A command as a RESP array of bulk strings.
+pub fn resp_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
