@@ -38,6 +38,9 @@ pub(super) struct RequestSide<'a> {
     pub read_at: Instant,
 }
 
+/// Inline requests longer than this (Redis's `PROTO_INLINE_MAX_SIZE`) go on re-encoded.
+const LONG_INLINE: usize = 64 * 1024;
+
 /// How long a client that stopped in the middle of a line over 64 KiB may pause before the
 /// line is judged as Redis judges it at the end of a read (refused).
 const LINE_PAUSE: Duration = Duration::from_millis(50);
@@ -260,7 +263,13 @@ impl RequestSide<'_> {
                 }),
                 _ => None,
             };
-            drop(parsed);
+            // An inline line over 64 KiB that Redis accepted from the client (its reads ended
+            // late enough) might be refused by the Redis behind, which reads this connection
+            // in other pieces: such a command goes on as multibulk, which Redis runs the same.
+            let long_inline = match parsed {
+                Parsed::Inline { len, args } if len > LONG_INLINE => Some(args),
+                _ => None,
+            };
             if let Some(request) = governed {
                 match self
                     .invalidate(upstream, buf, &mut scanned, &mut run, len, request)
@@ -302,9 +311,49 @@ impl RequestSide<'_> {
                 }
                 _ => run.count += 1,
             }
+            if let Some(args) = long_inline {
+                let next = self
+                    .reencode(upstream, buf, &mut scanned, &mut run, len, &args)
+                    .await;
+                if let Next::Stop = next {
+                    return Next::Stop;
+                }
+            }
         }
         self.enqueue_run(&mut run).await;
         self.forward(upstream, buf, scanned).await
+    }
+
+    /// Sends the inline command that ends at `buf[..*scanned]` (its `len` bytes, already
+    /// counted in `run`) as a multibulk request of `args` instead, in its place.
+    async fn reencode(
+        &mut self,
+        upstream: &mut WriteHalf,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        len: usize,
+        args: &[Vec<u8>],
+    ) -> Next {
+        self.enqueue_run(run).await;
+        if let Next::Stop = self.forward(upstream, buf, *scanned - len).await {
+            return Next::Stop;
+        }
+        let mut out = Vec::with_capacity(len + 16 * args.len());
+        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        buf.advance(len);
+        *scanned = 0;
+        if let Err(e) = upstream.write_all(&out).await {
+            debug!(error = %e, "upstream write failed");
+            self.links.dead.cancel();
+            return Next::Stop;
+        }
+        Next::Read
     }
 
     /// Runs one governed invalidation at `buf[*scanned..][..len]`: everything before it goes
