@@ -348,12 +348,7 @@ impl RequestSide<'_> {
         }
         buf.advance(len);
         *scanned = 0;
-        if let Err(e) = upstream.write_all(&out).await {
-            debug!(error = %e, "upstream write failed");
-            self.links.dead.cancel();
-            return Next::Stop;
-        }
-        Next::Read
+        self.send(upstream, &out).await
     }
 
     /// Runs one governed invalidation at `buf[*scanned..][..len]`: everything before it goes
@@ -429,9 +424,7 @@ impl RequestSide<'_> {
     /// Done once per connection, before its first invalidation the shield would run.
     async fn probe_auth(&mut self, upstream: &mut WriteHalf) -> Next {
         self.enqueue(Entry::Probe).await;
-        if let Err(e) = upstream.write_all(b"*1\r\n$4\r\nPING\r\n").await {
-            debug!(error = %e, "upstream write failed");
-            self.links.dead.cancel();
+        if let Next::Stop = self.send(upstream, b"*1\r\n$4\r\nPING\r\n").await {
             return Next::Stop;
         }
         tokio::select! {
@@ -484,9 +477,7 @@ impl RequestSide<'_> {
             return Next::Stop;
         }
         *scanned = 0;
-        if let Err(e) = upstream.write_all(denial.substitute()).await {
-            debug!(error = %e, "upstream write failed");
-            self.links.dead.cancel();
+        if let Next::Stop = self.send(upstream, denial.substitute()).await {
             return Next::Stop;
         }
         buf.advance(len);
@@ -639,14 +630,20 @@ impl RequestSide<'_> {
         if len == 0 {
             return Next::Read;
         }
-        let result = upstream.write_all(&buf[..len]).await;
+        let next = self.send(upstream, &buf[..len]).await;
         buf.advance(len);
         self.links
             .ctx
             .metrics
             .overhead
             .record(self.read_at.elapsed().as_secs_f64());
-        match result {
+        next
+    }
+
+    /// Writes bytes to Redis: the client's, or ones stormwall made (a substitute, a
+    /// re-encoding, a probe). A failed write ends the session.
+    async fn send(&self, upstream: &mut WriteHalf, bytes: &[u8]) -> Next {
+        match upstream.write_all(bytes).await {
             Ok(()) => Next::Read,
             Err(e) => {
                 debug!(error = %e, "upstream write failed");
