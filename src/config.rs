@@ -533,10 +533,10 @@ impl Config {
                 "must be between 1 and 1024",
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if let Err(e) = crate::logging::parse_filter(&self.log.level) {
             return Err(invalid(
                 "log.level",
-                format!("`{}` is not a valid tracing filter", self.log.level),
+                format!("`{}` is not a valid tracing filter ({e})", self.log.level),
             ));
         }
         Ok(())
@@ -766,6 +766,13 @@ mod tests {
         assert!(err.contains("limits.max_array_len"), "{err}");
         let err = parse("[limits]\nmax_request_bytes = 65536\n").unwrap_err();
         assert!(err.contains("limits.max_request_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_non_ascii_log_filter_is_an_error_not_a_panic() {
+        // Found by the config_loader fuzz target: tracing-subscriber panics on it.
+        let err = parse("[log]\nlevel = \"    \u{7eff}  = 3/\"\n").unwrap_err();
+        assert!(err.contains("log.level"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,16 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Parses a log filter (`log.level`, `RUST_LOG`). Only ASCII is accepted: filters name
+/// levels and module paths, and `tracing-subscriber` 0.3 panics on some non-ASCII input
+/// (it slices a directive inside a character) — found by fuzzing the config loader.
+pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
+    if !level.is_ascii() {
+        return Err("a log filter is ASCII (levels and module paths)".into());
+    }
+    EnvFilter::try_new(level).map_err(|e| e.to_string())
+}
+
 /// Changes the log filter of the running process.
 pub struct LogHandle {
     set: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
@@ -24,16 +34,19 @@ impl LogHandle {
         if self.from_env {
             return Ok(());
         }
-        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-        (self.set)(filter)
+        (self.set)(parse_filter(level)?)
     }
 }
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(config: &LogConfig) -> LogHandle {
-    let from_env = std::env::var_os(EnvFilter::DEFAULT_ENV).is_some();
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
+    let env = std::env::var(EnvFilter::DEFAULT_ENV).ok();
+    let from_env = env.is_some();
+    let filter = env
+        .as_deref()
+        .map(parse_filter)
+        .unwrap_or_else(|| parse_filter(&config.level))
+        .or_else(|_| parse_filter(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour codes only for a person at a terminal: in a file, journald or a log shipper
     // they are noise (`\x1b[2m…`) that breaks grep and parsers.
