@@ -156,9 +156,9 @@ impl Conn {
     }
 
     async fn call(&mut self, commands: &[Vec<Bytes>]) -> io::Result<Vec<OwnedFrame>> {
-        let mut out = BytesMut::new();
+        let mut out = Vec::new();
         for args in commands {
-            encode_command(&mut out, args);
+            crate::resp::encode_command(&mut out, args);
         }
         self.write.write_all(&out).await?;
         let mut replies = Vec::with_capacity(commands.len());
@@ -182,16 +182,6 @@ impl Conn {
             }
         }
         Ok(replies)
-    }
-}
-
-/// Appends a command as a RESP array of bulk strings.
-fn encode_command(out: &mut BytesMut, args: &[Bytes]) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
     }
 }
 

@@ -75,6 +75,18 @@ impl ProtocolError {
     }
 }
 
+/// Appends a command as a RESP array of bulk strings: the form Redis runs any command in,
+/// for what stormwall sends itself (the shield's batches, re-encoded inline requests).
+pub fn encode_command<A: AsRef<[u8]>>(out: &mut Vec<u8>, args: &[A]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        let a = a.as_ref();
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// Encodes a RESP error reply. `msg` starts with the error code (`ERR`, `BUSY`, …); line
 /// breaks are replaced because they would end the frame early.
 pub fn error_reply(msg: &str) -> Bytes {

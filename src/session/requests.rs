@@ -340,12 +340,7 @@ impl RequestSide<'_> {
             return Next::Stop;
         }
         let mut out = Vec::with_capacity(len + 16 * args.len());
-        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
+        crate::resp::encode_command(&mut out, args);
         buf.advance(len);
         *scanned = 0;
         self.send(upstream, &out).await
