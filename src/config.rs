@@ -58,6 +58,14 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
         keep: |from, into| into.upstream.address = from.upstream.address.clone(),
     },
     RestartOnly {
+        key: "upstream.mode",
+        keep: |from, into| into.upstream.mode = from.upstream.mode,
+    },
+    RestartOnly {
+        key: "upstream.shared_connections",
+        keep: |from, into| into.upstream.shared_connections = from.upstream.shared_connections,
+    },
+    RestartOnly {
         key: "admin.enabled",
         keep: |from, into| into.admin.enabled = from.admin.enabled,
     },
@@ -130,6 +138,38 @@ pub struct UpstreamConfig {
     /// TCP keepalive probe interval for upstream sockets. `0s` = off.
     #[serde(with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// Whether clients share upstream connections ([`UpstreamMode`]).
+    pub mode: UpstreamMode,
+    /// Shared connections per upstream identity (user, password, database, protocol).
+    /// Unset: one per runtime worker thread (`runtime.worker_threads`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_connections: Option<usize>,
+    /// Connections kept open and idle, ready for a client that needs one of its own (a pin)
+    /// or for checking an `AUTH`/`HELLO`, so neither waits for a connect.
+    pub spare_connections: usize,
+    /// Shared mode: how long a command waits for Redis to come back (reconnecting with
+    /// backoff) before the client's connection is closed. `0s` = close at once.
+    #[serde(with = "humantime_serde")]
+    pub outage_wait: Duration,
+}
+
+/// How client connections map to Redis connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    /// Clients whose connection state stormwall can hold share a few connections per
+    /// identity; a client that needs a connection of its own (a transaction, a blocking
+    /// command, pub/sub, …) moves to a private one for the rest of its life.
+    Shared,
+    /// Every client gets its own Redis connection for its whole life.
+    Dedicated,
+}
+
+impl UpstreamConfig {
+    /// Shared connections per identity, with the default applied.
+    pub fn shared_connections(&self, worker_threads: usize) -> usize {
+        self.shared_connections.unwrap_or(worker_threads).max(1)
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -139,6 +179,10 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             reply_timeout: Duration::from_secs(30),
             tcp_keepalive: Duration::from_secs(300),
+            mode: UpstreamMode::Dedicated,
+            shared_connections: None,
+            spare_connections: 2,
+            outage_wait: Duration::from_secs(5),
         }
     }
 }
@@ -527,6 +571,20 @@ impl Config {
         if self.admin.probe_interval.is_zero() {
             return Err(invalid("admin.probe_interval", "must be greater than 0s"));
         }
+        if self.upstream.shared_connections == Some(0)
+            || self.upstream.shared_connections > Some(1024)
+        {
+            return Err(invalid(
+                "upstream.shared_connections",
+                "must be between 1 and 1024",
+            ));
+        }
+        if self.upstream.spare_connections > 1024 {
+            return Err(invalid(
+                "upstream.spare_connections",
+                "must be at most 1024",
+            ));
+        }
         if !(1..=1024).contains(&self.runtime.worker_threads) {
             return Err(invalid(
                 "runtime.worker_threads",
@@ -668,6 +726,8 @@ mod tests {
             "admin.probe_interval" => "[admin]\nprobe_interval = \"3s\"\n",
             "reload.watch_interval" => "[reload]\nwatch_interval = \"10s\"\n",
             "runtime.worker_threads" => "[runtime]\nworker_threads = 2\n",
+            "upstream.mode" => "[upstream]\nmode = \"shared\"\n",
+            "upstream.shared_connections" => "[upstream]\nshared_connections = 3\n",
             "log.format" => "[log]\nformat = \"json\"\n",
             other => panic!("restart-only key {other} has no test value here"),
         }
@@ -726,12 +786,12 @@ mod tests {
                 .unwrap();
         for setting in RESTART_ONLY {
             let (section, key) = setting.key.split_once('.').unwrap();
-            // `unix_socket` has no default, so it is absent from the rendered defaults.
+            // These have no fixed default, so they are absent from the rendered defaults.
             let known = defaults
                 .get(section)
                 .and_then(|t| t.as_table())
                 .is_some_and(|t| t.contains_key(key))
-                || setting.key == "listen.unix_socket";
+                || ["listen.unix_socket", "upstream.shared_connections"].contains(&setting.key);
             assert!(known, "{} is not a config key", setting.key);
             assert!(
                 example.contains(&format!("`{}`", setting.key)),

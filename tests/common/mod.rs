@@ -180,6 +180,13 @@ impl Stormwall {
                 _ => toml::Table::new(),
             }
         };
+        // The whole suite runs once per upstream mode (scripts/test sets this); a test that
+        // is about one mode names it itself.
+        if let Ok(mode) = std::env::var("STORMWALL_TEST_UPSTREAM_MODE") {
+            let mut upstream = section(&mut config, "upstream");
+            upstream.entry("mode").or_insert(mode.into());
+            config.insert("upstream".into(), upstream.into());
+        }
         let mut listen = section(&mut config, "listen");
         listen.extend(listen_extra);
         listen
