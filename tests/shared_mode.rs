@@ -31,6 +31,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, JoinHandle};
@@ -210,13 +211,14 @@ fn poll(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), Stri
     }
 }
 
-/// Sum of the pin counter over all reasons, and the distinct reasons seen.
+/// Sum of the pin counter over all reasons, and the reasons that counted at least one pin.
 fn pins(sw: &Stormwall) -> (f64, BTreeSet<String>) {
     let s = scrape(sw);
     let reasons = s
         .samples
         .iter()
         .filter(|x| x.metric == PINS)
+        .filter(|x| !matches!(x.value, prometheus_parse::Value::Counter(v) if v == 0.0))
         .filter_map(|x| x.labels.get("reason").map(str::to_string))
         .collect();
     (common::value(&s, PINS, &[]), reasons)
@@ -1908,4 +1910,197 @@ fn metrics_count_connections_by_mode_and_pins_by_reason_as_redis_sees_them() {
             n => Err(format!("{n} private connections")),
         },
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Edges of sharing: pins inside pipelines, clients that leave or stop reading, names,
+//    users deleted under their clients
+// ---------------------------------------------------------------------------------------------
+
+/// Why: a pin happens in the middle of whatever the client already sent. Its earlier
+/// commands (200 `GET`s on the shared connection) must be answered first, in order, then the
+/// pinning command, then the rest of the same write on the private connection.
+#[test]
+fn a_pin_in_the_middle_of_a_pipeline_keeps_the_clients_order() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let busy = Busy::start(&sw, "busy:midpipe");
+    let mut c = sw.raw();
+    let mut input = cmd(&["SET", "p", "1"]);
+    for _ in 0..200 {
+        input.extend(cmd(&["GET", "p"]));
+    }
+    input.extend(cmd(&["INCR", "p"]));
+    input.extend(cmd(&["BLPOP", "q", "0"]));
+    input.extend(cmd(&["GET", "p"]));
+    input.extend(cmd(&["INCR", "p"]));
+    c.send(&input);
+    ok(&c.read_frame());
+    for i in 0..200 {
+        assert_eq!(c.read_frame(), blob(b"1"), "GET {i} of the pipeline");
+    }
+    assert_eq!(c.read_frame(), number(2));
+    wait_blocked(&redis, 1);
+    busy.advance(200, "a BLPOP pinned mid-pipeline");
+    assert_eq!(call(&mut sw.raw(), &["LPUSH", "q", "v"]), number(1));
+    assert_eq!(c.read_frame(), array(&[blob(b"q"), blob(b"v")]));
+    assert_eq!(c.read_frame(), blob(b"2"));
+    assert_eq!(c.read_frame(), number(3));
+    busy.finish();
+    assert_pins(&sw, 1.0);
+}
+
+/// Why: a client that leaves with thousands of replies owed on a shared connection must not
+/// leave them to be handed to anyone else, nor wedge the connection. 20 clients each write
+/// 5,000 `INCR`s and hang up at once, while two busy clients check every reply they get; the
+/// connections Redis counts from stormwall stay within the pool's size.
+#[test]
+fn clients_leaving_with_replies_owed_do_not_disturb_others() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(
+        &redis.addr(),
+        &shared("spare_connections = 2\n[admin]\nprobe_interval = \"1h\"\n"),
+    );
+    let busy = Busy::start(&sw, "busy:leave1");
+    let busy2 = Busy::start(&sw, "busy:leave2");
+    let burst: Vec<u8> = (0..5000).flat_map(|_| cmd(&["INCR", "left"])).collect();
+    for _ in 0..20 {
+        let mut leaver = sw.raw();
+        leaver.send(&burst);
+        drop(leaver);
+        busy.advance(50, "clients hanging up with replies owed");
+    }
+    busy.advance(500, "after the leavers");
+    busy2.advance(500, "after the leavers");
+    busy.finish();
+    busy2.finish();
+    let mut direct = redis.raw();
+    let left: i64 = txt(&call(&mut direct, &["GET", "left"]))
+        .parse()
+        .unwrap_or(0);
+    assert!(left <= 20 * 5000, "more INCRs ran than were sent: {left}");
+    // Shared mode: the leavers' traffic went over the shared connection, not new ones.
+    poll(
+        "stormwall's connections to be within shared + spare",
+        Duration::from_secs(10),
+        || match stormwall_connections(&mut direct) {
+            n if n <= 3 => Ok(()),
+            n => Err(format!(
+                "Redis counts {n} connections from stormwall (at most 1 + 2)"
+            )),
+        },
+    );
+}
+
+/// Why: issue 9 point 4 — no client waits behind another's large reply longer than it takes
+/// to move the bytes. One client asks for 200 × 1 MiB and never reads; a busy client on the
+/// same shared connection, and a fresh one, must keep getting their answers.
+#[test]
+fn a_client_not_reading_large_replies_does_not_stall_the_shared_connection() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let big = vec![b'x'; 1024 * 1024];
+    let mut direct = redis.raw();
+    direct.send(&encode_cmd(&[b"SET", b"big", &big]));
+    ok(&direct.read_frame());
+    let busy = Busy::start(&sw, "busy:hol");
+    let mut hog = sw.raw();
+    let gets: Vec<u8> = (0..200).flat_map(|_| cmd(&["GET", "big"])).collect();
+    hog.send(&gets);
+    busy.advance(2000, "a client not reading 200 MiB of replies");
+    let mut fresh = sw.raw();
+    ok(&call(&mut fresh, &["SET", "small", "s"]));
+    assert_eq!(call(&mut fresh, &["GET", "small"]), blob(b"s"));
+    busy.advance(500, "a client not reading 200 MiB of replies");
+    busy.finish();
+    // The hog's first reply, when it finally reads, is its own and whole.
+    assert_eq!(hog.read_frame(), blob(&big));
+}
+
+/// Why: `CLIENT SETNAME`/`SETINFO` and `HELLO … SETNAME` are held by stormwall only as Redis
+/// accepts them: a refused name (spaces, wrong arity) leaves the previous one, an empty name
+/// clears it. The name the client then reads back (`CLIENT GETNAME`, which pins and replays
+/// it) must equal what a direct connection reads after the same commands.
+#[test]
+fn names_are_held_only_as_redis_accepts_them() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let cases: &[&[&[&str]]] = &[
+        &[
+            &["CLIENT", "SETNAME", "good"],
+            &["CLIENT", "SETNAME", "bad name"],
+        ],
+        &[&["CLIENT", "SETNAME", "good"], &["CLIENT", "SETNAME", ""]],
+        &[
+            &["CLIENT", "SETNAME", "good"],
+            &["CLIENT", "SETNAME", "a", "b"],
+        ],
+        &[
+            &["CLIENT", "SETNAME", "good"],
+            &["CLIENT", "SETINFO", "LIB-NAME", "bad name"],
+            &["CLIENT", "SETINFO", "LIB-VER", "1.0"],
+        ],
+        &[
+            &["HELLO", "3", "SETNAME", "h"],
+            &["CLIENT", "SETNAME", "x y"],
+        ],
+        &[
+            &["CLIENT", "SETNAME", "good"],
+            &["HELLO", "2", "SETNAME", "bad name"],
+            &["HELLO", "2", "AUTH", "nobody", "x", "SETNAME", "other"],
+        ],
+        &[
+            &["HELLO", "2", "SETNAME", "h2"],
+            &["HELLO", "2", "SETNAME", "h3"],
+        ],
+    ];
+    for steps in cases {
+        let mut p = sw.raw();
+        let mut d = redis.raw();
+        for step in steps.iter().chain([&["CLIENT", "GETNAME"][..]].iter()) {
+            let (a, b) = (call(&mut p, step), call(&mut d, step));
+            let same = if step[0] == "HELLO" && !is_error(&a) {
+                without_id(a.clone()) == without_id(b.clone())
+            } else {
+                a == b
+            };
+            assert!(
+                same,
+                "{step:?} in {steps:?}: through stormwall {a:?}, direct {b:?}"
+            );
+        }
+    }
+}
+
+/// Why: Redis disconnects every connection of a user that `ACL DELUSER` removes. A shared
+/// client of that user must end the same way — its connection closed, never a reply run as
+/// someone else, never an error reply — while other users' clients carry on.
+#[test]
+fn a_deleted_users_clients_are_closed_as_redis_closes_them() {
+    let redis = Redis::start();
+    let mut admin = redis.raw();
+    ok(&call(
+        &mut admin,
+        &["ACL", "SETUSER", "alice", "on", ">pa", "~*", "&*", "+@all"],
+    ));
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let busy = Busy::start(&sw, "busy:deluser");
+    let mut shared_alice = sw.raw();
+    let mut pinned_alice = sw.raw();
+    let mut direct_alice = redis.raw();
+    for c in [&mut shared_alice, &mut pinned_alice, &mut direct_alice] {
+        ok(&call(c, &["AUTH", "alice", "pa"]));
+        assert_eq!(txt(&call(c, &["ACL", "WHOAMI"])), "alice");
+    }
+    as_int(&call(&mut pinned_alice, &["CLIENT", "ID"]));
+
+    assert_eq!(call(&mut admin, &["ACL", "DELUSER", "alice"]), number(1));
+    assert_closed_without_reply(&mut direct_alice, "direct alice (Redis's own behaviour)");
+    assert_closed_without_reply(&mut pinned_alice, "pinned alice");
+    // The shared client learns at its next command, at the latest.
+    let whoami = cmd(&["ACL", "WHOAMI"]);
+    let _ = shared_alice.stream.write_all(&whoami);
+    assert_closed_without_reply(&mut shared_alice, "shared alice");
+    busy.advance(100, "ACL DELUSER");
+    busy.finish();
 }
