@@ -2104,3 +2104,55 @@ fn a_deleted_users_clients_are_closed_as_redis_closes_them() {
     busy.advance(100, "ACL DELUSER");
     busy.finish();
 }
+
+/// Why (G5): Redis decides at accept time whether a new connection is authenticated; a
+/// password set at runtime (`CONFIG SET requirepass`) binds every connection opened after it
+/// and none opened before. stormwall's own connections opened before (shared ones, spares
+/// waiting for a pin) must never carry a client that arrived after: such a client gets
+/// `NOAUTH` for everything — also after a command that pins — exactly like a new direct
+/// connection, while a client connected before keeps working.
+#[test]
+fn a_password_required_at_runtime_binds_clients_that_arrive_after_it() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(
+        &redis.addr(),
+        &shared("spare_connections = 2\n[admin]\nprobe_interval = \"1h\"\n"),
+    );
+    let mut early = sw.raw();
+    ok(&call(&mut early, &["SET", "k", "v"]));
+    let mut direct = redis.raw();
+    // Best effort: let stormwall open its spares before the password is set (in shared mode
+    // Redis then counts the shared connection and two spares).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stormwall_connections(&mut direct) < 3 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    ok(&call(
+        &mut direct,
+        &["CONFIG", "SET", "requirepass", "s3cret"],
+    ));
+
+    for steps in [
+        &[&["GET", "k"][..], &["SET", "stolen", "x"]][..],
+        &[&["CLIENT", "ID"], &["GET", "k"]],
+        &[&["HELLO", "3"], &["GET", "k"]],
+        &[&["BLPOP", "q", "0.01"], &["GET", "k"]],
+    ] {
+        let mut p = sw.raw();
+        let mut d = redis.raw();
+        for step in steps {
+            let (a, b) = (call(&mut p, step), call(&mut d, step));
+            assert_eq!(
+                a, b,
+                "a client that arrived after requirepass: {step:?} (left: through stormwall)"
+            );
+            assert!(error_text(&a).starts_with("NOAUTH"), "{step:?}: {a:?}");
+        }
+    }
+    // The client connected before keeps its authentication, as on Redis.
+    assert_eq!(call(&mut early, &["GET", "k"]), blob(b"v"));
+    assert_eq!(call(&mut early, &["EXISTS", "stolen"]), number(0));
+    let mut late = sw.raw();
+    ok(&call(&mut late, &["AUTH", "s3cret"]));
+    assert_eq!(call(&mut late, &["GET", "k"]), blob(b"v"));
+}
