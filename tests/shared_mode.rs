@@ -2156,3 +2156,59 @@ fn a_password_required_at_runtime_binds_clients_that_arrive_after_it() {
     ok(&call(&mut late, &["AUTH", "s3cret"]));
     assert_eq!(call(&mut late, &["GET", "k"]), blob(b"v"));
 }
+
+/// Why: during a Redis outage a shared client's next command may be one stormwall handles
+/// specially — a state change it checks with Redis (`AUTH`, `HELLO`, `SELECT`,
+/// `CLIENT SETNAME`) or one that pins (`CLIENT ID`, `MULTI`, `BLPOP`). Each must either wait
+/// for Redis (within `outage_wait`) and get Redis's real answer, or end in a closed
+/// connection — never an error reply made up by stormwall.
+#[test]
+fn state_changes_and_pins_during_an_outage_wait_or_close_never_error() {
+    let mut redis = Redis::start_with(&["--requirepass", "pw"]);
+    let sw = Stormwall::start(&redis.addr(), &shared("outage_wait = \"10s\"\n"));
+    // (command, what Redis answers it once back)
+    type Expect = fn(&Frame) -> bool;
+    let cases: Vec<(&[&str], Expect)> = vec![
+        (&["AUTH", "pw"], |f| txt(f) == "OK"),
+        (&["HELLO", "3", "AUTH", "default", "pw"], |f| {
+            matches!(f, Frame::Map { .. })
+        }),
+        (&["SELECT", "1"], |f| txt(f) == "OK"),
+        (&["CLIENT", "SETNAME", "during"], |f| txt(f) == "OK"),
+        (&["CLIENT", "ID"], |f| matches!(f, Frame::Number { .. })),
+        (&["MULTI"], |f| txt(f) == "OK"),
+        (&["BLPOP", "q", "0.01"], |f| *f == Frame::Null),
+        (&["GET", "k"], |f| *f == Frame::Null),
+    ];
+    let mut clients: Vec<Raw> = cases.iter().map(|_| sw.raw()).collect();
+    for c in &mut clients {
+        ok(&call(c, &["AUTH", "pw"]));
+        assert_eq!(call(c, &["GET", "k"]), nil());
+    }
+    redis.kill();
+    for (c, (command, _)) in clients.iter_mut().zip(&cases) {
+        c.send(&cmd(command));
+    }
+    thread::sleep(Duration::from_millis(300));
+    redis.restart();
+    let mut closed = Vec::new();
+    for (c, (command, expected)) in clients.iter_mut().zip(&cases) {
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        match c.try_read_frame() {
+            None => closed.push(command),
+            Some(f) => assert!(
+                expected(&f),
+                "{command:?} sent during the outage: got {f:?}, not Redis's answer"
+            ),
+        }
+    }
+    // Shared mode: a client with nothing in flight waits for Redis (issue 9, point 5),
+    // whatever its next command.
+    assert!(
+        closed.is_empty(),
+        "clients with nothing in flight closed instead of waiting for Redis; their commands: \
+         {closed:?}"
+    );
+}
