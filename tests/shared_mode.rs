@@ -2212,3 +2212,41 @@ fn state_changes_and_pins_during_an_outage_wait_or_close_never_error() {
          {closed:?}"
     );
 }
+
+/// Why: Redis closes connections on its own — `CLIENT KILL`, its idle `timeout`, an
+/// operator. When it closes a shared connection, clients with nothing in flight must not
+/// notice (their next command goes to a replacement, in their state), while a pinned client,
+/// whose own connection Redis closed, is closed like a direct one.
+#[test]
+fn redis_closing_the_shared_connection_goes_unnoticed_by_idle_clients() {
+    let redis = Redis::start_with(&["--databases", "4"]);
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let mut plain = sw.raw();
+    let mut in_db2 = sw.raw();
+    let mut resp3 = sw.raw();
+    let mut pinned = sw.raw();
+    ok(&call(&mut plain, &["SET", "k", "v0"]));
+    ok(&call(&mut in_db2, &["SELECT", "2"]));
+    ok(&call(&mut in_db2, &["SET", "k", "v2"]));
+    assert!(matches!(
+        call(&mut resp3, &["HELLO", "3"]),
+        Frame::Map { .. }
+    ));
+    assert_eq!(call(&mut resp3, &["HSET", "h", "f", "1"]), number(1));
+    as_int(&call(&mut pinned, &["CLIENT", "ID"]));
+
+    let mut direct = redis.raw();
+    let killed = as_int(&call(
+        &mut direct,
+        &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
+    ));
+    assert!(killed >= 4, "CLIENT KILL closed only {killed} connections");
+    assert_closed_without_reply(&mut pinned, "pinned client whose connection Redis closed");
+    assert_eq!(call(&mut plain, &["GET", "k"]), blob(b"v0"));
+    assert_eq!(call(&mut in_db2, &["GET", "k"]), blob(b"v2"));
+    let map = call(&mut resp3, &["HGETALL", "h"]);
+    assert!(
+        matches!(map, Frame::Map { .. }),
+        "RESP3 after the kill: {map:?}"
+    );
+}
