@@ -2250,3 +2250,36 @@ fn redis_closing_the_shared_connection_goes_unnoticed_by_idle_clients() {
         "RESP3 after the kill: {map:?}"
     );
 }
+
+/// Why: stormwall keeps a password only up to a size (it replays it on a pin or a
+/// reconnect); a longer one is state it cannot hold, so such a client moves to a connection
+/// of its own when it authenticates — and must then work exactly as a direct connection,
+/// database and protocol included.
+#[test]
+fn a_password_too_long_to_hold_still_authenticates_like_redis() {
+    let password = "p".repeat(5000);
+    let redis = Redis::start_with(&["--requirepass", &password]);
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let mut p = sw.raw();
+    let mut d = redis.raw();
+    let steps: &[&[&str]] = &[
+        &["GET", "k"],
+        &["AUTH", "wrong"],
+        &["AUTH", &password],
+        &["SET", "k", "v"],
+        &["SELECT", "1"],
+        &["GET", "k"],
+        &["SELECT", "0"],
+        &["GET", "k"],
+        &["ACL", "WHOAMI"],
+    ];
+    for step in steps {
+        let (a, b) = (call(&mut p, step), call(&mut d, step));
+        assert_eq!(a, b, "{} (left: through stormwall)", step[0]);
+    }
+    let (a, b) = (call(&mut p, &["HELLO", "3"]), call(&mut d, &["HELLO", "3"]));
+    assert_eq!(without_id(a), without_id(b), "HELLO 3");
+    let map = call(&mut p, &["HGETALL", "nohash"]);
+    assert_eq!(map, call(&mut d, &["HGETALL", "nohash"]));
+    assert_pins(&sw, 1.0);
+}
