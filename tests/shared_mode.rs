@@ -1380,6 +1380,18 @@ fn hello_answers_as_redis_and_switches_only_this_client() {
         call(&mut p, &["CLIENT", "GETNAME"]),
         blob(b"named-by-hello")
     );
+    // Once the client has a connection of its own, HELLO's id is that connection's id, as
+    // `CLIENT ID` says (libraries use it for `CLIENT TRACKING … REDIRECT`, `CLIENT KILL ID`).
+    let id = as_int(&call(&mut p, &["CLIENT", "ID"]));
+    let hello = call(&mut p, &["HELLO", "3"]);
+    let Frame::Map { data, .. } = &hello else {
+        panic!("HELLO 3: {hello:?}")
+    };
+    assert_eq!(
+        data.get(&blob(b"id")),
+        Some(&number(id)),
+        "HELLO 3 id vs CLIENT ID"
+    );
     busy.finish();
     assert_pins(&sw, 1.0);
 }
