@@ -1122,10 +1122,10 @@ fn enough_open_files(needed: u64) -> Result<(), String> {
 
 /// Redis's own count of stormwall's connections: `connected_clients` minus the test's one
 /// direct connection (the one asking) and stormwall's readiness probe. The probe
-/// (`upstream::Probe`) keeps one connection open for its `PING`s and opens a short extra one
-/// for its authentication check only on a later probe round (every 10 s of probing); the test
-/// sets `admin.probe_interval = "1h"`, so after the first round at startup (which needs no
-/// extra connection) exactly one probe connection exists.
+/// (`src/upstream/probe.rs`) keeps one connection open for its `PING`s and opens a short
+/// extra one for its authentication check only on a later probe round (every 10 s of
+/// probing); the tests that count set `admin.probe_interval = "1h"`, so after the first round
+/// at startup (which needs no extra connection) exactly one probe connection exists.
 fn stormwall_connections(direct: &mut Raw) -> i64 {
     const DIRECT: i64 = 1;
     const PROBE: i64 = 1;
