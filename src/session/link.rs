@@ -106,7 +106,8 @@ impl SharedLink {
         if self.inbox.owed() > 0 || self.inbox.failed() {
             return None;
         }
-        match self.group.connection(self.slot, pools, cfg).await {
+        // Boxed: the rare path (connecting) would otherwise size every session's future.
+        match Box::pin(self.group.connection(self.slot, pools, cfg)).await {
             Ok(mux) => {
                 self.mux = Some(mux.clone());
                 Some(mux)
