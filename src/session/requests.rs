@@ -163,10 +163,8 @@ impl RequestSide<'_> {
         {
             // Replies pile up unread: Redis, not stormwall, should hold the rest.
             let reason = PinReason::UnreadReplies;
-            if let Next::Stop = self
-                .pin(upstream, buf, &mut scanned, &mut run, reason)
-                .await
-            {
+            let pin = self.pin(upstream, buf, &mut scanned, &mut run, reason, false);
+            if let Next::Stop = Box::pin(pin).await {
                 return Next::Stop;
             }
         }
@@ -234,12 +232,15 @@ impl RequestSide<'_> {
                     | Some(Effect::Select(None)) => Action::Pin(PinReason::UntrackedState),
                     _ => action,
                 };
+                let barrier = sharing::counts_earlier_writes(&cmd);
                 if action != Action::Share {
                     drop(parsed);
                     let next = match action {
                         // Judged again, now on the client's own connection.
                         Action::Pin(reason) => {
-                            Box::pin(self.pin(upstream, buf, &mut scanned, &mut run, reason)).await
+                            let pin =
+                                self.pin(upstream, buf, &mut scanned, &mut run, reason, barrier);
+                            Box::pin(pin).await
                         }
                         Action::Login => {
                             Box::pin(self.login(upstream, buf, &mut scanned, &mut run, len, effect))
@@ -827,15 +828,19 @@ impl RequestSide<'_> {
         scanned: &mut usize,
         run: &mut Run,
         reason: PinReason,
+        barrier: bool,
     ) -> Next {
         if let Next::Stop = self.drain_shared(upstream, buf, scanned, run).await {
             return Next::Stop;
         }
         let links = self.links;
         let cfg = &links.config.upstream;
-        let replay: Vec<_> = std::iter::once(crate::upstream::pool::reset())
+        let mut replay: Vec<_> = std::iter::once(crate::upstream::pool::reset())
             .chain(links.state().replay())
             .collect();
+        if barrier {
+            replay.push(sharing::write_barrier());
+        }
         let opened = async {
             let conn = links
                 .ctx

@@ -125,6 +125,26 @@ pub fn action(kind: Kind, cmd: &Command<'_>) -> Action {
     }
 }
 
+/// `WAIT`/`WAITAOF`, which count the acknowledgements of the connection's own earlier
+/// writes — made on the shared connection, for a client that pins for them.
+pub fn counts_earlier_writes(cmd: &Command<'_>) -> bool {
+    cmd.arg(0)
+        .is_some_and(|n| n.eq_ignore_ascii_case(b"WAIT") || n.eq_ignore_ascii_case(b"WAITAOF"))
+}
+
+/// Sent on a private connection before a `WAIT`/`WAITAOF` that pinned it: any command Redis
+/// propagates sets the connection's replication offset to the current one, which covers the
+/// client's earlier writes on the shared connection, so `WAIT` waits for those as it would
+/// have on the client's own connection. `PUBLISH` propagates without touching any key (its
+/// channel has no subscribers unless someone subscribes to this very name).
+pub fn write_barrier() -> Vec<bytes::Bytes> {
+    vec![
+        bytes::Bytes::from_static(b"PUBLISH"),
+        bytes::Bytes::from_static(b"__stormwall__:wait-barrier"),
+        bytes::Bytes::new(),
+    ]
+}
+
 /// `XREAD`/`XREADGROUP` block only with `BLOCK`; the rest always may.
 fn blocking(cmd: &Command<'_>) -> Action {
     let name = cmd.arg(0).unwrap_or_default();
