@@ -2338,3 +2338,34 @@ fn wait_after_shared_writes_waits_for_those_writes() {
         "WAIT through stormwall ignored the client's own write"
     );
 }
+
+/// Head of line: on a shared connection, a reply of many megabytes holds up every other
+/// client's replies behind it for as long as it takes to move. A client that received one
+/// moves to a connection of its own before its next command, so only its first large reply
+/// is ever shared; the other clients' replies stay correct and in order throughout.
+#[test]
+fn a_client_that_gets_a_large_reply_moves_to_its_own_connection() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let big = vec![b'x'; 3 * 1024 * 1024];
+    let mut direct = redis.raw();
+    ok(&direct.call(&[b"SET", b"big", &big]));
+    let mut heavy = sw.raw();
+    let mut light = sw.raw();
+    ok(&call(&mut light, &["SET", "small", "1"]));
+    assert_eq!(heavy.call(&[b"GET", b"big"]), blob(&big));
+    assert_eq!(pins(&sw).0, 0.0, "pinned before its next command");
+    assert_eq!(
+        call(&mut heavy, &["STRLEN", "big"]),
+        number(big.len() as i64)
+    );
+    let (count, reasons) = pins(&sw);
+    assert_eq!(count, 1.0);
+    assert!(reasons.contains("large_replies"), "{reasons:?}");
+    // Its later large replies travel on its own connection; the light client is unaffected.
+    for _ in 0..3 {
+        assert_eq!(heavy.call(&[b"GET", b"big"]), blob(&big));
+        assert_eq!(call(&mut light, &["GET", "small"]), blob(b"1"));
+    }
+    assert_eq!(pins(&sw).0, 1.0, "the light client was pinned");
+}

@@ -123,6 +123,15 @@ impl SharedLink {
         }
     }
 
+    /// Sends `bytes` at once if the client's connection is up and has room (the common
+    /// case, with no future to set up). False if that needs waiting: use [`send`](Self::send).
+    pub fn try_send(&self, bytes: &[u8], replies: u32) -> bool {
+        match &self.mux {
+            Some(mux) if mux.has_room() => mux.send(&self.inbox, bytes, replies),
+            _ => false,
+        }
+    }
+
     /// Sends `bytes`, `replies` commands whose replies go to this client's inbox.
     pub async fn send(
         &mut self,

@@ -158,11 +158,16 @@ impl RequestSide<'_> {
     async fn process(&mut self, upstream: &mut Upstream, buf: &mut BytesMut) -> Next {
         let mut scanned = 0;
         let mut run = Run::default();
-        if let Upstream::Shared(link) = upstream
-            && link.inbox.held() > INBOX_PAUSE
-        {
+        let pin = match upstream {
             // Replies pile up unread: Redis, not stormwall, should hold the rest.
-            let reason = PinReason::UnreadReplies;
+            Upstream::Shared(link) if link.inbox.held() > INBOX_PAUSE => {
+                Some(PinReason::UnreadReplies)
+            }
+            // Its next large replies would hold up other clients' behind them.
+            Upstream::Shared(link) if link.inbox.got_large_reply() => Some(PinReason::LargeReplies),
+            _ => None,
+        };
+        if let Some(reason) = pin {
             let pin = self.pin(upstream, buf, &mut scanned, &mut run, reason, false);
             if let Next::Stop = Box::pin(pin).await {
                 return Next::Stop;
@@ -773,6 +778,7 @@ impl RequestSide<'_> {
                     false
                 }
             },
+            Upstream::Shared(link) if link.try_send(bytes, replies) => true,
             Upstream::Shared(link) => {
                 let cfg = &links.config.upstream;
                 let send = link.send(&links.ctx.pools, cfg, bytes, replies);

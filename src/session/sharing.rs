@@ -43,6 +43,9 @@ pub enum PinReason {
     /// `redis-py`'s `Pipeline.execute()` does): on a connection of its own Redis holds them,
     /// as it would for the client directly, instead of stormwall.
     UnreadReplies,
+    /// The client received a reply over 1 MiB: on a shared connection the next one would
+    /// hold up every other client's replies behind it for as long as it takes to move.
+    LargeReplies,
 }
 
 /// Every pin reason's label, in [`PinReason`] order.
@@ -58,6 +61,7 @@ pub const PIN_REASONS: &[&str] = &[
     "untracked_state",
     "unknown",
     "unread_replies",
+    "large_replies",
 ];
 
 impl PinReason {
