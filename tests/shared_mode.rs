@@ -2369,3 +2369,42 @@ fn a_client_that_gets_a_large_reply_moves_to_its_own_connection() {
     }
     assert_eq!(pins(&sw).0, 1.0, "the light client was pinned");
 }
+
+/// redis-py 8 opens every RESP3 connection with `HELLO 3`, `CLIENT MAINT_NOTIFICATIONS ON …`
+/// (which most servers refuse; redis-py then carries on), `CLIENT SETINFO` twice and `SELECT`.
+/// None of it may pin: a refused `MAINT_NOTIFICATIONS` is Redis's own refusal, tried on a
+/// spare, and the client stays shared. Every reply matches a direct connection's.
+#[test]
+fn a_redis_py_resp3_handshake_does_not_pin() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let handshake: [&[&str]; 6] = [
+        &["HELLO", "3"],
+        &[
+            "CLIENT",
+            "MAINT_NOTIFICATIONS",
+            "ON",
+            "moving-endpoint-type",
+            "internal-ip",
+        ],
+        &["CLIENT", "SETINFO", "LIB-NAME", "redis-py"],
+        &["CLIENT", "SETINFO", "LIB-VER", "8.1.0"],
+        &["SELECT", "3"],
+        &["PING"],
+    ];
+    let mut direct = redis.raw();
+    let mut proxied = sw.raw();
+    for command in handshake {
+        let want = call(&mut direct, command);
+        let got = call(&mut proxied, command);
+        if command[0] == "HELLO" {
+            // Its `id` names the connection the HELLO ran on.
+            assert_eq!(is_error(&want), is_error(&got), "{command:?}");
+            continue;
+        }
+        assert_eq!(want, got, "{command:?}");
+    }
+    assert_eq!(pins(&sw).0, 0.0, "the handshake pinned the client");
+    ok(&call(&mut proxied, &["SET", "k", "v"]));
+    assert_eq!(call(&mut direct, &["GET", "k"]), blob(b"v"), "not in db 3");
+}

@@ -247,6 +247,11 @@ impl RequestSide<'_> {
                                 self.pin(upstream, buf, &mut scanned, &mut run, reason, barrier);
                             Box::pin(pin).await
                         }
+                        Action::PinIfAccepted => {
+                            let trial =
+                                self.pin_if_accepted(upstream, buf, &mut scanned, &mut run, len);
+                            Box::pin(trial).await
+                        }
                         Action::Login => {
                             Box::pin(self.login(upstream, buf, &mut scanned, &mut run, len, effect))
                                 .await
@@ -865,6 +870,74 @@ impl RequestSide<'_> {
                 return Next::Stop;
             }
         };
+        self.move_to(upstream, read, write, reason).await
+    }
+
+    /// A command at `buf[..len]` after what is framed that Redis decides whether to accept
+    /// ([`Action::PinIfAccepted`]): sent on a spare put into the client's state; refused, the
+    /// client gets the refusal and stays shared; accepted, that spare becomes its own.
+    async fn pin_if_accepted(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        len: usize,
+    ) -> Next {
+        if let Next::Stop = self.drain_shared(upstream, buf, scanned, run).await {
+            return Next::Stop;
+        }
+        let links = self.links;
+        let cfg = &links.config.upstream;
+        let setup: Vec<_> = std::iter::once(crate::upstream::pool::reset())
+            .chain(links.state().replay())
+            .collect();
+        let trial = async {
+            let mut conn = links
+                .ctx
+                .pools
+                .prepared(cfg, &setup)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            let deadline = Instant::now() + cfg.connect_timeout;
+            let mut reply = conn
+                .exchange_until(&buf[..len], 1, deadline)
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = reply.pop().ok_or("no reply")?;
+            Ok::<_, String>((conn, reply))
+        };
+        let (conn, reply) = match trial.await {
+            Ok(done) => done,
+            Err(e) => {
+                debug!(error = %e, "cannot try a command on a spare; closing the client");
+                links.dead.cancel();
+                return Next::Stop;
+            }
+        };
+        buf.advance(len);
+        let accepted = reply.first() != Some(&b'-');
+        self.enqueue(Entry::Local(reply)).await;
+        if !accepted {
+            return Next::Read;
+        }
+        let Some((read, write)) = conn.into_halves() else {
+            links.dead.cancel();
+            return Next::Stop;
+        };
+        self.move_to(upstream, read, write, PinReason::Client).await
+    }
+
+    /// The client's replies come from its own connection from here on (after everything
+    /// queued so far), and its commands go there.
+    async fn move_to(
+        &mut self,
+        upstream: &mut Upstream,
+        read: ReadHalf,
+        write: crate::net::WriteHalf,
+        reason: PinReason,
+    ) -> Next {
+        let links = self.links;
         debug!(
             reason = reason.label(),
             "client moves to a private connection"

@@ -83,6 +83,11 @@ pub enum Action {
     Select,
     /// `CLIENT SETNAME`/`SETINFO`: checked by Redis, recorded, replayed on a pin.
     Name,
+    /// Tried by Redis on a connection in the client's state, which becomes the client's
+    /// own if Redis accepts: a connection feature a client library asks for at connect and
+    /// most servers refuse (`CLIENT MAINT_NOTIFICATIONS`, which redis-py 8 sends on every
+    /// RESP3 connection), so that a refusal does not cost a private connection.
+    PinIfAccepted,
     /// `QUIT`: answered here (`+OK`, then the connection closes), since Redis would close
     /// the shared connection.
     Quit,
@@ -123,6 +128,7 @@ pub fn action(kind: Kind, cmd: &Command<'_>) -> Action {
         b"DEBUG" => Action::Pin(Debug),
         b"SCRIPT" if sub_is(cmd, b"DEBUG") => Action::Pin(Debug),
         b"CLIENT" if sub_is(cmd, b"SETNAME") || sub_is(cmd, b"SETINFO") => Action::Name,
+        b"CLIENT" if sub_is(cmd, b"MAINT_NOTIFICATIONS") => Action::PinIfAccepted,
         b"CLIENT" => Action::Pin(Client),
         known if SHARED.binary_search(&known).is_ok() => Action::Share,
         _ => Action::Pin(Unknown),
@@ -426,6 +432,10 @@ mod tests {
             Action::Name
         );
         assert_eq!(act(&[b"quit"]), Action::Quit);
+        assert_eq!(
+            act(&[b"CLIENT", b"MAINT_NOTIFICATIONS", b"ON"]),
+            Action::PinIfAccepted
+        );
     }
 
     #[test]
