@@ -2408,3 +2408,51 @@ fn a_redis_py_resp3_handshake_does_not_pin() {
     ok(&call(&mut proxied, &["SET", "k", "v"]));
     assert_eq!(call(&mut direct, &["GET", "k"]), blob(b"v"), "not in db 3");
 }
+
+/// A shared client's new `AUTH` is judged on its own credentials, as Redis judges it on the
+/// client's connection: a password rotated since the client's first login must not stop the
+/// client from logging in with the new one (the old one is never sent again).
+#[test]
+fn a_new_login_after_a_password_rotation_is_judged_on_its_own() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let mut admin = redis.raw();
+    ok(&call(
+        &mut admin,
+        &["ACL", "SETUSER", "alice", "on", ">p1", "~*", "+@all"],
+    ));
+    let mut c = sw.raw();
+    ok(&call(&mut c, &["AUTH", "alice", "p1"]));
+    ok(&call(&mut c, &["SELECT", "4"]));
+    let hello = call(&mut c, &["HELLO", "3"]);
+    assert!(!is_error(&hello), "{hello:?}");
+    ok(&call(
+        &mut admin,
+        &["ACL", "SETUSER", "alice", "<p1", ">p2"],
+    ));
+    ok(&call(&mut c, &["AUTH", "alice", "p2"]));
+    ok(&call(&mut c, &["SET", "rotated", "yes"]));
+    assert_eq!(txt(&call(&mut c, &["ACL", "WHOAMI"])), "alice");
+    ok(&call(&mut admin, &["SELECT", "4"]));
+    assert_eq!(
+        call(&mut admin, &["GET", "rotated"]),
+        blob(b"yes"),
+        "not in db 4"
+    );
+}
+
+/// Shared mode puts spares into a new connection's state with `RESET`; where `RESET` is
+/// renamed away it falls back to brand-new connections, and clients are served as usual.
+#[test]
+fn shared_mode_works_where_reset_is_renamed_away() {
+    let redis = Redis::start_with(&["--rename-command", "RESET", ""]);
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let mut c = sw.raw();
+    ok(&call(&mut c, &["SET", "k", "v"]));
+    ok(&call(&mut c, &["SELECT", "2"]));
+    ok(&call(&mut c, &["SET", "k2", "v2"]));
+    // Pins: a private connection without RESET, in the client's database.
+    ok(&call(&mut c, &["MULTI"]));
+    assert_eq!(txt(&call(&mut c, &["GET", "k2"])), "QUEUED");
+    assert_eq!(call(&mut c, &["EXEC"]), array(&[blob(b"v2")]));
+}

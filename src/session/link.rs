@@ -123,6 +123,14 @@ impl SharedLink {
         }
     }
 
+    /// Closes the shared connection this client uses (its state is no longer the group's):
+    /// clients with replies owed on it are closed, the rest get a new one.
+    pub fn close_connection(&self) {
+        if let Some(mux) = &self.mux {
+            mux.close();
+        }
+    }
+
     /// Sends `bytes` at once if the client's connection is up and has room (the common
     /// case, with no future to set up). False if that needs waiting: use [`send`](Self::send).
     pub fn try_send(&self, bytes: &[u8], replies: u32) -> bool {

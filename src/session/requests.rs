@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::link::Upstream;
 use super::queue::{Entry, Private};
@@ -971,11 +971,25 @@ impl RequestSide<'_> {
             let state = links.state();
             (state.replay(), state.clone())
         };
-        // The spare in a new connection's state as Redis judges it now, then the client's
-        // user, database and protocol (not its name: the spare may become a shared
-        // connection for the client's new identity).
+        // The spare in a new connection's state as Redis judges it now. A login that
+        // carries credentials is judged on those alone: the client's current ones (which
+        // may have been rotated since it authenticated, and Redis does not hold that against
+        // its connection) and what needs them (its database, its protocol) come after, if it
+        // succeeds. `HELLO` without `AUTH` is judged as the client is: user, database and
+        // protocol first. Never its name: the spare may become a shared connection.
+        let authenticates = matches!(
+            effect,
+            Some(Effect::Login {
+                login: Login::Known { .. } | Login::Untracked,
+                ..
+            })
+        );
         let setup: Vec<_> = std::iter::once(crate::upstream::pool::reset())
-            .chain(replay.into_iter().filter(|c| c[0].as_ref() != b"CLIENT"))
+            .chain(
+                replay
+                    .into_iter()
+                    .filter(|c| !authenticates && c[0].as_ref() != b"CLIENT"),
+            )
             .collect();
         let exchange = async {
             let mut conn = links
@@ -1008,8 +1022,19 @@ impl RequestSide<'_> {
         if reply.first() != Some(&b'-')
             && let Upstream::Shared(link) = upstream
         {
-            // The spare is now exactly in the client's new state.
-            link.adopt(conn);
+            let mut conn = conn;
+            // The client's database and protocol, which a login with credentials left out.
+            let rest: Vec<_> = links
+                .state()
+                .replay()
+                .into_iter()
+                .filter(|c| authenticates && matches!(c[0].as_ref(), b"SELECT" | b"HELLO"))
+                .collect();
+            let deadline = Instant::now() + cfg.connect_timeout;
+            if conn.establish(&rest, deadline).await.is_ok() {
+                // The spare is now exactly in the client's new state.
+                link.adopt(conn);
+            }
         }
         self.enqueue(Entry::Local(reply)).await;
         Next::Read
@@ -1052,10 +1077,19 @@ impl RequestSide<'_> {
             got = link.capture(&links.ctx.pools, cfg, &out, replies) => got,
             _ = links.dead.cancelled() => return Next::Stop,
         };
-        let Some(reply) = got.and_then(|mut r| (!r.is_empty()).then(|| r.swap_remove(0))) else {
+        let Some(mut got) = got.filter(|r| r.len() == replies as usize) else {
             links.dead.cancel();
             return Next::Stop;
         };
+        let reply = got.swap_remove(0);
+        // The shared connection must be back in its own database, whatever the client's
+        // `SELECT` did: read, not assumed (`SELECT` back can only fail if Redis changed).
+        if replies == 2 && got[0].as_ref() != b"+OK\r\n" {
+            warn!("a shared connection could not be put back in its database; closing it");
+            link.close_connection();
+            links.dead.cancel();
+            return Next::Stop;
+        }
         if let Some(effect) = effect {
             links.confirm(effect, &reply);
         }

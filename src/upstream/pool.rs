@@ -179,8 +179,18 @@ impl Pools {
             let attempt = async {
                 let mut conn = self.spare(cfg).await.map_err(ConnError::Io)?;
                 let by = Instant::now() + cfg.connect_timeout;
-                conn.establish(setup, by).await?;
-                Ok(conn)
+                match conn.establish(setup, by).await {
+                    // No RESET (renamed away, or a Redis before 6.2): a brand-new connection
+                    // is in a new connection's state without it.
+                    Err(ConnError::Refused(e))
+                        if setup.first() == Some(&reset()) && e.contains("unknown command") =>
+                    {
+                        let mut fresh = self.connect(cfg).await.map_err(ConnError::Io)?;
+                        fresh.establish(&setup[1..], by).await?;
+                        Ok(fresh)
+                    }
+                    result => result.map(|()| conn),
+                }
             };
             let error = match attempt.await {
                 Ok(conn) => {
@@ -238,12 +248,15 @@ impl Pools {
         let deadline = Instant::now() + cfg.connect_timeout;
         let check = [reset(), vec![Bytes::from_static(b"PING")]];
         let replies = conn.call_raw_until(&check, deadline).await?;
+        let noauth = |reply: Option<&Bytes>| reply.is_some_and(|r| r.starts_with(b"-NOAUTH"));
         if replies.first().is_some_and(|r| r.first() == Some(&b'-')) {
-            return Err(io::Error::other(
-                "Redis refused RESET (shared mode needs Redis 6.2 or later)",
-            ));
+            // No RESET (renamed away, or a Redis before 6.2): ask a brand-new connection.
+            let mut fresh = self.connect(cfg).await?;
+            let ping = [vec![Bytes::from_static(b"PING")]];
+            let replies = fresh.call_raw_until(&ping, deadline).await?;
+            return Ok(!noauth(replies.first()));
         }
-        let admitted = !replies.get(1).is_some_and(|r| r.starts_with(b"-NOAUTH"));
+        let admitted = !noauth(replies.get(1));
         self.give_back(conn, cfg);
         Ok(admitted)
     }
