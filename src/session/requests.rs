@@ -20,6 +20,7 @@ use crate::net::ReadHalf;
 use crate::policy::{self, Kind};
 use crate::resp::request::{Command, Parsed, RequestParser};
 use crate::resp::{ProtocolError, parse_int};
+use crate::upstream::Conn;
 use crate::upstream::mux::INBOX_PAUSE;
 use crate::upstream::pool::Key;
 
@@ -873,6 +874,36 @@ impl RequestSide<'_> {
         self.move_to(upstream, read, write, reason).await
     }
 
+    /// Sends `request` (one client command) on a spare put into a state by `setup`, and
+    /// returns the spare with Redis's reply; `None` (the session is ending) if that fails.
+    async fn on_spare(&self, setup: &[Vec<Bytes>], request: &[u8]) -> Option<(Conn, Bytes)> {
+        let links = self.links;
+        let cfg = &links.config.upstream;
+        let exchange = async {
+            let mut conn = links
+                .ctx
+                .pools
+                .prepared(cfg, setup)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            let deadline = Instant::now() + cfg.connect_timeout;
+            let mut replies = conn
+                .exchange_until(request, 1, deadline)
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = replies.pop().ok_or("no reply")?;
+            Ok::<_, String>((conn, reply))
+        };
+        match exchange.await {
+            Ok(done) => Some(done),
+            Err(e) => {
+                debug!(error = %e, "cannot ask Redis on a spare connection; closing the client");
+                links.dead.cancel();
+                None
+            }
+        }
+    }
+
     /// A command at `buf[..len]` after what is framed that Redis decides whether to accept
     /// ([`Action::PinIfAccepted`]): sent on a spare put into the client's state; refused, the
     /// client gets the refusal and stays shared; accepted, that spare becomes its own.
@@ -888,32 +919,11 @@ impl RequestSide<'_> {
             return Next::Stop;
         }
         let links = self.links;
-        let cfg = &links.config.upstream;
         let setup: Vec<_> = std::iter::once(crate::upstream::pool::reset())
             .chain(links.state().replay())
             .collect();
-        let trial = async {
-            let mut conn = links
-                .ctx
-                .pools
-                .prepared(cfg, &setup)
-                .await
-                .map_err(|e| format!("{e:?}"))?;
-            let deadline = Instant::now() + cfg.connect_timeout;
-            let mut reply = conn
-                .exchange_until(&buf[..len], 1, deadline)
-                .await
-                .map_err(|e| e.to_string())?;
-            let reply = reply.pop().ok_or("no reply")?;
-            Ok::<_, String>((conn, reply))
-        };
-        let (conn, reply) = match trial.await {
-            Ok(done) => done,
-            Err(e) => {
-                debug!(error = %e, "cannot try a command on a spare; closing the client");
-                links.dead.cancel();
-                return Next::Stop;
-            }
+        let Some((conn, reply)) = self.on_spare(&setup, &buf[..len]).await else {
+            return Next::Stop;
         };
         buf.advance(len);
         let accepted = reply.first() != Some(&b'-');
@@ -991,28 +1001,8 @@ impl RequestSide<'_> {
                     .filter(|c| !authenticates && c[0].as_ref() != b"CLIENT"),
             )
             .collect();
-        let exchange = async {
-            let mut conn = links
-                .ctx
-                .pools
-                .prepared(cfg, &setup)
-                .await
-                .map_err(|e| format!("{e:?}"))?;
-            let deadline = Instant::now() + cfg.connect_timeout;
-            let reply = conn
-                .exchange_until(&buf[..len], 1, deadline)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((conn, reply))
-        };
-        let (conn, reply) = match exchange.await {
-            Ok((conn, mut reply)) if reply.len() == 1 => (conn, reply.remove(0)),
-            Ok(_) => return Next::Stop,
-            Err(e) => {
-                debug!(error = %e, "cannot check a login with Redis; closing the client");
-                links.dead.cancel();
-                return Next::Stop;
-            }
+        let Some((conn, reply)) = self.on_spare(&setup, &buf[..len]).await else {
+            return Next::Stop;
         };
         buf.advance(len);
         if let Some(effect) = effect {

@@ -264,20 +264,7 @@ impl Confirmed {
     /// The commands that put a fresh connection into this state (a shared client moving to a
     /// connection of its own), in the order Redis needs them.
     pub fn replay(&self) -> Vec<Vec<Bytes>> {
-        let mut commands = Vec::new();
-        let who = &self.identity;
-        if let Some(password) = &who.password {
-            let mut auth = vec![Bytes::from_static(b"AUTH")];
-            auth.extend(who.user.clone());
-            auth.push(password.clone());
-            commands.push(auth);
-        }
-        if who.db != 0 {
-            commands.push(vec![
-                Bytes::from_static(b"SELECT"),
-                Bytes::from(who.db.to_string()),
-            ]);
-        }
+        let mut commands = self.identity.commands();
         if self.resp3 {
             commands.push(vec![Bytes::from_static(b"HELLO"), Bytes::from_static(b"3")]);
         }

@@ -59,19 +59,7 @@ impl Conn {
             .await
             .map_err(|_| ConnError::Io(io::ErrorKind::TimedOut.into()))?
             .map_err(ConnError::Io)?;
-        let mut handshake: Vec<Vec<Bytes>> = Vec::new();
-        if let Some(password) = &who.password {
-            let mut auth = vec![Bytes::from_static(b"AUTH")];
-            auth.extend(who.user.clone());
-            auth.push(password.clone());
-            handshake.push(auth);
-        }
-        if who.db != 0 {
-            handshake.push(vec![
-                Bytes::from_static(b"SELECT"),
-                Bytes::from(who.db.to_string()),
-            ]);
-        }
+        let mut handshake = who.commands();
         handshake.push(vec![Bytes::from_static(b"PING")]);
         let replies = conn
             .call_until(&handshake, deadline)

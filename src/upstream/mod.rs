@@ -32,6 +32,27 @@ pub struct Identity {
     pub db: i64,
 }
 
+impl Identity {
+    /// The commands that make a new connection act as this identity: `AUTH` (if it has
+    /// credentials) and `SELECT` (if not database 0).
+    pub fn commands(&self) -> Vec<Vec<Bytes>> {
+        let mut commands = Vec::new();
+        if let Some(password) = &self.password {
+            let mut auth = vec![Bytes::from_static(b"AUTH")];
+            auth.extend(self.user.clone());
+            auth.push(password.clone());
+            commands.push(auth);
+        }
+        if self.db != 0 {
+            commands.push(vec![
+                Bytes::from_static(b"SELECT"),
+                Bytes::from(self.db.to_string()),
+            ]);
+        }
+        commands
+    }
+}
+
 /// Never prints the password: identities end up in logs and panic messages.
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

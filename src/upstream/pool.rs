@@ -50,20 +50,7 @@ pub struct Key {
 impl Key {
     /// The commands that put a fresh connection into this state.
     fn handshake(&self) -> Vec<Vec<Bytes>> {
-        let mut commands = Vec::new();
-        let who = &self.identity;
-        if let Some(password) = &who.password {
-            let mut auth = vec![Bytes::from_static(b"AUTH")];
-            auth.extend(who.user.clone());
-            auth.push(password.clone());
-            commands.push(auth);
-        }
-        if who.db != 0 {
-            commands.push(vec![
-                Bytes::from_static(b"SELECT"),
-                Bytes::from(who.db.to_string()),
-            ]);
-        }
+        let mut commands = self.identity.commands();
         if self.proto == 3 {
             commands.push(vec![Bytes::from_static(b"HELLO"), Bytes::from_static(b"3")]);
         }
