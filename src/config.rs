@@ -166,6 +166,17 @@ pub enum UpstreamMode {
 }
 
 impl UpstreamConfig {
+    /// How long stormwall waits for Redis to answer one of its own commands (a handshake,
+    /// a check on a spare): as long as a client's command may wait (`reply_timeout`), so a
+    /// Redis busy with a slow script is waited for, not taken for gone.
+    pub fn reply_wait(&self) -> Duration {
+        if self.reply_timeout.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            self.reply_timeout
+        }
+    }
+
     /// Shared connections per identity, with the default applied.
     pub fn shared_connections(&self, worker_threads: usize) -> usize {
         self.shared_connections.unwrap_or(worker_threads).max(1)

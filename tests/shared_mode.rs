@@ -2456,3 +2456,41 @@ fn shared_mode_works_where_reset_is_renamed_away() {
     assert_eq!(txt(&call(&mut c, &["GET", "k2"])), "QUEUED");
     assert_eq!(call(&mut c, &["EXEC"]), array(&[blob(b"v2")]));
 }
+
+/// A Redis busy with a slow script is not a Redis that is down: a client that connects
+/// meanwhile waits, as it would directly (stormwall's own check of whether Redis admits it
+/// waits as long as any command may, `upstream.reply_timeout`), and is served.
+#[test]
+fn a_client_connecting_while_redis_runs_a_slow_script_is_served() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared("connect_timeout = \"300ms\"\n"));
+    let mut busy = redis.raw();
+    busy.send(&cmd(&[
+        "EVAL",
+        "local t = redis.call('TIME') local s = t[1] + t[2] / 1e6 \
+         repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 > s + 1.5 return 1",
+        "0",
+    ]));
+    thread::sleep(Duration::from_millis(200));
+    let mut late = sw.raw();
+    assert_eq!(call(&mut late, &["GET", "nothing"]), nil());
+    assert_eq!(busy.read_frame(), number(1));
+}
+
+/// ioredis sends `READONLY` at connect when told to read from replicas; a standalone Redis
+/// refuses it. The refusal is Redis's own, and costs no private connection.
+#[test]
+fn a_refused_readonly_does_not_pin() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let want = call(&mut redis.raw(), &["READONLY"]);
+    let mut c = sw.raw();
+    assert_eq!(call(&mut c, &["READONLY"]), want);
+    assert!(is_error(&want), "{want:?}");
+    ok(&call(&mut c, &["SET", "k", "v"]));
+    assert_eq!(pins(&sw).0, 0.0);
+    // CLIENT GETNAME is judged by Redis and answered with the name the client holds.
+    ok(&call(&mut c, &["CLIENT", "SETNAME", "reader"]));
+    assert_eq!(call(&mut c, &["CLIENT", "GETNAME"]), blob(b"reader"));
+    assert_eq!(pins(&sw).0, 0.0);
+}

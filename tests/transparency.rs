@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Frame, Raw, Redis, Stormwall, assert_same, encode_cmd, text};
+use common::{Frame, Raw, Redis, Stormwall, assert_same, encode_cmd, shared_mode, text};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -873,7 +873,14 @@ fn client_setname_getname_like_redis() {
     assert_ok(&r[1]);
     assert_eq!(text(&r[2]), "billing-worker");
     assert!(text(&r[3]).starts_with("ERR"), "{:?}", r[3]);
-    // The name is on the client's own upstream connection, visible to Redis.
+    // The name is on the client's own upstream connection, visible to Redis. A shared
+    // client has one once it needs it (any other CLIENT subcommand pins it), with its name
+    // replayed; until then no connection carries its name.
+    if shared_mode() {
+        let list = text(&call(&mut twin.behind.raw(), &["CLIENT", "LIST"]));
+        assert!(!list.contains("name=billing-worker"), "{list}");
+        call(&mut p, &["CLIENT", "ID"]);
+    }
     let list = text(&call(&mut twin.behind.raw(), &["CLIENT", "LIST"]));
     assert!(list.contains("name=billing-worker"), "{list}");
 }

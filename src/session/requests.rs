@@ -248,14 +248,24 @@ impl RequestSide<'_> {
                                 self.pin(upstream, buf, &mut scanned, &mut run, reason, barrier);
                             Box::pin(pin).await
                         }
-                        Action::PinIfAccepted => {
-                            let trial =
-                                self.pin_if_accepted(upstream, buf, &mut scanned, &mut run, len);
+                        Action::PinIfAccepted(reason) => {
+                            let trial = self.pin_if_accepted(
+                                upstream,
+                                buf,
+                                &mut scanned,
+                                &mut run,
+                                len,
+                                reason,
+                            );
                             Box::pin(trial).await
                         }
                         Action::Login => {
                             Box::pin(self.login(upstream, buf, &mut scanned, &mut run, len, effect))
                                 .await
+                        }
+                        Action::GetName => {
+                            let get = self.get_name(upstream, buf, &mut scanned, &mut run, len);
+                            Box::pin(get).await
                         }
                         Action::Share | Action::Select | Action::Name => {
                             Box::pin(self.checked(
@@ -886,7 +896,7 @@ impl RequestSide<'_> {
                 .prepared(cfg, setup)
                 .await
                 .map_err(|e| format!("{e:?}"))?;
-            let deadline = Instant::now() + cfg.connect_timeout;
+            let deadline = Instant::now() + cfg.reply_wait();
             let mut replies = conn
                 .exchange_until(request, 1, deadline)
                 .await
@@ -914,6 +924,7 @@ impl RequestSide<'_> {
         scanned: &mut usize,
         run: &mut Run,
         len: usize,
+        reason: PinReason,
     ) -> Next {
         if let Next::Stop = self.drain_shared(upstream, buf, scanned, run).await {
             return Next::Stop;
@@ -935,7 +946,7 @@ impl RequestSide<'_> {
             links.dead.cancel();
             return Next::Stop;
         };
-        self.move_to(upstream, read, write, PinReason::Client).await
+        self.move_to(upstream, read, write, reason).await
     }
 
     /// The client's replies come from its own connection from here on (after everything
@@ -1020,7 +1031,7 @@ impl RequestSide<'_> {
                 .into_iter()
                 .filter(|c| authenticates && matches!(c[0].as_ref(), b"SELECT" | b"HELLO"))
                 .collect();
-            let deadline = Instant::now() + cfg.connect_timeout;
+            let deadline = Instant::now() + cfg.reply_wait();
             if conn.establish(&rest, deadline).await.is_ok() {
                 // The spare is now exactly in the client's new state.
                 link.adopt(conn);
@@ -1053,10 +1064,18 @@ impl RequestSide<'_> {
         let before = links.state().clone();
         let mut out = buf[..len].to_vec();
         let mut replies = 1;
-        if let Some(Effect::Select(_)) = effect {
-            let db = Bytes::from(before.identity.db.to_string());
-            crate::resp::encode_command(&mut out, &[Bytes::from_static(b"SELECT"), db]);
-            replies = 2;
+        match effect {
+            Some(Effect::Select(_)) => {
+                let db = Bytes::from(before.identity.db.to_string());
+                crate::resp::encode_command(&mut out, &[Bytes::from_static(b"SELECT"), db]);
+                replies = 2;
+            }
+            Some(Effect::ClientInfo(InfoField::Name, _)) => {
+                // The shared connection keeps no client's name (CLIENT LIST would show it).
+                out.extend_from_slice(b"*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$0\r\n\r\n");
+                replies = 2;
+            }
+            _ => {}
         }
         buf.advance(len);
         let Upstream::Shared(link) = upstream else {
@@ -1074,7 +1093,8 @@ impl RequestSide<'_> {
         let reply = got.swap_remove(0);
         // The shared connection must be back in its own database, whatever the client's
         // `SELECT` did: read, not assumed (`SELECT` back can only fail if Redis changed).
-        if replies == 2 && got[0].as_ref() != b"+OK\r\n" {
+        let select = matches!(effect, Some(Effect::Select(_)));
+        if select && got[0].as_ref() != b"+OK\r\n" {
             warn!("a shared connection could not be put back in its database; closing it");
             link.close_connection();
             links.dead.cancel();
@@ -1084,6 +1104,56 @@ impl RequestSide<'_> {
             links.confirm(effect, &reply);
         }
         self.rekey(upstream, &before);
+        self.enqueue(Entry::Local(reply)).await;
+        Next::Read
+    }
+
+    /// A shared client's `CLIENT GETNAME` at `buf[..len]` after what is framed: Redis judges
+    /// it on the shared connection (an ACL may refuse it: the client gets that refusal), and
+    /// the client gets the name it holds instead of the shared connection's (none).
+    async fn get_name(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        len: usize,
+    ) -> Next {
+        self.enqueue_run(run).await;
+        if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+            return Next::Stop;
+        }
+        *scanned = 0;
+        let out = buf[..len].to_vec();
+        buf.advance(len);
+        let Upstream::Shared(link) = upstream else {
+            return Next::Stop;
+        };
+        let links = self.links;
+        let cfg = &links.config.upstream;
+        let got = tokio::select! {
+            got = link.capture(&links.ctx.pools, cfg, &out, 1) => got,
+            _ = links.dead.cancelled() => return Next::Stop,
+        };
+        let Some(reply) = got.and_then(|mut r| r.pop()) else {
+            links.dead.cancel();
+            return Next::Stop;
+        };
+        let reply = if reply.first() == Some(&b'-') {
+            reply
+        } else {
+            let state = links.state();
+            match &state.name {
+                Some(name) => {
+                    let mut out = format!("${}\r\n", name.len()).into_bytes();
+                    out.extend_from_slice(name);
+                    out.extend_from_slice(b"\r\n");
+                    Bytes::from(out)
+                }
+                None if state.resp3 => Bytes::from_static(b"_\r\n"),
+                None => Bytes::from_static(b"$-1\r\n"),
+            }
+        };
         self.enqueue(Entry::Local(reply)).await;
         Next::Read
     }

@@ -28,7 +28,8 @@ pub enum PinReason {
     /// `CLIENT` subcommands about the connection itself (its id, tracking, reply mode, …)
     /// or other connections.
     Client,
-    /// Connection flags and resets: `READONLY`, `READWRITE`, `ASKING`, `RESET`.
+    /// `RESET`, and cluster connection flags (`READONLY`, `READWRITE`, `ASKING`) that Redis
+    /// accepted.
     ConnectionFlag,
     /// `SYNC`, `PSYNC`, `REPLCONF`.
     Replication,
@@ -87,7 +88,10 @@ pub enum Action {
     /// own if Redis accepts: a connection feature a client library asks for at connect and
     /// most servers refuse (`CLIENT MAINT_NOTIFICATIONS`, which redis-py 8 sends on every
     /// RESP3 connection), so that a refusal does not cost a private connection.
-    PinIfAccepted,
+    PinIfAccepted(PinReason),
+    /// `CLIENT GETNAME`: Redis judges it (an ACL may refuse it) on the shared connection,
+    /// and the client gets the name it holds.
+    GetName,
     /// `QUIT`: answered here (`+OK`, then the connection closes), since Redis would close
     /// the shared connection.
     Quit,
@@ -124,11 +128,14 @@ pub fn action(kind: Kind, cmd: &Command<'_>) -> Action {
         | b"SUNSUBSCRIBE" => Action::Pin(PubSub),
         b"MONITOR" => Action::Pin(Monitor),
         b"SYNC" | b"PSYNC" | b"REPLCONF" => Action::Pin(Replication),
-        b"READONLY" | b"READWRITE" | b"ASKING" => Action::Pin(ConnectionFlag),
+        // Cluster connection flags, which a standalone Redis refuses (ioredis sends
+        // `READONLY` at connect when asked to read from replicas).
+        b"READONLY" | b"READWRITE" | b"ASKING" => Action::PinIfAccepted(ConnectionFlag),
         b"DEBUG" => Action::Pin(Debug),
         b"SCRIPT" if sub_is(cmd, b"DEBUG") => Action::Pin(Debug),
         b"CLIENT" if sub_is(cmd, b"SETNAME") || sub_is(cmd, b"SETINFO") => Action::Name,
-        b"CLIENT" if sub_is(cmd, b"MAINT_NOTIFICATIONS") => Action::PinIfAccepted,
+        b"CLIENT" if sub_is(cmd, b"MAINT_NOTIFICATIONS") => Action::PinIfAccepted(Client),
+        b"CLIENT" if sub_is(cmd, b"GETNAME") && cmd.argc() == 2 => Action::GetName,
         b"CLIENT" => Action::Pin(Client),
         known if SHARED.binary_search(&known).is_ok() => Action::Share,
         _ => Action::Pin(Unknown),
@@ -434,8 +441,13 @@ mod tests {
         assert_eq!(act(&[b"quit"]), Action::Quit);
         assert_eq!(
             act(&[b"CLIENT", b"MAINT_NOTIFICATIONS", b"ON"]),
-            Action::PinIfAccepted
+            Action::PinIfAccepted(PinReason::Client)
         );
+        assert_eq!(
+            act(&[b"readonly"]),
+            Action::PinIfAccepted(PinReason::ConnectionFlag)
+        );
+        assert_eq!(act(&[b"client", b"getname"]), Action::GetName);
     }
 
     #[test]
@@ -456,7 +468,6 @@ mod tests {
             (&[b"client", b"id"], Client),
             (&[b"client", b"tracking", b"on"], Client),
             (&[b"client", b"reply", b"off"], Client),
-            (&[b"readonly"], ConnectionFlag),
             (&[b"reset"], ConnectionFlag),
             (&[b"debug", b"sleep", b"0"], Debug),
             (&[b"script", b"debug", b"yes"], Debug),

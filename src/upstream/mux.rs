@@ -137,6 +137,16 @@ impl Inbox {
         }
     }
 
+    fn deliver_copy(&self, bytes: &[u8], replies: u32) {
+        let mut inner = self.lock();
+        if inner.buf.capacity() == 0 {
+            inner.buf = crate::buffers::take();
+        }
+        inner.buf.extend_from_slice(bytes);
+        drop(inner);
+        self.delivered(replies);
+    }
+
     fn deliver(&self, bytes: BytesMut, replies: u32) {
         let mut inner = self.lock();
         if inner.buf.is_empty() {
@@ -145,6 +155,10 @@ impl Inbox {
             inner.buf.extend_from_slice(&bytes);
         }
         drop(inner);
+        self.delivered(replies);
+    }
+
+    fn delivered(&self, replies: u32) {
         self.ready.notify_one();
         if self.owed.fetch_sub(replies, Ordering::AcqRel) == replies {
             self.settled.notify_waiters();
@@ -165,9 +179,20 @@ fn flush(run: &mut Option<(Arc<Inbox>, usize, u32)>, pos: usize, buf: &mut Bytes
         return pos;
     };
     buf.advance(start);
-    inbox.deliver(buf.split_to(pos - start), replies);
+    let run = pos - start;
+    if run < SPLIT_MIN {
+        // Copied: a small piece split off would keep the whole read buffer alive for as
+        // long as its client takes to read it.
+        inbox.deliver_copy(&buf[..run], replies);
+        buf.advance(run);
+    } else {
+        inbox.deliver(buf.split_to(run), replies);
+    }
     0
 }
+
+/// Runs of replies at least this long are handed over without a copy.
+const SPLIT_MIN: usize = 16 * 1024;
 
 /// A reply larger than this marks its client as one that gets large replies: it moves to a
 /// connection of its own, so that its next ones do not hold up other clients' replies

@@ -165,7 +165,7 @@ impl Pools {
         loop {
             let attempt = async {
                 let mut conn = self.spare(cfg).await.map_err(ConnError::Io)?;
-                let by = Instant::now() + cfg.connect_timeout;
+                let by = Instant::now() + cfg.reply_wait();
                 match conn.establish(setup, by).await {
                     // No RESET (renamed away, or a Redis before 6.2): a brand-new connection
                     // is in a new connection's state without it.
@@ -232,7 +232,7 @@ impl Pools {
     /// stopped, requiring a password). Neither changes anything else, so the spare goes back.
     pub async fn admits_without_password(&self, cfg: &UpstreamConfig) -> io::Result<bool> {
         let mut conn = self.spare(cfg).await?;
-        let deadline = Instant::now() + cfg.connect_timeout;
+        let deadline = Instant::now() + cfg.reply_wait();
         let check = [reset(), vec![Bytes::from_static(b"PING")]];
         let replies = conn.call_raw_until(&check, deadline).await?;
         let noauth = |reply: Option<&Bytes>| reply.is_some_and(|r| r.starts_with(b"-NOAUTH"));
@@ -410,7 +410,7 @@ impl Group {
 
     async fn open(&self, pools: &Pools, cfg: &UpstreamConfig) -> Result<Arc<Mux>, ConnError> {
         let mut conn = pools.connect(cfg).await.map_err(ConnError::Io)?;
-        let deadline = Instant::now() + cfg.connect_timeout;
+        let deadline = Instant::now() + cfg.reply_wait();
         let mut handshake = self.key.handshake();
         // Proves Redis answers, and whether it admits the connection: a key without
         // credentials is only for connections Redis treats as the client's would be.

@@ -14,10 +14,11 @@ pub use redis_protocol::resp3::types::OwnedFrame as Frame;
 
 /// A free loopback port (bound and released; the tiny race is acceptable in tests).
 /// Whether this run of the suite puts stormwall in shared upstream mode (scripts/test runs
-/// the suite once per mode), for the few assertions where the modes differ by design.
+/// the suite once per mode; unset, the default mode, shared, applies), for the few
+/// assertions where the modes differ by design.
 #[allow(dead_code)]
 pub fn shared_mode() -> bool {
-    std::env::var("STORMWALL_TEST_UPSTREAM_MODE").is_ok_and(|m| m == "shared")
+    std::env::var("STORMWALL_TEST_UPSTREAM_MODE").map_or(true, |m| m != "dedicated")
 }
 
 pub fn free_port() -> u16 {
@@ -46,6 +47,9 @@ pub struct Redis {
     pub port: u16,
     args: Vec<String>,
     child: Option<Child>,
+    /// Its working directory (AOF files, the RDB a replica's sync writes), kept across
+    /// restarts and removed with it, so no test leaves files in the checkout.
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
@@ -59,6 +63,7 @@ impl Redis {
             port: free_port(),
             args: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
+            dir: tempfile::tempdir().expect("cannot create a temp dir for Redis"),
         };
         r.spawn();
         r
@@ -68,6 +73,8 @@ impl Redis {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
