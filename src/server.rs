@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::config::UpstreamMode;
 use crate::invalidation::Engine;
 use crate::logging::{LogHandle, Throttle};
 use crate::net::{Addr, Listener, Stream};
@@ -60,14 +61,17 @@ pub async fn run(
     for l in &listeners {
         info!(listen = %l.local_addr(), upstream = %config.upstream.address, "stormwall listening");
     }
+    let metrics = Hot::new();
+    let pools = upstream::pool::Pools::new(metrics.pools.clone());
     let ctx = Arc::new(Context {
         config: ArcSwap::new(config.clone()),
         shutdown: shutdown.clone(),
         upstream_up: AtomicBool::new(true),
         auth_required: AtomicBool::new(false),
         engine: Engine::new(config.clone()),
-        metrics: Hot::new(),
+        metrics,
         log_throttle: Throttle::new(5),
+        pools,
     });
     ctx.metrics.upstream_up.set(1.0);
     // The admin endpoint outlives the drain (so /readyz reports it); the rest stops with it.
@@ -82,6 +86,14 @@ pub async fn run(
     let mut probe = upstream::Probe::default();
     check_upstream(&ctx, &mut probe).await;
     tokio::spawn(probe_upstream(ctx.clone(), probe, background.clone()));
+    if config.upstream.mode == UpstreamMode::Shared {
+        let pools_ctx = ctx.clone();
+        let stop = background.clone();
+        tokio::spawn(async move {
+            let live = || pools_ctx.config.load_full();
+            pools_ctx.pools.maintain(live, stop).await;
+        });
+    }
     let (loader, file, log) = services.reload;
     tokio::spawn(reload::watch(
         ctx.clone(),

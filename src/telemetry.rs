@@ -24,6 +24,9 @@ const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
 ];
 
+/// Commands per write on a shared connection.
+const WRITE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
 /// Installs the global Prometheus recorder and describes every metric. Returns the handle
 /// `/metrics` renders from. Call once, before anything records.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -33,6 +36,12 @@ pub fn install() -> Result<PrometheusHandle, String> {
             b.set_buckets_for_metric(
                 Matcher::Full("stormwall_invalidation_batch_keys".into()),
                 BATCH_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("stormwall_shared_write_commands".into()),
+                WRITE_BUCKETS,
             )
         })
         .and_then(|b| b.install_recorder())
@@ -60,6 +69,15 @@ fn zero_series() {
     }
     for reason in crate::invalidation::REJECTED_REASONS {
         counter!("stormwall_invalidation_rejected_total", "reason" => reason).absolute(0);
+    }
+    for reason in crate::session::PIN_REASONS {
+        counter!("stormwall_pins_total", "reason" => *reason).absolute(0);
+    }
+    for outcome in ["recovered", "timed_out"] {
+        counter!("stormwall_outage_waits_total", "outcome" => outcome).absolute(0);
+    }
+    for mode in ["shared", "private", "spare"] {
+        gauge!("stormwall_upstream_connections", "mode" => mode).set(0.0);
     }
     for reason in crate::invalidation::PASSTHROUGH_REASONS {
         counter!("stormwall_invalidation_passthrough_total", "reason" => reason).absolute(0);
@@ -95,6 +113,22 @@ pub(crate) async fn upkeep(handle: PrometheusHandle) {
 }
 
 fn describe() {
+    describe_gauge!(
+        "stormwall_upstream_connections",
+        "Connections to Redis carrying client traffic, by mode: shared (many clients each), private (one pinned client each), spare (open and idle, ready for a pin or an AUTH/HELLO check)."
+    );
+    describe_counter!(
+        "stormwall_pins_total",
+        "Shared-mode clients moved to a private connection for the rest of their life, by the reason the command table gives."
+    );
+    describe_histogram!(
+        "stormwall_shared_write_commands",
+        "Commands carried by one write to a shared connection (the auto-pipelining depth across clients)."
+    );
+    describe_counter!(
+        "stormwall_outage_waits_total",
+        "Shared-mode commands that waited for Redis to come back, by outcome: recovered (a connection was restored within upstream.outage_wait) or timed_out (the client was closed)."
+    );
     describe_gauge!(
         "stormwall_client_connections",
         "Client connections open now."
@@ -231,6 +265,10 @@ pub(crate) struct Hot {
     pub upstream_protocol: Counter,
     pub upstream_rtt: Histogram,
     pub overhead: Histogram,
+    /// Client moves to a private connection, by [`crate::session::PIN_REASONS`] index.
+    pub pins: Vec<Counter>,
+    pub private_connections: Gauge,
+    pub pools: crate::upstream::pool::PoolMetrics,
 }
 
 impl Hot {
@@ -250,6 +288,22 @@ impl Hot {
             upstream_protocol: counter!("stormwall_upstream_errors_total", "kind" => "protocol"),
             upstream_rtt: histogram!("stormwall_upstream_rtt_seconds"),
             overhead: histogram!("stormwall_proxy_overhead_seconds"),
+            pins: crate::session::PIN_REASONS
+                .iter()
+                .map(|reason| counter!("stormwall_pins_total", "reason" => *reason))
+                .collect(),
+            private_connections: gauge!("stormwall_upstream_connections", "mode" => "private"),
+            pools: crate::upstream::pool::PoolMetrics {
+                mux: crate::upstream::mux::MuxMetrics {
+                    write_commands: histogram!("stormwall_shared_write_commands"),
+                    connections: gauge!("stormwall_upstream_connections", "mode" => "shared"),
+                },
+                spares: gauge!("stormwall_upstream_connections", "mode" => "spare"),
+                outage_recovered: counter!("stormwall_outage_waits_total", "outcome" => "recovered"),
+                outage_timed_out: counter!("stormwall_outage_waits_total", "outcome" => "timed_out"),
+                connects_ok: counter!("stormwall_upstream_connects_total", "result" => "ok"),
+                connects_failed: counter!("stormwall_upstream_connects_total", "result" => "failed"),
+            },
         }
     }
 }

@@ -24,12 +24,16 @@
 //! connection error, reconnects and re-establishes its own state (`SELECT`, `AUTH`,
 //! subscriptions).
 
+mod link;
 mod queue;
 mod replies;
 mod requests;
+mod sharing;
 mod state;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+pub use sharing::PIN_REASONS;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -39,13 +43,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, UpstreamMode};
 use crate::invalidation::Engine;
 use crate::logging::Throttle;
 use crate::net::Stream;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{RequestLimits, RequestParser};
 use crate::telemetry::Hot;
+use crate::upstream::Identity;
+use crate::upstream::mux::Inbox;
+use crate::upstream::pool::{Key, Pools};
+use link::{Replies, SharedLink, Upstream};
 use queue::ReplyQueue;
 use replies::ReplySide;
 use requests::RequestSide;
@@ -75,6 +83,8 @@ pub struct Context {
     pub metrics: Hot,
     /// Keeps per-connection warnings from becoming a storm of their own during an outage.
     pub log_throttle: Throttle,
+    /// Shared connections and spares (shared mode).
+    pub pools: Pools,
 }
 
 impl Context {
@@ -97,45 +107,26 @@ impl Context {
 /// Serves one client until it disconnects, Redis goes away, or the process drains.
 pub async fn serve(client: Stream, ctx: Arc<Context>) {
     let cfg = ctx.config.load_full();
-    let upstream = match Stream::connect(
-        &cfg.upstream.address,
-        cfg.upstream.connect_timeout,
-        cfg.upstream.tcp_keepalive,
-    )
-    .await
-    {
-        Ok(s) => {
-            ctx.metrics.connects_ok.increment(1);
-            ctx.note_upstream(true, None);
-            s
-        }
-        Err(e) => {
-            ctx.metrics.connects_failed.increment(1);
-            ctx.metrics.rejected_upstream.increment(1);
-            ctx.note_upstream(false, Some(&e));
-            // Closed without a reply, as a client connecting to a Redis that is down would
-            // be: an error reply could be taken for the answer to its first command.
-            tracing::debug!(error = %e, "cannot reach upstream Redis; closing the client");
-            let (_, mut w) = client.into_split();
-            let _ = w.shutdown().await;
-            return;
-        }
+    let Some((upstream, replies, admitted)) = connect(&ctx, &cfg).await else {
+        // Closed without a reply, as a client connecting to a Redis that is down would
+        // be: an error reply could be taken for the answer to its first command.
+        let (_, mut w) = client.into_split();
+        let _ = w.shutdown().await;
+        return;
     };
-    // As Redis decides for a new connection: authenticated if no password is required.
-    let auth_required = ctx.auth_required.load(Ordering::Relaxed);
     let (client_read, client_write) = client.into_split();
-    let (upstream_read, mut upstream_write) = upstream.into_split();
     let links = Links {
         ctx: &ctx,
         config: cfg.clone(),
         dead: CancellationToken::new(),
         shutdown: ctx.shutdown.child_token(),
         queue: ReplyQueue::default(),
-        state: Mutex::new(Confirmed::new(!auth_required)),
-        authenticated: AtomicBool::new(!auth_required),
+        state: Mutex::new(Confirmed::new(admitted)),
+        authenticated: AtomicBool::new(admitted),
         client_gone: AtomicBool::new(false),
         client_blocked: AtomicBool::new(false),
         blocked: Notify::new(),
+        pinned: AtomicBool::new(false),
     };
     let limits = &cfg.limits;
     let requests = RequestSide {
@@ -150,8 +141,9 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         raw: false,
         unframed: false,
         read_at: Instant::now(),
+        unsent: AtomicU32::new(0),
     };
-    let replies = ReplySide {
+    let reply_side = ReplySide {
         links: &links,
         scanner: ReplyScanner::new(limits.max_bulk_len),
         pending: 0,
@@ -161,12 +153,67 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         sent: Instant::now(),
     };
     // The upstream write half is only borrowed by the request side, so that it half-closes
-    // the connection exactly when the client does (not when it merely stops sending).
+    // the connection exactly when the client does (not when it merely stops sending:
+    // dropping the half would half-close it too).
+    let mut upstream = upstream;
     let requests = async {
-        requests.run(client_read, &mut upstream_write).await;
+        requests.run(client_read, &mut upstream).await;
         links.queue.finish();
     };
-    tokio::join!(requests, replies.run(upstream_read, client_write));
+    tokio::join!(requests, reply_side.run(replies, client_write));
+    if links.pinned.load(Ordering::Relaxed) {
+        ctx.metrics.private_connections.decrement(1.0);
+    }
+}
+
+/// The client's way to Redis, and whether Redis admits it without a password: its own
+/// connection (dedicated mode), or a place on the shared connections for a new client's
+/// state. `None` if Redis cannot be reached.
+async fn connect(ctx: &Context, cfg: &Config) -> Option<(Upstream, Replies, bool)> {
+    let up = &cfg.upstream;
+    let result = match up.mode {
+        UpstreamMode::Dedicated => {
+            Stream::connect(&up.address, up.connect_timeout, up.tcp_keepalive)
+                .await
+                .map(|stream| {
+                    ctx.metrics.connects_ok.increment(1);
+                    let (read, write) = stream.into_split();
+                    // As Redis decides for a new connection: authenticated if no password
+                    // is required.
+                    let admitted = !ctx.auth_required.load(Ordering::Relaxed);
+                    (Upstream::Socket(write), Replies::Socket(read), admitted)
+                })
+                .inspect_err(|_| ctx.metrics.connects_failed.increment(1))
+        }
+        UpstreamMode::Shared => {
+            // Asked of Redis for this client, not taken from the probe's last look: a
+            // shared connection opened before Redis required a password must never carry
+            // a client that arrived after.
+            ctx.pools.admits_without_password(up).await.map(|admitted| {
+                let key = Key {
+                    identity: Identity::default(),
+                    proto: 2,
+                    authenticated: admitted,
+                };
+                let size = up.shared_connections(cfg.runtime.worker_threads);
+                let inbox = Arc::new(Inbox::default());
+                let link = SharedLink::new(ctx.pools.group(&key, size), inbox.clone());
+                (Upstream::Shared(link), Replies::Shared(inbox), admitted)
+            })
+        }
+    };
+    match result {
+        Ok(connected) => {
+            ctx.note_upstream(true, None);
+            Some(connected)
+        }
+        Err(e) => {
+            ctx.metrics.rejected_upstream.increment(1);
+            ctx.note_upstream(false, Some(&e));
+            tracing::debug!(error = %e, "cannot reach upstream Redis; closing the client");
+            None
+        }
+    }
 }
 
 /// State the two halves of one session share.
@@ -190,6 +237,8 @@ struct Links<'a> {
     /// once), and `blocked` is notified when that starts.
     client_blocked: AtomicBool,
     blocked: Notify,
+    /// A shared client moved to a private connection (counted in the metrics until it ends).
+    pinned: AtomicBool,
 }
 
 impl Links<'_> {

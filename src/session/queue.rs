@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::state::Effect;
+use crate::net::ReadHalf;
 
 /// Unmergeable entries waiting before the request side pauses.
 const MAX_ENTRIES: usize = 64 * 1024;
@@ -45,6 +46,18 @@ pub(super) enum Entry {
     Probe,
     /// From here on, Redis's bytes are relayed as they come (pub/sub, `MONITOR`, …).
     Raw,
+    /// From here on, replies come from this connection of the client's own: a shared
+    /// client moved to a private connection (everything before was answered).
+    Switch(Private),
+}
+
+/// The reading half of a shared client's new private connection.
+pub(super) struct Private(pub ReadHalf);
+
+impl std::fmt::Debug for Private {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Private")
+    }
 }
 
 impl Entry {
@@ -132,7 +145,7 @@ impl ReplyQueue {
                 let room = q.entries.is_empty()
                     || (q.entries.len() < MAX_ENTRIES && q.held + bytes <= MAX_HELD_BYTES);
                 if room {
-                    if !matches!(e, Entry::Raw) {
+                    if !matches!(e, Entry::Raw | Entry::Switch(_)) {
                         self.inflight.fetch_add(1, Ordering::AcqRel);
                     }
                     q.held += bytes;
@@ -254,7 +267,7 @@ mod tests {
                     format!("{count}{}", if effect.is_some() { "e" } else { "" })
                 }
                 Entry::Local(_) => "L".into(),
-                Entry::Replace(_) | Entry::Probe | Entry::Raw => "other".into(),
+                Entry::Replace(_) | Entry::Probe | Entry::Raw | Entry::Switch(_) => "other".into(),
             });
         }
         assert_eq!(shapes, ["2", "1e", "3", "L"]);

@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 
 use bytes::Bytes;
 
+use super::link::Replies;
 use super::queue::{Entry, Pop};
 use super::state::Effect;
 use super::{Links, MIN_READ, READ_BUF};
@@ -42,12 +43,18 @@ enum End {
 }
 
 impl ReplySide<'_> {
-    pub(super) async fn run(mut self, mut upstream: ReadHalf, mut client: WriteHalf) {
+    pub(super) async fn run(mut self, mut upstream: Replies, mut client: WriteHalf) {
         let mut buf = BytesMut::with_capacity(READ_BUF);
         let end = self.pump(&mut upstream, &mut client, &mut buf).await;
         match end {
             End::Done => {}
-            End::Raw => self.relay(&mut upstream, &mut client, &mut buf).await,
+            End::Raw => match &mut upstream {
+                Replies::Socket(read) => self.relay(read, &mut client, &mut buf).await,
+                // Commands that enter raw relaying move a shared client to a socket first.
+                Replies::Shared(_) => {
+                    warn!("raw relaying on a shared connection; closing the client")
+                }
+            },
             End::Failed => {
                 if self.pending > 0 || !self.links.queue.is_drained() {
                     debug!("closing the client connection with replies still owed");
@@ -61,7 +68,7 @@ impl ReplySide<'_> {
 
     async fn pump(
         &mut self,
-        upstream: &mut ReadHalf,
+        upstream: &mut Replies,
         client: &mut WriteHalf,
         buf: &mut BytesMut,
     ) -> End {
@@ -110,6 +117,20 @@ impl ReplySide<'_> {
                             (self.pending, self.blocking, self.sent) = (1, false, Instant::now());
                             (self.effect, self.replace) =
                                 (Some(Effect::AuthProbe), Some(Bytes::new()));
+                        }
+                        Pop::Entry(Entry::Switch(private)) => {
+                            if !self.write(client, buf, &mut ready).await {
+                                return End::Done;
+                            }
+                            if !buf.is_empty() {
+                                warn!(
+                                    "bytes left from the shared connection when moving to a private one; closing the client connection"
+                                );
+                                metrics.upstream_protocol.increment(1);
+                                return End::Failed;
+                            }
+                            *upstream = Replies::Socket(private.0);
+                            continue;
                         }
                         Pop::Entry(Entry::Raw) => {
                             return if self.write(client, buf, &mut ready).await {

@@ -1,7 +1,7 @@
 //! The request side of a session: client bytes in, framed and classified, forwarded to
 //! Redis exactly as they came — or, for a governed invalidation, handed to the engine.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -9,15 +9,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::queue::Entry;
-use super::state::{Effect, Login, MAX_KEPT_PASSWORD};
+use super::link::Upstream;
+use super::queue::{Entry, Private};
+use super::sharing::{self, Action, PinReason};
+use super::state::{Effect, InfoField, Login, MAX_KEPT_PASSWORD};
 use super::{Links, MIN_READ, READ_BUF};
 use crate::config::FlushCommand;
 use crate::invalidation::{Engine, Request, Verdict};
-use crate::net::{ReadHalf, WriteHalf};
+use crate::net::ReadHalf;
 use crate::policy::{self, Kind};
 use crate::resp::request::{Command, Parsed, RequestParser};
 use crate::resp::{ProtocolError, parse_int};
+use crate::upstream::pool::Key;
 
 pub(super) struct RequestSide<'a> {
     pub links: &'a Links<'a>,
@@ -36,6 +39,10 @@ pub(super) struct RequestSide<'a> {
     pub unframed: bool,
     /// When the bytes being processed were read (for the overhead histogram).
     pub read_at: Instant,
+    /// Replies owed for entries queued since the last write to Redis: the next write
+    /// carries exactly those commands, and a shared connection routes that many replies
+    /// back to this client.
+    pub unsent: AtomicU32,
 }
 
 /// Inline requests longer than this (Redis's `PROTO_INLINE_MAX_SIZE`) go on re-encoded.
@@ -69,7 +76,7 @@ struct Run {
 }
 
 impl RequestSide<'_> {
-    pub(super) async fn run(mut self, mut client: ReadHalf, upstream: &mut WriteHalf) {
+    pub(super) async fn run(mut self, mut client: ReadHalf, upstream: &mut Upstream) {
         let links = self.links;
         let idle = links.config.listen.idle_timeout;
         let mut buf = BytesMut::with_capacity(READ_BUF);
@@ -121,14 +128,14 @@ impl RequestSide<'_> {
                     // Redis treats a client's EOF as the end of the connection (dropping a
                     // blocked BLPOP, say); passing the EOF on makes it do just that.
                     links.client_gone.store(true, Ordering::Release);
-                    let _ = upstream.shutdown().await;
+                    upstream.shutdown().await;
                     return;
                 }
                 Ok(_) => self.read_at = Instant::now(),
                 Err(e) => {
                     debug!(error = %e, "client read failed");
                     links.client_gone.store(true, Ordering::Release);
-                    let _ = upstream.shutdown().await;
+                    upstream.shutdown().await;
                     return;
                 }
             }
@@ -140,7 +147,7 @@ impl RequestSide<'_> {
     }
 
     /// Handles what was read, framed (or, in raw mode, relayed).
-    async fn consume(&mut self, upstream: &mut WriteHalf, buf: &mut BytesMut) -> Next {
+    async fn consume(&mut self, upstream: &mut Upstream, buf: &mut BytesMut) -> Next {
         if self.raw {
             self.process_raw(upstream, buf).await
         } else {
@@ -149,7 +156,7 @@ impl RequestSide<'_> {
     }
 
     /// Frames every complete command in `buf`, queues their entries, and forwards them.
-    async fn process(&mut self, upstream: &mut WriteHalf, buf: &mut BytesMut) -> Next {
+    async fn process(&mut self, upstream: &mut Upstream, buf: &mut BytesMut) -> Next {
         let mut scanned = 0;
         let mut run = Run::default();
         self.parser
@@ -197,6 +204,52 @@ impl RequestSide<'_> {
                     return Next::Stop;
                 }
                 continue;
+            }
+            if let Upstream::Shared(_) = upstream {
+                let action = sharing::action(kind, &cmd);
+                let effect = match action {
+                    Action::Login | Action::Select => Some(effect_of(&cmd)),
+                    Action::Name => client_info(&cmd),
+                    _ => None,
+                };
+                let action = match &effect {
+                    Some(Effect::Login {
+                        login: Login::Untracked,
+                        ..
+                    })
+                    | Some(Effect::Select(None)) => Action::Pin(PinReason::UntrackedState),
+                    _ => action,
+                };
+                if action != Action::Share {
+                    drop(parsed);
+                    let next = match action {
+                        // Judged again, now on the client's own connection.
+                        Action::Pin(reason) => {
+                            self.pin(upstream, buf, &mut scanned, &mut run, reason)
+                                .await
+                        }
+                        Action::Login => {
+                            self.login(upstream, buf, &mut scanned, &mut run, len, effect)
+                                .await
+                        }
+                        Action::Share | Action::Select | Action::Name => {
+                            self.checked(upstream, buf, &mut scanned, &mut run, len, effect)
+                                .await
+                        }
+                        Action::Quit => {
+                            // Redis would answer and close the shared connection.
+                            self.enqueue_run(&mut run).await;
+                            self.forward(upstream, buf, scanned).await;
+                            self.enqueue(Entry::Local(Bytes::from_static(b"+OK\r\n")))
+                                .await;
+                            Next::Stop
+                        }
+                    };
+                    match next {
+                        Next::Read => continue,
+                        Next::Stop => return Next::Stop,
+                    }
+                }
             }
             let uncertain = matches!(kind, Kind::EntersRaw | Kind::NoReply)
                 || (self.governs() && matches!(kind, Kind::Delete | Kind::Flush { .. }));
@@ -313,7 +366,17 @@ impl RequestSide<'_> {
             }
             if let Some(args) = long_inline {
                 let next = self
-                    .reencode(upstream, buf, &mut scanned, &mut run, len, &args)
+                    .reencode(
+                        upstream,
+                        buf,
+                        &mut scanned,
+                        &mut run,
+                        Long {
+                            len,
+                            args: &args,
+                            kind,
+                        },
+                    )
                     .await;
                 if let Next::Stop = next {
                     return Next::Stop;
@@ -325,19 +388,32 @@ impl RequestSide<'_> {
     }
 
     /// Sends the inline command that ends at `buf[..*scanned]` (its `len` bytes, already
-    /// counted in `run`) as a multibulk request of `args` instead, in its place.
+    /// counted in `run` unless it owes no reply) as a multibulk request of `args` instead, in its place.
     async fn reencode(
         &mut self,
-        upstream: &mut WriteHalf,
+        upstream: &mut Upstream,
         buf: &mut BytesMut,
         scanned: &mut usize,
         run: &mut Run,
-        len: usize,
-        args: &[Vec<u8>],
+        long: Long<'_>,
     ) -> Next {
+        let Long { len, args, kind } = long;
+        // It goes in a write of its own, with its own reply (if it has one).
+        let replies = u32::from(kind != Kind::NoReply);
+        run.count -= replies;
+        let blocking = run.blocking;
         self.enqueue_run(run).await;
         if let Next::Stop = self.forward(upstream, buf, *scanned - len).await {
             return Next::Stop;
+        }
+        if replies > 0 {
+            self.enqueue(Entry::Upstream {
+                count: 1,
+                blocking,
+                effect: None,
+                sent: Instant::now(),
+            })
+            .await;
         }
         let mut out = Vec::with_capacity(len + 16 * args.len());
         crate::resp::encode_command(&mut out, args);
@@ -351,7 +427,7 @@ impl RequestSide<'_> {
     /// it has been applied (G3).
     async fn invalidate(
         &mut self,
-        upstream: &mut WriteHalf,
+        upstream: &mut Upstream,
         buf: &mut BytesMut,
         scanned: &mut usize,
         run: &mut Run,
@@ -417,7 +493,7 @@ impl RequestSide<'_> {
     /// Sends a `PING` on the client's connection (its reply is not forwarded) and waits for
     /// it, so the confirmed state says whether Redis treats the connection as authenticated.
     /// Done once per connection, before its first invalidation the shield would run.
-    async fn probe_auth(&mut self, upstream: &mut WriteHalf) -> Next {
+    async fn probe_auth(&mut self, upstream: &mut Upstream) -> Next {
         self.enqueue(Entry::Probe).await;
         if let Next::Stop = self.send(upstream, b"*1\r\n$4\r\nPING\r\n").await {
             return Next::Stop;
@@ -456,7 +532,7 @@ impl RequestSide<'_> {
     /// place of Redis's.
     async fn substitute(
         &mut self,
-        upstream: &mut WriteHalf,
+        upstream: &mut Upstream,
         buf: &mut BytesMut,
         scanned: &mut usize,
         run: &mut Run,
@@ -466,12 +542,16 @@ impl RequestSide<'_> {
         let reply = Engine::denied(denial.all);
         if !self.raw {
             self.enqueue_run(run).await;
-            self.enqueue(Entry::Replace(reply)).await;
         }
         if let Next::Stop = self.forward(upstream, buf, *scanned).await {
             return Next::Stop;
         }
         *scanned = 0;
+        // Queued after the write before it: each write carries exactly the replies queued
+        // for it.
+        if !self.raw {
+            self.enqueue(Entry::Replace(reply)).await;
+        }
         if let Next::Stop = self.send(upstream, denial.substitute()).await {
             return Next::Stop;
         }
@@ -483,7 +563,7 @@ impl RequestSide<'_> {
     /// them (the one that enters raw mode) on.
     async fn enter_raw(
         &mut self,
-        upstream: &mut WriteHalf,
+        upstream: &mut Upstream,
         buf: &mut BytesMut,
         scanned: usize,
         run: &mut Run,
@@ -503,7 +583,7 @@ impl RequestSide<'_> {
     /// `CLIENT REPLY OFF`).
     pub(super) async fn process_raw(
         &mut self,
-        upstream: &mut WriteHalf,
+        upstream: &mut Upstream,
         buf: &mut BytesMut,
     ) -> Next {
         let mut scanned = 0;
@@ -545,7 +625,7 @@ impl RequestSide<'_> {
     /// connection's confirmed state is current for the next command.
     async fn settle(
         &mut self,
-        upstream: &mut WriteHalf,
+        upstream: &mut Upstream,
         buf: &mut BytesMut,
         scanned: &mut usize,
         run: &mut Run,
@@ -582,7 +662,7 @@ impl RequestSide<'_> {
     /// error and stops reading; the reply side closes the connection after delivering it.
     async fn protocol_error(
         &mut self,
-        upstream: &mut WriteHalf,
+        upstream: &mut Upstream,
         buf: &mut BytesMut,
         scanned: usize,
         mut run: Run,
@@ -616,12 +696,18 @@ impl RequestSide<'_> {
     }
 
     async fn enqueue(&self, entry: Entry) {
+        let replies = match &entry {
+            Entry::Upstream { count, .. } => *count,
+            Entry::Replace(_) | Entry::Probe => 1,
+            Entry::Local(_) | Entry::Raw | Entry::Switch(_) => 0,
+        };
+        self.unsent.fetch_add(replies, Ordering::Relaxed);
         // False only when the reply side is gone, and the session is ending anyway.
         let _ = self.links.queue.push(entry).await;
     }
 
     /// Writes `buf[..len]` to Redis and consumes it.
-    async fn forward(&self, upstream: &mut WriteHalf, buf: &mut BytesMut, len: usize) -> Next {
+    async fn forward(&self, upstream: &mut Upstream, buf: &mut BytesMut, len: usize) -> Next {
         if len == 0 {
             return Next::Read;
         }
@@ -636,17 +722,252 @@ impl RequestSide<'_> {
     }
 
     /// Writes bytes to Redis: the client's, or ones stormwall made (a substitute, a
-    /// re-encoding, a probe). A failed write ends the session.
-    async fn send(&self, upstream: &mut WriteHalf, bytes: &[u8]) -> Next {
-        match upstream.write_all(bytes).await {
-            Ok(()) => Next::Read,
-            Err(e) => {
-                debug!(error = %e, "upstream write failed");
-                self.links.dead.cancel();
-                Next::Stop
+    /// re-encoding, a probe), carrying the replies queued since the last write. A failed
+    /// write ends the session.
+    async fn send(&self, upstream: &mut Upstream, bytes: &[u8]) -> Next {
+        let replies = self.unsent.swap(0, Ordering::Relaxed);
+        let links = self.links;
+        let ok = match upstream {
+            Upstream::Socket(write) => match write.write_all(bytes).await {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(error = %e, "upstream write failed");
+                    false
+                }
+            },
+            Upstream::Shared(link) => {
+                let cfg = &links.config.upstream;
+                link.send(&links.ctx.pools, cfg, bytes, replies).await
             }
+        };
+        if ok {
+            Next::Read
+        } else {
+            links.dead.cancel();
+            Next::Stop
         }
     }
+
+    /// Forwards what was framed before the command at `buf[*scanned..]` and waits until
+    /// Redis has answered it all (received, not necessarily delivered to the client):
+    /// commands sent on another connection after this run after everything before.
+    async fn drain_shared(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+    ) -> Next {
+        self.enqueue_run(run).await;
+        if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+            return Next::Stop;
+        }
+        *scanned = 0;
+        let Upstream::Shared(link) = upstream else {
+            return Next::Read;
+        };
+        tokio::select! {
+            _ = link.inbox.settled() => {}
+            _ = self.links.dead.cancelled() => return Next::Stop,
+        }
+        if link.inbox.failed() {
+            return Next::Stop;
+        }
+        Next::Read
+    }
+
+    /// Moves a shared client to a private connection for the rest of its life, before the
+    /// command at `buf[*scanned..]`: a spare, put into the client's state (user, database,
+    /// protocol, name), once everything before has been answered.
+    async fn pin(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        reason: PinReason,
+    ) -> Next {
+        if let Next::Stop = self.drain_shared(upstream, buf, scanned, run).await {
+            return Next::Stop;
+        }
+        let links = self.links;
+        let cfg = &links.config.upstream;
+        let replay = links.state().replay();
+        let opened = async {
+            let mut conn = links
+                .ctx
+                .pools
+                .spare(cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + cfg.connect_timeout;
+            conn.establish(&replay, deadline)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            conn.into_halves()
+                .ok_or_else(|| "unexpected bytes from Redis".to_owned())
+        };
+        let (read, write) = match opened.await {
+            Ok(halves) => halves,
+            Err(e) => {
+                debug!(error = %e, reason = reason.label(), "cannot open a private connection for a pinned client; closing it");
+                links.dead.cancel();
+                return Next::Stop;
+            }
+        };
+        debug!(
+            reason = reason.label(),
+            "client moves to a private connection"
+        );
+        links.ctx.metrics.pins[reason as usize].increment(1);
+        links.ctx.metrics.private_connections.increment(1.0);
+        links.pinned.store(true, Ordering::Relaxed);
+        self.enqueue(Entry::Switch(Private(read))).await;
+        *upstream = Upstream::Socket(write);
+        Next::Read
+    }
+
+    /// A shared client's `AUTH` or `HELLO` at `buf[..len]` after what is framed: decided by
+    /// Redis on a spare put into the client's current state, so the shared connections are
+    /// never touched; an accepted login moves the client to its new identity's connections.
+    async fn login(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        len: usize,
+        effect: Option<Effect>,
+    ) -> Next {
+        if let Next::Stop = self.drain_shared(upstream, buf, scanned, run).await {
+            return Next::Stop;
+        }
+        let links = self.links;
+        let cfg = &links.config.upstream;
+        let (mut setup, before) = {
+            let state = links.state();
+            (state.replay(), state.clone())
+        };
+        // Only who the connection is and how it speaks matter to AUTH and HELLO.
+        setup.retain(|c| c[0].as_ref() == b"AUTH" || c[0].as_ref() == b"HELLO");
+        let exchange = async {
+            let mut conn = links
+                .ctx
+                .pools
+                .spare(cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + cfg.connect_timeout;
+            conn.establish(&setup, deadline)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            let reply = conn
+                .exchange_until(&buf[..len], 1, deadline)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((conn, reply))
+        };
+        let (conn, reply) = match exchange.await {
+            Ok((conn, mut reply)) if reply.len() == 1 => (conn, reply.remove(0)),
+            Ok(_) => return Next::Stop,
+            Err(e) => {
+                debug!(error = %e, "cannot check a login with Redis; closing the client");
+                links.dead.cancel();
+                return Next::Stop;
+            }
+        };
+        buf.advance(len);
+        if let Some(effect) = effect {
+            links.confirm(effect, &reply);
+        }
+        let refused = reply.first() == Some(&b'-');
+        if refused && setup.is_empty() {
+            // Nothing changed it: still a fresh connection.
+            links.ctx.pools.give_back(conn, cfg);
+        }
+        self.rekey(upstream, &before);
+        self.enqueue(Entry::Local(reply)).await;
+        Next::Read
+    }
+
+    /// A shared client's `SELECT` or `CLIENT SETNAME`/`SETINFO` at `buf[..len]` after what is
+    /// framed: sent in order on its shared connection, its reply read here to update the
+    /// state this session holds (and, for `SELECT`, the connection put straight back in its
+    /// database by a second `SELECT` in the same write, so no other client's command runs
+    /// in between).
+    async fn checked(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        len: usize,
+        effect: Option<Effect>,
+    ) -> Next {
+        self.enqueue_run(run).await;
+        if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+            return Next::Stop;
+        }
+        *scanned = 0;
+        let links = self.links;
+        let before = links.state().clone();
+        let mut out = buf[..len].to_vec();
+        let mut replies = 1;
+        if let Some(Effect::Select(_)) = effect {
+            let db = Bytes::from(before.identity.db.to_string());
+            crate::resp::encode_command(&mut out, &[Bytes::from_static(b"SELECT"), db]);
+            replies = 2;
+        }
+        buf.advance(len);
+        let Upstream::Shared(link) = upstream else {
+            return Next::Stop;
+        };
+        let cfg = &links.config.upstream;
+        let got = tokio::select! {
+            got = link.capture(&links.ctx.pools, cfg, &out, replies) => got,
+            _ = links.dead.cancelled() => return Next::Stop,
+        };
+        let Some(reply) = got.and_then(|mut r| (!r.is_empty()).then(|| r.swap_remove(0))) else {
+            links.dead.cancel();
+            return Next::Stop;
+        };
+        if let Some(effect) = effect {
+            links.confirm(effect, &reply);
+        }
+        self.rekey(upstream, &before);
+        self.enqueue(Entry::Local(reply)).await;
+        Next::Read
+    }
+
+    /// After a held state change: the shared connections for the client's new state.
+    fn rekey(&self, upstream: &mut Upstream, before: &super::state::Confirmed) {
+        let Upstream::Shared(link) = upstream else {
+            return;
+        };
+        let links = self.links;
+        let state = links.state();
+        if state.identity == before.identity && state.resp3 == before.resp3 {
+            return;
+        }
+        let key = Key {
+            identity: state.identity.clone(),
+            proto: if state.resp3 { 3 } else { 2 },
+            authenticated: state.authenticated,
+        };
+        drop(state);
+        let size = links
+            .config
+            .upstream
+            .shared_connections(links.config.runtime.worker_threads);
+        link.rekey(links.ctx.pools.group(&key, size));
+    }
+}
+
+/// A long inline command being re-encoded: its length, arguments and class.
+struct Long<'a> {
+    len: usize,
+    args: &'a [Vec<u8>],
+    kind: Kind,
 }
 
 /// A flush the policy (`flush.deny`) refuses.
@@ -688,11 +1009,19 @@ fn effect_of(cmd: &Command<'_>) -> Effect {
         return Effect::Login {
             hello: false,
             login: login(user, password),
+            proto: None,
+            name: None,
         };
     }
     // HELLO [protover [AUTH username password] [SETNAME clientname]], parsed as Redis's
     // helloCommand does: options in order, each consuming its values, the last AUTH wins.
     let mut credentials = None;
+    let mut name = None;
+    let proto = cmd
+        .arg(1)
+        .and_then(parse_int)
+        .filter(|p| matches!(p, 2 | 3))
+        .map(|p| p as u8);
     let mut i = 2;
     while let Some(opt) = cmd.arg(i) {
         let more = cmd.argc() - 1 - i;
@@ -700,6 +1029,7 @@ fn effect_of(cmd: &Command<'_>) -> Effect {
             credentials = Some((cmd.arg(i + 1), cmd.arg(i + 2)));
             i += 3;
         } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
+            name = cmd.arg(i + 1).map(Bytes::copy_from_slice);
             i += 2;
         } else {
             // A syntax error Redis refuses: the reply decides, and it will not be accepted.
@@ -712,7 +1042,32 @@ fn effect_of(cmd: &Command<'_>) -> Effect {
             None => Login::Unchanged,
             Some((user, password)) => login(user, password),
         },
+        proto,
+        name,
     }
+}
+
+/// What a `CLIENT SETNAME name` or `CLIENT SETINFO LIB-NAME|LIB-VER value` sets; `None` for
+/// other forms (Redis refuses them, and nothing changes).
+fn client_info(cmd: &Command<'_>) -> Option<Effect> {
+    let sub = cmd.arg(1)?;
+    let (field, value) = if sub.eq_ignore_ascii_case(b"SETNAME") && cmd.argc() == 3 {
+        (InfoField::Name, cmd.arg(2)?)
+    } else if sub.eq_ignore_ascii_case(b"SETINFO") && cmd.argc() == 4 {
+        let attr = cmd.arg(2)?;
+        let field = if attr.eq_ignore_ascii_case(b"LIB-NAME") {
+            InfoField::LibName
+        } else if attr.eq_ignore_ascii_case(b"LIB-VER") {
+            InfoField::LibVer
+        } else {
+            return None;
+        };
+        (field, cmd.arg(3)?)
+    } else {
+        return None;
+    };
+    (value.len() <= MAX_KEPT_PASSWORD)
+        .then(|| Effect::ClientInfo(field, Bytes::copy_from_slice(value)))
 }
 
 fn login(user: Option<&[u8]>, password: Option<&[u8]>) -> Login {

@@ -36,6 +36,14 @@ pub(super) enum Login {
     Untracked,
 }
 
+/// What `CLIENT SETNAME`/`SETINFO` sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum InfoField {
+    Name,
+    LibName,
+    LibVer,
+}
+
 /// A command whose reply may change the connection state.
 #[derive(Debug)]
 pub(super) enum Effect {
@@ -49,11 +57,16 @@ pub(super) enum Effect {
     },
     /// `SELECT db`; `None` when stormwall cannot read the argument the way Redis did.
     Select(Option<i64>),
-    /// `AUTH` (`hello == false`) or `HELLO` (`true`).
+    /// `AUTH` (`hello == false`) or `HELLO` (`true`), with the protocol version and the
+    /// name a `HELLO` asks for.
     Login {
         hello: bool,
         login: Login,
+        proto: Option<u8>,
+        name: Option<Bytes>,
     },
+    /// `CLIENT SETNAME` or `CLIENT SETINFO LIB-NAME|LIB-VER`: the field and its value.
+    ClientInfo(InfoField, Bytes),
     /// `CLIENT TRACKING ON|OFF`: whether it turns tracking on.
     Tracking(bool),
     /// A `PING` stormwall sent on the client's connection to learn whether Redis treats the
@@ -65,10 +78,16 @@ impl Effect {
     /// Bytes this effect holds while it waits in the reply queue.
     pub(super) fn held_bytes(&self) -> usize {
         match self {
-            Effect::Login {
-                login: Login::Known { user, password },
-                ..
-            } => password.len() + user.as_ref().map_or(0, |u| u.len()),
+            Effect::Login { login, name, .. } => {
+                let login = match login {
+                    Login::Known { user, password } => {
+                        password.len() + user.as_ref().map_or(0, |u| u.len())
+                    }
+                    _ => 0,
+                };
+                login + name.as_ref().map_or(0, |n| n.len())
+            }
+            Effect::ClientInfo(_, value) => value.len(),
             _ => 0,
         }
     }
@@ -101,6 +120,13 @@ pub(super) struct Confirmed {
     /// shield runs elsewhere would break all three, so its invalidations run on its own
     /// connection.
     tracking: bool,
+    /// The connection speaks RESP3 (a `HELLO 3` was accepted).
+    pub resp3: bool,
+    /// What `CLIENT SETNAME`, `HELLO … SETNAME` and `CLIENT SETINFO` set, replayed when a
+    /// shared client moves to a connection of its own.
+    pub name: Option<Bytes>,
+    pub lib_name: Option<Bytes>,
+    pub lib_ver: Option<Bytes>,
 }
 
 impl Confirmed {
@@ -185,7 +211,23 @@ impl Confirmed {
                 }
             }
             Effect::AuthProbe => {}
-            Effect::Login { hello, login } => {
+            Effect::ClientInfo(field, value) => {
+                if !self.in_multi && ok {
+                    let slot = match field {
+                        InfoField::Name => &mut self.name,
+                        InfoField::LibName => &mut self.lib_name,
+                        InfoField::LibVer => &mut self.lib_ver,
+                    };
+                    // Redis clears a name set to the empty string.
+                    *slot = (!value.is_empty()).then_some(value);
+                }
+            }
+            Effect::Login {
+                hello,
+                login,
+                proto,
+                name,
+            } => {
                 if self.in_multi {
                     self.queued_login |= queued;
                     return;
@@ -197,6 +239,12 @@ impl Confirmed {
                 };
                 if !accepted {
                     return;
+                }
+                if let Some(proto) = proto {
+                    self.resp3 = proto == 3;
+                }
+                if name.is_some() {
+                    self.name = name.filter(|n| !n.is_empty());
                 }
                 match login {
                     Login::Unchanged => return,
@@ -211,6 +259,44 @@ impl Confirmed {
                 self.auth_proven = true;
             }
         }
+    }
+
+    /// The commands that put a fresh connection into this state (a shared client moving to a
+    /// connection of its own), in the order Redis needs them.
+    pub fn replay(&self) -> Vec<Vec<Bytes>> {
+        let mut commands = Vec::new();
+        let who = &self.identity;
+        if let Some(password) = &who.password {
+            let mut auth = vec![Bytes::from_static(b"AUTH")];
+            auth.extend(who.user.clone());
+            auth.push(password.clone());
+            commands.push(auth);
+        }
+        if who.db != 0 {
+            commands.push(vec![
+                Bytes::from_static(b"SELECT"),
+                Bytes::from(who.db.to_string()),
+            ]);
+        }
+        if self.resp3 {
+            commands.push(vec![Bytes::from_static(b"HELLO"), Bytes::from_static(b"3")]);
+        }
+        let client = |sub: &'static [u8], field: Option<&'static [u8]>, value: &Bytes| {
+            let mut c = vec![Bytes::from_static(b"CLIENT"), Bytes::from_static(sub)];
+            c.extend(field.map(Bytes::from_static));
+            c.push(value.clone());
+            c
+        };
+        if let Some(name) = &self.name {
+            commands.push(client(b"SETNAME", None, name));
+        }
+        if let Some(lib) = &self.lib_name {
+            commands.push(client(b"SETINFO", Some(b"LIB-NAME"), lib));
+        }
+        if let Some(ver) = &self.lib_ver {
+            commands.push(client(b"SETINFO", Some(b"LIB-VER"), ver));
+        }
+        commands
     }
 
     fn end_transaction(&mut self) {
@@ -240,6 +326,8 @@ mod tests {
         Effect::Login {
             hello: false,
             login: known(password),
+            proto: None,
+            name: None,
         }
     }
 
@@ -320,6 +408,8 @@ mod tests {
             Effect::Login {
                 hello: true,
                 login: Login::Unchanged,
+                proto: None,
+                name: None,
             },
             b"%7\r\n",
         );
@@ -351,6 +441,8 @@ mod tests {
             Effect::Login {
                 hello: true,
                 login: known("h"),
+                proto: None,
+                name: None,
             },
             b"-NOPROTO unsupported protocol version\r\n",
         );
@@ -359,6 +451,8 @@ mod tests {
             Effect::Login {
                 hello: true,
                 login: known("h"),
+                proto: None,
+                name: None,
             },
             b"%7\r\n",
         );
@@ -367,6 +461,8 @@ mod tests {
             Effect::Login {
                 hello: false,
                 login: Login::Untracked,
+                proto: None,
+                name: None,
             },
             b"+OK\r\n",
         );

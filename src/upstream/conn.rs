@@ -1,11 +1,10 @@
-//! stormwall's own command connections to Redis, used by the invalidation engine.
+//! A connection that sends stormwall's own commands and decodes their replies.
 //!
 //! Client sessions relay bytes and never decode replies; the engine, in contrast, sends its
 //! own commands and must read their results (a `DEL` count, an `EXEC` array). A [`Conn`] is
 //! opened *as* a client identity — the same user, password and database the client's own
 //! connection had — so the engine can never do what the client could not (G5).
 
-use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
 use std::time::Duration;
@@ -17,39 +16,10 @@ use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+use super::{ConnError, Identity};
 use crate::config::UpstreamConfig;
 use crate::net::{ReadHalf, Stream, WriteHalf};
-
-/// Who a connection acts as: the credentials and database a client session established.
-/// Invalidations are grouped by it, and executed on connections opened with it.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct Identity {
-    /// `None`: never authenticated (the default user, if Redis allows that without a password).
-    pub user: Option<Bytes>,
-    pub password: Option<Bytes>,
-    pub db: i64,
-}
-
-/// Never prints the password: identities end up in logs and panic messages.
-impl fmt::Debug for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity")
-            .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("db", &self.db)
-            .finish()
-    }
-}
-
-/// Why a connection could not be used.
-#[derive(Debug)]
-pub enum ConnError {
-    /// Connecting, writing or reading failed (transient: worth retrying).
-    Io(io::Error),
-    /// Redis refused to let this connection act as the identity (`AUTH`/`SELECT` refused, or
-    /// `NOAUTH`) with this error: retrying won't help.
-    Refused(String),
-}
+use crate::resp::reply::{FrameKind, ReplyScanner};
 
 /// A connection that sends commands and decodes their replies.
 pub struct Conn {
@@ -122,6 +92,28 @@ impl Conn {
         Ok(conn)
     }
 
+    /// Puts this connection into a client's state by running `commands` (an `AUTH`, a
+    /// `SELECT`, a `HELLO`, …); fails if Redis refuses any of them.
+    pub async fn establish(
+        &mut self,
+        commands: &[Vec<Bytes>],
+        deadline: Instant,
+    ) -> Result<(), ConnError> {
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let replies = self
+            .call_raw_until(commands, deadline)
+            .await
+            .map_err(ConnError::Io)?;
+        match replies.iter().find(|r| r.first() == Some(&b'-')) {
+            Some(refused) => Err(ConnError::Refused(
+                String::from_utf8_lossy(&refused[1..]).trim_end().to_owned(),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Whether Redis has closed this idle connection (a `CLIENT KILL`, its `timeout`, a
     /// restart), asked of the kernel without waiting: a peek finds the end of the stream, an
     /// error, or bytes nobody asked for (out of step: unusable too). The kernel is asked
@@ -156,17 +148,66 @@ impl Conn {
     }
 
     async fn call(&mut self, commands: &[Vec<Bytes>]) -> io::Result<Vec<OwnedFrame>> {
+        let raw = self.call_raw(commands).await?;
+        raw.iter()
+            .map(|frame| match decode(frame) {
+                Ok(Some((frame, _))) => Ok(frame),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "invalid reply from Redis (RESP3 where RESP2 was expected?)",
+                )),
+            })
+            .collect()
+    }
+
+    /// Sends `commands` as one pipeline (each an argument list) and returns their replies
+    /// as Redis sent them, RESP2 or RESP3, before `deadline`.
+    pub async fn call_raw_until(
+        &mut self,
+        commands: &[Vec<Bytes>],
+        deadline: Instant,
+    ) -> io::Result<Vec<Bytes>> {
         let mut out = Vec::new();
         for args in commands {
             crate::resp::encode_command(&mut out, args);
         }
-        self.write.write_all(&out).await?;
-        let mut replies = Vec::with_capacity(commands.len());
-        while replies.len() < commands.len() {
-            match decode(&self.buf) {
-                Ok(Some((frame, len))) => {
+        self.exchange_until(&out, commands.len(), deadline).await
+    }
+
+    /// Writes `request` (already encoded, `replies` commands) and returns the replies.
+    pub async fn exchange_until(
+        &mut self,
+        request: &[u8],
+        replies: usize,
+        deadline: Instant,
+    ) -> io::Result<Vec<Bytes>> {
+        let limit = deadline.min(Instant::now() + self.reply_timeout);
+        tokio::time::timeout_at(limit, self.exchange(request, replies))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "Redis did not reply in time"))?
+    }
+
+    async fn call_raw(&mut self, commands: &[Vec<Bytes>]) -> io::Result<Vec<Bytes>> {
+        let mut out = Vec::new();
+        for args in commands {
+            crate::resp::encode_command(&mut out, args);
+        }
+        self.exchange(&out, commands.len()).await
+    }
+
+    async fn exchange(&mut self, request: &[u8], count: usize) -> io::Result<Vec<Bytes>> {
+        self.write.write_all(request).await?;
+        let mut scanner = ReplyScanner::new(u64::MAX);
+        let mut replies = Vec::with_capacity(count);
+        while replies.len() < count {
+            match scanner.next(&self.buf) {
+                Ok(Some((len, FrameKind::Reply))) => {
+                    replies.push(self.buf.split_to(len).freeze());
+                    continue;
+                }
+                // Pushes answer nothing (none are expected on these connections).
+                Ok(Some((len, FrameKind::Push))) => {
                     self.buf.advance(len);
-                    replies.push(frame);
                     continue;
                 }
                 Ok(None) => {}
@@ -183,92 +224,10 @@ impl Conn {
         }
         Ok(replies)
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn debug_never_shows_the_password() {
-        let who = Identity {
-            user: Some(Bytes::from_static(b"alice")),
-            password: Some(Bytes::from_static(b"hunter2")),
-            db: 3,
-        };
-        let shown = format!("{who:?}");
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(
-            shown.contains("alice") && shown.contains("<redacted>"),
-            "{shown}"
-        );
+    /// The socket halves, for a connection that goes on carrying client traffic; `None` if
+    /// Redis sent bytes nobody asked for (out of step).
+    pub(crate) fn into_halves(self) -> Option<(ReadHalf, WriteHalf)> {
+        self.buf.is_empty().then_some((self.read, self.write))
     }
-}
-
-/// Checks that Redis answers, over one long-lived connection: `PING`, where any reply — even
-/// `-NOAUTH` — proves a live Redis, so the probe needs no credentials. It also finds out
-/// whether Redis requires new connections to authenticate (a fresh connection's `PING` gets
-/// `-NOAUTH`), since the long-lived one keeps the authentication Redis granted it when it
-/// connected; that costs one short connection every [`AUTH_CHECK_INTERVAL`].
-#[derive(Default)]
-pub struct Probe {
-    conn: Option<Conn>,
-    /// When Redis's need for authentication was last checked, and what it was.
-    auth_checked: Option<(Instant, bool)>,
-}
-
-/// How often the probe checks whether Redis requires authentication.
-const AUTH_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl Probe {
-    /// Whether Redis answers, and if so whether it requires new connections to authenticate.
-    pub async fn check(&mut self, cfg: &UpstreamConfig) -> io::Result<bool> {
-        // Redis closing the probe's connection (its `timeout`, a `CLIENT KILL`, even in the
-        // middle of a PING) says nothing about whether it answers: such a connection is
-        // replaced quietly, and only a fresh connection's failure counts.
-        if self.conn.as_mut().is_some_and(Conn::is_closed) {
-            self.conn = None;
-        }
-        let reused = self.conn.is_some();
-        let fresh = match self.ping(cfg).await {
-            Err(_) if reused => self.ping(cfg).await?,
-            result => result?,
-        };
-        match self.auth_checked {
-            Some((at, required)) if at.elapsed() < AUTH_CHECK_INTERVAL => Ok(required),
-            _ => {
-                let required = match fresh {
-                    Some(required) => required,
-                    None => {
-                        let mut conn = Conn::connect(cfg).await?;
-                        ping_needs_auth(&mut conn, cfg).await?
-                    }
-                };
-                self.auth_checked = Some((Instant::now(), required));
-                Ok(required)
-            }
-        }
-    }
-
-    /// PINGs over the long-lived connection. `Some(needs_auth)` when that connection was
-    /// opened just now (so its answer also says whether Redis requires authentication).
-    async fn ping(&mut self, cfg: &UpstreamConfig) -> io::Result<Option<bool>> {
-        let (conn, fresh) = match self.conn.as_mut() {
-            Some(conn) => (conn, false),
-            None => (self.conn.insert(Conn::connect(cfg).await?), true),
-        };
-        let result = ping_needs_auth(conn, cfg).await;
-        if result.is_err() {
-            self.conn = None;
-        }
-        result.map(|needs| fresh.then_some(needs))
-    }
-}
-
-/// PINGs and says whether Redis refused for lack of authentication.
-async fn ping_needs_auth(conn: &mut Conn, cfg: &UpstreamConfig) -> io::Result<bool> {
-    let ping = [vec![Bytes::from_static(b"PING")]];
-    let deadline = Instant::now() + cfg.connect_timeout;
-    let replies = conn.call_until(&ping, deadline).await?;
-    Ok(matches!(replies.first(), Some(OwnedFrame::Error(e)) if e.starts_with("NOAUTH")))
 }

@@ -1,0 +1,139 @@
+//! A session's way to Redis: its own socket (dedicated mode, or a pinned shared client), or
+//! a place on a shared connection.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
+use crate::config::UpstreamConfig;
+use crate::net::{ReadHalf, WriteHalf};
+use crate::upstream::mux::{Inbox, Mux};
+use crate::upstream::pool::{Group, Pools, Unavailable};
+
+/// Where the request side writes.
+pub(super) enum Upstream {
+    /// A connection of the client's own.
+    Socket(WriteHalf),
+    Shared(SharedLink),
+}
+
+/// Where the reply side reads.
+pub(super) enum Replies {
+    Socket(ReadHalf),
+    Shared(Arc<Inbox>),
+}
+
+impl Replies {
+    /// Reads whatever Redis sent for this client into `buf`; `Ok(0)` at the end of a
+    /// socket, an error once a shared connection failed with replies owed.
+    pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Replies::Socket(read) => read.read_buf(buf).await,
+            Replies::Shared(inbox) => inbox.read(buf).await,
+        }
+    }
+}
+
+impl Upstream {
+    /// Half-closes a socket of the client's own (Redis then ends the connection, as it
+    /// would for the client); a shared connection stays open.
+    pub async fn shutdown(&mut self) {
+        if let Upstream::Socket(write) = self {
+            let _ = write.shutdown().await;
+        }
+    }
+}
+
+/// A shared client's place in a group of shared connections.
+pub(super) struct SharedLink {
+    group: Arc<Group>,
+    /// Which of the group's connections this client uses.
+    slot: usize,
+    mux: Option<Arc<Mux>>,
+    pub inbox: Arc<Inbox>,
+}
+
+impl SharedLink {
+    pub fn new(group: Arc<Group>, inbox: Arc<Inbox>) -> SharedLink {
+        SharedLink {
+            slot: group.assign(),
+            group,
+            mux: None,
+            inbox,
+        }
+    }
+
+    /// Moves to another group (the client's identity, database or protocol changed). Only
+    /// called with nothing in flight, so order across the two connections is kept.
+    pub fn rekey(&mut self, group: Arc<Group>) {
+        if !Arc::ptr_eq(&group, &self.group) {
+            self.slot = group.assign();
+            self.group = group;
+            self.mux = None;
+        }
+    }
+
+    /// The live shared connection, reconnecting if needed; `None` if this client's
+    /// replies were lost with a failed connection, or Redis stays away.
+    async fn mux(&mut self, pools: &Pools, cfg: &UpstreamConfig) -> Option<Arc<Mux>> {
+        if let Some(mux) = self.mux.as_ref().filter(|m| !m.is_dead()) {
+            return Some(mux.clone());
+        }
+        if self.inbox.owed() > 0 || self.inbox.failed() {
+            return None;
+        }
+        match self.group.connection(self.slot, pools, cfg).await {
+            Ok(mux) => {
+                self.mux = Some(mux.clone());
+                Some(mux)
+            }
+            Err(Unavailable::Outage(e)) => {
+                debug!(error = %e, "Redis did not come back within upstream.outage_wait; closing the client");
+                None
+            }
+            Err(Unavailable::Refused(e)) => {
+                debug!(error = %e, "Redis refuses this client's shared connection state; closing the client");
+                None
+            }
+        }
+    }
+
+    /// Sends `bytes`, `replies` commands whose replies go to this client's inbox.
+    pub async fn send(
+        &mut self,
+        pools: &Pools,
+        cfg: &UpstreamConfig,
+        bytes: &[u8],
+        replies: u32,
+    ) -> bool {
+        loop {
+            let Some(mux) = self.mux(pools, cfg).await else {
+                return false;
+            };
+            if mux.send(&self.inbox, bytes, replies) {
+                return true;
+            }
+        }
+    }
+
+    /// Sends `bytes`, `replies` commands, in this client's order, and returns their replies
+    /// to stormwall instead of the client.
+    pub async fn capture(
+        &mut self,
+        pools: &Pools,
+        cfg: &UpstreamConfig,
+        bytes: &[u8],
+        replies: u32,
+    ) -> Option<Vec<Bytes>> {
+        let rx = loop {
+            let mux = self.mux(pools, cfg).await?;
+            if let Some(rx) = mux.capture(bytes, replies) {
+                break rx;
+            }
+        };
+        rx.await.ok()
+    }
+}

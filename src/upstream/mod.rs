@@ -1,0 +1,74 @@
+//! stormwall's connections to Redis.
+//!
+//! * [`conn`]: a connection that sends stormwall's own commands and decodes their replies
+//!   (the shield's batches, handshakes, the readiness probe), opened *as* a client identity;
+//! * [`mux`]: one Redis connection shared by many clients, their commands written together
+//!   and the replies handed back in order;
+//! * [`pool`]: the shared connections per identity and the pre-connected spares, with
+//!   reconnection — the only part that knows where Redis is, so a Cluster or Sentinel router
+//!   sits above it rather than inside it;
+//! * [`probe`]: whether Redis answers, and whether it requires authentication.
+
+mod conn;
+pub mod mux;
+pub mod pool;
+mod probe;
+
+pub use conn::Conn;
+pub use probe::Probe;
+
+use std::fmt;
+use std::io;
+
+use bytes::Bytes;
+
+/// Who a connection acts as: the credentials and database a client session established.
+/// Invalidations are grouped by it, and executed on connections opened with it.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// `None`: never authenticated (the default user, if Redis allows that without a password).
+    pub user: Option<Bytes>,
+    pub password: Option<Bytes>,
+    pub db: i64,
+}
+
+/// Never prints the password: identities end up in logs and panic messages.
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("db", &self.db)
+            .finish()
+    }
+}
+
+/// Why a connection could not be used.
+#[derive(Debug)]
+pub enum ConnError {
+    /// Connecting, writing or reading failed (transient: worth retrying).
+    Io(io::Error),
+    /// Redis refused to let this connection act as the identity (`AUTH`/`SELECT` refused, or
+    /// `NOAUTH`) with this error: retrying won't help.
+    Refused(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let who = Identity {
+            user: Some(Bytes::from_static(b"alice")),
+            password: Some(Bytes::from_static(b"hunter2")),
+            db: 3,
+        };
+        let shown = format!("{who:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("alice") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
+}

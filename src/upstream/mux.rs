@@ -1,0 +1,402 @@
+//! One Redis connection carrying many clients' commands (shared mode).
+//!
+//! Clients append their commands to one output buffer; a writer task sends whatever has
+//! accumulated in one write, so Redis reads fifty clients' commands as one pipeline
+//! (auto-pipelining across clients). Each append also appends a *route* — "the next N
+//! replies belong to this client" — under the same lock, so routes are in exactly the order
+//! Redis will answer. A reader task frames Redis's replies and hands each to the oldest
+//! route: the client's [`Inbox`], or a [`capture`](Mux::capture) that stormwall reads itself
+//! (the answer to a `SELECT` it must check).
+//!
+//! Only commands with exactly one reply travel here: anything that could answer twice, not
+//! at all, or late (blocking, pub/sub, `CLIENT REPLY`) moves its client to a private
+//! connection first. So a reply with no route means Redis and stormwall disagree, and the
+//! connection is failed rather than risk handing a client someone else's answer.
+//!
+//! When the connection fails, every client with replies owed on it is failed too (its
+//! connection is closed, as Redis's own would be); clients with nothing in flight never
+//! notice, and their next command goes to the replacement the pool opens.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Buf, Bytes, BytesMut};
+use metrics::{Gauge, Histogram};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::net::{ReadHalf, WriteHalf};
+use crate::resp::reply::{FrameKind, ReplyScanner};
+
+/// Read buffer of a shared connection; it grows for large replies.
+const READ_BUF: usize = 64 * 1024;
+/// An output buffer larger than this is not kept for reuse after a write.
+const KEEP_OUT: usize = 1024 * 1024;
+
+/// Where one client's replies arrive, from whichever shared connection carried its commands.
+#[derive(Default)]
+pub struct Inbox {
+    inner: Mutex<InboxInner>,
+    ready: Notify,
+    /// Replies sent for and not yet received from Redis.
+    owed: AtomicU32,
+    /// `owed` dropped to zero, or the inbox failed.
+    settled: Notify,
+}
+
+#[derive(Default)]
+struct InboxInner {
+    buf: BytesMut,
+    /// The connection carrying this client's commands failed with replies owed.
+    failed: bool,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxInner> {
+        // Nothing panics while holding it, and the data stays consistent if it did.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the replies received so far into `buf` (waiting for some). An error once the
+    /// connection failed with replies owed to this client.
+    pub async fn read(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut inner = self.lock();
+                let n = inner.buf.len();
+                if n > 0 {
+                    if buf.is_empty() {
+                        // Hand the buffer over instead of copying it.
+                        std::mem::swap(buf, &mut inner.buf);
+                        inner.buf.clear();
+                    } else {
+                        buf.extend_from_slice(&inner.buf);
+                        inner.buf.clear();
+                    }
+                    return Ok(n);
+                }
+                if inner.failed {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the shared Redis connection was lost with replies owed",
+                    ));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Replies sent for and not yet received.
+    pub fn owed(&self) -> u32 {
+        self.owed.load(Ordering::Acquire)
+    }
+
+    /// Whether replies were lost with a failed connection.
+    pub fn failed(&self) -> bool {
+        self.lock().failed
+    }
+
+    /// Waits until every reply sent for has been received (or the inbox failed): from then
+    /// on Redis has executed everything this client sent.
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.owed() == 0 || self.failed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn deliver(&self, bytes: &[u8], replies: u32) {
+        self.lock().buf.extend_from_slice(bytes);
+        self.ready.notify_one();
+        if self.owed.fetch_sub(replies, Ordering::AcqRel) == replies {
+            self.settled.notify_waiters();
+        }
+    }
+
+    fn fail(&self) {
+        self.lock().failed = true;
+        self.ready.notify_one();
+        self.settled.notify_waiters();
+    }
+}
+
+/// Who the next replies belong to.
+enum Route {
+    Inbox(Arc<Inbox>, u32),
+    Capture {
+        want: u32,
+        got: Vec<Bytes>,
+        tx: oneshot::Sender<Vec<Bytes>>,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    out: BytesMut,
+    /// Commands in `out`.
+    queued: u32,
+    routes: VecDeque<Route>,
+    dead: bool,
+}
+
+/// Metric handles a shared connection updates.
+#[derive(Clone)]
+pub struct MuxMetrics {
+    /// Commands carried per write to Redis.
+    pub write_commands: Histogram,
+    /// Shared connections open.
+    pub connections: Gauge,
+}
+
+/// One shared Redis connection.
+pub struct Mux {
+    state: Mutex<State>,
+    wake: Notify,
+    stop: CancellationToken,
+}
+
+impl Mux {
+    /// Starts carrying traffic on a connection already in the pool's state.
+    pub(crate) fn start(read: ReadHalf, write: WriteHalf, metrics: MuxMetrics) -> Arc<Mux> {
+        let mux = Arc::new(Mux {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            stop: CancellationToken::new(),
+        });
+        metrics.connections.increment(1.0);
+        let writer = mux.clone();
+        let hist = metrics.write_commands.clone();
+        tokio::spawn(async move { writer.write_loop(write, hist).await });
+        let reader = mux.clone();
+        tokio::spawn(async move {
+            reader.read_loop(read).await;
+            metrics.connections.decrement(1.0);
+        });
+        mux
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the connection failed or was closed.
+    pub fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+
+    /// Queues `bytes` (`replies` commands, each answered once) for `inbox`'s client. False
+    /// if the connection is dead (nothing was queued).
+    pub fn send(&self, inbox: &Arc<Inbox>, bytes: &[u8], replies: u32) -> bool {
+        let mut state = self.lock();
+        if state.dead {
+            return false;
+        }
+        if replies > 0 {
+            inbox.owed.fetch_add(replies, Ordering::AcqRel);
+            match state.routes.back_mut() {
+                Some(Route::Inbox(last, n)) if Arc::ptr_eq(last, inbox) => *n += replies,
+                _ => state.routes.push_back(Route::Inbox(inbox.clone(), replies)),
+            }
+        }
+        self.queue(state, bytes, replies);
+        true
+    }
+
+    /// Queues `bytes` (`replies` commands) whose replies stormwall reads itself; they come
+    /// back, in order, through the returned receiver (dropped if the connection fails).
+    pub fn capture(&self, bytes: &[u8], replies: u32) -> Option<oneshot::Receiver<Vec<Bytes>>> {
+        let mut state = self.lock();
+        if state.dead {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        state.routes.push_back(Route::Capture {
+            want: replies,
+            got: Vec::with_capacity(replies as usize),
+            tx,
+        });
+        self.queue(state, bytes, replies);
+        Some(rx)
+    }
+
+    fn queue(&self, mut state: MutexGuard<'_, State>, bytes: &[u8], replies: u32) {
+        let was_empty = state.out.is_empty();
+        state.out.extend_from_slice(bytes);
+        state.queued += replies;
+        drop(state);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Closes the connection (the pool no longer wants it); clients still owed replies on
+    /// it are failed.
+    pub fn close(&self) {
+        self.fail();
+    }
+
+    /// Marks the connection dead and fails every client still owed a reply.
+    fn fail(&self) {
+        let routes = {
+            let mut state = self.lock();
+            if state.dead {
+                return;
+            }
+            state.dead = true;
+            state.out = BytesMut::new();
+            std::mem::take(&mut state.routes)
+        };
+        self.stop.cancel();
+        for route in routes {
+            if let Route::Inbox(inbox, _) = route {
+                inbox.fail();
+            }
+            // A capture's sender is dropped: its receiver sees the failure.
+        }
+    }
+
+    async fn write_loop(&self, mut write: WriteHalf, commands: Histogram) {
+        let mut batch = BytesMut::new();
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let queued = {
+                let mut state = self.lock();
+                if state.dead {
+                    break;
+                }
+                if state.out.is_empty() {
+                    None
+                } else {
+                    std::mem::swap(&mut state.out, &mut batch);
+                    Some(std::mem::take(&mut state.queued))
+                }
+            };
+            let Some(queued) = queued else {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = self.stop.cancelled() => break,
+                }
+                continue;
+            };
+            commands.record(f64::from(queued));
+            let written = tokio::select! {
+                r = write.write_all(&batch) => r,
+                _ = self.stop.cancelled() => break,
+            };
+            if let Err(e) = written {
+                debug!(error = %e, "shared upstream connection: write failed");
+                self.fail();
+                break;
+            }
+            batch.clear();
+            if batch.capacity() > KEEP_OUT {
+                batch = BytesMut::new();
+            }
+        }
+        let _ = write.shutdown().await;
+    }
+
+    async fn read_loop(&self, mut read: ReadHalf) {
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        let mut scanner = ReplyScanner::new(u64::MAX);
+        loop {
+            if buf.capacity() - buf.len() < READ_BUF / 4 {
+                buf.reserve(READ_BUF);
+            }
+            let n = tokio::select! {
+                r = read.read_buf(&mut buf) => r,
+                _ = self.stop.cancelled() => return,
+            };
+            match n {
+                Ok(n) if n > 0 => {}
+                Ok(_) => {
+                    debug!("shared upstream connection closed by Redis");
+                    return self.fail();
+                }
+                Err(e) => {
+                    debug!(error = %e, "shared upstream connection: read failed");
+                    return self.fail();
+                }
+            }
+            if let Err(problem) = self.dispatch(&mut buf, &mut scanner) {
+                warn!(
+                    problem,
+                    "shared upstream connection out of step; closing it"
+                );
+                return self.fail();
+            }
+        }
+    }
+
+    /// Hands every complete reply in `buf` to its route and consumes it.
+    fn dispatch(&self, buf: &mut BytesMut, scanner: &mut ReplyScanner) -> Result<(), &'static str> {
+        let mut state = self.lock();
+        let mut pos = 0;
+        // A run of consecutive replies for the same inbox, delivered with one append.
+        let mut run: Option<(Arc<Inbox>, usize, u32)> = None;
+        let flush = |run: &mut Option<(Arc<Inbox>, usize, u32)>, end: usize, buf: &[u8]| {
+            if let Some((inbox, start, replies)) = run.take() {
+                inbox.deliver(&buf[start..end], replies);
+            }
+        };
+        loop {
+            let (len, kind) = match scanner.next(&buf[pos..]) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => return Err("invalid reply"),
+            };
+            if kind == FrameKind::Push {
+                // Only clients with pub/sub or tracking get pushes, and they are private.
+                flush(&mut run, pos, buf);
+                pos += len;
+                continue;
+            }
+            let Some(route) = state.routes.front_mut() else {
+                flush(&mut run, pos, buf);
+                return Err("a reply no request is waiting for");
+            };
+            let done = match route {
+                Route::Inbox(inbox, n) => {
+                    match &mut run {
+                        Some((current, _, replies)) if Arc::ptr_eq(current, inbox) => {
+                            *replies += 1;
+                        }
+                        _ => {
+                            flush(&mut run, pos, buf);
+                            run = Some((inbox.clone(), pos, 1));
+                        }
+                    }
+                    *n -= 1;
+                    *n == 0
+                }
+                Route::Capture { want, got, .. } => {
+                    flush(&mut run, pos, buf);
+                    got.push(Bytes::copy_from_slice(&buf[pos..pos + len]));
+                    got.len() == *want as usize
+                }
+            };
+            pos += len;
+            if done && let Some(Route::Capture { got, tx, .. }) = state.routes.pop_front() {
+                let _ = tx.send(got);
+            }
+        }
+        flush(&mut run, pos, buf);
+        drop(state);
+        buf.advance(pos);
+        Ok(())
+    }
+}
