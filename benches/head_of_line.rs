@@ -8,8 +8,8 @@
 //!
 //! Run: `cargo bench --bench head_of_line` (about 3 minutes). Writes
 //! `results/head_of_line.md`. Environment: `STORMWALL_BENCH_QUICK=1` (one short round, to
-//! check that the bench works), `STORMWALL_BENCH_ROUNDS=N` (default 2),
-//! `STORMWALL_BENCH_SECONDS=S` (length of one run, default 6),
+//! check that the bench works), `STORMWALL_BENCH_ROUNDS=N` (default 3),
+//! `STORMWALL_BENCH_SECONDS=S` (length of one run, default 5),
 //! `STORMWALL_BENCH_HEAVY_PAUSE_MS=MS` (the heavy client's pause between requests, default
 //! 250: the heavy client is busy a fraction of the time, as a real one would be).
 //!
@@ -36,8 +36,9 @@
 //!   is the longest a single request waited (the head-of-line wait itself).
 //!
 //! Every reply is checked against the key asked for, so a reply handed to the wrong client
-//! shows up as an error. The first 300 ms of each run are not counted. Percentiles are
-//! over all small GETs of all rounds for a (scenario, target).
+//! shows up as an error. The first 300 ms of each run are not counted. Each percentile (and
+//! the longest) is taken per run, and the report gives its median over rounds, so that one
+//! round's stall from elsewhere on the machine does not decide a figure.
 //!
 //! Everything shares the machine's cores (here two) with Redis and the proxies; read the
 //! comparison between targets in the same run, not the absolute values.
@@ -305,6 +306,7 @@ fn run(port: u16, heavy: Heavy, seconds: f64, pause: Duration) -> RunResult {
 // ---------------------------------------------------------------------------------------
 // Report
 
+#[derive(Clone, Copy)]
 struct Stats {
     p50: f64,
     p99: f64,
@@ -328,14 +330,38 @@ fn stats(mut us: Vec<u32>) -> Option<Stats> {
     })
 }
 
+/// Each figure's median over rounds: one round's stall (the machine is shared) moves it less
+/// than it moves percentiles of the pooled samples.
+fn over_rounds(rounds: &[Stats]) -> Option<Stats> {
+    let m = |f: fn(&Stats) -> f64| median(rounds.iter().map(f).collect());
+    (!rounds.is_empty()).then(|| Stats {
+        p50: m(|s| s.p50),
+        p99: m(|s| s.p99),
+        p999: m(|s| s.p999),
+        max: m(|s| s.max),
+    })
+}
+
+/// One (scenario, target) over all rounds.
+#[derive(Default)]
+struct Acc {
+    /// Small GETs counted.
+    count: usize,
+    /// Per round: latency from schedule, and service time.
+    scheduled: Vec<Stats>,
+    service: Vec<Stats>,
+    heavy_ms: Vec<f64>,
+    errors: Vec<String>,
+}
+
 fn ms(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{v:.2}"))
 }
 
 fn main() {
     let quick = env_flag("STORMWALL_BENCH_QUICK");
-    let rounds: usize = env_num("STORMWALL_BENCH_ROUNDS").unwrap_or(if quick { 1 } else { 2 });
-    let seconds: f64 = env_num("STORMWALL_BENCH_SECONDS").unwrap_or(if quick { 2.0 } else { 6.0 });
+    let rounds: usize = env_num("STORMWALL_BENCH_ROUNDS").unwrap_or(if quick { 1 } else { 3 });
+    let seconds: f64 = env_num("STORMWALL_BENCH_SECONDS").unwrap_or(if quick { 2.0 } else { 5.0 });
     let pause = Duration::from_millis(env_num("STORMWALL_BENCH_HEAVY_PAUSE_MS").unwrap_or(250));
     let started = Instant::now();
 
@@ -379,10 +405,10 @@ fn main() {
             .collect()
     };
 
-    // results[scenario][target], pooled over rounds
-    let mut results: Vec<Vec<RunResult>> = Heavy::ALL
+    // results[scenario][target], over rounds
+    let mut results: Vec<Vec<Acc>> = Heavy::ALL
         .iter()
-        .map(|_| targets.iter().map(|_| RunResult::default()).collect())
+        .map(|_| targets.iter().map(|_| Acc::default()).collect())
         .collect();
     for round in 0..rounds {
         for (hi, &heavy) in Heavy::ALL.iter().enumerate() {
@@ -411,8 +437,9 @@ fn main() {
                     }
                 );
                 let acc = &mut results[hi][ti];
-                acc.scheduled_us.extend(r.scheduled_us);
-                acc.service_us.extend(r.service_us);
+                acc.count += r.scheduled_us.len();
+                acc.scheduled.extend(s);
+                acc.service.extend(service);
                 acc.heavy_ms.extend(r.heavy_ms);
                 acc.errors.extend(r.errors);
                 // Let the machine calm down (the proxies release buffers, Redis frees
@@ -467,7 +494,8 @@ fn main() {
         WARMUP.as_millis()
     ));
     line(
-        "\nLatency of the small GETs in ms over all rounds: *from schedule* = from the time the \
+        "\nLatency of the small GETs in ms, each figure per run and then its median over \
+         rounds: *from schedule* = from the time the \
          GET was due to the last byte of its reply (how long, and for how much of the time, \
          clients were held up); *longest GET* = the longest service time (write to reply) of \
          any single small GET: the head-of-line wait itself. Heavy = the heavy client's own \
@@ -482,11 +510,7 @@ fn main() {
             return None;
         }
         let r = &results[hi][ti];
-        stats(if service {
-            r.service_us.clone()
-        } else {
-            r.scheduled_us.clone()
-        })
+        over_rounds(if service { &r.service } else { &r.scheduled })
     };
     // (title, service times rather than from schedule, the figure)
     type Figure = fn(&Stats) -> f64;
@@ -533,7 +557,7 @@ fn main() {
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {heavy_cell} | {errors} |",
                 heavy.label(),
                 names[ti],
-                r.scheduled_us.len(),
+                r.count,
                 ms(s.as_ref().map(|s| s.p50)),
                 ms(s.as_ref().map(|s| s.p99)),
                 ms(s.as_ref().map(|s| s.p999)),
