@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Frame, Raw, Redis, Stormwall, array, blob, encode_cmd, is_error, number, text};
+use common::{
+    Frame, Raw, Redis, Stormwall, array, blob, encode_cmd, is_error, number, shared_mode, text,
+};
 
 /// A raw connection whose reads give up after `secs` (a hang shows up as a panic).
 fn conn(port: u16, secs: u64) -> Raw {
@@ -180,7 +182,12 @@ fn redis_killed_mid_traffic_fails_every_client_promptly() {
     // Owed replies (BLPOP, PING and GET) become a closed connection, as with Redis.
     assert_eq!(frames_until_closed(&mut blocked), vec![]);
     assert_eq!(frames_until_closed(&mut behind), vec![]);
-    assert!(idle.closed(), "idle client not closed after Redis died");
+    if shared_mode() {
+        // Owed nothing, it keeps its connection and is served once Redis is back (below).
+        assert!(idle.try_read_frame_now().is_none());
+    } else {
+        assert!(idle.closed(), "idle client not closed after Redis died");
+    }
     let results = join_within(vec![reader], Duration::from_secs(10), "pipeline reader");
     assert!(results[0] >= 2000);
     join_within(vec![writing], Duration::from_secs(10), "pipeline writer");
@@ -190,6 +197,9 @@ fn redis_killed_mid_traffic_fails_every_client_promptly() {
     let mut c = conn(sw.port, 5);
     assert_eq!(text(&c.call(&[b"PING"])), "PONG");
     assert_eq!(c.call(&[b"INCR", b"n"]), number(1), "Redis restarted empty");
+    if shared_mode() {
+        assert_eq!(idle.call(&[b"INCR", b"n"]), number(2));
+    }
 }
 
 /// A minimal client whose failures are values, not panics.
@@ -314,7 +324,9 @@ fn worker(
                 return Err(Failure::Hang(format!("INCR answered {r:?}")));
             };
             unacked -= 1;
-            let plausible = if fresh {
+            // A shared client owed nothing keeps its connection across a restart, so a
+            // continuing connection may also find a restarted, empty Redis.
+            let plausible = if fresh || shared_mode() {
                 // Same Redis (continuing, maybe with unanswered INCRs applied) or a restarted,
                 // empty one.
                 (last_incr + 1..=last_incr + 1 + unacked).contains(&v)
@@ -384,8 +396,10 @@ fn many_clients_survive_redis_restarting_twice() {
         assert!(t.ok_cycles >= 20);
         errors += t.errors;
     }
+    // Shared clients owed nothing when Redis died keep their connections; one with a
+    // command in flight may see its connection close, or, by luck of timing, none does.
     assert!(
-        errors > 0,
+        errors > 0 || shared_mode(),
         "no client saw an error although Redis was killed twice under load"
     );
 }

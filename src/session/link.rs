@@ -76,6 +76,21 @@ impl SharedLink {
         }
     }
 
+    /// Resolves when the shared connection this client uses fails (connecting it first):
+    /// Redis may have restarted, so what the client is waiting for may no longer apply.
+    pub async fn lost(&mut self, pools: &Pools, cfg: &UpstreamConfig) {
+        // No connection to be had at all counts as lost.
+        if let Some(mux) = self.mux(pools, cfg).await {
+            mux.lost().cancelled_owned().await
+        }
+    }
+
+    /// Takes a spare on which Redis just accepted this client's new state as its shared
+    /// connection, if the new group has none open yet.
+    pub fn adopt(&self, conn: crate::upstream::Conn) {
+        self.group.adopt(self.slot, conn);
+    }
+
     /// The live shared connection, reconnecting if needed; `None` if this client's
     /// replies were lost with a failed connection, or Redis stays away.
     async fn mux(&mut self, pools: &Pools, cfg: &UpstreamConfig) -> Option<Arc<Mux>> {

@@ -472,10 +472,22 @@ impl RequestSide<'_> {
             return passthrough(scanned, run);
         };
         let links = self.links;
+        // A shared client has no connection of its own whose loss would end the session if
+        // Redis restarts while the request waits in the shield; the shared one tells.
+        let lost = async {
+            match upstream {
+                Upstream::Shared(link) => link.lost(&links.ctx.pools, &links.config.upstream).await,
+                Upstream::Socket(_) => std::future::pending().await,
+            }
+        };
         let verdict = tokio::select! {
             verdict = links.ctx.engine.execute(&who, request) => verdict,
             // The client or Redis is gone; dropping the request withdraws it if not yet sent.
             _ = links.dead.cancelled() => return Next::Stop,
+            _ = lost => {
+                links.dead.cancel();
+                return Next::Stop;
+            }
         };
         self.read_at = Instant::now();
         match verdict {
@@ -792,7 +804,9 @@ impl RequestSide<'_> {
         }
         let links = self.links;
         let cfg = &links.config.upstream;
-        let replay = links.state().replay();
+        let replay: Vec<_> = std::iter::once(crate::upstream::pool::reset())
+            .chain(links.state().replay())
+            .collect();
         let opened = async {
             let mut conn = links
                 .ctx
@@ -844,12 +858,16 @@ impl RequestSide<'_> {
         }
         let links = self.links;
         let cfg = &links.config.upstream;
-        let (mut setup, before) = {
+        let (replay, before) = {
             let state = links.state();
             (state.replay(), state.clone())
         };
-        // Only who the connection is and how it speaks matter to AUTH and HELLO.
-        setup.retain(|c| c[0].as_ref() == b"AUTH" || c[0].as_ref() == b"HELLO");
+        // The spare in a new connection's state as Redis judges it now, then the client's
+        // user, database and protocol (not its name: the spare may become a shared
+        // connection for the client's new identity).
+        let setup: Vec<_> = std::iter::once(crate::upstream::pool::reset())
+            .chain(replay.into_iter().filter(|c| c[0].as_ref() != b"CLIENT"))
+            .collect();
         let exchange = async {
             let mut conn = links
                 .ctx
@@ -880,12 +898,13 @@ impl RequestSide<'_> {
         if let Some(effect) = effect {
             links.confirm(effect, &reply);
         }
-        let refused = reply.first() == Some(&b'-');
-        if refused && setup.is_empty() {
-            // Nothing changed it: still a fresh connection.
-            links.ctx.pools.give_back(conn, cfg);
-        }
         self.rekey(upstream, &before);
+        if reply.first() != Some(&b'-')
+            && let Upstream::Shared(link) = upstream
+        {
+            // The spare is now exactly in the client's new state.
+            link.adopt(conn);
+        }
         self.enqueue(Entry::Local(reply)).await;
         Next::Read
     }

@@ -191,6 +191,11 @@ impl Mux {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Cancelled when the connection fails or closes: Redis may have restarted.
+    pub fn lost(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
     /// Whether the connection failed or was closed.
     pub fn is_dead(&self) -> bool {
         self.lock().dead

@@ -71,6 +71,16 @@ impl Key {
     }
 }
 
+/// `RESET`: puts a connection in a new connection's state, authentication included, as
+/// Redis would judge it now.
+pub fn reset() -> Vec<Bytes> {
+    vec![Bytes::from_static(b"RESET")]
+}
+
+/// Groups kept while no client uses them, beyond which unused ones close at once (a client
+/// cycling through passwords must not make stormwall hold a connection per password).
+const MAX_UNUSED_GROUPS: usize = 16;
+
 /// Metric handles the pools update.
 #[derive(Clone)]
 pub struct PoolMetrics {
@@ -111,7 +121,17 @@ impl Pools {
 
     /// The group for `key`, created if needed, with `size` connections.
     pub fn group(&self, key: &Key, size: usize) -> Arc<Group> {
-        self.groups()
+        let mut groups = self.groups();
+        if !groups.contains_key(key) && groups.len() >= MAX_UNUSED_GROUPS {
+            groups.retain(|_, group| {
+                let used = Arc::strong_count(group) > 1;
+                if !used {
+                    group.close();
+                }
+                used
+            });
+        }
+        groups
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Group {
@@ -166,13 +186,20 @@ impl Pools {
     }
 
     /// Whether Redis lets a new connection in without a password right now: asked on a
-    /// spare (a `PING`, which changes nothing, so the spare goes back).
+    /// spare, after a `RESET` (which makes Redis judge the connection's authentication
+    /// again, as for a new one: the spare may have been opened before Redis started, or
+    /// stopped, requiring a password). Neither changes anything else, so the spare goes back.
     pub async fn admits_without_password(&self, cfg: &UpstreamConfig) -> io::Result<bool> {
         let mut conn = self.spare(cfg).await?;
         let deadline = Instant::now() + cfg.connect_timeout;
-        let ping = [vec![Bytes::from_static(b"PING")]];
-        let replies = conn.call_raw_until(&ping, deadline).await?;
-        let admitted = !replies.first().is_some_and(|r| r.starts_with(b"-NOAUTH"));
+        let check = [reset(), vec![Bytes::from_static(b"PING")]];
+        let replies = conn.call_raw_until(&check, deadline).await?;
+        if replies.first().is_some_and(|r| r.first() == Some(&b'-')) {
+            return Err(io::Error::other(
+                "Redis refused RESET (shared mode needs Redis 6.2 or later)",
+            ));
+        }
+        let admitted = !replies.get(1).is_some_and(|r| r.starts_with(b"-NOAUTH"));
         self.give_back(conn, cfg);
         Ok(admitted)
     }
@@ -278,6 +305,22 @@ impl Group {
     /// Which connection a new client uses.
     pub fn assign(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()
+    }
+
+    /// Takes `conn`, already in this group's state (a spare on which Redis just accepted a
+    /// client's login), as the connection at `slot` if that one is not open: the group
+    /// then needs no handshake of its own, which Redis could refuse by now (a password
+    /// rotated since the client logged in).
+    pub fn adopt(&self, slot: usize, conn: Conn) {
+        let Ok(mut current) = self.slots[slot % self.slots.len()].try_lock() else {
+            return;
+        };
+        if current.as_ref().is_some_and(|m| !m.is_dead()) {
+            return;
+        }
+        if let Some((read, write)) = conn.into_halves() {
+            *current = Some(Mux::start(read, write, self.metrics.mux.clone()));
+        }
     }
 
     /// The live connection at `slot`, opened (or reopened, with backoff, for up to

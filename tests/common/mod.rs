@@ -13,6 +13,13 @@ use redis_protocol::resp3::decode::complete::decode;
 pub use redis_protocol::resp3::types::OwnedFrame as Frame;
 
 /// A free loopback port (bound and released; the tiny race is acceptable in tests).
+/// Whether this run of the suite puts stormwall in shared upstream mode (scripts/test runs
+/// the suite once per mode), for the few assertions where the modes differ by design.
+#[allow(dead_code)]
+pub fn shared_mode() -> bool {
+    std::env::var("STORMWALL_TEST_UPSTREAM_MODE").is_ok_and(|m| m == "shared")
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
