@@ -10,6 +10,7 @@
 //! `results/head_of_line.md`. Environment: `STORMWALL_BENCH_QUICK=1` (one short round, to
 //! check that the bench works), `STORMWALL_BENCH_ROUNDS=N` (default 3),
 //! `STORMWALL_BENCH_SECONDS=S` (length of one run, default 5),
+//! `STORMWALL_BENCH_SCENARIOS=baseline,get,keys` (which scenarios to run, default all),
 //! `STORMWALL_BENCH_HEAVY_PAUSE_MS=MS` (the heavy client's pause between requests, default
 //! 250: the heavy client is busy a fraction of the time, as a real one would be).
 //!
@@ -84,6 +85,15 @@ impl Heavy {
             Heavy::None => "baseline (small GETs only)",
             Heavy::BigGet => "GET 20 MiB",
             Heavy::Keys => "KEYS * (200k keys)",
+        }
+    }
+
+    /// Its name in `STORMWALL_BENCH_SCENARIOS`.
+    fn key(self) -> &'static str {
+        match self {
+            Heavy::None => "baseline",
+            Heavy::BigGet => "get",
+            Heavy::Keys => "keys",
         }
     }
 
@@ -363,6 +373,22 @@ fn main() {
     let rounds: usize = env_num("STORMWALL_BENCH_ROUNDS").unwrap_or(if quick { 1 } else { 3 });
     let seconds: f64 = env_num("STORMWALL_BENCH_SECONDS").unwrap_or(if quick { 2.0 } else { 5.0 });
     let pause = Duration::from_millis(env_num("STORMWALL_BENCH_HEAVY_PAUSE_MS").unwrap_or(250));
+    let scenarios: Vec<Heavy> = match std::env::var("STORMWALL_BENCH_SCENARIOS") {
+        Ok(list) => {
+            let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
+            for w in &wanted {
+                assert!(
+                    Heavy::ALL.iter().any(|h| h.key() == *w),
+                    "STORMWALL_BENCH_SCENARIOS: unknown scenario {w:?} (baseline, get, keys)"
+                );
+            }
+            Heavy::ALL
+                .into_iter()
+                .filter(|h| wanted.contains(&h.key()))
+                .collect()
+        }
+        Err(_) => Heavy::ALL.to_vec(),
+    };
     let started = Instant::now();
 
     let tmp = tempfile::tempdir().unwrap();
@@ -406,12 +432,12 @@ fn main() {
     };
 
     // results[scenario][target], over rounds
-    let mut results: Vec<Vec<Acc>> = Heavy::ALL
+    let mut results: Vec<Vec<Acc>> = scenarios
         .iter()
         .map(|_| targets.iter().map(|_| Acc::default()).collect())
         .collect();
     for round in 0..rounds {
-        for (hi, &heavy) in Heavy::ALL.iter().enumerate() {
+        for (hi, &heavy) in scenarios.iter().enumerate() {
             let which = runs_for(heavy);
             for k in 0..which.len() {
                 let ti = which[(round + k) % which.len()];
@@ -456,6 +482,7 @@ fn main() {
         "STORMWALL_BENCH_ROUNDS",
         "STORMWALL_BENCH_SECONDS",
         "STORMWALL_BENCH_HEAVY_PAUSE_MS",
+        "STORMWALL_BENCH_SCENARIOS",
     ]
     .iter()
     .filter_map(|k| Some(format!("{k}={} ", std::env::var(k).ok()?)))
@@ -506,7 +533,7 @@ fn main() {
 
     // (scenario, target) → stats of one of the two latency series.
     let stat = |hi: usize, ti: usize, service: bool| -> Option<Stats> {
-        if !runs_for(Heavy::ALL[hi]).contains(&ti) {
+        if !runs_for(scenarios[hi]).contains(&ti) {
             return None;
         }
         let r = &results[hi][ti];
@@ -523,7 +550,7 @@ fn main() {
         line(format!("## {title}\n"));
         line(format!("| scenario | {} |", names.join(" | ")));
         line(format!("| --- |{}", " ---: |".repeat(names.len())));
-        for (hi, heavy) in Heavy::ALL.iter().enumerate() {
+        for (hi, heavy) in scenarios.iter().enumerate() {
             let cells: Vec<String> = (0..names.len())
                 .map(|ti| ms(stat(hi, ti, service).map(|s| f(&s))))
                 .collect();
@@ -537,7 +564,7 @@ fn main() {
         "| scenario | target | small GETs | from schedule: p50 | p99 | p99.9 | max | service time: p99 | p99.9 | max | heavy requests (median ms) | errors |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
             .into(),
     );
-    for (hi, heavy) in Heavy::ALL.iter().enumerate() {
+    for (hi, heavy) in scenarios.iter().enumerate() {
         for ti in runs_for(*heavy) {
             let r = &results[hi][ti];
             let s = stat(hi, ti, false);
