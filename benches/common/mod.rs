@@ -333,13 +333,23 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The commit this bench was built from (short hash, "+ uncommitted changes" if the work
-/// tree differs), for the reports.
+/// tree differs outside `results/`: a report written by an earlier bench of the same run is
+/// not a change to what is measured), for the reports.
 pub fn stormwall_revision() -> String {
     let dir = env!("CARGO_MANIFEST_DIR");
     let rev = sh("git", &["-C", dir, "rev-parse", "--short", "HEAD"]);
     let dirty = !sh(
         "git",
-        &["-C", dir, "status", "--porcelain", "--untracked-files=no"],
+        &[
+            "-C",
+            dir,
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)results",
+        ],
     )
     .is_empty();
     if dirty {
