@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
+pub(crate) mod buffers;
 pub mod config;
 pub mod invalidation;
 pub mod logging;

@@ -148,6 +148,24 @@ pub(crate) enum WriteHalf {
     Unix(unix::OwnedWriteHalf),
 }
 
+impl ReadHalf {
+    /// Waits until a read would not block (data, end of stream or an error).
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        match self {
+            ReadHalf::Tcp(s) => s.readable().await,
+            ReadHalf::Unix(s) => s.readable().await,
+        }
+    }
+
+    /// Reads what is there without waiting (`WouldBlock` if nothing is).
+    pub(crate) fn try_read_buf(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        match self {
+            ReadHalf::Tcp(s) => s.try_read_buf(buf),
+            ReadHalf::Unix(s) => s.try_read_buf(buf),
+        }
+    }
+}
+
 impl AsyncRead for ReadHalf {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
+use super::{MIN_READ, READ_BUF};
 use crate::config::UpstreamConfig;
 use crate::net::{ReadHalf, WriteHalf};
 use crate::upstream::mux::{Inbox, Mux};
@@ -31,7 +32,12 @@ impl Replies {
     /// socket, an error once a shared connection failed with replies owed.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Replies::Socket(read) => read.read_buf(buf).await,
+            Replies::Socket(read) => {
+                if buf.capacity() - buf.len() < MIN_READ {
+                    buf.reserve(READ_BUF);
+                }
+                read.read_buf(buf).await
+            }
             Replies::Shared(inbox) => inbox.read(buf).await,
         }
     }

@@ -59,8 +59,7 @@ use replies::ReplySide;
 use requests::RequestSide;
 use state::Confirmed;
 
-/// Initial read buffer size per direction; buffers grow only for large frames.
-const READ_BUF: usize = 16 * 1024;
+use crate::buffers::READ_BUF;
 /// Reads are attempted with at least this much free space.
 const MIN_READ: usize = 4 * 1024;
 

@@ -44,7 +44,8 @@ enum End {
 
 impl ReplySide<'_> {
     pub(super) async fn run(mut self, mut upstream: Replies, mut client: WriteHalf) {
-        let mut buf = BytesMut::with_capacity(READ_BUF);
+        // Allocated when the first replies arrive (crate::buffers).
+        let mut buf = BytesMut::new();
         let end = self.pump(&mut upstream, &mut client, &mut buf).await;
         match end {
             End::Done => {}
@@ -191,8 +192,10 @@ impl ReplySide<'_> {
             if self.pending == 0 && finished {
                 return End::Done;
             }
-            if buf.capacity() - buf.len() < MIN_READ {
-                buf.reserve(READ_BUF);
+            if let Replies::Shared(_) = upstream {
+                // Nothing held: an idle shared client keeps no buffer (its inbox lends one
+                // with the next replies).
+                crate::buffers::give(buf);
             }
             let timed = self.pending > 0 && !self.blocking && !reply_timeout.is_zero();
             tokio::select! {

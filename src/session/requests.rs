@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -79,16 +79,14 @@ impl RequestSide<'_> {
     pub(super) async fn run(mut self, mut client: ReadHalf, upstream: &mut Upstream) {
         let links = self.links;
         let idle = links.config.listen.idle_timeout;
-        let mut buf = BytesMut::with_capacity(READ_BUF);
+        // Lent only while it holds bytes (crate::buffers).
+        let mut buf = BytesMut::new();
         // Registered once: polling a fresh `cancelled()` per command would take the token's
         // lock twice per command, and the shutdown token is shared by every session.
         let dead = links.dead.cancelled();
         let shutdown = links.shutdown.cancelled();
         tokio::pin!(dead, shutdown);
         loop {
-            if buf.capacity() - buf.len() < MIN_READ {
-                buf.reserve(READ_BUF);
-            }
             // Stopped in a line over 64 KiB: Redis refuses it if the client sends no more,
             // so wait only briefly before judging it (resp::request::set_caught_up).
             let judge = self.parser.awaits_line_end();
@@ -1105,9 +1103,32 @@ async fn read_within(
     buf: &mut BytesMut,
     idle: std::time::Duration,
 ) -> Option<std::io::Result<usize>> {
+    let read = async {
+        loop {
+            if buf.is_empty() {
+                // Nothing held: an idle client keeps no buffer while it waits.
+                crate::buffers::give(buf);
+                client.readable().await?;
+                if buf.capacity() == 0 {
+                    *buf = crate::buffers::take();
+                }
+            }
+            if buf.capacity() - buf.len() < MIN_READ {
+                buf.reserve(READ_BUF);
+            }
+            match client.try_read_buf(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !buf.is_empty() {
+                        client.readable().await?;
+                    }
+                }
+                result => return result,
+            }
+        }
+    };
     if idle.is_zero() {
-        Some(client.read_buf(buf).await)
+        Some(read.await)
     } else {
-        tokio::time::timeout(idle, client.read_buf(buf)).await.ok()
+        tokio::time::timeout(idle, read).await.ok()
     }
 }

@@ -118,7 +118,12 @@ impl Inbox {
     }
 
     fn deliver(&self, bytes: &[u8], replies: u32) {
-        self.lock().buf.extend_from_slice(bytes);
+        let mut inner = self.lock();
+        if inner.buf.capacity() == 0 {
+            inner.buf = crate::buffers::take();
+        }
+        inner.buf.extend_from_slice(bytes);
+        drop(inner);
         self.ready.notify_one();
         if self.owed.fetch_sub(replies, Ordering::AcqRel) == replies {
             self.settled.notify_waiters();
