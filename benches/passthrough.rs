@@ -4,7 +4,7 @@
 //! per client), and through twemproxy (`nutcracker`, when installed), in the same run,
 //! interleaved, repeated; and what each path costs Redis itself in CPU per request.
 //!
-//! Run: `cargo bench --bench passthrough` (about 4–5 minutes). Writes
+//! Run: `cargo bench --bench passthrough` (about 5–6 minutes). Writes
 //! `results/passthrough.md` and `results/passthrough.png`.
 //!
 //! Environment: `STORMWALL_BENCH_QUICK=1` (one round of short runs, for checking that the
