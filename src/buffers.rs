@@ -55,7 +55,11 @@ mod tests {
         assert!(buf.capacity() >= READ_BUF);
         buf.extend_from_slice(b"pending");
         give(&mut buf);
-        assert_eq!(&buf[..], b"pending", "a buffer holding bytes was taken away");
+        assert_eq!(
+            &buf[..],
+            b"pending",
+            "a buffer holding bytes was taken away"
+        );
         buf.clear();
         give(&mut buf);
         assert_eq!(buf.capacity(), 0);

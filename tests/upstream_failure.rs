@@ -123,7 +123,8 @@ fn unreachable_redis_closes_the_client_then_service_resumes() {
 #[test]
 fn redis_killed_mid_traffic_fails_every_client_promptly() {
     let mut redis = Redis::start();
-    let sw = Stormwall::start(&redis.addr(), "");
+    // Shared mode: a command arriving while Redis is away waits this long for it.
+    let sw = Stormwall::start(&redis.addr(), "outage_wait = \"300ms\"\n");
 
     // A client blocked in BLPOP.
     let mut blocked = conn(sw.port, 5);

@@ -134,6 +134,7 @@ impl SharedLink {
             let Some(mux) = self.mux(pools, cfg).await else {
                 return false;
             };
+            mux.room().await;
             if mux.send(&self.inbox, bytes, replies) {
                 return true;
             }

@@ -20,6 +20,7 @@ use crate::net::ReadHalf;
 use crate::policy::{self, Kind};
 use crate::resp::request::{Command, Parsed, RequestParser};
 use crate::resp::{ProtocolError, parse_int};
+use crate::upstream::mux::INBOX_PAUSE;
 use crate::upstream::pool::Key;
 
 pub(super) struct RequestSide<'a> {
@@ -157,6 +158,18 @@ impl RequestSide<'_> {
     async fn process(&mut self, upstream: &mut Upstream, buf: &mut BytesMut) -> Next {
         let mut scanned = 0;
         let mut run = Run::default();
+        if let Upstream::Shared(link) = upstream
+            && link.inbox.held() > INBOX_PAUSE
+        {
+            // Replies pile up unread: Redis, not stormwall, should hold the rest.
+            let reason = PinReason::UnreadReplies;
+            if let Next::Stop = self
+                .pin(upstream, buf, &mut scanned, &mut run, reason)
+                .await
+            {
+                return Next::Stop;
+            }
+        }
         self.parser
             .set_unauthenticated(self.links.unauthenticated());
         loop {
@@ -747,7 +760,11 @@ impl RequestSide<'_> {
             },
             Upstream::Shared(link) => {
                 let cfg = &links.config.upstream;
-                link.send(&links.ctx.pools, cfg, bytes, replies).await
+                let send = link.send(&links.ctx.pools, cfg, bytes, replies);
+                tokio::select! {
+                    sent = send => sent,
+                    _ = links.dead.cancelled() => return Next::Stop,
+                }
             }
         };
         if ok {
@@ -806,14 +823,10 @@ impl RequestSide<'_> {
             .chain(links.state().replay())
             .collect();
         let opened = async {
-            let mut conn = links
+            let conn = links
                 .ctx
                 .pools
-                .spare(cfg)
-                .await
-                .map_err(|e| e.to_string())?;
-            let deadline = Instant::now() + cfg.connect_timeout;
-            conn.establish(&replay, deadline)
+                .prepared(cfg, &replay)
                 .await
                 .map_err(|e| format!("{e:?}"))?;
             conn.into_halves()
@@ -870,13 +883,10 @@ impl RequestSide<'_> {
             let mut conn = links
                 .ctx
                 .pools
-                .spare(cfg)
-                .await
-                .map_err(|e| e.to_string())?;
-            let deadline = Instant::now() + cfg.connect_timeout;
-            conn.establish(&setup, deadline)
+                .prepared(cfg, &setup)
                 .await
                 .map_err(|e| format!("{e:?}"))?;
+            let deadline = Instant::now() + cfg.connect_timeout;
             let reply = conn
                 .exchange_until(&buf[..len], 1, deadline)
                 .await
@@ -1105,23 +1115,21 @@ async fn read_within(
 ) -> Option<std::io::Result<usize>> {
     let read = async {
         loop {
-            if buf.is_empty() {
-                // Nothing held: an idle client keeps no buffer while it waits.
-                crate::buffers::give(buf);
-                client.readable().await?;
-                if buf.capacity() == 0 {
-                    *buf = crate::buffers::take();
-                }
+            // Nothing held: an idle client keeps no buffer while it waits.
+            crate::buffers::give(buf);
+            // Readiness alone does not count against the task's cooperative budget (a read
+            // did): without this, a client that never stops sending would keep the thread
+            // from the shared connection that carries its commands and replies.
+            tokio::task::consume_budget().await;
+            client.readable().await?;
+            if buf.capacity() == 0 {
+                *buf = crate::buffers::take();
             }
             if buf.capacity() - buf.len() < MIN_READ {
                 buf.reserve(READ_BUF);
             }
             match client.try_read_buf(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !buf.is_empty() {
-                        client.readable().await?;
-                    }
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 result => return result,
             }
         }

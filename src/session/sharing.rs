@@ -39,6 +39,10 @@ pub enum PinReason {
     UntrackedState,
     /// A command not in this table.
     Unknown,
+    /// The client is not reading its replies (it writes a whole pipeline first, as
+    /// `redis-py`'s `Pipeline.execute()` does): on a connection of its own Redis holds them,
+    /// as it would for the client directly, instead of stormwall.
+    UnreadReplies,
 }
 
 /// Every pin reason's label, in [`PinReason`] order.
@@ -53,6 +57,7 @@ pub const PIN_REASONS: &[&str] = &[
     "debug",
     "untracked_state",
     "unknown",
+    "unread_replies",
 ];
 
 impl PinReason {

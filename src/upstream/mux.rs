@@ -36,6 +36,9 @@ use crate::resp::reply::{FrameKind, ReplyScanner};
 const READ_BUF: usize = 64 * 1024;
 /// An output buffer larger than this is not kept for reuse after a write.
 const KEEP_OUT: usize = 1024 * 1024;
+/// Commands waiting to be written beyond which senders wait for the writer (Redis reading
+/// slower than clients send): the backpressure a connection of their own would give them.
+const OUT_PAUSE: usize = 4 * 1024 * 1024;
 
 /// Where one client's replies arrive, from whichever shared connection carried its commands.
 #[derive(Default)]
@@ -47,6 +50,11 @@ pub struct Inbox {
     /// `owed` dropped to zero, or the inbox failed.
     settled: Notify,
 }
+
+/// Replies waiting in an inbox beyond which the client moves to a connection of its own, so
+/// that Redis holds the replies it does not read, as it would directly (what it already
+/// sent is still answered through stormwall).
+pub const INBOX_PAUSE: usize = 1024 * 1024;
 
 #[derive(Default)]
 struct InboxInner {
@@ -91,6 +99,11 @@ impl Inbox {
             }
             notified.await;
         }
+    }
+
+    /// Bytes of replies waiting for the client to read them.
+    pub fn held(&self) -> usize {
+        self.lock().buf.len()
     }
 
     /// Replies sent for and not yet received.
@@ -169,6 +182,8 @@ pub struct MuxMetrics {
 pub struct Mux {
     state: Mutex<State>,
     wake: Notify,
+    /// The writer took the output buffer.
+    written: Notify,
     stop: CancellationToken,
 }
 
@@ -178,6 +193,7 @@ impl Mux {
         let mux = Arc::new(Mux {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            written: Notify::new(),
             stop: CancellationToken::new(),
         });
         metrics.connections.increment(1.0);
@@ -204,6 +220,23 @@ impl Mux {
     /// Whether the connection failed or was closed.
     pub fn is_dead(&self) -> bool {
         self.lock().dead
+    }
+
+    /// Waits while more than [`OUT_PAUSE`] bytes wait to be written (or the connection is
+    /// dead).
+    pub async fn room(&self) {
+        loop {
+            let notified = self.written.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.out.len() <= OUT_PAUSE || state.dead {
+                    return;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Queues `bytes` (`replies` commands, each answered once) for `inbox`'s client. False
@@ -269,6 +302,7 @@ impl Mux {
             std::mem::take(&mut state.routes)
         };
         self.stop.cancel();
+        self.written.notify_waiters();
         for route in routes {
             if let Route::Inbox(inbox, _) = route {
                 inbox.fail();
@@ -295,6 +329,7 @@ impl Mux {
                     Some(std::mem::take(&mut state.queued))
                 }
             };
+            self.written.notify_waiters();
             let Some(queued) = queued else {
                 tokio::select! {
                     _ = notified => {}

@@ -163,6 +163,50 @@ impl Pools {
         self.connect(cfg).await
     }
 
+    /// A spare put into a client's state by `setup` (a pin's private connection, or the
+    /// connection a login is checked on). While Redis is unreachable or still loading its
+    /// data, retries with backoff for up to `upstream.outage_wait`, as a shared command
+    /// would wait for its connection.
+    pub async fn prepared(
+        &self,
+        cfg: &UpstreamConfig,
+        setup: &[Vec<Bytes>],
+    ) -> Result<Conn, ConnError> {
+        let deadline = Instant::now() + cfg.outage_wait;
+        let mut backoff = BACKOFF_MIN;
+        let mut waited = false;
+        loop {
+            let attempt = async {
+                let mut conn = self.spare(cfg).await.map_err(ConnError::Io)?;
+                let by = Instant::now() + cfg.connect_timeout;
+                conn.establish(setup, by).await?;
+                Ok(conn)
+            };
+            let error = match attempt.await {
+                Ok(conn) => {
+                    if waited {
+                        self.metrics.outage_recovered.increment(1);
+                    }
+                    return Ok(conn);
+                }
+                Err(ConnError::Refused(e)) if !e.starts_with("LOADING") => {
+                    return Err(ConnError::Refused(e));
+                }
+                Err(ConnError::Refused(e)) => io::Error::other(e),
+                Err(ConnError::Io(e)) => e,
+            };
+            if Instant::now() + backoff > deadline {
+                if waited || !cfg.outage_wait.is_zero() {
+                    self.metrics.outage_timed_out.increment(1);
+                }
+                return Err(ConnError::Io(error));
+            }
+            waited = true;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
     /// Returns a spare that is still in Redis's initial state (nothing changed it).
     pub fn give_back(&self, conn: Conn, cfg: &UpstreamConfig) {
         let mut spares = self.spare_list();
