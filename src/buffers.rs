@@ -33,6 +33,11 @@ pub(crate) fn give(buf: &mut BytesMut) {
         return;
     }
     let mut old = std::mem::take(buf);
+    if old.capacity() < READ_BUF {
+        // A piece split off a larger buffer (a shared connection's replies): not worth
+        // keeping, and reserving in it would allocate anyway.
+        return;
+    }
     old.clear();
     // Reclaims the space consumed at the front (the buffer is not shared once empty).
     old.reserve(READ_BUF);

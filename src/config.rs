@@ -127,7 +127,7 @@ impl Default for ListenConfig {
 pub struct UpstreamConfig {
     /// `host:port` or a unix socket path.
     pub address: Addr,
-    /// How long a new client waits for its upstream connection before getting an error.
+    /// How long one attempt to open a connection to Redis may take.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// How long a non-blocking command may wait for Redis to start answering before the
@@ -179,7 +179,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             reply_timeout: Duration::from_secs(30),
             tcp_keepalive: Duration::from_secs(300),
-            mode: UpstreamMode::Dedicated,
+            mode: UpstreamMode::Shared,
             shared_connections: None,
             spare_connections: 2,
             outage_wait: Duration::from_secs(5),
@@ -726,7 +726,7 @@ mod tests {
             "admin.probe_interval" => "[admin]\nprobe_interval = \"3s\"\n",
             "reload.watch_interval" => "[reload]\nwatch_interval = \"10s\"\n",
             "runtime.worker_threads" => "[runtime]\nworker_threads = 2\n",
-            "upstream.mode" => "[upstream]\nmode = \"shared\"\n",
+            "upstream.mode" => "[upstream]\nmode = \"dedicated\"\n",
             "upstream.shared_connections" => "[upstream]\nshared_connections = 3\n",
             "log.format" => "[log]\nformat = \"json\"\n",
             other => panic!("restart-only key {other} has no test value here"),

@@ -2295,3 +2295,77 @@ fn a_password_too_long_to_hold_still_authenticates_like_redis() {
     assert_eq!(map, call(&mut d, &["HGETALL", "nohash"]));
     assert_pins(&sw, 1.0);
 }
+
+/// `WAIT` counts the replicas that acknowledged the connection's *own earlier writes*. A
+/// shared client's earlier writes went over the shared connection, and `WAIT` pins it to a
+/// fresh private one, whose own replication offset would be 0 on a Redis that sets it only
+/// for commands it propagates (7.0 sets it after every command, so the replay covers it) —
+/// every replica has acknowledged offset 0, so `WAIT` would return at once, promising
+/// durability it never checked. With the replica stopped, `WAIT` must time out with 0
+/// acknowledgements, as it does directly.
+#[test]
+fn wait_after_shared_writes_waits_for_those_writes() {
+    let redis = Redis::start();
+    let port = redis.addr().rsplit(':').next().unwrap().to_owned();
+    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let mut direct = redis.raw();
+    poll("the replica to connect", Duration::from_secs(10), || {
+        let info = txt(&call(&mut direct, &["INFO", "replication"]));
+        if info.contains("connected_slaves:1") && info.contains("state=online") {
+            Ok(())
+        } else {
+            Err(info)
+        }
+    });
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let mut c = sw.raw();
+    ok(&call(&mut c, &["SET", "w", "1"]));
+    // Acknowledged while the replica runs: WAIT returns 1 (through stormwall as directly).
+    assert_eq!(call(&mut c, &["WAIT", "1", "2000"]), number(1));
+    let stopped = replica.pid();
+    signal(stopped, "STOP");
+    let mut d = redis.raw();
+    ok(&call(&mut d, &["SET", "w", "2"]));
+    assert_eq!(call(&mut d, &["WAIT", "1", "300"]), number(0), "direct");
+    // A fresh client: its SET goes over the shared connection, then WAIT pins it.
+    let mut fresh = sw.raw();
+    ok(&call(&mut fresh, &["SET", "w", "3"]));
+    let acked = call(&mut fresh, &["WAIT", "1", "300"]);
+    signal(stopped, "CONT");
+    assert_eq!(
+        acked,
+        number(0),
+        "WAIT through stormwall ignored the client's own write"
+    );
+}
+
+/// Head of line: on a shared connection, a reply of many megabytes holds up every other
+/// client's replies behind it for as long as it takes to move. A client that received one
+/// moves to a connection of its own before its next command, so only its first large reply
+/// is ever shared; the other clients' replies stay correct and in order throughout.
+#[test]
+fn a_client_that_gets_a_large_reply_moves_to_its_own_connection() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &shared(""));
+    let big = vec![b'x'; 3 * 1024 * 1024];
+    let mut direct = redis.raw();
+    ok(&direct.call(&[b"SET", b"big", &big]));
+    let mut heavy = sw.raw();
+    let mut light = sw.raw();
+    ok(&call(&mut light, &["SET", "small", "1"]));
+    assert_eq!(heavy.call(&[b"GET", b"big"]), blob(&big));
+    assert_eq!(pins(&sw).0, 0.0, "pinned before its next command");
+    assert_eq!(
+        call(&mut heavy, &["STRLEN", "big"]),
+        number(big.len() as i64)
+    );
+    let (count, reasons) = pins(&sw);
+    assert_eq!(count, 1.0);
+    assert!(reasons.contains("large_replies"), "{reasons:?}");
+    // Its later large replies travel on its own connection; the light client is unaffected.
+    for _ in 0..3 {
+        assert_eq!(heavy.call(&[b"GET", b"big"]), blob(&big));
+        assert_eq!(call(&mut light, &["GET", "small"]), blob(b"1"));
+    }
+    assert_eq!(pins(&sw).0, 1.0, "the light client was pinned");
+}

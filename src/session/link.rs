@@ -106,7 +106,8 @@ impl SharedLink {
         if self.inbox.owed() > 0 || self.inbox.failed() {
             return None;
         }
-        match self.group.connection(self.slot, pools, cfg).await {
+        // Boxed: the rare path (connecting) would otherwise size every session's future.
+        match Box::pin(self.group.connection(self.slot, pools, cfg)).await {
             Ok(mux) => {
                 self.mux = Some(mux.clone());
                 Some(mux)
@@ -119,6 +120,15 @@ impl SharedLink {
                 debug!(error = %e, "Redis refuses this client's shared connection state; closing the client");
                 None
             }
+        }
+    }
+
+    /// Sends `bytes` at once if the client's connection is up and has room (the common
+    /// case, with no future to set up). False if that needs waiting: use [`send`](Self::send).
+    pub fn try_send(&self, bytes: &[u8], replies: u32) -> bool {
+        match &self.mux {
+            Some(mux) if mux.has_room() => mux.send(&self.inbox, bytes, replies),
+            _ => false,
         }
     }
 

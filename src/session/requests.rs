@@ -158,15 +158,18 @@ impl RequestSide<'_> {
     async fn process(&mut self, upstream: &mut Upstream, buf: &mut BytesMut) -> Next {
         let mut scanned = 0;
         let mut run = Run::default();
-        if let Upstream::Shared(link) = upstream
-            && link.inbox.held() > INBOX_PAUSE
-        {
+        let pin = match upstream {
             // Replies pile up unread: Redis, not stormwall, should hold the rest.
-            let reason = PinReason::UnreadReplies;
-            if let Next::Stop = self
-                .pin(upstream, buf, &mut scanned, &mut run, reason)
-                .await
-            {
+            Upstream::Shared(link) if link.inbox.held() > INBOX_PAUSE => {
+                Some(PinReason::UnreadReplies)
+            }
+            // Its next large replies would hold up other clients' behind them.
+            Upstream::Shared(link) if link.inbox.got_large_reply() => Some(PinReason::LargeReplies),
+            _ => None,
+        };
+        if let Some(reason) = pin {
+            let pin = self.pin(upstream, buf, &mut scanned, &mut run, reason, false);
+            if let Next::Stop = Box::pin(pin).await {
                 return Next::Stop;
             }
         }
@@ -183,18 +186,21 @@ impl RequestSide<'_> {
                     // An AUTH earlier in this write may authenticate the client first, as
                     // Redis, reading in order, would have by now: find out, then judge again.
                     self.parser.reset();
-                    if let Settled::Stop = self.settle(upstream, buf, &mut scanned, &mut run).await
+                    if let Settled::Stop =
+                        Box::pin(self.settle(upstream, buf, &mut scanned, &mut run)).await
                     {
                         return Next::Stop;
                     }
                     let unauthenticated = self.links.unauthenticated();
                     self.parser.set_unauthenticated(unauthenticated);
                     if unauthenticated {
-                        return self.protocol_error(upstream, buf, scanned, run, e).await;
+                        return Box::pin(self.protocol_error(upstream, buf, scanned, run, e)).await;
                     }
                     continue;
                 }
-                Err(e) => return self.protocol_error(upstream, buf, scanned, run, e).await,
+                Err(e) => {
+                    return Box::pin(self.protocol_error(upstream, buf, scanned, run, e)).await;
+                }
             };
             let cmd = match &parsed {
                 Parsed::Empty { .. } => {
@@ -208,9 +214,9 @@ impl RequestSide<'_> {
             let len = parsed.len();
             if let Some(denial) = self.denial(kind) {
                 drop(parsed);
-                let next = self
-                    .substitute(upstream, buf, &mut scanned, &mut run, len, denial)
-                    .await;
+                let next =
+                    Box::pin(self.substitute(upstream, buf, &mut scanned, &mut run, len, denial))
+                        .await;
                 if let Next::Stop = next {
                     return Next::Stop;
                 }
@@ -231,21 +237,30 @@ impl RequestSide<'_> {
                     | Some(Effect::Select(None)) => Action::Pin(PinReason::UntrackedState),
                     _ => action,
                 };
+                let barrier = sharing::counts_earlier_writes(&cmd);
                 if action != Action::Share {
                     drop(parsed);
                     let next = match action {
                         // Judged again, now on the client's own connection.
                         Action::Pin(reason) => {
-                            self.pin(upstream, buf, &mut scanned, &mut run, reason)
-                                .await
+                            let pin =
+                                self.pin(upstream, buf, &mut scanned, &mut run, reason, barrier);
+                            Box::pin(pin).await
                         }
                         Action::Login => {
-                            self.login(upstream, buf, &mut scanned, &mut run, len, effect)
+                            Box::pin(self.login(upstream, buf, &mut scanned, &mut run, len, effect))
                                 .await
                         }
                         Action::Share | Action::Select | Action::Name => {
-                            self.checked(upstream, buf, &mut scanned, &mut run, len, effect)
-                                .await
+                            Box::pin(self.checked(
+                                upstream,
+                                buf,
+                                &mut scanned,
+                                &mut run,
+                                len,
+                                effect,
+                            ))
+                            .await
                         }
                         Action::Quit => {
                             // Redis would answer and close the shared connection.
@@ -268,13 +283,14 @@ impl RequestSide<'_> {
                 // Whether Redis queues this command or runs it now depends on whether the
                 // transaction is still open: find out before deciding.
                 drop(parsed);
-                match self.settle(upstream, buf, &mut scanned, &mut run).await {
+                match Box::pin(self.settle(upstream, buf, &mut scanned, &mut run)).await {
                     Settled::Stop => return Next::Stop,
                     // Still unknown: it goes to Redis on this connection, which is always
                     // correct for an invalidation; for the rest, relay raw from here on.
                     Settled::NotYet => {
                         if !matches!(kind, Kind::Delete | Kind::Flush { .. }) {
-                            return self.enter_raw(upstream, buf, scanned, &mut run).await;
+                            return Box::pin(self.enter_raw(upstream, buf, scanned, &mut run))
+                                .await;
                         }
                         scanned += len;
                         run.count += 1;
@@ -302,7 +318,7 @@ impl RequestSide<'_> {
                 }
                 Kind::Exec if self.multi_enters_raw => {
                     drop(parsed);
-                    return self.enter_raw(upstream, buf, scanned, &mut run).await;
+                    return Box::pin(self.enter_raw(upstream, buf, scanned, &mut run)).await;
                 }
                 Kind::Exec => Some(Effect::Exec),
                 Kind::Discard => Some(Effect::Discard),
@@ -335,8 +351,7 @@ impl RequestSide<'_> {
                 _ => None,
             };
             if let Some(request) = governed {
-                match self
-                    .invalidate(upstream, buf, &mut scanned, &mut run, len, request)
+                match Box::pin(self.invalidate(upstream, buf, &mut scanned, &mut run, len, request))
                     .await
                 {
                     Next::Read => continue,
@@ -371,24 +386,23 @@ impl RequestSide<'_> {
                     return Next::Stop;
                 }
                 Kind::EntersRaw => {
-                    return self.enter_raw(upstream, buf, scanned - len, &mut run).await;
+                    return Box::pin(self.enter_raw(upstream, buf, scanned - len, &mut run)).await;
                 }
                 _ => run.count += 1,
             }
             if let Some(args) = long_inline {
-                let next = self
-                    .reencode(
-                        upstream,
-                        buf,
-                        &mut scanned,
-                        &mut run,
-                        Long {
-                            len,
-                            args: &args,
-                            kind,
-                        },
-                    )
-                    .await;
+                let next = Box::pin(self.reencode(
+                    upstream,
+                    buf,
+                    &mut scanned,
+                    &mut run,
+                    Long {
+                        len,
+                        args: &args,
+                        kind,
+                    },
+                ))
+                .await;
                 if let Next::Stop = next {
                     return Next::Stop;
                 }
@@ -450,7 +464,7 @@ impl RequestSide<'_> {
             run.count += 1;
             Next::Read
         };
-        match self.settle(upstream, buf, scanned, run).await {
+        match Box::pin(self.settle(upstream, buf, scanned, run)).await {
             Settled::Yes => {}
             Settled::Stop => return Next::Stop,
             Settled::NotYet => {
@@ -470,7 +484,7 @@ impl RequestSide<'_> {
             // Whether Redis treats this connection as authenticated is not known yet (it may
             // have started to require a password after the shield's own connections, but
             // before this one, were opened): ask it on this connection first.
-            if let Next::Stop = self.probe_auth(upstream).await {
+            if let Next::Stop = Box::pin(self.probe_auth(upstream)).await {
                 return Next::Stop;
             }
         }
@@ -630,9 +644,15 @@ impl RequestSide<'_> {
             drop(parsed);
             match self.denial(kind) {
                 Some(denial) => {
-                    let next = self
-                        .substitute(upstream, buf, &mut scanned, &mut run, len, denial)
-                        .await;
+                    let next = Box::pin(self.substitute(
+                        upstream,
+                        buf,
+                        &mut scanned,
+                        &mut run,
+                        len,
+                        denial,
+                    ))
+                    .await;
                     if let Next::Stop = next {
                         return Next::Stop;
                     }
@@ -758,6 +778,7 @@ impl RequestSide<'_> {
                     false
                 }
             },
+            Upstream::Shared(link) if link.try_send(bytes, replies) => true,
             Upstream::Shared(link) => {
                 let cfg = &links.config.upstream;
                 let send = link.send(&links.ctx.pools, cfg, bytes, replies);
@@ -813,15 +834,19 @@ impl RequestSide<'_> {
         scanned: &mut usize,
         run: &mut Run,
         reason: PinReason,
+        barrier: bool,
     ) -> Next {
         if let Next::Stop = self.drain_shared(upstream, buf, scanned, run).await {
             return Next::Stop;
         }
         let links = self.links;
         let cfg = &links.config.upstream;
-        let replay: Vec<_> = std::iter::once(crate::upstream::pool::reset())
+        let mut replay: Vec<_> = std::iter::once(crate::upstream::pool::reset())
             .chain(links.state().replay())
             .collect();
+        if barrier {
+            replay.push(sharing::write_barrier());
+        }
         let opened = async {
             let conn = links
                 .ctx

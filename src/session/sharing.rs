@@ -43,6 +43,9 @@ pub enum PinReason {
     /// `redis-py`'s `Pipeline.execute()` does): on a connection of its own Redis holds them,
     /// as it would for the client directly, instead of stormwall.
     UnreadReplies,
+    /// The client received a reply over 1 MiB: on a shared connection the next one would
+    /// hold up every other client's replies behind it for as long as it takes to move.
+    LargeReplies,
 }
 
 /// Every pin reason's label, in [`PinReason`] order.
@@ -58,6 +61,7 @@ pub const PIN_REASONS: &[&str] = &[
     "untracked_state",
     "unknown",
     "unread_replies",
+    "large_replies",
 ];
 
 impl PinReason {
@@ -123,6 +127,26 @@ pub fn action(kind: Kind, cmd: &Command<'_>) -> Action {
         known if SHARED.binary_search(&known).is_ok() => Action::Share,
         _ => Action::Pin(Unknown),
     }
+}
+
+/// `WAIT`/`WAITAOF`, which count the acknowledgements of the connection's own earlier
+/// writes — made on the shared connection, for a client that pins for them.
+pub fn counts_earlier_writes(cmd: &Command<'_>) -> bool {
+    cmd.arg(0)
+        .is_some_and(|n| n.eq_ignore_ascii_case(b"WAIT") || n.eq_ignore_ascii_case(b"WAITAOF"))
+}
+
+/// Sent on a private connection before a `WAIT`/`WAITAOF` that pinned it: any command Redis
+/// propagates sets the connection's replication offset to the current one, which covers the
+/// client's earlier writes on the shared connection, so `WAIT` waits for those as it would
+/// have on the client's own connection. `PUBLISH` propagates without touching any key (its
+/// channel has no subscribers unless someone subscribes to this very name).
+pub fn write_barrier() -> Vec<bytes::Bytes> {
+    vec![
+        bytes::Bytes::from_static(b"PUBLISH"),
+        bytes::Bytes::from_static(b"__stormwall__:wait-barrier"),
+        bytes::Bytes::new(),
+    ]
 }
 
 /// `XREAD`/`XREADGROUP` block only with `BLOCK`; the rest always may.

@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -49,6 +49,8 @@ pub struct Inbox {
     owed: AtomicU32,
     /// `owed` dropped to zero, or the inbox failed.
     settled: Notify,
+    /// A reply over [`LARGE_REPLY`] bytes arrived.
+    large: AtomicBool,
 }
 
 /// Replies waiting in an inbox beyond which the client moves to a connection of its own, so
@@ -101,6 +103,11 @@ impl Inbox {
         }
     }
 
+    /// Whether a reply over [`LARGE_REPLY`] bytes arrived for this client.
+    pub fn got_large_reply(&self) -> bool {
+        self.large.load(Ordering::Relaxed)
+    }
+
     /// Bytes of replies waiting for the client to read them.
     pub fn held(&self) -> usize {
         self.lock().buf.len()
@@ -130,12 +137,13 @@ impl Inbox {
         }
     }
 
-    fn deliver(&self, bytes: &[u8], replies: u32) {
+    fn deliver(&self, bytes: BytesMut, replies: u32) {
         let mut inner = self.lock();
-        if inner.buf.capacity() == 0 {
-            inner.buf = crate::buffers::take();
+        if inner.buf.is_empty() {
+            inner.buf = bytes;
+        } else {
+            inner.buf.extend_from_slice(&bytes);
         }
-        inner.buf.extend_from_slice(bytes);
         drop(inner);
         self.ready.notify_one();
         if self.owed.fetch_sub(replies, Ordering::AcqRel) == replies {
@@ -149,6 +157,22 @@ impl Inbox {
         self.settled.notify_waiters();
     }
 }
+
+/// Delivers the pending run, `buf[start..pos]`, split off the buffer (the bytes before it
+/// are dropped: pushes and captured replies). Returns `pos` counted from the new start.
+fn flush(run: &mut Option<(Arc<Inbox>, usize, u32)>, pos: usize, buf: &mut BytesMut) -> usize {
+    let Some((inbox, start, replies)) = run.take() else {
+        return pos;
+    };
+    buf.advance(start);
+    inbox.deliver(buf.split_to(pos - start), replies);
+    0
+}
+
+/// A reply larger than this marks its client as one that gets large replies: it moves to a
+/// connection of its own, so that its next ones do not hold up other clients' replies
+/// behind them on the shared connection.
+pub const LARGE_REPLY: usize = 1024 * 1024;
 
 /// Who the next replies belong to.
 enum Route {
@@ -220,6 +244,12 @@ impl Mux {
     /// Whether the connection failed or was closed.
     pub fn is_dead(&self) -> bool {
         self.lock().dead
+    }
+
+    /// Whether a send would not have to wait (the connection is up, with room).
+    pub fn has_room(&self) -> bool {
+        let state = self.lock();
+        !state.dead && state.out.len() <= OUT_PAUSE
     }
 
     /// Waits while more than [`OUT_PAUSE`] bytes wait to be written (or the connection is
@@ -387,17 +417,14 @@ impl Mux {
         }
     }
 
-    /// Hands every complete reply in `buf` to its route and consumes it.
+    /// Hands every complete reply in `buf` to its route and consumes it. A run of replies
+    /// for one client is split off the read buffer and handed over whole, not copied.
     fn dispatch(&self, buf: &mut BytesMut, scanner: &mut ReplyScanner) -> Result<(), &'static str> {
         let mut state = self.lock();
+        // Offsets are from the start of `buf`, which moves as runs are split off.
         let mut pos = 0;
-        // A run of consecutive replies for the same inbox, delivered with one append.
+        // A run of consecutive replies for the same inbox: (inbox, start, replies).
         let mut run: Option<(Arc<Inbox>, usize, u32)> = None;
-        let flush = |run: &mut Option<(Arc<Inbox>, usize, u32)>, end: usize, buf: &[u8]| {
-            if let Some((inbox, start, replies)) = run.take() {
-                inbox.deliver(&buf[start..end], replies);
-            }
-        };
         loop {
             let (len, kind) = match scanner.next(&buf[pos..]) {
                 Ok(Some(frame)) => frame,
@@ -406,7 +433,7 @@ impl Mux {
             };
             if kind == FrameKind::Push {
                 // Only clients with pub/sub or tracking get pushes, and they are private.
-                flush(&mut run, pos, buf);
+                pos = flush(&mut run, pos, buf);
                 pos += len;
                 continue;
             }
@@ -421,15 +448,18 @@ impl Mux {
                             *replies += 1;
                         }
                         _ => {
-                            flush(&mut run, pos, buf);
+                            pos = flush(&mut run, pos, buf);
                             run = Some((inbox.clone(), pos, 1));
                         }
+                    }
+                    if len > LARGE_REPLY {
+                        inbox.large.store(true, Ordering::Relaxed);
                     }
                     *n -= 1;
                     *n == 0
                 }
                 Route::Capture { want, got, .. } => {
-                    flush(&mut run, pos, buf);
+                    pos = flush(&mut run, pos, buf);
                     got.push(Bytes::copy_from_slice(&buf[pos..pos + len]));
                     got.len() == *want as usize
                 }
@@ -439,7 +469,7 @@ impl Mux {
                 let _ = tx.send(got);
             }
         }
-        flush(&mut run, pos, buf);
+        pos = flush(&mut run, pos, buf);
         drop(state);
         buf.advance(pos);
         Ok(())
