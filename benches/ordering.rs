@@ -36,8 +36,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    Proc, cores_and_cpu, env_flag, free_port, report_header, results_dir, sh, start_redis,
-    wait_port,
+    Proc, cores_and_cpu, cpu_seconds, env_flag, free_port, report_header, results_dir, sh,
+    start_redis, wait_port,
 };
 
 /// One connection that sends a command and reads its one-line reply.
@@ -157,24 +157,6 @@ fn get_rps(port: u16, n: u64) -> f64 {
                 .ok()
         })
         .unwrap_or_else(|| panic!("cannot parse redis-benchmark output: {text}"))
-}
-
-/// User plus system CPU time of a process so far, in seconds (`/proc/PID/stat`).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    // utime and stime are fields 14 and 15 of the line: indices 11 and 12 after the name.
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    let hz = common::stdout_of("getconf", &["CLK_TCK"])
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(100.0);
-    ticks / hz
 }
 
 fn env_num(name: &str, default: u64) -> u64 {

@@ -1,22 +1,34 @@
 //! What the proxy costs ordinary traffic: `redis-benchmark` GET and SET against Redis
-//! directly, through stormwall, and through twemproxy (`nutcracker`, when installed), in the
-//! same run, interleaved, repeated.
+//! directly, through stormwall in both upstream modes (`upstream.mode = "shared"`: clients
+//! multiplexed onto a few Redis connections, issue 9; `"dedicated"`: one Redis connection
+//! per client), and through twemproxy (`nutcracker`, when installed), in the same run,
+//! interleaved, repeated; and what each path costs Redis itself in CPU per request.
 //!
-//! Run: `cargo bench --bench passthrough` (about 2–3 minutes). Writes
+//! Run: `cargo bench --bench passthrough` (about 5–6 minutes). Writes
 //! `results/passthrough.md` and `results/passthrough.png`.
 //!
 //! Environment: `STORMWALL_BENCH_QUICK=1` (one round of short runs, for checking that the
 //! bench works), `STORMWALL_BENCH_ROUNDS=N`, `STORMWALL_BENCH_SECONDS=S` (target length of
 //! one run against Redis directly), `STORMWALL_BENCH_FONT=path.ttf` (font for the chart).
 //!
-//! Method. One redis-server, one stormwall and one twemproxy (one pool, one server, its
-//! defaults: all clients share one upstream connection) for the whole run. Each case — GET
-//! or SET, value size, pipeline depth — gets one request count, calibrated on Redis directly
-//! so that a direct run lasts about `STORMWALL_BENCH_SECONDS`; every target then does the
-//! same work. Within a round the targets run back to back for each case, starting with a
-//! different target each round, so slow drifts of the machine hit all of them alike. The
-//! report gives medians over rounds (throughput and each latency percentile separately)
-//! and the min–max throughput spread.
+//! Method. One redis-server, two stormwalls (one per mode, default config otherwise) and one
+//! twemproxy (one pool, one server, its defaults: all clients share one upstream
+//! connection) for the whole run. Each case — GET or SET, value size, pipeline depth, client
+//! count — gets one request count, calibrated on Redis directly so that a direct run lasts
+//! about `STORMWALL_BENCH_SECONDS`; every target then does the same work. Within a round the
+//! targets run back to back for each case, starting with a different target each round, so
+//! slow drifts of the machine hit all of them alike. The report gives medians over rounds
+//! (throughput, each latency percentile and each CPU figure separately) and the min–max
+//! throughput spread.
+//!
+//! CPU per request: user + system time (`/proc/PID/stat`) that Redis, and the proxy, used
+//! during one redis-benchmark run, divided by its requests. On a 2-core machine shared by
+//! the load generator, Redis and the proxy, CPU per request is steadier than requests/s,
+//! and it shows where sharing pays: Redis reading many clients' commands from one
+//! connection does one read and one write per batch instead of per command.
+//!
+//! The issue-9 targets (shared mode) are printed next to the measured values as PASS/MISS;
+//! the bench never fails on them.
 
 mod common;
 
@@ -26,8 +38,9 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use common::{
-    Proc, connect, cores_and_cpu, env_flag, free_port, register_font, report_header, results_dir,
-    sh, start_redis, start_stormwall, wait_port,
+    Mode, connect, cores_and_cpu, cpu_seconds, env_flag, env_num, median, register_font,
+    report_header, results_dir, start_redis, start_stormwall_mode, start_twemproxy,
+    stormwall_revision, version_of,
 };
 
 const CLIENTS: u32 = 50;
@@ -35,71 +48,6 @@ const SIZES: [usize; 2] = [16, 1024];
 const PIPELINES: [u32; 2] = [1, 16];
 /// The key `redis-benchmark -t get/set` uses when `-r` is not given.
 const BENCH_KEY: &str = "key:__rand_int__";
-
-// ---------------------------------------------------------------------------------------
-// Processes
-
-/// twemproxy with one pool in front of Redis, or `None` (with a note) if it is not installed.
-fn start_twemproxy(upstream: u16, dir: &Path) -> Option<(Proc, u16)> {
-    if !on_path("nutcracker") {
-        println!(
-            "note: `nutcracker` (twemproxy) is not on PATH, so its rows are skipped \
-             (Debian: apt-get install -y nutcracker)"
-        );
-        return None;
-    }
-    let port = free_port();
-    let conf = dir.join("nutcracker.yml");
-    std::fs::write(
-        &conf,
-        format!(
-            "bench:\n  listen: 127.0.0.1:{port}\n  hash: fnv1a_64\n  distribution: ketama\n  \
-             redis: true\n  servers:\n   - 127.0.0.1:{upstream}:1\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Proc(
-        Command::new("nutcracker")
-            .arg("-c")
-            .arg(&conf)
-            .args(["-s", &free_port().to_string(), "-a", "127.0.0.1"])
-            .arg("-o")
-            .arg(dir.join("nutcracker.log"))
-            .arg("-p")
-            .arg(dir.join("nutcracker.pid"))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("cannot start nutcracker"),
-    );
-    wait_port(port, &mut child.0, "nutcracker");
-    Some((child, port))
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-}
-
-/// First line of a command's output (stdout, else stderr), or "unknown".
-fn version_of(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .and_then(|o| {
-            let text = if o.stdout.is_empty() {
-                o.stderr
-            } else {
-                o.stdout
-            };
-            String::from_utf8(text)
-                .ok()?
-                .lines()
-                .next()
-                .map(|l| l.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
 
 // ---------------------------------------------------------------------------------------
 // redis-benchmark
@@ -149,6 +97,10 @@ struct Sample {
     p50: f64,
     p99: f64,
     p999: f64,
+    /// Redis's user + system CPU time during the run, per request (µs).
+    redis_cpu_us: f64,
+    /// The proxy's, per request (µs); NaN for direct.
+    proxy_cpu_us: f64,
 }
 
 fn bench_args(case: &Case, port: u16, n: u64) -> Vec<String> {
@@ -228,6 +180,8 @@ fn parse_benchmark(text: &str) -> Option<Sample> {
         p50: column("p50")?,
         p99: column("p99")?,
         p999,
+        redis_cpu_us: f64::NAN,
+        proxy_cpu_us: f64::NAN,
     })
 }
 
@@ -243,18 +197,6 @@ fn preload(redis_port: u16, size: usize) {
 // ---------------------------------------------------------------------------------------
 // Statistics and report
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 struct Summary {
     rps: f64,
     rps_min: f64,
@@ -262,6 +204,8 @@ struct Summary {
     p50: f64,
     p99: f64,
     p999: f64,
+    redis_cpu_us: f64,
+    proxy_cpu_us: f64,
 }
 
 fn summarize(samples: &[Sample]) -> Summary {
@@ -274,29 +218,8 @@ fn summarize(samples: &[Sample]) -> Summary {
         p50: median(pick(|s| s.p50)),
         p99: median(pick(|s| s.p99)),
         p999: median(pick(|s| s.p999)),
-    }
-}
-
-fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
-    let v = std::env::var(name).ok()?;
-    Some(
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-    )
-}
-
-fn stormwall_revision() -> String {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let rev = sh("git", &["-C", dir, "rev-parse", "--short", "HEAD"]);
-    let dirty = !sh(
-        "git",
-        &["-C", dir, "status", "--porcelain", "--untracked-files=no"],
-    )
-    .is_empty();
-    if dirty {
-        format!("{rev} + uncommitted changes")
-    } else {
-        rev
+        redis_cpu_us: median(pick(|s| s.redis_cpu_us)),
+        proxy_cpu_us: median(pick(|s| s.proxy_cpu_us)),
     }
 }
 
@@ -310,6 +233,48 @@ fn fmt_rps(rps: f64) -> String {
 
 // ---------------------------------------------------------------------------------------
 
+/// One way to reach Redis: its name in the report, its port, and the proxy's pid (whose
+/// CPU time is charged to it), if any.
+struct Target {
+    name: String,
+    port: u16,
+    proxy_pid: Option<u32>,
+}
+
+/// One redis-benchmark run of `n` requests against `target`, with the CPU time Redis (and
+/// the proxy) spent meanwhile.
+fn measure(case: &Case, target: &Target, redis_pid: u32, n: u64) -> Sample {
+    let redis_before = cpu_seconds(redis_pid);
+    let proxy_before = target.proxy_pid.map(cpu_seconds);
+    let mut s = run_benchmark(case, target.port, n);
+    let per_request = |seconds: f64| seconds * 1e6 / n as f64;
+    s.redis_cpu_us = per_request(cpu_seconds(redis_pid) - redis_before);
+    s.proxy_cpu_us = match (target.proxy_pid, proxy_before) {
+        (Some(pid), Some(before)) => per_request(cpu_seconds(pid) - before),
+        _ => f64::NAN,
+    };
+    s
+}
+
+/// The issue-9 targets for shared mode (see `issues show 9`), checked against medians.
+const TARGET_P1_VS_DIRECT: f64 = 1.0;
+const TARGET_P16_VS_DIRECT: f64 = 0.8;
+const TARGET_ONE_CLIENT_ADDED_P99_MS: f64 = 0.05;
+const TARGET_REDIS_CPU_VS_DIRECT: f64 = 0.5;
+
+fn verdict(pass: bool) -> &'static str {
+    if pass { "PASS" } else { "**MISS**" }
+}
+
+/// A figure for a table cell: "–" where there is none (NaN: direct has no proxy).
+fn cell(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "–".into()
+    }
+}
+
 fn main() {
     let quick = env_flag("STORMWALL_BENCH_QUICK");
     let rounds: usize = env_num("STORMWALL_BENCH_ROUNDS").unwrap_or(if quick { 1 } else { 3 });
@@ -318,16 +283,43 @@ fn main() {
     let started = Instant::now();
 
     let tmp = tempfile::tempdir().unwrap();
-    let (_redis, redis_port) = start_redis(&[]);
-    let (_stormwall, sw_port) = start_stormwall(
-        redis_port,
-        &["--admin", "127.0.0.1:0", "--log-level", "warn"],
-    );
-    let twemproxy = start_twemproxy(redis_port, tmp.path());
-    let mut targets: Vec<(&str, u16)> = vec![("direct", redis_port), ("stormwall", sw_port)];
-    if let Some((_, port)) = &twemproxy {
-        targets.push(("twemproxy", *port));
+    let (redis, redis_port) = start_redis(&[]);
+    let redis_pid = redis.pid();
+    let mut targets = vec![Target {
+        name: "direct".into(),
+        port: redis_port,
+        proxy_pid: None,
+    }];
+    // Both modes side by side, each its own process with its default config otherwise.
+    let mut stormwalls = Vec::new();
+    for mode in Mode::BOTH {
+        let (proc, port) = start_stormwall_mode(
+            redis_port,
+            mode,
+            &["--admin", "127.0.0.1:0", "--log-level", "warn"],
+        );
+        targets.push(Target {
+            name: mode.label(),
+            port,
+            proxy_pid: Some(proc.pid()),
+        });
+        stormwalls.push(proc);
     }
+    let twemproxy = start_twemproxy(redis_port, tmp.path());
+    if let Some((proc, port)) = &twemproxy {
+        targets.push(Target {
+            name: "twemproxy".into(),
+            port: *port,
+            proxy_pid: Some(proc.pid()),
+        });
+    }
+    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let index = |name: &str| names.iter().position(|n| *n == name);
+    let (shared, dedicated, tw) = (
+        index(&Mode::Shared.label()).unwrap(),
+        index(&Mode::Dedicated.label()).unwrap(),
+        index("twemproxy"),
+    );
 
     let mut cases = Vec::new();
     for size in SIZES {
@@ -344,12 +336,14 @@ fn main() {
     }
     // One client: what a proxy adds to a request when the CPU is not saturated (with 50
     // clients on 2 cores, everything queues for CPU and the added latency is mostly that).
-    cases.push(Case {
-        op: Op::Get,
-        size: 16,
-        pipeline: 1,
-        clients: 1,
-    });
+    for op in [Op::Set, Op::Get] {
+        cases.push(Case {
+            op,
+            size: 16,
+            pipeline: 1,
+            clients: 1,
+        });
+    }
 
     // Calibrate: one request count per case, so that a direct run takes about `seconds`.
     let counts: Vec<u64> = cases
@@ -375,17 +369,18 @@ fn main() {
             }
             for k in 0..targets.len() {
                 let ti = (round + k) % targets.len();
-                let (name, port) = targets[ti];
-                let s = run_benchmark(case, port, counts[ci]);
+                let s = measure(case, &targets[ti], redis_pid, counts[ci]);
                 println!(
-                    "round {}/{rounds} {:<16} {:<9} {:>10.0} rps  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms",
+                    "round {}/{rounds} {:<22} {:<19} {:>10.0} rps  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  CPU/req redis {:.2} proxy {} µs",
                     round + 1,
                     case.label(),
-                    name,
+                    names[ti],
                     s.rps,
                     s.p50,
                     s.p99,
-                    s.p999
+                    s.p999,
+                    s.redis_cpu_us,
+                    cell(s.proxy_cpu_us, 2),
                 );
                 samples[ci][ti].push(s);
             }
@@ -399,8 +394,6 @@ fn main() {
         .collect();
 
     // Report.
-    let names: Vec<&str> = targets.iter().map(|t| t.0).collect();
-    let tw = names.iter().position(|n| *n == "twemproxy");
     let settings: String = [
         "STORMWALL_BENCH_QUICK",
         "STORMWALL_BENCH_ROUNDS",
@@ -411,124 +404,241 @@ fn main() {
     .collect();
     let command = format!("{settings}cargo bench --bench passthrough");
     let mut md = report_header(
-        "Passthrough: direct Redis vs stormwall vs twemproxy",
+        "Passthrough: direct Redis vs stormwall (shared and dedicated) vs twemproxy",
         &command,
     );
-    writeln!(md, "| machine | {} |", cores_and_cpu()).unwrap();
-    writeln!(
-        md,
+    let w = &mut md;
+    let mut line = |text: String| writeln!(w, "{text}").unwrap();
+    line(format!("| machine | {} |", cores_and_cpu()));
+    line(format!(
         "| redis | {} |",
         version_of("redis-server", &["--version"])
-    )
-    .unwrap();
-    writeln!(
-        md,
+    ));
+    line(format!(
         "| twemproxy | {} |",
         if tw.is_some() {
             version_of("nutcracker", &["-V"])
         } else {
             "not installed: rows skipped".into()
         }
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| stormwall | {} (release build, default config) |",
+    ));
+    line(format!(
+        "| stormwall | {} (release build, default config but `upstream.mode`; two processes, one per mode) |",
         stormwall_revision()
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| load | `redis-benchmark -c {CLIENTS} -n N -d SIZE -P DEPTH -t get\\|set`, plus one case with `-c 1` (N calibrated per case for ~{seconds} s against Redis directly, same N for every target) |"
-    )
-    .unwrap();
-    writeln!(
-        md,
+    ));
+    line(format!(
+        "| load | `redis-benchmark -c {CLIENTS} -n N -d SIZE -P DEPTH -t get\\|set`, plus `-c 1 -P 1` GET and SET (N calibrated per case for ~{seconds} s against Redis directly, same N for every target) |"
+    ));
+    line(format!(
         "| rounds | {rounds}, targets interleaved within each case, start target rotated per round; wall time {elapsed:.0} s |"
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "\nEverything runs on the same machine: redis-benchmark, Redis and the proxy share its \
+    ));
+    line(
+        "\nEverything runs on the same machine: redis-benchmark, Redis and the proxies share its \
          cores, so a proxy also competes with the load generator for CPU. twemproxy runs one \
          pool (`redis: true`, `hash: fnv1a_64`, `distribution: ketama`, one server) with \
          its defaults (`server_connections: 1`: all clients are multiplexed onto one \
-         upstream connection); stormwall gives each client its own upstream connection. \
+         upstream connection). stormwall shared multiplexes its clients onto \
+         `upstream.shared_connections` connections (default: one per runtime worker thread); \
+         stormwall dedicated gives each client its own upstream connection. \
          Values are medians over rounds (each column separately); latency in ms as measured \
          by redis-benchmark (per request, from the write of its pipeline); p99.9 is the first \
-         percentile at or above 99.9% in redis-benchmark's HdrHistogram listing.\n"
-    )
-    .unwrap();
+         percentile at or above 99.9% in redis-benchmark's HdrHistogram listing. CPU per \
+         request is user + system time from `/proc/PID/stat` during the run divided by its \
+         requests (clock-tick resolution: 10 ms per run).\n"
+            .into(),
+    );
 
-    writeln!(md, "## Throughput and latency\n").unwrap();
-    writeln!(
-        md,
-        "| case | target | requests/s (median) | min–max over rounds | p50 ms | p99 ms | p99.9 ms |"
-    )
-    .unwrap();
-    writeln!(md, "| --- | --- | ---: | ---: | ---: | ---: | ---: |").unwrap();
+    // The targets of issue 9 first: the figures the lead is waiting for.
+    line("## Issue 9 targets (stormwall shared)\n".into());
+    line(
+        "| target | case | shared | verdict | dedicated | twemproxy |\n| --- | --- | ---: | --- | ---: | ---: |"
+            .into(),
+    );
+    let tw_cell = |f: &dyn Fn(&[Summary], usize) -> String, s: &[Summary]| match tw {
+        Some(t) => f(s, t),
+        None => "–".into(),
+    };
+    let ratio = |s: &[Summary], t: usize| format!("{:.2}×", s[t].rps / s[0].rps);
+    let added = |s: &[Summary], t: usize| format!("{:+.3} ms", s[t].p99 - s[0].p99);
+    let cpu = |s: &[Summary], t: usize| {
+        format!(
+            "{:.2} µs ({:.2}×)",
+            s[t].redis_cpu_us,
+            s[t].redis_cpu_us / s[0].redis_cpu_us
+        )
+    };
+    for (ci, case) in cases
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.clients == CLIENTS)
+    {
+        let s = &summaries[ci];
+        let want = if case.pipeline == 1 {
+            TARGET_P1_VS_DIRECT
+        } else {
+            TARGET_P16_VS_DIRECT
+        };
+        line(format!(
+            "| throughput ≥ {want:.1}× direct | {} | {} | {} | {} | {} |",
+            case.label(),
+            ratio(s, shared),
+            verdict(s[shared].rps / s[0].rps >= want),
+            ratio(s, dedicated),
+            tw_cell(&ratio, s),
+        ));
+    }
+    for (ci, case) in cases.iter().enumerate().filter(|(_, c)| c.clients == 1) {
+        let s = &summaries[ci];
+        line(format!(
+            "| added p99 ≤ {TARGET_ONE_CLIENT_ADDED_P99_MS} ms | {} | {} | {} | {} | {} |",
+            case.label(),
+            added(s, shared),
+            verdict(s[shared].p99 - s[0].p99 <= TARGET_ONE_CLIENT_ADDED_P99_MS),
+            added(s, dedicated),
+            tw_cell(&added, s),
+        ));
+    }
+    // Redis CPU is judged where sharing has something to save: 50 unpipelined clients.
+    // With -P 16 Redis already reads 16 commands per read directly, and one client has no
+    // one to share a connection with (see the CPU table below for every case).
+    for (ci, case) in cases
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.clients == CLIENTS && c.pipeline == 1)
+    {
+        let s = &summaries[ci];
+        line(format!(
+            "| Redis CPU per request ≤ {TARGET_REDIS_CPU_VS_DIRECT}× direct's ({:.2} µs) | {} | {} | {} | {} | {} |",
+            s[0].redis_cpu_us,
+            case.label(),
+            cpu(s, shared),
+            verdict(s[shared].redis_cpu_us <= TARGET_REDIS_CPU_VS_DIRECT * s[0].redis_cpu_us),
+            cpu(s, dedicated),
+            tw_cell(&cpu, s),
+        ));
+    }
+
+    line("\n## Throughput and latency\n".into());
+    line(
+        "| case | target | requests/s (median) | min–max over rounds | p50 ms | p99 ms | p99.9 ms | Redis CPU µs/request | proxy CPU µs/request |"
+            .into(),
+    );
+    line("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".into());
     for (ci, case) in cases.iter().enumerate() {
         for (ti, name) in names.iter().enumerate() {
             let s = &summaries[ci][ti];
-            writeln!(
-                md,
-                "| {} | {name} | {:.0} | {}–{} | {:.3} | {:.3} | {:.3} |",
+            line(format!(
+                "| {} | {name} | {:.0} | {}–{} | {:.3} | {:.3} | {:.3} | {:.2} | {} |",
                 case.label(),
                 s.rps,
                 fmt_rps(s.rps_min),
                 fmt_rps(s.rps_max),
                 s.p50,
                 s.p99,
-                s.p999
-            )
-            .unwrap();
+                s.p999,
+                s.redis_cpu_us,
+                cell(s.proxy_cpu_us, 2),
+            ));
         }
     }
 
-    writeln!(
-        md,
-        "\n## stormwall relative to direct Redis and to twemproxy\n"
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| case | throughput stormwall / direct | throughput stormwall / twemproxy | p99 added by stormwall vs direct (ms) | p99 added by twemproxy vs direct (ms) |"
-    )
-    .unwrap();
-    writeln!(md, "| --- | ---: | ---: | ---: | ---: |").unwrap();
+    line("\n## Relative to direct Redis and to twemproxy\n".into());
+    line("Throughput as a ratio of medians; p99 added = proxy's median p99 − direct's.\n".into());
+    line(
+        "| case | shared / direct | dedicated / direct | twemproxy / direct | shared / twemproxy | dedicated / twemproxy | p99 added: shared (ms) | dedicated | twemproxy |"
+            .into(),
+    );
+    line("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".into());
     for (ci, case) in cases.iter().enumerate() {
         let s = &summaries[ci];
-        let (direct, sw) = (&s[0], &s[1]);
-        let (vs_tw, tw_p99) = match tw {
-            Some(t) => (
-                format!("{:.2}", sw.rps / s[t].rps),
-                format!("{:+.3}", s[t].p99 - direct.p99),
-            ),
-            None => ("–".into(), "–".into()),
-        };
-        writeln!(
-            md,
-            "| {} | {:.2} | {vs_tw} | {:+.3} | {tw_p99} |",
+        let vs =
+            |a: usize, b: Option<usize>| b.map_or("–".into(), |b| cell(s[a].rps / s[b].rps, 2));
+        let added =
+            |t: Option<usize>| t.map_or("–".into(), |t| format!("{:+.3}", s[t].p99 - s[0].p99));
+        line(format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             case.label(),
-            sw.rps / direct.rps,
-            sw.p99 - direct.p99
-        )
-        .unwrap();
+            vs(shared, Some(0)),
+            vs(dedicated, Some(0)),
+            tw.map_or("–".into(), |t| vs(t, Some(0))),
+            vs(shared, tw),
+            vs(dedicated, tw),
+            added(Some(shared)),
+            added(Some(dedicated)),
+            added(tw),
+        ));
+    }
+
+    line("\n## One client: latency\n".into());
+    line(
+        "What a proxy adds to one request when nothing queues for CPU (`-c 1 -P 1`, 16 B).\n"
+            .into(),
+    );
+    line("| case | target | p50 ms | p99 ms | p99 added vs direct (ms) |\n| --- | --- | ---: | ---: | ---: |".into());
+    for (ci, case) in cases.iter().enumerate().filter(|(_, c)| c.clients == 1) {
+        let s = &summaries[ci];
+        for (ti, name) in names.iter().enumerate() {
+            line(format!(
+                "| {} | {name} | {:.3} | {:.3} | {} |",
+                case.label(),
+                s[ti].p50,
+                s[ti].p99,
+                if ti == 0 {
+                    "–".into()
+                } else {
+                    format!("{:+.3}", s[ti].p99 - s[0].p99)
+                }
+            ));
+        }
+    }
+
+    line("\n## CPU per request\n".into());
+    line(
+        "µs of user + system time per request (medians over rounds). Redis's column is the \
+         cost the proxy passes on to the server; the proxy's is its own.\n"
+            .into(),
+    );
+    let mut head = String::from("| case |");
+    let mut rule = String::from("| --- |");
+    for name in &names {
+        write!(head, " Redis: {name} |").unwrap();
+        rule.push_str(" ---: |");
+    }
+    head.push_str(" Redis: shared / direct |");
+    rule.push_str(" ---: |");
+    for name in names.iter().skip(1) {
+        write!(head, " proxy: {name} |").unwrap();
+        rule.push_str(" ---: |");
+    }
+    line(head);
+    line(rule);
+    for (ci, case) in cases.iter().enumerate() {
+        let s = &summaries[ci];
+        let mut row = format!("| {} |", case.label());
+        for t in s {
+            write!(row, " {:.2} |", t.redis_cpu_us).unwrap();
+        }
+        write!(row, " {:.2} |", s[shared].redis_cpu_us / s[0].redis_cpu_us).unwrap();
+        for t in s.iter().skip(1) {
+            write!(row, " {} |", cell(t.proxy_cpu_us, 2)).unwrap();
+        }
+        line(row);
     }
 
     let dir = results_dir();
     let png = dir.join("passthrough.png");
     match chart(&png, &cases, &names, &summaries) {
-        Ok(()) => writeln!(md, "\n![throughput and p99 per case](passthrough.png)").unwrap(),
+        Ok(()) => line("\n![throughput, p99 and Redis CPU per case](passthrough.png)".into()),
         Err(e) => {
             println!("note: chart not drawn: {e}");
-            writeln!(md, "\n(Chart not drawn: {e}.)").unwrap();
+            line(format!("\n(Chart not drawn: {e}.)"));
         }
     }
     print!("\n{md}");
     std::fs::write(dir.join("passthrough.md"), md).unwrap();
     println!("wrote results/passthrough.md");
     drop(twemproxy);
+    drop(stormwalls);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -553,6 +663,7 @@ fn chart(
     let colors = [
         RGBColor(90, 90, 90),
         RGBColor(214, 39, 40),
+        RGBColor(255, 152, 150),
         RGBColor(31, 119, 180),
     ];
     // One slot per bar, plus one empty slot between cases.
@@ -574,8 +685,13 @@ fn chart(
             unit: "ms",
             value: Box::new(|c, t| summaries[c][t].p99),
         },
+        Panel {
+            title: "Redis CPU per request (µs, median; lower is better)",
+            unit: "µs",
+            value: Box::new(|c, t| summaries[c][t].redis_cpu_us),
+        },
     ];
-    let root = BitMapBackend::new(path, (1400, 1350)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1500, 1800)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let areas = root.split_evenly((panels.len(), 1));
     for (area, panel) in areas.iter().zip(&panels) {
