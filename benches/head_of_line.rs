@@ -55,9 +55,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    Mode, connect, cores_and_cpu, env_flag, env_num, median, report_header, resp_command,
-    results_dir, start_redis, start_stormwall_mode, start_twemproxy, stormwall_revision,
-    version_of,
+    Mode, bench_command, connect, cores_and_cpu, env_flag, env_num, median, report_header,
+    resp_command, results_dir, start_redis, start_stormwall_mode, start_twemproxy,
+    stormwall_revision, version_of,
 };
 
 const SMALL_CLIENTS: usize = 20;
@@ -477,17 +477,16 @@ fn main() {
     let elapsed = started.elapsed().as_secs_f64();
     drop(procs);
 
-    let settings: String = [
-        "STORMWALL_BENCH_QUICK",
-        "STORMWALL_BENCH_ROUNDS",
-        "STORMWALL_BENCH_SECONDS",
-        "STORMWALL_BENCH_HEAVY_PAUSE_MS",
-        "STORMWALL_BENCH_SCENARIOS",
-    ]
-    .iter()
-    .filter_map(|k| Some(format!("{k}={} ", std::env::var(k).ok()?)))
-    .collect();
-    let command = format!("{settings}cargo bench --bench head_of_line");
+    let command = bench_command(
+        "head_of_line",
+        &[
+            "STORMWALL_BENCH_QUICK",
+            "STORMWALL_BENCH_ROUNDS",
+            "STORMWALL_BENCH_SECONDS",
+            "STORMWALL_BENCH_HEAVY_PAUSE_MS",
+            "STORMWALL_BENCH_SCENARIOS",
+        ],
+    );
     let mut md = report_header(
         "Head-of-line: small GETs next to a client with large replies",
         &command,

@@ -46,8 +46,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    Mode, Proc, connect, cores_and_cpu, env_flag, env_num, info_field, report_header, results_dir,
-    sh, start_redis, start_stormwall_mode, status_kib, stormwall_revision,
+    Mode, Proc, bench_command, connect, cores_and_cpu, env_flag, env_num, info_field,
+    report_header, results_dir, sh, start_redis, start_stormwall_mode, status_kib,
+    stormwall_revision,
 };
 
 /// Issue 9: what shared mode may cost per idle client, and hold open towards Redis.
@@ -392,11 +393,10 @@ fn main() {
     drop(admin);
     drop(redis);
 
-    let settings: String = ["STORMWALL_BENCH_QUICK", "STORMWALL_BENCH_CONNECTIONS"]
-        .iter()
-        .filter_map(|k| Some(format!("{k}={} ", std::env::var(k).ok()?)))
-        .collect();
-    let command = format!("{settings}cargo bench --bench memory");
+    let command = bench_command(
+        "memory",
+        &["STORMWALL_BENCH_QUICK", "STORMWALL_BENCH_CONNECTIONS"],
+    );
     let mut md = report_header(
         "Memory: stormwall's resident set and upstream connections per client",
         &command,

@@ -38,8 +38,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use common::{
-    Mode, connect, cores_and_cpu, cpu_seconds, env_flag, env_num, median, register_font,
-    report_header, results_dir, start_redis, start_stormwall_mode, start_twemproxy,
+    Mode, bench_command, connect, cores_and_cpu, cpu_seconds, env_flag, env_num, median,
+    register_font, report_header, results_dir, start_redis, start_stormwall_mode, start_twemproxy,
     stormwall_revision, version_of,
 };
 
@@ -394,15 +394,14 @@ fn main() {
         .collect();
 
     // Report.
-    let settings: String = [
-        "STORMWALL_BENCH_QUICK",
-        "STORMWALL_BENCH_ROUNDS",
-        "STORMWALL_BENCH_SECONDS",
-    ]
-    .iter()
-    .filter_map(|k| Some(format!("{k}={} ", std::env::var(k).ok()?)))
-    .collect();
-    let command = format!("{settings}cargo bench --bench passthrough");
+    let command = bench_command(
+        "passthrough",
+        &[
+            "STORMWALL_BENCH_QUICK",
+            "STORMWALL_BENCH_ROUNDS",
+            "STORMWALL_BENCH_SECONDS",
+        ],
+    );
     let mut md = report_header(
         "Passthrough: direct Redis vs stormwall (shared and dedicated) vs twemproxy",
         &command,

@@ -37,6 +37,16 @@ impl Proc {
     }
 }
 
+/// The command that reproduces this run: `cargo bench --bench NAME`, preceded by whichever
+/// of `vars` are set in the environment.
+pub fn bench_command(name: &str, vars: &[&str]) -> String {
+    let settings: String = vars
+        .iter()
+        .filter_map(|k| Some(format!("{k}={} ", std::env::var(k).ok()?)))
+        .collect();
+    format!("{settings}cargo bench --bench {name}")
+}
+
 /// A command as a RESP array of bulk strings.
 pub fn resp_command(args: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();

@@ -11,7 +11,7 @@ use tracing::debug;
 use super::{MIN_READ, READ_BUF};
 use crate::config::UpstreamConfig;
 use crate::net::{ReadHalf, WriteHalf};
-use crate::upstream::mux::{Inbox, Mux};
+use crate::upstream::mux::{Inbox, Mux, Sent};
 use crate::upstream::pool::{Group, Pools, Unavailable};
 
 /// Where the request side writes.
@@ -134,10 +134,9 @@ impl SharedLink {
     /// Sends `bytes` at once if the client's connection is up and has room (the common
     /// case, with no future to set up). False if that needs waiting: use [`send`](Self::send).
     pub fn try_send(&self, bytes: &[u8], replies: u32) -> bool {
-        match &self.mux {
-            Some(mux) if mux.has_room() => mux.send(&self.inbox, bytes, replies),
-            _ => false,
-        }
+        self.mux
+            .as_ref()
+            .is_some_and(|mux| mux.send(&self.inbox, bytes, replies) == Sent::Queued)
     }
 
     /// Sends `bytes`, `replies` commands whose replies go to this client's inbox.
@@ -152,9 +151,11 @@ impl SharedLink {
             let Some(mux) = self.mux(pools, cfg).await else {
                 return false;
             };
-            mux.room().await;
-            if mux.send(&self.inbox, bytes, replies) {
-                return true;
+            match mux.send(&self.inbox, bytes, replies) {
+                Sent::Queued => return true,
+                Sent::Full => mux.room().await,
+                // Lost meanwhile: `mux` reconnects, unless replies were lost with it.
+                Sent::Dead => {}
             }
         }
     }

@@ -238,8 +238,9 @@ impl RequestSide<'_> {
                     | Some(Effect::Select(None)) => Action::Pin(PinReason::UntrackedState),
                     _ => action,
                 };
-                let barrier = sharing::counts_earlier_writes(&cmd);
                 if action != Action::Share {
+                    let barrier = matches!(action, Action::Pin(PinReason::Blocking))
+                        && sharing::counts_earlier_writes(&cmd);
                     drop(parsed);
                     let next = match action {
                         // Judged again, now on the client's own connection.
@@ -857,9 +858,7 @@ impl RequestSide<'_> {
         }
         let links = self.links;
         let cfg = &links.config.upstream;
-        let mut replay: Vec<_> = std::iter::once(crate::upstream::pool::reset())
-            .chain(links.state().replay())
-            .collect();
+        let mut replay = links.state().replay();
         if barrier {
             replay.push(sharing::write_barrier());
         }
@@ -930,9 +929,7 @@ impl RequestSide<'_> {
             return Next::Stop;
         }
         let links = self.links;
-        let setup: Vec<_> = std::iter::once(crate::upstream::pool::reset())
-            .chain(links.state().replay())
-            .collect();
+        let setup = links.state().replay();
         let Some((conn, reply)) = self.on_spare(&setup, &buf[..len]).await else {
             return Next::Stop;
         };
@@ -1005,12 +1002,9 @@ impl RequestSide<'_> {
                 ..
             })
         );
-        let setup: Vec<_> = std::iter::once(crate::upstream::pool::reset())
-            .chain(
-                replay
-                    .into_iter()
-                    .filter(|c| !authenticates && c[0].as_ref() != b"CLIENT"),
-            )
+        let setup: Vec<_> = replay
+            .into_iter()
+            .filter(|c| !authenticates && c[0].as_ref() != b"CLIENT")
             .collect();
         let Some((conn, reply)) = self.on_spare(&setup, &buf[..len]).await else {
             return Next::Stop;

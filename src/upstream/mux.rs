@@ -218,6 +218,15 @@ struct State {
     dead: bool,
 }
 
+/// What [`Mux::send`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Queued,
+    /// Too much is waiting to be written: wait for [`Mux::room`].
+    Full,
+    Dead,
+}
+
 /// Metric handles a shared connection updates.
 #[derive(Clone)]
 pub struct MuxMetrics {
@@ -271,12 +280,6 @@ impl Mux {
         self.lock().dead
     }
 
-    /// Whether a send would not have to wait (the connection is up, with room).
-    pub fn has_room(&self) -> bool {
-        let state = self.lock();
-        !state.dead && state.out.len() <= OUT_PAUSE
-    }
-
     /// Waits while more than [`OUT_PAUSE`] bytes wait to be written (or the connection is
     /// dead).
     pub async fn room(&self) {
@@ -294,12 +297,16 @@ impl Mux {
         }
     }
 
-    /// Queues `bytes` (`replies` commands, each answered once) for `inbox`'s client. False
-    /// if the connection is dead (nothing was queued).
-    pub fn send(&self, inbox: &Arc<Inbox>, bytes: &[u8], replies: u32) -> bool {
+    /// Queues `bytes` (`replies` commands, each answered once) for `inbox`'s client, unless
+    /// the connection is dead or has more than [`OUT_PAUSE`] bytes waiting (then nothing was
+    /// queued: [`room`](Self::room) says when to try again).
+    pub fn send(&self, inbox: &Arc<Inbox>, bytes: &[u8], replies: u32) -> Sent {
         let mut state = self.lock();
         if state.dead {
-            return false;
+            return Sent::Dead;
+        }
+        if state.out.len() > OUT_PAUSE {
+            return Sent::Full;
         }
         if replies > 0 {
             inbox.owed.fetch_add(replies, Ordering::AcqRel);
@@ -309,7 +316,7 @@ impl Mux {
             }
         }
         self.queue(state, bytes, replies);
-        true
+        Sent::Queued
     }
 
     /// Queues `bytes` (`replies` commands) whose replies stormwall reads itself; they come

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use metrics::{Counter, Gauge};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::mux::{Mux, MuxMetrics};
 use super::{Conn, ConnError, Identity};
@@ -58,9 +58,47 @@ impl Key {
     }
 }
 
+/// Runs `attempt` until it succeeds, Redis refuses for good, or `deadline` would pass:
+/// Redis unreachable, or still loading its data, is waited out with backoff.
+async fn through_outage<T, F, Fut>(
+    metrics: &PoolMetrics,
+    deadline: Instant,
+    mut attempt: F,
+) -> Result<T, ConnError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ConnError>>,
+{
+    let mut backoff = BACKOFF_MIN;
+    let mut waited = false;
+    loop {
+        let error = match attempt().await {
+            Ok(done) => {
+                if waited {
+                    metrics.outage_recovered.increment(1);
+                    debug!("Redis answers again after an outage");
+                }
+                return Ok(done);
+            }
+            Err(ConnError::Refused(e)) if !e.starts_with("LOADING") => {
+                return Err(ConnError::Refused(e));
+            }
+            Err(ConnError::Refused(e)) => io::Error::other(e),
+            Err(ConnError::Io(e)) => e,
+        };
+        if Instant::now() + backoff > deadline {
+            metrics.outage_timed_out.increment(1);
+            return Err(ConnError::Io(error));
+        }
+        waited = true;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
 /// `RESET`: puts a connection in a new connection's state, authentication included, as
 /// Redis would judge it now.
-pub fn reset() -> Vec<Bytes> {
+fn reset() -> Vec<Bytes> {
     vec![Bytes::from_static(b"RESET")]
 }
 
@@ -150,58 +188,33 @@ impl Pools {
         self.connect(cfg).await
     }
 
-    /// A spare put into a client's state by `setup` (a pin's private connection, or the
-    /// connection a login is checked on). While Redis is unreachable or still loading its
-    /// data, retries with backoff for up to `upstream.outage_wait`, as a shared command
-    /// would wait for its connection.
+    /// A spare in a new connection's state as Redis judges it now (`RESET`), then put into a
+    /// client's state by `setup` (a pin's private connection, or the connection a login is
+    /// checked on). While Redis is unreachable or still loading its data, retries for up to
+    /// `upstream.outage_wait`, as a shared command waits for its connection.
     pub async fn prepared(
         &self,
         cfg: &UpstreamConfig,
         setup: &[Vec<Bytes>],
     ) -> Result<Conn, ConnError> {
         let deadline = Instant::now() + cfg.outage_wait;
-        let mut backoff = BACKOFF_MIN;
-        let mut waited = false;
-        loop {
-            let attempt = async {
-                let mut conn = self.spare(cfg).await.map_err(ConnError::Io)?;
-                let by = Instant::now() + cfg.reply_wait();
-                match conn.establish(setup, by).await {
-                    // No RESET (renamed away, or a Redis before 6.2): a brand-new connection
-                    // is in a new connection's state without it.
-                    Err(ConnError::Refused(e))
-                        if setup.first() == Some(&reset()) && e.contains("unknown command") =>
-                    {
-                        let mut fresh = self.connect(cfg).await.map_err(ConnError::Io)?;
-                        fresh.establish(&setup[1..], by).await?;
-                        Ok(fresh)
-                    }
-                    result => result.map(|()| conn),
+        through_outage(&self.metrics, deadline, || async {
+            let mut conn = self.spare(cfg).await.map_err(ConnError::Io)?;
+            let by = Instant::now() + cfg.reply_wait();
+            let mut commands = vec![reset()];
+            commands.extend_from_slice(setup);
+            match conn.establish(&commands, by).await {
+                // No RESET (renamed away, or a Redis before 6.2): a brand-new connection is
+                // in a new connection's state without it.
+                Err(ConnError::Refused(e)) if e.contains("unknown command") => {
+                    let mut fresh = self.connect(cfg).await.map_err(ConnError::Io)?;
+                    fresh.establish(setup, by).await?;
+                    Ok(fresh)
                 }
-            };
-            let error = match attempt.await {
-                Ok(conn) => {
-                    if waited {
-                        self.metrics.outage_recovered.increment(1);
-                    }
-                    return Ok(conn);
-                }
-                Err(ConnError::Refused(e)) if !e.starts_with("LOADING") => {
-                    return Err(ConnError::Refused(e));
-                }
-                Err(ConnError::Refused(e)) => io::Error::other(e),
-                Err(ConnError::Io(e)) => e,
-            };
-            if Instant::now() + backoff > deadline {
-                if waited || !cfg.outage_wait.is_zero() {
-                    self.metrics.outage_timed_out.increment(1);
-                }
-                return Err(ConnError::Io(error));
+                result => result.map(|()| conn),
             }
-            waited = true;
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+        })
+        .await
     }
 
     /// Returns a spare that is still in Redis's initial state (nothing changed it).
@@ -342,10 +355,6 @@ pub enum Unavailable {
 }
 
 impl Group {
-    pub fn key(&self) -> &Key {
-        &self.key
-    }
-
     /// Which connection a new client uses.
     pub fn assign(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()
@@ -375,36 +384,23 @@ impl Group {
         pools: &Pools,
         cfg: &UpstreamConfig,
     ) -> Result<Arc<Mux>, Unavailable> {
-        let mut current = self.slots[slot % self.slots.len()].lock().await;
+        // One deadline from the client's arrival, however many wait for the same slot.
+        let deadline = Instant::now() + cfg.outage_wait;
+        let slot = &self.slots[slot % self.slots.len()];
+        let Ok(mut current) = tokio::time::timeout_at(deadline, slot.lock()).await else {
+            self.metrics.outage_timed_out.increment(1);
+            return Err(Unavailable::Outage(io::ErrorKind::TimedOut.into()));
+        };
         if let Some(mux) = current.as_ref().filter(|m| !m.is_dead()) {
             return Ok(mux.clone());
         }
-        let deadline = Instant::now() + cfg.outage_wait;
-        let mut backoff = BACKOFF_MIN;
-        let mut waited = false;
-        loop {
-            let attempt = self.open(pools, cfg).await;
-            match attempt {
-                Ok(mux) => {
-                    if waited {
-                        self.metrics.outage_recovered.increment(1);
-                        info!("shared upstream connection restored after an outage");
-                    }
-                    *current = Some(mux.clone());
-                    return Ok(mux);
-                }
-                Err(ConnError::Refused(e)) => return Err(Unavailable::Refused(e)),
-                Err(ConnError::Io(e)) => {
-                    let now = Instant::now();
-                    if now + backoff > deadline {
-                        self.metrics.outage_timed_out.increment(1);
-                        return Err(Unavailable::Outage(e));
-                    }
-                    waited = true;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
+        match through_outage(&self.metrics, deadline, || self.open(pools, cfg)).await {
+            Ok(mux) => {
+                *current = Some(mux.clone());
+                Ok(mux)
             }
+            Err(ConnError::Refused(e)) => Err(Unavailable::Refused(e)),
+            Err(ConnError::Io(e)) => Err(Unavailable::Outage(e)),
         }
     }
 
