@@ -223,6 +223,8 @@ pub struct LimitsConfig {
 
 /// Redis's `INT_MAX` ceiling on a request's argument count.
 pub const MAX_ARRAY_LEN: u64 = i32::MAX as u64;
+/// Most `[[flush.rules]]` entries (each FLUSHDB is matched against them in order).
+pub const MAX_FLUSH_RULES: usize = 1000;
 /// Redis's minimum `client-query-buffer-limit`.
 pub const MIN_REQUEST_BYTES: u64 = 1024 * 1024;
 
@@ -329,6 +331,35 @@ pub struct FlushConfig {
     /// Flushes of a target that may go at once before `min_interval` spacing applies, so an
     /// occasional flush (a test suite's teardown) is never delayed.
     pub burst: u32,
+    /// How long a scoped flush ([`FlushRule`]) may take in all, from its arrival to its
+    /// answer: waiting for its turn, then the whole `SCAN` + delete of its pattern. Past it,
+    /// a request whose scan had not started is refused (not applied); one whose scan had
+    /// deleted keys ends with a closed connection (partly applied).
+    #[serde(with = "humantime_serde")]
+    pub scoped_max_wait: Duration,
+    /// Scoped flush rules, first match wins: a client's `FLUSHDB` becomes the deletion of the
+    /// keys matching the rule's pattern only (`[[flush.rules]]` in the file).
+    pub rules: Vec<FlushRule>,
+}
+
+/// One `[[flush.rules]]` entry: which clients it matches (every given matcher must match;
+/// at least one is required), and the keys their `FLUSHDB` deletes instead of the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushRule {
+    /// The client's name as set by `CLIENT SETNAME` or `HELLO … SETNAME`: exact, or a glob
+    /// (`*`, `?`, `[…]`, `\` as in Redis's `KEYS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_name: Option<String>,
+    /// The ACL user the client is authenticated as (`default` for a client that never
+    /// named one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The database the client has selected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db: Option<i64>,
+    /// The keys a matching client's `FLUSHDB` deletes: a `SCAN … MATCH` glob.
+    pub pattern: String,
 }
 
 impl Default for FlushConfig {
@@ -338,6 +369,8 @@ impl Default for FlushConfig {
             mode: FlushMode::Async,
             deny: Vec::new(),
             burst: 3,
+            scoped_max_wait: Duration::from_secs(60),
+            rules: Vec::new(),
         }
     }
 }
@@ -573,6 +606,7 @@ impl Config {
                 "must be shorter than invalidation.max_wait, or flushes would time out waiting for their turn",
             ));
         }
+        self.validate_rules()?;
         if self.admin.enabled && self.admin.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "admin.address",
@@ -607,6 +641,60 @@ impl Config {
                 "log.level",
                 format!("`{}` is not a valid tracing filter ({e})", self.log.level),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks `flush.scoped_max_wait` and every `[[flush.rules]]` entry (numbered from 1 in
+    /// errors, in file order).
+    fn validate_rules(&self) -> Result<(), ConfigError> {
+        let flush = &self.flush;
+        if flush.scoped_max_wait <= flush.min_interval {
+            return Err(ConfigError::Invalid {
+                key: "flush.scoped_max_wait",
+                message: "must be longer than flush.min_interval, or scoped flushes would time \
+                          out waiting for their turn"
+                    .into(),
+            });
+        }
+        if flush.rules.len() > MAX_FLUSH_RULES {
+            return Err(ConfigError::Invalid {
+                key: "flush.rules",
+                message: format!("at most {MAX_FLUSH_RULES} rules"),
+            });
+        }
+        for (i, rule) in flush.rules.iter().enumerate() {
+            let invalid = |key: &'static str, what: &str| ConfigError::Invalid {
+                key,
+                message: format!("in rule {} of [[flush.rules]]: {what}", i + 1),
+            };
+            if rule.client_name.is_none() && rule.user.is_none() && rule.db.is_none() {
+                return Err(invalid(
+                    "flush.rules",
+                    "needs at least one of `client_name`, `user`, `db` (a rule matching every \
+                     client would make every FLUSHDB a scoped one; use `pattern = \"*\"` with \
+                     a matcher if that is meant)",
+                ));
+            }
+            if rule.pattern.is_empty() {
+                return Err(invalid("flush.rules.pattern", "must not be empty"));
+            }
+            if let Some(name) = &rule.client_name
+                && (name.is_empty() || name.bytes().any(|b| b <= b' ' || b == 0x7f))
+            {
+                // Redis refuses such names in CLIENT SETNAME: the rule could never match.
+                return Err(invalid(
+                    "flush.rules.client_name",
+                    "must be non-empty, without spaces or control characters (Redis refuses \
+                     such client names)",
+                ));
+            }
+            if rule.user.as_deref() == Some("") {
+                return Err(invalid("flush.rules.user", "must not be empty"));
+            }
+            if rule.db.is_some_and(|db| db < 0) {
+                return Err(invalid("flush.rules.db", "must be 0 or more"));
+            }
         }
         Ok(())
     }
@@ -758,6 +846,57 @@ mod tests {
                 setting.key
             );
         }
+    }
+
+    #[test]
+    fn flush_rules_parse_and_bad_ones_name_the_key() {
+        let c = parse(
+            "[[flush.rules]]\nclient_name = \"appA*\"\npattern = \":1:*\"\n\
+             [[flush.rules]]\nuser = \"billing\"\ndb = 2\npattern = \"bill:*\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.flush.rules.len(), 2);
+        assert_eq!(c.flush.rules[0].client_name.as_deref(), Some("appA*"));
+        assert_eq!(c.flush.rules[1].db, Some(2));
+        // What --check-config prints loads back the same.
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        for (text, key) in [
+            ("[[flush.rules]]\npattern = \"a:*\"\n", "flush.rules"),
+            (
+                "[[flush.rules]]\ndb = 1\npattern = \"\"\n",
+                "flush.rules.pattern",
+            ),
+            ("[[flush.rules]]\ndb = 1\n", "pattern"),
+            (
+                "[[flush.rules]]\ndb = -1\npattern = \"a\"\n",
+                "flush.rules.db",
+            ),
+            (
+                "[[flush.rules]]\nuser = \"\"\npattern = \"a\"\n",
+                "flush.rules.user",
+            ),
+            (
+                "[[flush.rules]]\nclient_name = \"my app\"\npattern = \"a\"\n",
+                "flush.rules.client_name",
+            ),
+            (
+                "[[flush.rules]]\ndb = 1\npattern = \"a\"\nprefix = \"a\"\n",
+                "prefix",
+            ),
+            (
+                "[flush]\nscoped_max_wait = \"1s\"\n",
+                "flush.scoped_max_wait",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        // The rule's number says which one is wrong.
+        let err = parse(
+            "[[flush.rules]]\ndb = 1\npattern = \"a\"\n[[flush.rules]]\ndb = 2\npattern = \"\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("rule 2"), "{err}");
     }
 
     #[test]

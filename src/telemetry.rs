@@ -91,6 +91,10 @@ fn zero_series() {
         "stormwall_invalidation_retries_total",
         "stormwall_invalidation_unknown_total",
         "stormwall_invalidation_abandoned_total",
+        "stormwall_scoped_flushes_requested_total",
+        "stormwall_scoped_flushes_executed_total",
+        "stormwall_scoped_flush_scan_calls_total",
+        "stormwall_scoped_flush_keys_deleted_total",
     ] {
         counter!(name).absolute(0);
     }
@@ -208,6 +212,22 @@ fn describe() {
     describe_counter!(
         "stormwall_flushes_executed_total",
         "Flushes actually sent to Redis, by command."
+    );
+    describe_counter!(
+        "stormwall_scoped_flushes_requested_total",
+        "FLUSHDB requests that flush.rules turned into scoped flushes, taken into a scan."
+    );
+    describe_counter!(
+        "stormwall_scoped_flushes_executed_total",
+        "Scoped flush scans started (each answers every request queued when it started)."
+    );
+    describe_counter!(
+        "stormwall_scoped_flush_scan_calls_total",
+        "SCAN commands sent by scoped flushes."
+    );
+    describe_counter!(
+        "stormwall_scoped_flush_keys_deleted_total",
+        "Keys removed by scoped flushes (as counted by Redis's replies)."
     );
     describe_gauge!(
         "stormwall_invalidation_queue_depth",
@@ -333,6 +353,7 @@ mod tests {
             include_str!("invalidation/mod.rs"),
             include_str!("invalidation/delete.rs"),
             include_str!("invalidation/flush.rs"),
+            include_str!("invalidation/scoped.rs"),
             include_str!("invalidation/executor.rs"),
             include_str!("invalidation/outcome.rs"),
             include_str!("invalidation/access.rs"),

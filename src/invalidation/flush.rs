@@ -63,14 +63,15 @@ fn strength(form: usize) -> u8 {
     }
 }
 
-/// A target's spacing: `burst` flushes at once, then one per `min_interval`.
-struct Spacing {
-    settings: (std::time::Duration, u32),
-    limiter: Option<DefaultDirectRateLimiter>,
+/// A target's spacing: `burst` flushes at once, then one per `min_interval` (scoped flushes
+/// are spaced the same way).
+pub(super) struct Spacing {
+    pub(super) settings: (std::time::Duration, u32),
+    pub(super) limiter: Option<DefaultDirectRateLimiter>,
 }
 
 impl Spacing {
-    fn new(settings: (std::time::Duration, u32)) -> Spacing {
+    pub(super) fn new(settings: (std::time::Duration, u32)) -> Spacing {
         let burst = NonZeroU32::new(settings.1).unwrap_or(NonZeroU32::MIN);
         Spacing {
             settings,

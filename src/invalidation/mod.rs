@@ -14,8 +14,9 @@
 //! 3. the worker **batches** whatever is queued when it becomes free (group commit — no
 //!    added latency when idle), takes the rate-limit budgets (only for what it then sends),
 //!    executes on its own connection ([`executor`]), and answers each request with its own
-//!    result. Deletes are in [`delete`], flushes in [`flush`], permission checks in
-//!    [`access`], and what each ending means for the client in [`outcome`].
+//!    result. Deletes are in [`delete`], flushes in [`flush`], scoped flushes
+//!    (`[[flush.rules]]`) in [`scoped`], permission checks in [`access`], and what each
+//!    ending means for the client in [`outcome`].
 //!
 //! Every request ends in exactly one [`Outcome`] (G4): its real result; an error saying it
 //! was not applied; "unknown" when a connection was lost after it was sent (the session
@@ -32,6 +33,7 @@ mod delete;
 mod executor;
 mod flush;
 mod outcome;
+mod scoped;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -51,6 +53,7 @@ use crate::config::{Config, OnFull};
 use crate::upstream::Identity;
 use outcome::{Outcome, PassReason, Refusal};
 pub(crate) use outcome::{PASSTHROUGH_REASONS, REJECTED_REASONS};
+pub use scoped::{Client, Scope, scope_of};
 
 /// A governed request as the session parsed it.
 #[derive(Debug)]
@@ -61,6 +64,9 @@ pub enum Request {
     /// `FLUSHDB`/`FLUSHALL`, `sync` true if the client asked for `SYNC` (false for `ASYNC`,
     /// `None` for neither).
     Flush { all: bool, sync: Option<bool> },
+    /// A `FLUSHDB` (`sync` as above) that a `[[flush.rules]]` entry turns into the deletion
+    /// of the keys matching `pattern` ([`scoped`]).
+    ScopedFlush { pattern: Bytes, sync: Option<bool> },
 }
 
 /// How a governed request ended, as the session must act on it. One place decides this for
@@ -86,6 +92,7 @@ impl Request {
             Request::Delete { .. } => "delete",
             Request::Flush { all: false, .. } => "flushdb",
             Request::Flush { all: true, .. } => "flushall",
+            Request::ScopedFlush { .. } => "flushdb",
         }
     }
 }
@@ -247,6 +254,8 @@ type Live = Arc<ArcSwap<Shared>>;
 
 type DeleteJob = Job<delete::Delete>;
 type FlushJob = Job<Option<bool>>;
+/// A scoped flush: the client's `FLUSHDB` form (its scope is the worker's).
+type ScopedJob = Job<Option<bool>>;
 
 /// The live workers, by what they serve, and how many workers each identity has.
 #[derive(Default)]
@@ -254,6 +263,8 @@ struct Workers {
     deleters: HashMap<Identity, mpsc::UnboundedSender<DeleteJob>>,
     /// By target: an identity (with database 0 for `FLUSHALL`) and whether it is `FLUSHALL`.
     flushers: HashMap<(Identity, bool), mpsc::UnboundedSender<FlushJob>>,
+    /// By scope: an identity and the pattern its `FLUSHDB` deletes.
+    scopers: HashMap<(Identity, Bytes), mpsc::UnboundedSender<ScopedJob>>,
     identities: HashMap<Identity, usize>,
 }
 
@@ -292,6 +303,10 @@ fn deleters(w: &mut Workers) -> &mut HashMap<Identity, mpsc::UnboundedSender<Del
 
 fn flushers(w: &mut Workers) -> &mut HashMap<(Identity, bool), mpsc::UnboundedSender<FlushJob>> {
     &mut w.flushers
+}
+
+fn scopers(w: &mut Workers) -> &mut HashMap<(Identity, Bytes), mpsc::UnboundedSender<ScopedJob>> {
+    &mut w.scopers
 }
 
 impl Registry {
@@ -383,6 +398,15 @@ impl Engine {
         }
     }
 
+    /// The reply refusing a `FLUSHDB` that `flush.rules` would scope, where the shield cannot
+    /// run it as a scoped flush (`why`): not applied, and never the whole flush instead.
+    pub fn unscoped(why: &str) -> Bytes {
+        match Outcome::NotApplied(Refusal::Unscoped(why.to_owned())).verdict() {
+            Verdict::Reply(reply) => reply,
+            Verdict::PassThrough | Verdict::Unknown => Bytes::new(),
+        }
+    }
+
     /// Executes a governed request as `who` and says how it ended.
     pub async fn execute(&self, who: &Identity, request: Request) -> Verdict {
         self.run(who, request).await.verdict()
@@ -398,7 +422,7 @@ impl Engine {
         let deadline = received + config.invalidation.max_wait;
         let keys = match &request {
             Request::Delete { keys, .. } => keys.len(),
-            Request::Flush { .. } => 0,
+            Request::Flush { .. } | Request::ScopedFlush { .. } => 0,
         };
         counter!("stormwall_invalidation_keys_received_total").increment(keys as u64);
         let admission = match admit(&shared, keys, deadline).await {
@@ -436,6 +460,26 @@ impl Engine {
                 };
                 let counted = target.clone();
                 self.route(flushers, (target, all), &counted, cap, job, flush::worker)
+            }
+            Request::ScopedFlush { pattern, sync } => {
+                let job = Job {
+                    what: sync,
+                    // Its own, longer deadline: it covers the whole scan (see `scoped`).
+                    deadline: received + config.flush.scoped_max_wait,
+                    received,
+                    reply: tx,
+                    _admission: admission,
+                };
+                let key = (who.clone(), pattern);
+                if self
+                    .route(scopers, key, who, cap, job, scoped::worker)
+                    .is_err()
+                {
+                    // Its own FLUSHDB would flush every application's keys: never in its place.
+                    let why = "invalidation.max_identities is reached".to_owned();
+                    return Outcome::NotApplied(Refusal::Unscoped(why));
+                }
+                Ok(())
             }
         };
         if let Err(reason) = routed {

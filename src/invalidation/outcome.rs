@@ -53,6 +53,11 @@ pub(super) enum Refusal {
     Unreachable,
     /// The engine's worker ended before answering (it never does while the engine lives).
     WorkerGone,
+    /// A `FLUSHDB` that `flush.rules` scope could not run as a scoped flush, for this reason;
+    /// the whole flush is never run in its place.
+    Unscoped(String),
+    /// A scoped flush whose scan had deleted nothing by `flush.scoped_max_wait`.
+    ScopedExpired { max_wait: Duration },
 }
 
 /// Why a request runs on the client's own connection instead of the shield's.
@@ -89,7 +94,8 @@ impl PassReason {
 }
 
 /// Every label of `stormwall_invalidation_rejected_total`, for zeroing at start.
-pub(crate) const REJECTED_REASONS: [&str; 4] = ["queue_full", "max_wait", "denied", "upstream"];
+pub(crate) const REJECTED_REASONS: [&str; 5] =
+    ["queue_full", "max_wait", "denied", "upstream", "unscoped"];
 /// Every label of `stormwall_invalidation_passthrough_total`.
 pub(crate) const PASSTHROUGH_REASONS: [&str; 3] = ["max_identities", "credentials", "refused"];
 
@@ -98,7 +104,10 @@ impl Refusal {
         match self {
             Refusal::Denied { .. } => "denied",
             Refusal::QueueFull { .. } => "queue_full",
-            Refusal::QueueStayedFull { .. } | Refusal::Expired { .. } => "max_wait",
+            Refusal::QueueStayedFull { .. }
+            | Refusal::Expired { .. }
+            | Refusal::ScopedExpired { .. } => "max_wait",
+            Refusal::Unscoped(_) => "unscoped",
             Refusal::Unreachable | Refusal::WorkerGone => "upstream",
         }
     }
@@ -130,6 +139,13 @@ impl Refusal {
             Refusal::WorkerGone => {
                 "ERR stormwall: invalidation worker stopped before answering; not applied".into()
             }
+            Refusal::Unscoped(why) => format!(
+                "ERR stormwall: this FLUSHDB matches flush.rules but cannot run as a scoped flush ({why}); not applied"
+            ),
+            Refusal::ScopedExpired { max_wait } => format!(
+                "TRYAGAIN stormwall: the scoped flush could not start within flush.scoped_max_wait ({}); not applied",
+                wait(max_wait)
+            ),
         }
     }
 }
@@ -189,6 +205,8 @@ mod tests {
             Refusal::Expired { max_wait: d },
             Refusal::Unreachable,
             Refusal::WorkerGone,
+            Refusal::Unscoped("why".into()),
+            Refusal::ScopedExpired { max_wait: d },
         ] {
             let text = reply(Outcome::NotApplied(r));
             assert!(

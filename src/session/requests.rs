@@ -15,7 +15,7 @@ use super::sharing::{self, Action, PinReason};
 use super::state::{Effect, InfoField, Login, MAX_KEPT_PASSWORD};
 use super::{Links, MIN_READ, READ_BUF};
 use crate::config::FlushCommand;
-use crate::invalidation::{Engine, Request, Verdict};
+use crate::invalidation::{self, Engine, Request, Scope, Verdict};
 use crate::net::ReadHalf;
 use crate::policy::{self, Kind};
 use crate::resp::request::{Command, Parsed, RequestParser};
@@ -343,6 +343,9 @@ impl RequestSide<'_> {
                     auth_required: self.links.ctx.auth_required.load(Ordering::Relaxed),
                 }),
                 Kind::Identity => Some(effect_of(&cmd)),
+                // The name on a connection of its own (a shared client's is recorded above),
+                // for `flush.rules`.
+                Kind::Plain => own_name(&cmd),
                 _ => None,
             };
             let governed = match kind {
@@ -485,6 +488,9 @@ impl RequestSide<'_> {
             Settled::Yes => {}
             Settled::Stop => return Next::Stop,
             Settled::NotYet => {
+                if let Err(reply) = self.scope(&request, Some("earlier replies are unread")) {
+                    return self.refuse(buf, len, reply).await;
+                }
                 // The client is not reading what it was already sent; waiting could deadlock
                 // with it, so this one goes to Redis on the client's own connection, which
                 // orders it exactly. Correct, just not coalesced.
@@ -493,6 +499,10 @@ impl RequestSide<'_> {
             }
         }
         if !self.links.state().may_delegate() {
+            let why = "client tracking is on, or the connection's identity is not known";
+            if let Err(reply) = self.scope(&request, Some(why)) {
+                return self.refuse(buf, len, reply).await;
+            }
             // Queued by Redis in the transaction, run as a client stormwall cannot
             // impersonate, or by a tracking client: Redis must see it on this connection.
             return passthrough(scanned, run);
@@ -512,6 +522,14 @@ impl RequestSide<'_> {
         let Some(who) = who else {
             // Redis would refuse the client: its own command gets Redis's own refusal.
             return passthrough(scanned, run);
+        };
+        let request = match self.scope(&request, None) {
+            Ok(Some(pattern)) => match request {
+                Request::Flush { sync, .. } => Request::ScopedFlush { pattern, sync },
+                other => other,
+            },
+            Ok(None) => request,
+            Err(reply) => return self.refuse(buf, len, reply).await,
         };
         let links = self.links;
         // A shared client has no connection of its own whose loss would end the session if
@@ -542,6 +560,47 @@ impl RequestSide<'_> {
             // Its fate is unknown: the client sees its connection close, as with Redis.
             Verdict::Unknown => Next::Stop,
         }
+    }
+
+    /// What `flush.rules` make of `request` for this client (the live rules: a reload applies
+    /// to connected clients at once): `Some(pattern)` for a `FLUSHDB` a rule scopes, `None`
+    /// for anything else. `Err` with the refusal when a rule matches (or may: the name or
+    /// identity it depends on is not known) and the flush cannot run scoped (`unscopable`
+    /// says why): the client's whole `FLUSHDB` never runs in its place.
+    fn scope(&self, request: &Request, unscopable: Option<&str>) -> Result<Option<Bytes>, Bytes> {
+        if !matches!(request, Request::Flush { all: false, .. }) {
+            return Ok(None);
+        }
+        let config = self.links.ctx.config.load();
+        if config.flush.rules.is_empty() {
+            return Ok(None);
+        }
+        let scope = {
+            let state = self.links.state();
+            let client = invalidation::Client {
+                identity: &state.identity,
+                identity_known: state.identity_known(),
+                name: state.name.as_deref(),
+                name_known: state.name_known(),
+            };
+            invalidation::scope_of(&config.flush.rules, client)
+        };
+        match (scope, unscopable) {
+            (Scope::Whole, _) => Ok(None),
+            (Scope::Pattern(pattern), None) => Ok(Some(pattern)),
+            (Scope::Pattern(_), Some(why)) => Err(Engine::unscoped(why)),
+            (Scope::Unknown, why) => Err(Engine::unscoped(why.unwrap_or(
+                "a rule depends on the connection's name or identity, changed by a transaction",
+            ))),
+        }
+    }
+
+    /// Answers the governed request at `buf[..len]` with `reply` in its place (everything
+    /// before it was settled).
+    async fn refuse(&mut self, buf: &mut BytesMut, len: usize, reply: Bytes) -> Next {
+        buf.advance(len);
+        self.enqueue(Entry::Local(reply)).await;
+        Next::Read
     }
 
     /// Sends a `PING` on the client's connection (its reply is not forwarded) and waits for
@@ -1281,6 +1340,14 @@ fn client_info(cmd: &Command<'_>) -> Option<Effect> {
     };
     (value.len() <= MAX_KEPT_PASSWORD)
         .then(|| Effect::ClientInfo(field, Bytes::copy_from_slice(value)))
+}
+
+/// The effect of a `CLIENT SETNAME`/`SETINFO` among plain commands, if `cmd` is one.
+fn own_name(cmd: &Command<'_>) -> Option<Effect> {
+    cmd.arg(0)
+        .is_some_and(|n| n.eq_ignore_ascii_case(b"CLIENT"))
+        .then(|| client_info(cmd))
+        .flatten()
 }
 
 fn login(user: Option<&[u8]>, password: Option<&[u8]>) -> Login {

@@ -105,6 +105,11 @@ pub(super) struct Confirmed {
     /// Identity commands queued in the open transaction; they take effect if `EXEC` runs it.
     queued_login: bool,
     queued_select: bool,
+    /// A name change queued in the open transaction (`CLIENT SETNAME`, `HELLO … SETNAME`),
+    /// and whether one was run by `EXEC`: the name is then not known (`flush.rules` that
+    /// match names cannot be decided).
+    queued_name: bool,
+    name_unknown: bool,
     /// Authenticated as Redis sees it, as best known: from the start when no password was
     /// required then, or by an accepted `AUTH`/`HELLO … AUTH`. Redis's pre-authentication
     /// limits apply to a client that is not, while Redis requires a password.
@@ -149,6 +154,11 @@ impl Confirmed {
         !self.in_multi && self.identity_known() && !self.tracking
     }
 
+    /// Whether [`name`](Self::name) is the name Redis has for the connection.
+    pub fn name_known(&self) -> bool {
+        !self.name_unknown
+    }
+
     /// Applies `effect` as Redis's `reply` (one whole frame) decided it.
     pub fn confirm(&mut self, effect: Effect, reply: &[u8]) {
         let ok = reply == b"+OK\r\n";
@@ -176,6 +186,7 @@ impl Confirmed {
                     let ran = !error && !is_null(reply);
                     self.creds_unknown |= ran && self.queued_login;
                     self.db_unknown |= ran && self.queued_select;
+                    self.name_unknown |= ran && self.queued_name;
                     self.end_transaction();
                 }
             }
@@ -212,7 +223,10 @@ impl Confirmed {
             }
             Effect::AuthProbe => {}
             Effect::ClientInfo(field, value) => {
-                if !self.in_multi && ok {
+                if self.in_multi {
+                    self.queued_name |= queued && field == InfoField::Name;
+                } else if ok {
+                    self.name_unknown &= field != InfoField::Name;
                     let slot = match field {
                         InfoField::Name => &mut self.name,
                         InfoField::LibName => &mut self.lib_name,
@@ -230,6 +244,7 @@ impl Confirmed {
             } => {
                 if self.in_multi {
                     self.queued_login |= queued;
+                    self.queued_name |= queued && name.is_some();
                     return;
                 }
                 let accepted = if hello {
@@ -245,6 +260,7 @@ impl Confirmed {
                 }
                 if name.is_some() {
                     self.name = name.filter(|n| !n.is_empty());
+                    self.name_unknown = false;
                 }
                 match login {
                     Login::Unchanged => return,
@@ -290,6 +306,7 @@ impl Confirmed {
         self.in_multi = false;
         self.queued_login = false;
         self.queued_select = false;
+        self.queued_name = false;
     }
 }
 
@@ -369,6 +386,29 @@ mod tests {
         s.confirm(auth("x"), b"+QUEUED\r\n");
         s.confirm(Effect::Exec, b"*-1\r\n");
         assert!(s.identity_known());
+    }
+
+    #[test]
+    fn a_name_set_by_exec_is_unknown_until_set_again() {
+        let name = |n: &str| Effect::ClientInfo(InfoField::Name, Bytes::from(n.to_owned()));
+        let mut s = Confirmed::default();
+        s.confirm(name("appA"), b"+OK\r\n");
+        assert_eq!(s.name.as_deref(), Some(&b"appA"[..]));
+        assert!(s.name_known());
+        s.confirm(Effect::Multi, b"+OK\r\n");
+        s.confirm(name("appB"), b"+QUEUED\r\n");
+        s.confirm(Effect::Discard, b"+OK\r\n");
+        assert!(s.name_known(), "a discarded SETNAME changed nothing");
+        s.confirm(Effect::Multi, b"+OK\r\n");
+        s.confirm(name("appB"), b"+QUEUED\r\n");
+        s.confirm(Effect::Exec, b"*1\r\n+OK\r\n");
+        assert!(!s.name_known());
+        assert!(s.identity_known(), "only the name is unknown");
+        s.confirm(name("appC"), b"-ERR Client names cannot contain spaces\r\n");
+        assert!(!s.name_known());
+        s.confirm(name("appC"), b"+OK\r\n");
+        assert!(s.name_known());
+        assert_eq!(s.name.as_deref(), Some(&b"appC"[..]));
     }
 
     #[test]
