@@ -265,9 +265,16 @@ pub struct InvalidationConfig {
     /// Keys deleted in Redis per second, and how many may go at once.
     pub keys_per_second: u32,
     pub keys_burst: u32,
-    /// Invalidation commands (deletes and flushes) sent to Redis per second, and burst.
+    /// Invalidation commands sent to Redis per second, and burst: commands that reach
+    /// Redis, not client requests (a batch of pipelined deletes run as one script is one).
     pub commands_per_second: u32,
     pub commands_burst: u32,
+    /// The budgets (keys, commands, `flush.min_interval`) follow Redis's latency: cut while
+    /// Redis answers slower than its healthy baseline, grown back when it recovers, never
+    /// above the configured values (`invalidation/adaptive.rs`).
+    pub adaptive: bool,
+    /// The least the adaptive budget goes down to, as a fraction of the configured budgets.
+    pub adaptive_floor: f64,
     /// The shield keeps a worker and a Redis connection per identity (user, password,
     /// database); one unused for this long is closed, and its password forgotten.
     #[serde(with = "humantime_serde")]
@@ -293,6 +300,8 @@ impl Default for InvalidationConfig {
             keys_burst: 10_000,
             commands_per_second: 2_000,
             commands_burst: 200,
+            adaptive: true,
+            adaptive_floor: 0.05,
             identity_idle_timeout: Duration::from_secs(60),
             max_identities: 64,
         }
@@ -557,6 +566,12 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if !(inv.adaptive_floor > 0.0 && inv.adaptive_floor <= 1.0) {
+            return Err(invalid(
+                "invalidation.adaptive_floor",
+                "must be a fraction greater than 0 and at most 1",
+            ));
         }
         if inv.identity_idle_timeout.is_zero() {
             return Err(invalid(
