@@ -319,7 +319,7 @@ impl Worker {
                 }
                 Ok(Err(_lost)) => None,
                 Ok(Ok(replies)) => {
-                    shared.observe(started.elapsed());
+                    shared.observe(super::adaptive::Sample::Batch, started.elapsed());
                     if wrap
                         && matches!(replies.first(), Some(OwnedFrame::Error(e)) if e.starts_with("NOPERM"))
                     {

@@ -292,7 +292,7 @@ impl Round<'_> {
                 }
                 Ok(Ok(replies)) => replies,
             };
-            shared.observe(started.elapsed());
+            shared.observe(super::adaptive::Sample::Batch, started.elapsed());
             paid = 0;
             let mut again = Vec::new();
             for (job, form) in waiters.into_iter().zip(sent) {

@@ -277,9 +277,9 @@ impl Shared {
     }
 
     /// Notes how long Redis took for something (a batch, a flush, a `PING`).
-    fn observe(&self, latency: Duration) {
+    fn observe(&self, kind: adaptive::Sample, latency: Duration) {
         self.controller
-            .sample(latency, self.config.invalidation.adaptive_floor);
+            .sample(kind, latency, self.config.invalidation.adaptive_floor);
     }
 }
 
@@ -413,7 +413,9 @@ impl Engine {
     /// Notes a round trip to Redis measured elsewhere (the readiness probe's `PING`), for
     /// the adaptive budget's baseline.
     pub fn observe_latency(&self, latency: Duration) {
-        self.live.load().observe(latency);
+        self.live
+            .load()
+            .observe(adaptive::Sample::RoundTrip, latency);
     }
 
     /// Applies a reloaded config from the next request and batch on.
@@ -459,9 +461,9 @@ impl Engine {
         self.activity.touch();
         self.sampler.call_once(|| {
             let live = Arc::downgrade(&self.live);
-            tokio::spawn(adaptive::sample(self.activity.clone(), move || {
+            adaptive::spawn_sampler(self.activity.clone(), move || {
                 live.upgrade().map(|l| l.load_full())
-            }));
+            });
         });
         let shared = self.live.load_full();
         let config = &shared.config;
