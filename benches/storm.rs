@@ -13,6 +13,19 @@
 //! then goes to stdout and a temp folder, and `results/` is left alone.
 //! `STORMWALL_BENCH_UPSTREAM_MODE=shared|dedicated`: stormwall's `upstream.mode` in every
 //! stormwall run (unset: its default, shared).
+//! Variants of the workload, for investigating (each named in the report's command line):
+//! `STORMWALL_BENCH_SAME_CONN=1` (a reader re-populates a miss on its own connection, between
+//! its `GET`s), `STORMWALL_BENCH_CLOSED_LOOP=1` (a reader waits for each reply, and for its
+//! miss's `SET`, before the next `GET`: a synchronous app; latency still from the schedule),
+//! `STORMWALL_BENCH_LATE_CONNECT=1` (storm clients connect at their first request, in the
+//! storm), `STORMWALL_BENCH_HOT_KEYS=N` (reads over `N` keys instead of 10,000),
+//! `STORMWALL_BENCH_BIN=path` (another stormwall binary, e.g. an older build).
+//!
+//! Output: besides the whole-phase figures, the read p50 / p99 / max **of every second** of
+//! each path (the report's per-second tables; a transient of a few seconds hides in a
+//! storm-window p99), and on stderr, per second, the cores used by Redis's main thread, its
+//! background threads, stormwall and the bench, the run-queue wait of Redis's main thread and
+//! of stormwall (how much other work on the machine delayed them), and stormwall's counters.
 //!
 //! Every run:
 //! - starts a fresh `redis-server` (`--enable-debug-command local`), preloads it with
@@ -31,7 +44,9 @@
 //!   - FLUSHDB storm: together ~20 "account updates"/s; each writes a marker key of its
 //!     connection, issues `FLUSHDB` (as django-redis `cache.clear()` does), checks the marker
 //!     is gone (on a separate connection straight to Redis, then on its own connection), then
-//!     re-populates 3 keys;
+//!     re-populates 5 keys; run three ways: straight to Redis, straight to Redis as
+//!     `FLUSHDB ASYNC` (what stormwall sends by default, so the fair comparison of read
+//!     latency), and through stormwall;
 //!   - DEL storm: together ~100 `DEL`/s, each of one of 30 groups of 10 keys out of the same
 //!     300 keys (292 hot string keys, and the 8 big hashes in two groups of 4); before each
 //!     `DEL` the client writes a unique marker value into the group's first string key and
@@ -42,8 +57,8 @@
 //!   - each storm connection follows a fixed schedule and waits for each acknowledgement;
 //!     when one comes back after its next slot, the next request goes out at once (the
 //!     achieved rate is reported);
-//! - CPU used during the storm window is read from `/proc` for Redis's main thread, its
-//!   background threads, stormwall and this process.
+//! - CPU used (and run-queue wait) during the storm window, and in each second, is read from
+//!   `/proc` for Redis's main thread, its background threads, stormwall and this process.
 
 mod common;
 
@@ -291,6 +306,20 @@ struct CpuUse {
     bench: f64,
 }
 
+/// Seconds the threads of `pid` (only the thread `pid` itself if `main_only`) spent runnable
+/// but waiting for a CPU (`/proc/…/schedstat`): how much the machine's other work delayed it.
+fn run_queue_wait(pid: u32, main_only: bool) -> f64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|e| !main_only || e.file_name().to_string_lossy() == pid.to_string())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|t| t.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
+}
+
 /// CPU seconds (user + system) of process `pid`, its ended threads included.
 fn process_cpu(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -450,8 +479,12 @@ struct Ctx {
     flush_async: bool,
     /// Readers re-populate a miss on their own connection.
     same_conn: bool,
+    /// Readers wait for each reply before the next command (a synchronous app).
+    closed_loop: bool,
     /// Storm clients connect at their first request.
     late_connect: bool,
+    /// Reads (and re-populates) go to `key:0` .. `key:{hot_keys - 1}`.
+    hot_keys: u64,
 }
 
 impl Ctx {
@@ -502,6 +535,9 @@ fn read_get_reply(r: &mut impl BufRead) -> Result<bool, Option<String>> {
 /// to a re-populate thread (its own connection, pipelined `SET`s), as a cache-aside app's
 /// database query and `SET` would.
 fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
+    if ctx.closed_loop {
+        return reader_closed_loop(ctx, id);
+    }
     if ctx.same_conn {
         return reader_same_conn(ctx, id);
     }
@@ -533,7 +569,7 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
                 let at = offset + i as f64 / rate;
                 let sched = ctx.t0 + Duration::from_secs_f64(at);
                 sleep_until(sched);
-                let key = rng.below(HOT_KEYS);
+                let key = rng.below(ctx.hot_keys);
                 let k = format!("key:{key}");
                 let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
                 // Queued before it is sent, so the reply side always finds it.
@@ -650,7 +686,7 @@ fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
                 let at = offset + i as f64 / rate;
                 let sched = ctx.t0 + Duration::from_secs_f64(at);
                 sleep_until(sched);
-                let key = rng.below(HOT_KEYS);
+                let key = rng.below(ctx.hot_keys);
                 let k = format!("key:{key}");
                 let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
                 if !send(&writer, Expect::Get(sched, at as f32, key), cmd.as_bytes()) {
@@ -721,6 +757,58 @@ fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         });
     }
     let _ = sender.join();
+    out
+}
+
+/// A reader connection as a synchronous cache-aside app uses it: at each scheduled time (or at
+/// once, if late) a `GET`, its reply awaited; a miss is followed by a `SET` on the same
+/// connection, awaited too, before the next `GET`. Latency is still from the scheduled time.
+fn reader_closed_loop(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
+    let rate = READ_RATE / READ_CONNS as f64;
+    let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
+    let offset = id as f64 / READ_CONNS as f64 / rate;
+    let mut out = ReaderOut {
+        reads: Vec::with_capacity(n as usize),
+        populate_errors: 0,
+        first_error: None,
+    };
+    let mut con = match connect(ctx.target) {
+        Ok(c) => c,
+        Err(e) => {
+            out.first_error = Some(format!("connect: {e}"));
+            return out;
+        }
+    };
+    let mut rng = Rng::new(ctx.nonce ^ ((id as u64 + 1) * 7919));
+    for i in 0..n {
+        let at = offset + i as f64 / rate;
+        let sched = ctx.t0 + Duration::from_secs_f64(at);
+        sleep_until(sched);
+        let key = rng.below(ctx.hot_keys);
+        let k = format!("key:{key}");
+        let outcome = match redis::cmd("GET").arg(&k).query::<Option<Vec<u8>>>(&mut con) {
+            Ok(Some(_)) => Outcome::Hit,
+            Ok(None) => Outcome::Miss,
+            Err(e) => {
+                out.first_error.get_or_insert_with(|| e.to_string());
+                Outcome::Error
+            }
+        };
+        out.reads.push(Read {
+            at: at as f32,
+            lat_us: sched.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            outcome,
+        });
+        if outcome == Outcome::Miss
+            && redis::cmd("SET")
+                .arg(&k)
+                .arg(value(key))
+                .query::<()>(&mut con)
+                .is_err()
+        {
+            out.populate_errors += 1;
+        }
+    }
     out
 }
 
@@ -902,7 +990,7 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
         if storm == Storm::Flush {
             // The account update re-populates its settings.
             for _ in 0..REPOPULATE {
-                let n = rng.below(HOT_KEYS);
+                let n = rng.below(ctx.hot_keys);
                 if let Err(e) = redis::cmd("SET")
                     .arg(format!("key:{n}"))
                     .arg(value(n))
@@ -992,6 +1080,8 @@ struct RunResult {
     cpu_per_second: Vec<CpuUse>,
     /// stormwall's counters' increase in each second of the timeline.
     counters_per_second: Vec<BTreeMap<String, f64>>,
+    /// Run-queue wait (s) in each second: Redis's main thread, stormwall's threads.
+    waits_per_second: Vec<(f64, f64)>,
     /// Readers' failed re-populate pipelines, and their first error.
     populate_errors: u64,
     reader_error: Option<String>,
@@ -1060,7 +1150,12 @@ fn run(
         nonce,
         flush_async: matches!(via, Via::DirectAsync),
         same_conn: env_flag("STORMWALL_BENCH_SAME_CONN"),
+        closed_loop: env_flag("STORMWALL_BENCH_CLOSED_LOOP"),
         late_connect: env_flag("STORMWALL_BENCH_LATE_CONNECT"),
+        hot_keys: std::env::var("STORMWALL_BENCH_HOT_KEYS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(HOT_KEYS),
     });
     let groups = Arc::new(del_groups());
     let readers: Vec<_> = (0..READ_CONNS)
@@ -1088,10 +1183,15 @@ fn run(
             // One sample per second of the timeline (the storm's edges are whole seconds),
             // and stormwall's counters.
             let mut counters = Vec::new();
+            let mut waits = Vec::new();
             let samples: Vec<_> = (0..=ctx.tl.total().as_secs())
                 .map(|i| {
                     sleep_until(ctx.t0 + Duration::from_secs(i));
                     let cpu = cpu_sample(redis_pid, sw_pid);
+                    waits.push((
+                        run_queue_wait(redis_pid, true),
+                        sw_pid.map_or(0.0, |p| run_queue_wait(p, false)),
+                    ));
                     counters.push(admin.map(stormwall_metrics).unwrap_or_default());
                     cpu
                 })
@@ -1115,7 +1215,11 @@ fn run(
                         .collect()
                 })
                 .collect::<Vec<BTreeMap<String, f64>>>();
-            (storm, per_second, counters_per_second)
+            let waits_per_second = waits
+                .windows(2)
+                .map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1))
+                .collect::<Vec<_>>();
+            (storm, per_second, counters_per_second, waits_per_second)
         })
     };
     let mut tally = Tally::default();
@@ -1128,7 +1232,7 @@ fn run(
         .map(|w| stormwall_metrics(w.admin))
         .unwrap_or_default();
     let rebuilt = rebuild.map_or(0, |h| h.join().unwrap());
-    let (cpu, cpu_per_second, counters_per_second) = cpu.join().unwrap();
+    let (cpu, cpu_per_second, counters_per_second, waits_per_second) = cpu.join().unwrap();
     let mut reads = Vec::new();
     let mut populate_errors = 0;
     let mut reader_error = None;
@@ -1163,6 +1267,7 @@ fn run(
         cpu,
         cpu_per_second,
         counters_per_second,
+        waits_per_second,
         populate_errors,
         reader_error,
         log_lines,
@@ -1202,6 +1307,21 @@ fn run(
     );
     eprintln!("   cores per second, stormwall: {}", cores(|c| c.stormwall));
     eprintln!("   cores per second, bench: {}", cores(|c| c.bench));
+    let waits = |f: fn(&(f64, f64)) -> f64| {
+        r.waits_per_second
+            .iter()
+            .map(|w| format!("{:.0}", f(w) * 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "   run-queue wait per second (ms), redis main: {}",
+        waits(|w| w.0)
+    );
+    eprintln!(
+        "   run-queue wait per second (ms), stormwall: {}",
+        waits(|w| w.1)
+    );
     if r.counters_per_second.iter().any(|c| !c.is_empty()) {
         for name in SECOND_COUNTERS {
             let v: Vec<String> = r
@@ -1375,11 +1495,20 @@ fn f2(v: f64) -> String {
     }
 }
 
+/// The machine's 1-minute load average (other work competing for its cores).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn report(
     s: &Settings,
     main: &[RunResult],
     curve: &[(f64, RunResult)],
     started: Instant,
+    load_start: &str,
 ) -> String {
     let mut o = String::new();
     let w = &mut o;
@@ -1393,17 +1522,33 @@ fn report(
     .unwrap();
     writeln!(
         w,
-        "Command: `{}cargo bench --bench storm` — run {} ({:.0} s), stormwall {}{}, redis-server {version}.  ",
-        if s.quick { "STORMWALL_BENCH_QUICK=1 " } else { "" },
+        "Command: `{}` — run {} ({:.0} s), stormwall {}{}, redis-server {version}.  ",
+        common::bench_command(
+            "storm",
+            &[
+                "STORMWALL_BENCH_QUICK",
+                "STORMWALL_BENCH_ONLY",
+                "STORMWALL_BENCH_UPSTREAM_MODE",
+                "STORMWALL_BENCH_SAME_CONN",
+                "STORMWALL_BENCH_CLOSED_LOOP",
+                "STORMWALL_BENCH_LATE_CONNECT",
+                "STORMWALL_BENCH_HOT_KEYS",
+                "STORMWALL_BENCH_BIN",
+            ]
+        ),
         utc_date().unwrap_or_default(),
         started.elapsed().as_secs_f64(),
         commit,
-        if dirty { " (with uncommitted changes in src/)" } else { "" },
+        if dirty {
+            " (with uncommitted changes in src/)"
+        } else {
+            ""
+        },
     )
     .unwrap();
     writeln!(
         w,
-        "Machine: {} cores ({}), {}, {}.\n",
+        "Machine: {} cores ({}), {}, {}; load average (1 min) {} at the start, {} at the end of the run.\n",
         sh("nproc", &[]),
         cpu_model().unwrap_or_else(|| "?".into()),
         sh(
@@ -1414,6 +1559,8 @@ fn report(
             ]
         ),
         sh("uname", &["-sr"]),
+        load_start,
+        load_average(),
     )
     .unwrap();
     if s.quick {
@@ -1524,24 +1671,35 @@ fn report(
             .unwrap();
         }
     }
-    writeln!(w, "\nCPU used during the storm window (cores; the machine has {}): Redis's main thread, Redis's background threads (lazy free), stormwall, and this benchmark's clients.\n", sh("nproc", &[])).unwrap();
+    writeln!(w, "\nCPU used during the storm window (cores; the machine has {}): Redis's main thread, Redis's background threads (lazy free), stormwall, and this benchmark's clients; and how long Redis's main thread and stormwall waited for a CPU while runnable (per second of the storm: other work on the machine, this run's included).\n", sh("nproc", &[])).unwrap();
     writeln!(
         w,
-        "| storm | path | Redis main | Redis background | stormwall | bench clients |"
+        "| storm | path | Redis main | Redis background | stormwall | bench clients | run-queue wait, Redis main (ms/s) | run-queue wait, stormwall (ms/s) |"
     )
     .unwrap();
-    writeln!(w, "| --- | --- | ---: | ---: | ---: | ---: |").unwrap();
+    writeln!(w, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |").unwrap();
     for r in main {
         let c = r.cpu;
+        let (from, to) = (r.tl.storm_from() as usize, r.tl.storm_to() as usize);
+        let storm_waits = r.waits_per_second.get(from..to).unwrap_or(&[]);
+        let wait = |f: fn(&(f64, f64)) -> f64| {
+            storm_waits.iter().map(f).sum::<f64>() / storm_waits.len().max(1) as f64 * 1e3
+        };
         writeln!(
             w,
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} |",
             r.storm.name(),
             r.via.name(),
             c.redis_main,
             c.redis_bg,
             c.stormwall,
-            c.bench
+            c.bench,
+            wait(|w| w.0),
+            if r.via.is_direct() {
+                "–".to_owned()
+            } else {
+                format!("{:.0}", wait(|w| w.1))
+            },
         )
         .unwrap();
     }
@@ -1982,6 +2140,7 @@ mod plot {
 
 fn main() {
     let started = Instant::now();
+    let load_start = load_average();
     let s = Settings::from_env();
     let hashes: Arc<Vec<redis::Pipeline>> = Arc::new(
         (0..BIG_HASHES)
@@ -2034,7 +2193,7 @@ fn main() {
         results_dir()
     };
     std::fs::create_dir_all(&out).unwrap();
-    let md = report(&s, &main_runs, &curve, started);
+    let md = report(&s, &main_runs, &curve, started, &load_start);
     std::fs::write(out.join("storm.md"), &md).unwrap();
     print!("{md}");
     match register_font() {
