@@ -34,8 +34,9 @@ use tokio::sync::mpsc;
 use super::access::{self, Access, Forms, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
+use super::shared_budget::{Units, take};
 use super::{
-    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin, take,
+    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin,
 };
 use crate::config::FlushMode;
 use crate::upstream::Identity;
@@ -137,7 +138,7 @@ impl Round<'_> {
         // A flush was sent and its answer lost: from then on, a waiter whose time runs out
         // may have been flushed.
         let mut maybe_applied = false;
-        let mut paid = 0u64;
+        let mut paid = Units::default();
         loop {
             let shared = live.load_full();
             let inv = &shared.config.invalidation;
@@ -233,16 +234,8 @@ impl Round<'_> {
                     groups.push(*f);
                 }
             }
-            if let Err(at) = take(
-                &shared.commands,
-                inv.commands_burst,
-                inv.commands_per_second,
-                groups.len() as u64,
-                &mut paid,
-                deadline - margin,
-            )
-            .await
-            {
+            let want = Units::new(0, groups.len() as u64);
+            if let Err(at) = take(&shared, want, &mut paid, deadline - margin).await {
                 expire_before(&mut waiters, at + margin, late);
                 continue;
             }
@@ -258,12 +251,12 @@ impl Round<'_> {
                 Err(_) => continue,
                 Ok(Err(_lost)) => {
                     maybe_applied = true;
-                    paid = 0;
+                    paid = Units::default();
                     continue;
                 }
                 Ok(Ok(replies)) => replies,
             };
-            paid = 0;
+            paid = Units::default();
             let mut again = Vec::new();
             for (job, form) in waiters.into_iter().zip(sent) {
                 let group = groups.iter().position(|&g| g == form).unwrap_or(0);

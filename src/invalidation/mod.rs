@@ -32,6 +32,7 @@ mod delete;
 mod executor;
 mod flush;
 mod outcome;
+mod shared_budget;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -51,6 +52,7 @@ use crate::config::{Config, OnFull};
 use crate::upstream::Identity;
 use outcome::{Outcome, PassReason, Refusal};
 pub(crate) use outcome::{PASSTHROUGH_REASONS, REJECTED_REASONS};
+pub(crate) use shared_budget::FALLBACK_REASONS;
 
 /// A governed request as the session parsed it.
 #[derive(Debug)]
@@ -188,6 +190,9 @@ struct Shared {
     config: Arc<Config>,
     keys: Arc<DefaultDirectRateLimiter>,
     commands: Arc<DefaultDirectRateLimiter>,
+    /// The budget kept in Redis for every stormwall in front of it (`shared_budget`),
+    /// kept across reloads with its connection.
+    budget: Arc<shared_budget::SharedBudget>,
     /// Queue slots: requests, and keys in them.
     requests: Arc<Semaphore>,
     pending_keys: Arc<Semaphore>,
@@ -235,6 +240,7 @@ impl Shared {
             config,
             keys,
             commands,
+            budget: old.map(|o| o.budget.clone()).unwrap_or_default(),
             requests,
             pending_keys,
             refusing: old.map(|o| o.refusing.clone()).unwrap_or_default(),
