@@ -129,6 +129,20 @@ fn allowed(span: Duration) -> f64 {
     KEYS_PER_SECOND * span.as_secs_f64() * 1.01 + BURST
 }
 
+/// `calls` of `cmd` in Redis's `INFO commandstats`.
+fn calls_of(redis: &Redis, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.client())
+        .unwrap();
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map(|n| n.parse().unwrap())
+        .unwrap_or(0)
+}
+
 fn sum(sidecars: &[Stormwall], name: &str, labels: &[(&str, &str)]) -> f64 {
     sidecars.iter().map(|s| metric(s, name, labels)).sum()
 }
@@ -181,6 +195,24 @@ fn four_sidecars_together_stay_within_one_budget() {
             s.log()
         );
     }
+    // Taken once per batch (no batch here is larger than a burst), not per request; one
+    // EVALSHA per call, and EVAL only for each sidecar's first call (Redis did not know the
+    // script yet).
+    let taken = sum(
+        &sidecars,
+        "stormwall_shared_budget_calls_total",
+        &[("result", "taken")],
+    );
+    let batches = sum(&sidecars, "stormwall_invalidation_batches_total", &[]);
+    let requests = sum(&sidecars, "stormwall_invalidation_requests_total", &[]);
+    let calls = sum(&sidecars, "stormwall_shared_budget_calls_total", &[]);
+    assert_eq!(taken, batches);
+    assert!(
+        requests > batches,
+        "{requests} requests in {batches} batches"
+    );
+    assert!(calls_of(&redis, "eval") <= 4);
+    assert!(calls_of(&redis, "evalsha") as f64 >= calls);
 
     // The budget's keys expire once their buckets are full again: nothing is left behind.
     let mut direct = redis.client();
