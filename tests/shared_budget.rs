@@ -436,3 +436,37 @@ fn an_unreachable_login_falls_back_and_requests_still_succeed() {
     );
     assert_eq!(sw.log().matches(FELL_BACK).count(), 1, "{}", sw.log());
 }
+
+#[test]
+fn a_budget_key_far_in_the_future_only_empties_the_bucket() {
+    // Redis's clock set back an hour, or a client writing the key: the bucket counts as
+    // empty (a burst's worth of wait at most), not as an hour of refusals.
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &budget_toml(true, ""));
+    let mut direct = redis.client();
+    let time: Vec<u64> = redis::cmd("TIME").query(&mut direct).unwrap();
+    let hour_ahead = (time[0] + 3600) * 1_000_000;
+    redis::cmd("SET")
+        .arg("{stormwall:budget}:keys")
+        .arg(hour_ahead)
+        .query::<()>(&mut direct)
+        .unwrap();
+    let mut con = db_client(sw.port);
+    redis::cmd("SET")
+        .arg("k")
+        .arg(1)
+        .query::<()>(&mut con)
+        .unwrap();
+    let n: u64 = redis::cmd("DEL").arg("k").query(&mut con).unwrap();
+    assert_eq!(n, 1);
+    // Written back as an ordinary budget, which expires.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("{stormwall:budget}:keys")
+        .query(&mut direct)
+        .unwrap();
+    assert!(ttl <= 1_000, "ttl {ttl}");
+    assert_eq!(
+        metric(&sw, "stormwall_shared_budget_fallbacks_total", &[]),
+        0.0
+    );
+}

@@ -15,7 +15,9 @@
 //!    added latency when idle), takes the rate-limit budgets (only for what it then sends),
 //!    executes on its own connection ([`executor`]), and answers each request with its own
 //!    result. Deletes are in [`delete`], flushes in [`flush`], permission checks in
-//!    [`access`], and what each ending means for the client in [`outcome`].
+//!    [`access`], what each ending means for the client in [`outcome`], and the budget
+//!    every stormwall in front of the same Redis takes from (`invalidation.shared_budget`)
+//!    in [`shared_budget`].
 //!
 //! Every request ends in exactly one [`Outcome`] (G4): its real result; an error saying it
 //! was not applied; "unknown" when a connection was lost after it was sent (the session

@@ -17,7 +17,9 @@
 //!   at once without spending anything. Requests larger than a burst are taken in bites of
 //!   at most the burst, and what was already paid for a plan is not paid again.
 //! * **Nothing left behind.** Each key expires when its bucket would be full again, so an
-//!   idle budget is no key at all (and a full bucket is what a missing key means).
+//!   idle budget is no key at all (and a full bucket is what a missing key means). A key
+//!   further ahead than a burst (Redis's clock set back, a client writing the key) counts
+//!   as an empty bucket, never as a longer wait.
 //! * **stormwall's own identity.** The keys are touched on a connection of stormwall's own
 //!   (`shared_budget_user`, `shared_budget_password_file`), never on a client's: the budget
 //!   is not something a client's ACL should have to allow, nor something a client could
@@ -56,7 +58,8 @@ pub(super) const RETRY: Duration = Duration::from_secs(1);
 /// `stormwall_shared_budget_fallbacks_total`.
 pub(crate) const FALLBACK_REASONS: &[&str] = &["noperm", "auth", "error", "unreachable", "timeout"];
 
-/// The GCRA, for both budgets at once. KEYS: the keys budget, the commands budget. ARGV, per
+/// The GCRA, for both budgets at once (a budget's key holds the time, in µs on Redis's
+/// clock, at which its bucket is full again; missing or past means full now). KEYS: the keys budget, the commands budget. ARGV, per
 /// budget: units wanted, the interval between units (µs), the burst's span (µs = burst ×
 /// interval). Returns 0 when both were taken; otherwise the µs until both could be (nothing
 /// is taken then).
@@ -73,6 +76,12 @@ for i = 1, 2 do
     local span = tonumber(ARGV[3 * i])
     local tat = tonumber(redis.call('GET', KEYS[i])) or now
     if tat < now then tat = now end
+    -- Never more than a burst ahead: a bucket is at worst empty, whatever the key says
+    -- (Redis's clock set back, a client's write). Repaired at once, so it refills.
+    if tat > now + span then
+      tat = now + span
+      redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', math.ceil(span / 1000) + 1)
+    end
     local next_tat = tat + n * interval
     local early = next_tat - span - now
     if early > 0 then
