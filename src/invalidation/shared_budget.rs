@@ -194,7 +194,8 @@ impl Failure {
 
     /// An error reply to the script.
     fn of_reply(e: String) -> Failure {
-        if e.starts_with("NOPERM") {
+        // Redis 7.0 reports an ACL refusal inside the script as an `ERR` naming the user.
+        if e.starts_with("NOPERM") || e.contains("The user executing the script can't") {
             Failure::NoPerm(e)
         } else if e.starts_with("NOAUTH") || e.starts_with("WRONGPASS") {
             Failure::Auth(e)
@@ -524,6 +525,16 @@ mod tests {
         let cases = [
             (
                 "NOPERM this user has no permissions to run the 'evalsha' command",
+                "noperm",
+            ),
+            (
+                "ERR The user executing the script can't run this command or subcommand \
+                 script: 5db9a87a22fb7df9f709919f5d62eefe0ea20473, on @user_script:3.",
+                "noperm",
+            ),
+            (
+                "ERR The user executing the script can't access at least one of the keys \
+                 mentioned in the command script: 5db9…, on @user_script:11.",
                 "noperm",
             ),
             ("NOAUTH Authentication required.", "auth"),
