@@ -470,3 +470,42 @@ fn a_budget_key_far_in_the_future_only_empties_the_bucket() {
         0.0
     );
 }
+
+#[test]
+fn the_shared_budget_is_switched_on_by_a_reload_and_covers_flushes() {
+    let redis = Redis::start();
+    let sw = Stormwall::start(&redis.addr(), &budget_toml(false, ""));
+    let mut con = db_client(sw.port);
+    let _: u64 = redis::cmd("DEL").arg("a").query(&mut con).unwrap();
+    assert_eq!(metric(&sw, "stormwall_shared_budget_calls_total", &[]), 0.0);
+    let original = std::fs::read_to_string(&sw.config_path).unwrap();
+    std::fs::write(
+        &sw.config_path,
+        original.replace("shared_budget = false", "shared_budget = true"),
+    )
+    .unwrap();
+    sw.signal("HUP");
+    common::eventually("the reload", Duration::from_secs(5), || {
+        metric(&sw, "stormwall_config_reloads_total", &[("result", "ok")]) == 1.0
+    });
+    let _: u64 = redis::cmd("DEL").arg("a").query(&mut con).unwrap();
+    assert_eq!(
+        metric(
+            &sw,
+            "stormwall_shared_budget_calls_total",
+            &[("result", "taken")]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&sw, "stormwall_shared_budget_active", &[]), 1.0);
+    // Flushes take their command from the shared budget too.
+    redis::cmd("FLUSHDB").query::<()>(&mut con).unwrap();
+    assert_eq!(
+        metric(
+            &sw,
+            "stormwall_shared_budget_calls_total",
+            &[("result", "taken")]
+        ),
+        2.0
+    );
+}
