@@ -266,10 +266,17 @@ pub struct InvalidationConfig {
     /// the total for every stormwall in front of the same Redis.
     pub keys_per_second: u32,
     pub keys_burst: u32,
-    /// Invalidation commands (deletes and flushes) sent to Redis per second, and burst. With
-    /// `shared_budget`, the total for every stormwall in front of the same Redis.
+    /// Invalidation commands sent to Redis per second, and burst: commands that reach
+    /// Redis, not client requests (a batch of pipelined deletes run as one script is one).
+    /// With `shared_budget`, the total for every stormwall in front of the same Redis.
     pub commands_per_second: u32,
     pub commands_burst: u32,
+    /// The budgets (keys, commands, `flush.min_interval`) follow Redis's latency: cut while
+    /// Redis answers slower than its healthy baseline, grown back when it recovers, never
+    /// above the configured values (`invalidation/adaptive.rs`).
+    pub adaptive: bool,
+    /// The least the adaptive budget goes down to, as a fraction of the configured budgets.
+    pub adaptive_floor: f64,
     /// Keep the two budgets above in Redis itself, so that every stormwall in front of the
     /// same Redis takes from one budget (see `invalidation::shared_budget`). When Redis
     /// cannot run the budget's script, each stormwall falls back to a local budget at the
@@ -314,6 +321,8 @@ impl Default for InvalidationConfig {
             shared_budget_key: "{stormwall:budget}".into(),
             shared_budget_user: None,
             shared_budget_password_file: None,
+            adaptive: true,
+            adaptive_floor: 0.05,
             identity_idle_timeout: Duration::from_secs(60),
             max_identities: 64,
         }
@@ -596,6 +605,12 @@ impl Config {
                 "invalidation.shared_budget_user",
                 "needs invalidation.shared_budget_password_file (a nopass user accepts any \
                  password in the file)",
+            ));
+        }
+        if !(inv.adaptive_floor > 0.0 && inv.adaptive_floor <= 1.0) {
+            return Err(invalid(
+                "invalidation.adaptive_floor",
+                "must be a fraction greater than 0 and at most 1",
             ));
         }
         if inv.identity_idle_timeout.is_zero() {

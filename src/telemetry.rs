@@ -220,6 +220,22 @@ fn describe() {
         "stormwall_invalidation_queue_depth",
         "Governed requests admitted and not yet answered."
     );
+    describe_gauge!(
+        "stormwall_invalidation_adaptive_ratio",
+        "The invalidation budget in use, as a fraction of the configured one (adaptive budget)."
+    );
+    describe_gauge!(
+        "stormwall_invalidation_budget_keys_per_second",
+        "Keys per second the invalidation budget allows now."
+    );
+    describe_gauge!(
+        "stormwall_redis_latency_seconds",
+        "Worst Redis round trip in the adaptive budget's last window."
+    );
+    describe_gauge!(
+        "stormwall_redis_latency_baseline_seconds",
+        "Redis's healthy round trip, as the adaptive budget learned it."
+    );
     describe_histogram!(
         "stormwall_invalidation_wait_seconds",
         "From a delete request's arrival until its batch starts."

@@ -47,6 +47,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 use tokio::time::Instant;
 
 use super::Shared;
+use super::budget::Scaled;
 use crate::config::Config;
 use crate::upstream::{Conn, ConnError, Identity};
 
@@ -116,19 +117,28 @@ impl Units {
 /// `invalidation.shared_budget` is on and works, else from the local one; the same contract
 /// as [`super::take`]: `Err(when)` if the rest cannot be had by `deadline`, nothing more
 /// being taken then. The call sites' one line.
+///
+/// `budgets` are the keys and commands budgets as the adaptive controller scales them now
+/// ([`Shared::budgets`]): the shared budget is asked at those rates too, so a sidecar that
+/// sees Redis slow down charges each unit more of the shared timeline, slowing every
+/// sidecar that shares it.
 pub(super) async fn take(
     shared: &Shared,
+    (keys, commands): (&Scaled, &Scaled),
     want: Units,
     paid: &mut Units,
     deadline: Instant,
 ) -> Result<(), Instant> {
-    let inv = &shared.config.invalidation;
-    if !inv.shared_budget {
+    if !shared.config.invalidation.shared_budget {
         gauge!("stormwall_shared_budget_active").set(0.0);
     } else if shared.budget.usable() {
+        let rates = (
+            Rate::new(keys.per_second, keys.burst),
+            Rate::new(commands.per_second, commands.burst),
+        );
         match shared
             .budget
-            .take(&shared.config, want, paid, deadline)
+            .take(&shared.config, rates, want, paid, deadline)
             .await
         {
             Ok(result) => {
@@ -139,18 +149,18 @@ pub(super) async fn take(
         }
     }
     super::take(
-        &shared.commands,
-        inv.commands_burst,
-        inv.commands_per_second,
+        &commands.limiter,
+        commands.burst,
+        commands.per_second,
         want.commands,
         &mut paid.commands,
         deadline,
     )
     .await?;
     super::take(
-        &shared.keys,
-        inv.keys_burst,
-        inv.keys_per_second,
+        &keys.limiter,
+        keys.burst,
+        keys.per_second,
         want.keys,
         &mut paid.keys,
         deadline,
@@ -396,13 +406,11 @@ impl SharedBudget {
     async fn take(
         &self,
         config: &Config,
+        (keys, commands): (Rate, Rate),
         want: Units,
         paid: &mut Units,
         deadline: Instant,
     ) -> Result<Result<(), Instant>, Failure> {
-        let inv = &config.invalidation;
-        let keys = Rate::new(inv.keys_per_second, inv.keys_burst);
-        let commands = Rate::new(inv.commands_per_second, inv.commands_burst);
         loop {
             let left = Units::new(
                 want.keys.saturating_sub(paid.keys),
