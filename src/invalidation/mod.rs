@@ -15,7 +15,9 @@
 //!    added latency when idle), takes the rate-limit budgets (only for what it then sends),
 //!    executes on its own connection ([`executor`]), and answers each request with its own
 //!    result. Deletes are in [`delete`], flushes in [`flush`], permission checks in
-//!    [`access`], and what each ending means for the client in [`outcome`].
+//!    [`access`], what each ending means for the client in [`outcome`], and the budget
+//!    every stormwall in front of the same Redis takes from (`invalidation.shared_budget`)
+//!    in [`shared_budget`].
 //!
 //! Every request ends in exactly one [`Outcome`] (G4): its real result; an error saying it
 //! was not applied; "unknown" when a connection was lost after it was sent (the session
@@ -34,6 +36,7 @@ mod delete;
 mod executor;
 mod flush;
 mod outcome;
+mod shared_budget;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -55,6 +58,7 @@ use adaptive::Controller;
 use budget::{Budget, Scaled};
 use outcome::{Outcome, PassReason, Refusal};
 pub(crate) use outcome::{PASSTHROUGH_REASONS, REJECTED_REASONS};
+pub(crate) use shared_budget::FALLBACK_REASONS;
 
 /// A governed request as the session parsed it.
 #[derive(Debug)]
@@ -208,6 +212,9 @@ struct Shared {
     commands: Arc<Budget>,
     /// The adaptive budget's controller: kept across reloads, like what it learned.
     controller: Arc<Controller>,
+    /// The budget kept in Redis for every stormwall in front of it (`shared_budget`),
+    /// kept across reloads with its connection.
+    budget: Arc<shared_budget::SharedBudget>,
     /// Queue slots: requests, and keys in them.
     requests: Arc<Semaphore>,
     pending_keys: Arc<Semaphore>,
@@ -250,6 +257,7 @@ impl Shared {
             keys,
             commands,
             controller: old.map(|o| o.controller.clone()).unwrap_or_default(),
+            budget: old.map(|o| o.budget.clone()).unwrap_or_default(),
             requests,
             pending_keys,
             refusing: old.map(|o| o.refusing.clone()).unwrap_or_default(),
