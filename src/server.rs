@@ -153,8 +153,10 @@ async fn probe_upstream(ctx: Arc<Context>, mut probe: upstream::Probe, stop: Can
 /// One probe of Redis: is it up, and does it require clients to authenticate.
 async fn check_upstream(ctx: &Context, probe: &mut upstream::Probe) {
     let config = ctx.config.load_full();
+    let started = tokio::time::Instant::now();
     match probe.check(&config.upstream).await {
         Ok(auth_required) => {
+            ctx.engine.observe_latency(started.elapsed());
             ctx.auth_required.store(auth_required, Ordering::Relaxed);
             ctx.note_upstream(true, None);
         }

@@ -98,7 +98,14 @@ fn zero_series() {
     ] {
         counter!(name).absolute(0);
     }
+    for reason in crate::invalidation::FALLBACK_REASONS {
+        counter!("stormwall_shared_budget_fallbacks_total", "reason" => *reason).absolute(0);
+    }
+    for result in ["taken", "wait"] {
+        counter!("stormwall_shared_budget_calls_total", "result" => result).absolute(0);
+    }
     for name in [
+        "stormwall_shared_budget_active",
         "stormwall_invalidation_queue_depth",
         "stormwall_invalidation_identities",
         "stormwall_shield_upstream_connections",
@@ -233,6 +240,22 @@ fn describe() {
         "stormwall_invalidation_queue_depth",
         "Governed requests admitted and not yet answered."
     );
+    describe_gauge!(
+        "stormwall_invalidation_adaptive_ratio",
+        "The invalidation budget in use, as a fraction of the configured one (adaptive budget)."
+    );
+    describe_gauge!(
+        "stormwall_invalidation_budget_keys_per_second",
+        "Keys per second the invalidation budget allows now."
+    );
+    describe_gauge!(
+        "stormwall_redis_latency_seconds",
+        "Worst Redis round trip in the adaptive budget's last window."
+    );
+    describe_gauge!(
+        "stormwall_redis_latency_baseline_seconds",
+        "Redis's healthy round trip, as the adaptive budget learned it."
+    );
     describe_histogram!(
         "stormwall_invalidation_wait_seconds",
         "From a delete request's arrival until its batch starts."
@@ -265,6 +288,20 @@ fn describe() {
     describe_gauge!(
         "stormwall_shield_upstream_connections",
         "Connections the shield holds open to Redis."
+    );
+    describe_gauge!(
+        "stormwall_shared_budget_active",
+        "1 if the last invalidation budget was taken from the budget shared in Redis \
+         (invalidation.shared_budget), 0 if it is off or this stormwall fell back to its local budget."
+    );
+    describe_counter!(
+        "stormwall_shared_budget_calls_total",
+        "Calls of the shared budget's script in Redis, by result: taken, or wait (nothing taken; \
+         the budget is there after a wait)."
+    );
+    describe_counter!(
+        "stormwall_shared_budget_fallbacks_total",
+        "Times this stormwall fell back from the shared budget to its local one, by reason."
     );
 }
 
@@ -357,6 +394,7 @@ mod tests {
             include_str!("invalidation/executor.rs"),
             include_str!("invalidation/outcome.rs"),
             include_str!("invalidation/access.rs"),
+            include_str!("invalidation/shared_budget.rs"),
             include_str!("reload.rs"),
         ]
         .into_iter()

@@ -13,7 +13,13 @@
 //!
 //! Claiming is only sound if the batch executes atomically — otherwise a write landing between
 //! two requests' commands could split one request's effect across two points in time. So a
-//! batch of several commands is wrapped in `MULTI`/`EXEC`. (Were `MULTI` refused — the
+//! batch of several commands runs as one Lua script ([`BATCH_SCRIPT`]: each command in order,
+//! each reply returned), which is also one command for Redis and for the command budget —
+//! a pipeline of 100,000 single-key deletes is a hundred or so scripts, not 100,000
+//! commands. Where the identity may not run it (an ACL rule on `EVAL` or on a key, `EVAL`
+//! renamed away) nothing ran, and the batch is wrapped in `MULTI`/`EXEC` instead; a command
+//! refused inside the script (its refusal text is the script's, not the one Redis gives the
+//! command itself) is not an answer: that request goes again with its own command. (Were `MULTI` refused — the
 //! identity's ACL changed since it was last seen to allow it — the commands run one by one:
 //! requests answered by a single command still get exact counts, the others are reported
 //! unknown.) If a command is refused at queue time by an ACL rule (an ACL user without
@@ -51,9 +57,10 @@ use tokio::time::Instant;
 use super::access::{self, Access, Forms, PROBE_KEY, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
+use super::shared_budget::{Units, take};
 use super::{
     DeleteJob, Live, Registry, Shared, deleters, earliest, expire_before, next_job, prune,
-    send_margin, take,
+    send_margin,
 };
 use crate::config::DeleteCommand;
 use crate::upstream::Identity;
@@ -76,6 +83,7 @@ pub(super) async fn worker(
         live: live.clone(),
         exec: Executor::new(who.clone()),
         atomic: true,
+        scripted: true,
         checkable: true,
         told: false,
     };
@@ -90,6 +98,8 @@ struct Worker {
     exec: Executor,
     /// Whether this identity may use `MULTI` (and so whether keys can be claimed).
     atomic: bool,
+    /// Whether this identity may run the batch script (`EVAL`).
+    scripted: bool,
     /// Whether this identity may run `DISCARD`, so its permissions can be checked (a check
     /// whose `DISCARD` is refused leaves the connection inside `MULTI`).
     checkable: bool,
@@ -162,7 +172,7 @@ impl Worker {
                 .record((now - job.received).as_secs_f64());
         }
         // Budget already taken for the current plan and not yet used by a send.
-        let (mut paid_keys, mut paid_commands) = (0u64, 0u64);
+        let mut paid = Units::default();
         // Redis refused the last round's transaction itself: this round goes without one.
         let mut plain = false;
         loop {
@@ -203,13 +213,19 @@ impl Worker {
             } else {
                 false
             };
-            let claim = self.atomic && !std::mem::take(&mut plain);
-            let plan = plan(
-                &pending,
-                claim,
-                |d| if rewrite { configured } else { d.unlink },
-                inv.keys_burst as usize,
-            );
+            let plain_round = std::mem::take(&mut plain);
+            let unlink_for = |d: &Delete| if rewrite { configured } else { d.unlink };
+            let (keys_budget, commands_budget) = shared.budgets();
+            let max_keys = keys_budget.burst as usize;
+            // Claims need the batch to run atomically: as one script, or inside MULTI.
+            let scripted = self.scripted && !plain_round;
+            let mut claim = (self.atomic || scripted) && !plain_round;
+            let mut plan = plan(&pending, claim, unlink_for, max_keys);
+            let script = scripted && plan.entries.len() > 1 && fits_script(&plan);
+            if scripted && !script && claim && !self.atomic {
+                claim = false;
+                plan = self::plan(&pending, claim, unlink_for, max_keys);
+            }
             let participants = plan.covers.len();
             if plan.entries.is_empty() {
                 // Requests naming no key: Redis would answer 0 without deleting anything.
@@ -221,36 +237,22 @@ impl Worker {
                 continue;
             }
             let keys: u64 = plan.entries.iter().map(|e| e.keys.len() as u64).sum();
-            let commands = plan.entries.len() as u64;
+            // What reaches Redis: one script, or one command per entry.
+            let commands = if script { 1 } else { plan.entries.len() as u64 };
             // A plan holds more than `keys_burst` keys only when it is one request alone: a
             // single request is not a storm, and one needing more budget than `max_wait` can
             // ever bring would otherwise be refused forever (Redis itself would run it). It
             // is charged one full burst, so the requests after it still wait their turn.
-            let charged = keys.min(u64::from(inv.keys_burst));
+            let charged = keys.min(u64::from(keys_budget.burst));
             let deadline = earliest(&pending[..participants]);
-            let budget = match take(
-                &shared.commands,
-                inv.commands_burst,
-                inv.commands_per_second,
-                commands,
-                &mut paid_commands,
+            let budget = take(
+                &shared,
+                (&*keys_budget, &*commands_budget),
+                Units::new(charged, commands),
+                &mut paid,
                 deadline - margin,
             )
-            .await
-            {
-                Ok(()) => {
-                    take(
-                        &shared.keys,
-                        inv.keys_burst,
-                        inv.keys_per_second,
-                        charged,
-                        &mut paid_keys,
-                        deadline - margin,
-                    )
-                    .await
-                }
-                Err(at) => Err(at),
-            };
+            .await;
             if let Err(at) = budget {
                 // The budget cannot be had before some requests' deadlines: they are answered
                 // now, without spending budget on them, and the rest planned again.
@@ -261,21 +263,24 @@ impl Worker {
             if pending[..participants].iter().any(|j| j.abandoned()) {
                 continue;
             }
-            let wrap = claim && plan.entries.len() > 1;
-            let mut batch: Vec<Vec<Bytes>> = plan
-                .entries
-                .iter()
-                .map(|e| {
-                    let mut cmd = Vec::with_capacity(e.keys.len() + 1);
-                    cmd.push(Bytes::from_static(if e.unlink {
-                        b"UNLINK"
-                    } else {
-                        b"DEL"
-                    }));
-                    cmd.extend(e.keys.iter().cloned());
-                    cmd
-                })
-                .collect();
+            let wrap = !script && claim && plan.entries.len() > 1;
+            let mut batch: Vec<Vec<Bytes>> = if script {
+                vec![script_command(&plan)]
+            } else {
+                plan.entries
+                    .iter()
+                    .map(|e| {
+                        let mut cmd = Vec::with_capacity(e.keys.len() + 1);
+                        cmd.push(Bytes::from_static(if e.unlink {
+                            b"UNLINK"
+                        } else {
+                            b"DEL"
+                        }));
+                        cmd.extend(e.keys.iter().cloned());
+                        cmd
+                    })
+                    .collect()
+            };
             if wrap {
                 batch.insert(0, command(b"MULTI"));
                 batch.push(command(b"EXEC"));
@@ -291,6 +296,7 @@ impl Worker {
                 .increment((received as u64).saturating_sub(keys));
             counter!("stormwall_invalidation_commands_sent_total").increment(batch.len() as u64);
             let rest = pending.split_off(participants);
+            let started = Instant::now();
             let judged = match self.exec.send(&batch, deadline).await {
                 // Closed before anything was written: plan again.
                 Err(_) => {
@@ -299,13 +305,40 @@ impl Worker {
                 }
                 Ok(Err(_lost)) => None,
                 Ok(Ok(replies)) => {
+                    shared.observe(super::adaptive::Sample::Batch, started.elapsed());
                     if wrap
                         && matches!(replies.first(), Some(OwnedFrame::Error(e)) if e.starts_with("NOPERM"))
                     {
                         // This identity may not use transactions (any more): stop claiming.
                         self.atomic = false;
                     }
-                    let judged = if wrap {
+                    let judged = if script {
+                        match judge_script(&plan, &replies) {
+                            Script::Judged(judged, refused) => {
+                                // Redis's own error for a request comes from its own
+                                // command: those go again, each alone, next round.
+                                plain = refused;
+                                Some(judged)
+                            }
+                            Script::NotRun { may_not_eval } => {
+                                // Nothing ran: the same requests go again at once (without
+                                // the script for good if this identity may not run it).
+                                tracing::debug!(
+                                    may_not_eval,
+                                    "Redis refused the shield's batch script; sending each \
+                                     request's own command instead"
+                                );
+                                if may_not_eval {
+                                    self.scripted = false;
+                                } else {
+                                    plain = true;
+                                }
+                                pending.extend(rest);
+                                continue;
+                            }
+                            Script::Unknown => None,
+                        }
+                    } else if wrap {
                         match judge_transaction(&plan, &replies) {
                             Some(Transaction::Judged(judged)) => Some(judged),
                             Some(Transaction::Refused { exec_denied }) => {
@@ -336,7 +369,7 @@ impl Worker {
                     judged
                 }
             };
-            (paid_keys, paid_commands) = (0, 0);
+            paid = Units::default();
             let Some(judged) = judged else {
                 // Sent, and the answer was lost (or garbled): the fate of every participant
                 // is unknown, and a retry could give a wrong count.
@@ -412,6 +445,88 @@ fn command(name: &'static [u8]) -> Vec<Bytes> {
     vec![Bytes::from_static(name)]
 }
 
+/// Runs a plan's delete commands in order, atomically, as one command: `KEYS` are every
+/// entry's keys one after another, `ARGV` each entry's command name and key count. Each
+/// command's reply (a count, or Redis's error caught by `pcall`) is returned in order, like
+/// `EXEC`'s. A pipeline of thousands of small deletes is then a few commands for Redis, not
+/// thousands, and the command budget counts what reaches Redis. Redis checks the caller's
+/// ACL permissions for `EVAL`, for every declared key, and for each command the script runs.
+const BATCH_SCRIPT: &[u8] = b"local replies = {}
+local first = 1
+for i = 1, #ARGV, 2 do
+  local last = first + tonumber(ARGV[i + 1]) - 1
+  replies[#replies + 1] = redis.pcall(ARGV[i], unpack(KEYS, first, last))
+  first = last + 1
+end
+return replies";
+
+/// Most keys of one entry in the script: Lua's `unpack` has a stack limit (8,000 values).
+const SCRIPT_ENTRY_KEYS: usize = 4096;
+
+/// Whether every entry of `plan` can go through the script.
+fn fits_script(plan: &Plan) -> bool {
+    plan.entries
+        .iter()
+        .all(|e| e.keys.len() <= SCRIPT_ENTRY_KEYS)
+}
+
+/// `EVAL <BATCH_SCRIPT> numkeys key… (name count)…` for `plan`. (`EVAL`, not `EVALSHA`:
+/// Redis caches the compiled script by its digest either way, and a restarted Redis, whose
+/// cache is empty, needs no second attempt.)
+fn script_command(plan: &Plan) -> Vec<Bytes> {
+    let keys: usize = plan.entries.iter().map(|e| e.keys.len()).sum();
+    let mut cmd = Vec::with_capacity(3 + keys + 2 * plan.entries.len());
+    cmd.push(Bytes::from_static(b"EVAL"));
+    cmd.push(Bytes::from_static(BATCH_SCRIPT));
+    cmd.push(Bytes::from(keys.to_string()));
+    for entry in &plan.entries {
+        cmd.extend(entry.keys.iter().cloned());
+    }
+    for entry in &plan.entries {
+        cmd.push(Bytes::from_static(if entry.unlink {
+            b"UNLINK"
+        } else {
+            b"DEL"
+        }));
+        cmd.push(Bytes::from(entry.keys.len().to_string()));
+    }
+    cmd
+}
+
+/// How a batch script's round ended.
+enum Script {
+    /// It ran. The `bool`: some request's command was refused inside it (with a text of the
+    /// script's, not the one Redis gives the command itself), so it goes again on its own.
+    Judged(Vec<Judged>, bool),
+    /// Redis refused to run it (an ACL rule on `EVAL` or on a declared key, a busy or loading
+    /// Redis, `EVAL` renamed away): nothing was applied. `may_not_eval`: the refusal is of
+    /// `EVAL` itself, for good.
+    NotRun { may_not_eval: bool },
+    /// It failed while running (a Lua error, never a command's): its effect is unknown.
+    Unknown,
+}
+
+/// Judges the reply to [`script_command`].
+fn judge_script(plan: &Plan, replies: &[OwnedFrame]) -> Script {
+    match replies.first() {
+        Some(OwnedFrame::Array(results)) if results.len() == plan.entries.len() => {
+            let refused = results.iter().any(|r| matches!(r, OwnedFrame::Error(_)));
+            match judge_results(plan, results, false) {
+                Some(judged) => Script::Judged(judged, refused),
+                None => Script::Unknown,
+            }
+        }
+        Some(OwnedFrame::Error(e)) if e.contains("user_script") || e.contains("running script") => {
+            Script::Unknown
+        }
+        Some(OwnedFrame::Error(e)) => Script::NotRun {
+            may_not_eval: e.starts_with("ERR unknown command")
+                || (is_command_refusal(e) && e.contains("'eval'")),
+        },
+        _ => Script::Unknown,
+    }
+}
+
 /// Splits the first pending requests (up to `max_keys` keys sent, at least one request)
 /// into delete commands, `unlink_for` choosing each request's command. With `claim`, each
 /// key goes only to the first request that names it under the same command name.
@@ -485,7 +600,7 @@ fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Transaction>
         // request answered by one command has its exact answer; one whose keys were spread
         // over several commands has no single moment, and its count is unknown.
         OwnedFrame::Error(_) => {
-            let mut judged = judge_results(plan, replies.get(1..=n)?)?;
+            let mut judged = judge_results(plan, replies.get(1..=n)?, true)?;
             for (j, cover) in judged.iter_mut().zip(&plan.covers) {
                 if cover.len() > 1 {
                     *j = Judged::Done(Outcome::Unknown);
@@ -518,7 +633,7 @@ fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Transaction>
     }
     match replies.get(n + 1)? {
         OwnedFrame::Array(results) if results.len() == n => {
-            judge_results(plan, results).map(Transaction::Judged)
+            judge_results(plan, results, true).map(Transaction::Judged)
         }
         // EXEC itself refused (`-EXECABORT … NOPERM … 'exec'`, `-READONLY`, …): nothing was
         // applied. The clients' own commands get their own answers without a transaction.
@@ -531,11 +646,13 @@ fn judge_transaction(plan: &Plan, replies: &[OwnedFrame]) -> Option<Transaction>
 
 /// Judges replies to plain pipelined delete commands.
 fn judge_pipeline(plan: &Plan, replies: &[OwnedFrame]) -> Option<Vec<Judged>> {
-    judge_results(plan, replies.get(..plan.entries.len())?)
+    judge_results(plan, replies.get(..plan.entries.len())?, true)
 }
 
 /// Judges each participant by the results of the commands that removed its keys.
-fn judge_results(plan: &Plan, results: &[OwnedFrame]) -> Option<Vec<Judged>> {
+/// `errors_answer`: an error result is Redis's own answer to the request's own command (not
+/// so inside the batch script, whose refusals read differently): else it goes again.
+fn judge_results(plan: &Plan, results: &[OwnedFrame], errors_answer: bool) -> Option<Vec<Judged>> {
     let failed = |e: usize| matches!(results.get(e), Some(OwnedFrame::Error(_)));
     plan.covers
         .iter()
@@ -548,7 +665,7 @@ fn judge_results(plan: &Plan, results: &[OwnedFrame]) -> Option<Vec<Judged>> {
             let others_failed = cover.iter().any(|&e| Some(e) != own && failed(e));
             Some(match own.map(|e| (e, results.get(e))) {
                 Some((e, Some(OwnedFrame::Error(err)))) => {
-                    if plan.entries[e].rewritten && is_command_refusal(err) {
+                    if !errors_answer || (plan.entries[e].rewritten && is_command_refusal(err)) {
                         Judged::Again
                     } else {
                         Judged::Done(Outcome::Redis(err.clone()))
@@ -586,7 +703,7 @@ mod tests {
                 deadline: Instant::now(),
                 received: Instant::now(),
                 reply: tokio::sync::oneshot::channel().0,
-                _admission: Admission::new(None, None),
+                _admission: std::sync::Arc::new(Admission::new(None, None, 1)),
             })
             .collect()
     }

@@ -24,6 +24,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Weak;
+use std::time::Duration;
 
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -34,8 +35,9 @@ use tokio::sync::mpsc;
 use super::access::{self, Access, Forms, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
+use super::shared_budget::{Units, take};
 use super::{
-    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin, take,
+    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin,
 };
 use crate::config::FlushMode;
 use crate::upstream::Identity;
@@ -63,21 +65,45 @@ fn strength(form: usize) -> u8 {
     }
 }
 
-/// A target's spacing: `burst` flushes at once, then one per `min_interval` (scoped flushes
-/// are spaced the same way).
+/// A target's spacing: `burst` flushes at once, then one per `min_interval` (stretched by
+/// the adaptive budget: at half the budget, twice the interval). Scoped flushes are spaced
+/// the same way.
 pub(super) struct Spacing {
-    pub(super) settings: (std::time::Duration, u32),
+    settings: (Duration, u32),
+    fraction: f64,
     pub(super) limiter: Option<DefaultDirectRateLimiter>,
 }
 
 impl Spacing {
-    pub(super) fn new(settings: (std::time::Duration, u32)) -> Spacing {
+    pub(super) fn new(
+        settings: (Duration, u32),
+        fraction: f64,
+        max_wait: Duration,
+        old: Option<&Spacing>,
+    ) -> Spacing {
         let burst = NonZeroU32::new(settings.1).unwrap_or(NonZeroU32::MIN);
+        // Never so far apart that a flush would time out waiting for its turn.
+        let interval = settings.0.div_f64(fraction).min(max_wait / 2);
+        let limiter =
+            Quota::with_period(interval).map(|q| RateLimiter::direct(q.allow_burst(burst)));
+        if let (Some(limiter), Some(old)) = (&limiter, old)
+            && fraction < old.fraction
+        {
+            // Cut for Redis's sake: the burst was had at the old pace.
+            let _ = limiter.check_n(burst);
+        }
         Spacing {
             settings,
-            limiter: Quota::with_period(settings.0)
-                .map(|q| RateLimiter::direct(q.allow_burst(burst))),
+            fraction,
+            limiter,
         }
+    }
+
+    /// Whether this spacing still stands for `settings` at `fraction`.
+    pub(super) fn holds(&self, settings: (Duration, u32), fraction: f64) -> bool {
+        self.settings == settings
+            && (fraction - self.fraction).abs() <= 0.1 * self.fraction
+            && (fraction < 1.0 || self.fraction == 1.0)
     }
 }
 
@@ -98,9 +124,11 @@ pub(super) async fn worker(
     while let Some(first) = next_job(&live, &registry, flushers, &key, &who, &mut rx).await {
         let shared = live.load_full();
         let settings = (shared.config.flush.min_interval, shared.config.flush.burst);
-        let spacing = match spacing.as_mut() {
-            Some(s) if s.settings == settings => s,
-            _ => spacing.insert(Spacing::new(settings)),
+        let fraction = shared.fraction();
+        let max_wait = shared.config.invalidation.max_wait;
+        let spacing = match spacing.take() {
+            Some(s) if s.holds(settings, fraction) => spacing.insert(s),
+            old => spacing.insert(Spacing::new(settings, fraction, max_wait, old.as_ref())),
         };
         if let Some(limiter) = &spacing.limiter {
             limiter.until_ready().await;
@@ -138,7 +166,7 @@ impl Round<'_> {
         // A flush was sent and its answer lost: from then on, a waiter whose time runs out
         // may have been flushed.
         let mut maybe_applied = false;
-        let mut paid = 0u64;
+        let mut paid = Units::default();
         loop {
             let shared = live.load_full();
             let inv = &shared.config.invalidation;
@@ -234,16 +262,10 @@ impl Round<'_> {
                     groups.push(*f);
                 }
             }
-            if let Err(at) = take(
-                &shared.commands,
-                inv.commands_burst,
-                inv.commands_per_second,
-                groups.len() as u64,
-                &mut paid,
-                deadline - margin,
-            )
-            .await
-            {
+            let (keys_budget, commands_budget) = shared.budgets();
+            let want = Units::new(0, groups.len() as u64);
+            let budgets = (&*keys_budget, &*commands_budget);
+            if let Err(at) = take(&shared, budgets, want, &mut paid, deadline - margin).await {
                 expire_before(&mut waiters, at + margin, late);
                 continue;
             }
@@ -255,16 +277,18 @@ impl Round<'_> {
             counter!("stormwall_flushes_executed_total", "command" => self.label)
                 .increment(groups.len() as u64);
             counter!("stormwall_invalidation_commands_sent_total").increment(groups.len() as u64);
+            let started = tokio::time::Instant::now();
             let replies = match self.exec.send(&commands, deadline).await {
                 Err(_) => continue,
                 Ok(Err(_lost)) => {
                     maybe_applied = true;
-                    paid = 0;
+                    paid = Units::default();
                     continue;
                 }
                 Ok(Ok(replies)) => replies,
             };
-            paid = 0;
+            shared.observe(super::adaptive::Sample::Batch, started.elapsed());
+            paid = Units::default();
             let mut again = Vec::new();
             for (job, form) in waiters.into_iter().zip(sent) {
                 let group = groups.iter().position(|&g| g == form).unwrap_or(0);

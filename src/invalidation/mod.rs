@@ -15,8 +15,9 @@
 //!    added latency when idle), takes the rate-limit budgets (only for what it then sends),
 //!    executes on its own connection ([`executor`]), and answers each request with its own
 //!    result. Deletes are in [`delete`], flushes in [`flush`], scoped flushes
-//!    (`[[flush.rules]]`) in [`scoped`], permission checks in [`access`], and what each
-//!    ending means for the client in [`outcome`].
+//!    (`[[flush.rules]]`) in [`scoped`], permission checks in [`access`], what each ending
+//!    means for the client in [`outcome`], and the budget every stormwall in front of the
+//!    same Redis takes from (`invalidation.shared_budget`) in [`shared_budget`].
 //!
 //! Every request ends in exactly one [`Outcome`] (G4): its real result; an error saying it
 //! was not applied; "unknown" when a connection was lost after it was sent (the session
@@ -29,11 +30,14 @@
 //! password, and at most `invalidation.max_identities` live at once.
 
 mod access;
+mod adaptive;
+mod budget;
 mod delete;
 mod executor;
 mod flush;
 mod outcome;
 mod scoped;
+mod shared_budget;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -43,17 +47,20 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use governor::DefaultDirectRateLimiter;
 use governor::clock::Clock;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use metrics::{counter, gauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::{Config, OnFull};
 use crate::upstream::Identity;
+use adaptive::Controller;
+use budget::{Budget, Scaled};
 use outcome::{Outcome, PassReason, Refusal};
 pub(crate) use outcome::{PASSTHROUGH_REASONS, REJECTED_REASONS};
 pub use scoped::{Client, Scope, scope_of};
+pub(crate) use shared_budget::FALLBACK_REASONS;
 
 /// A governed request as the session parsed it.
 #[derive(Debug)]
@@ -87,6 +94,14 @@ pub enum Verdict {
 }
 
 impl Request {
+    /// Keys a delete names (0 for a flush).
+    pub fn keys(&self) -> usize {
+        match self {
+            Request::Delete { keys, .. } => keys.len(),
+            Request::Flush { .. } | Request::ScopedFlush { .. } => 0,
+        }
+    }
+
     fn command(&self) -> &'static str {
         match self {
             Request::Delete { .. } => "delete",
@@ -97,27 +112,33 @@ impl Request {
     }
 }
 
-/// What a request holds until it is answered or dropped: its queue slots, and its place in
-/// the queue-depth gauge. Released on drop, however the request ends — answered, expired,
-/// or abandoned by a client that left.
+/// What a group of requests holds until its last request is answered or dropped: its queue
+/// slots, and its place in the queue-depth gauge. Released on drop, however the requests
+/// end — answered, expired, or abandoned by a client that left.
 struct Admission {
     _request: Option<OwnedSemaphorePermit>,
     _keys: Option<OwnedSemaphorePermit>,
+    requests: usize,
 }
 
 impl Admission {
-    fn new(request: Option<OwnedSemaphorePermit>, keys: Option<OwnedSemaphorePermit>) -> Self {
-        gauge!("stormwall_invalidation_queue_depth").increment(1.0);
+    fn new(
+        request: Option<OwnedSemaphorePermit>,
+        keys: Option<OwnedSemaphorePermit>,
+        requests: usize,
+    ) -> Self {
+        gauge!("stormwall_invalidation_queue_depth").increment(requests as f64);
         Admission {
             _request: request,
             _keys: keys,
+            requests,
         }
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        gauge!("stormwall_invalidation_queue_depth").decrement(1.0);
+        gauge!("stormwall_invalidation_queue_depth").decrement(self.requests as f64);
     }
 }
 
@@ -127,7 +148,7 @@ struct Job<T> {
     deadline: Instant,
     received: Instant,
     reply: oneshot::Sender<Outcome>,
-    _admission: Admission,
+    _admission: Arc<Admission>,
 }
 
 impl<T> Job<T> {
@@ -193,8 +214,13 @@ fn earliest<T>(jobs: &[Job<T>]) -> Instant {
 /// for each batch, so a reload takes effect at the next batch without touching a connection.
 struct Shared {
     config: Arc<Config>,
-    keys: Arc<DefaultDirectRateLimiter>,
-    commands: Arc<DefaultDirectRateLimiter>,
+    keys: Arc<Budget>,
+    commands: Arc<Budget>,
+    /// The adaptive budget's controller: kept across reloads, like what it learned.
+    controller: Arc<Controller>,
+    /// The budget kept in Redis for every stormwall in front of it (`shared_budget`),
+    /// kept across reloads with its connection.
+    budget: Arc<shared_budget::SharedBudget>,
     /// Queue slots: requests, and keys in them.
     requests: Arc<Semaphore>,
     pending_keys: Arc<Semaphore>,
@@ -214,17 +240,11 @@ impl Shared {
         };
         let keys = match old {
             Some(o) if same(|i| (i.keys_per_second, i.keys_burst)) => o.keys.clone(),
-            _ => Arc::new(RateLimiter::direct(quota(
-                inv.keys_per_second,
-                inv.keys_burst,
-            ))),
+            _ => Arc::new(Budget::new(inv.keys_per_second, inv.keys_burst)),
         };
         let commands = match old {
             Some(o) if same(|i| (i.commands_per_second, i.commands_burst)) => o.commands.clone(),
-            _ => Arc::new(RateLimiter::direct(quota(
-                inv.commands_per_second,
-                inv.commands_burst,
-            ))),
+            _ => Arc::new(Budget::new(inv.commands_per_second, inv.commands_burst)),
         };
         // A resized queue is a new semaphore: requests admitted before keep their slots in
         // the old one, new requests are admitted against the new limit.
@@ -242,10 +262,38 @@ impl Shared {
             config,
             keys,
             commands,
+            controller: old.map(|o| o.controller.clone()).unwrap_or_default(),
+            budget: old.map(|o| o.budget.clone()).unwrap_or_default(),
             requests,
             pending_keys,
             refusing: old.map(|o| o.refusing.clone()).unwrap_or_default(),
         }
+    }
+}
+
+impl Shared {
+    /// The share of the configured budgets to use now: the adaptive controller's, or all.
+    fn fraction(&self) -> f64 {
+        let inv = &self.config.invalidation;
+        if inv.adaptive {
+            self.controller.fraction(inv.adaptive_floor)
+        } else {
+            1.0
+        }
+    }
+
+    /// The key and command budgets to take from now.
+    fn budgets(&self) -> (Arc<Scaled>, Arc<Scaled>) {
+        let fraction = self.fraction();
+        let keys = self.keys.at(fraction);
+        gauge!("stormwall_invalidation_budget_keys_per_second").set(keys.per_second);
+        (keys, self.commands.at(fraction))
+    }
+
+    /// Notes how long Redis took for something (a batch, a flush, a `PING`).
+    fn observe(&self, kind: adaptive::Sample, latency: Duration) {
+        self.controller
+            .sample(kind, latency, self.config.invalidation.adaptive_floor);
     }
 }
 
@@ -366,19 +414,30 @@ async fn next_job<K: std::hash::Hash + Eq, T>(
 pub struct Engine {
     live: Live,
     registry: Arc<Registry>,
-}
-
-fn quota(per_second: u32, burst: u32) -> Quota {
-    let nz = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-    Quota::per_second(nz(per_second)).allow_burst(nz(burst))
+    /// When a governed request last arrived; the latency sampler runs only near then.
+    activity: Arc<adaptive::Activity>,
+    sampler: std::sync::Once,
 }
 
 impl Engine {
     pub fn new(config: Arc<Config>) -> Engine {
+        gauge!("stormwall_invalidation_adaptive_ratio").set(1.0);
+        gauge!("stormwall_invalidation_budget_keys_per_second")
+            .set(config.invalidation.keys_per_second);
         Engine {
             live: Arc::new(ArcSwap::from_pointee(Shared::new(config, None))),
             registry: Arc::default(),
+            activity: Arc::default(),
+            sampler: std::sync::Once::new(),
         }
+    }
+
+    /// Notes a round trip to Redis measured elsewhere (the readiness probe's `PING`), for
+    /// the adaptive budget's baseline.
+    pub fn observe_latency(&self, latency: Duration) {
+        self.live
+            .load()
+            .observe(adaptive::Sample::RoundTrip, latency);
     }
 
     /// Applies a reloaded config from the next request and batch on.
@@ -407,85 +466,122 @@ impl Engine {
         }
     }
 
-    /// Executes a governed request as `who` and says how it ended.
-    pub async fn execute(&self, who: &Identity, request: Request) -> Verdict {
-        self.run(who, request).await.verdict()
+    /// Executes consecutive governed requests of one client as `who` and says how each
+    /// ended, in order. They are admitted together (one wait for queue room) and reach their
+    /// worker back to back, so a pipeline of deletes joins one batch instead of one batch per
+    /// request; the worker keeps their order (G3 within the group). Callers pass requests of
+    /// one kind (deletes, or flushes of one target): requests for different workers would
+    /// run in no particular order.
+    pub async fn execute_all(&self, who: &Identity, requests: Vec<Request>) -> Vec<Verdict> {
+        self.run(who, requests)
+            .await
+            .into_iter()
+            .map(Outcome::verdict)
+            .collect()
     }
 
-    async fn run(&self, who: &Identity, request: Request) -> Outcome {
+    /// Executes one governed request as `who` and says how it ended.
+    pub async fn execute(&self, who: &Identity, request: Request) -> Verdict {
+        let outcome = self.run(who, vec![request]).await.pop();
+        outcome
+            .unwrap_or(Outcome::NotApplied(Refusal::WorkerGone))
+            .verdict()
+    }
+
+    async fn run(&self, who: &Identity, requests: Vec<Request>) -> Vec<Outcome> {
+        self.activity.touch();
+        self.sampler.call_once(|| {
+            let live = Arc::downgrade(&self.live);
+            adaptive::spawn_sampler(self.activity.clone(), move || {
+                live.upgrade().map(|l| l.load_full())
+            });
+        });
         let shared = self.live.load_full();
         let config = &shared.config;
-        let command = request.command();
-        counter!("stormwall_invalidation_requests_total", "command" => command).increment(1);
-        counter!("stormwall_commands_total", "class" => "governed").increment(1);
         let received = Instant::now();
         let deadline = received + config.invalidation.max_wait;
-        let keys = match &request {
-            Request::Delete { keys, .. } => keys.len(),
-            Request::Flush { .. } | Request::ScopedFlush { .. } => 0,
-        };
-        counter!("stormwall_invalidation_keys_received_total").increment(keys as u64);
-        let admission = match admit(&shared, keys, deadline).await {
-            Ok(a) => a,
-            Err(refusal) => return Outcome::NotApplied(refusal),
-        };
-        let (tx, rx) = oneshot::channel();
-        let cap = config.invalidation.max_identities;
-        let routed = match request {
-            Request::Delete { keys, unlink } => {
-                let job = Job {
-                    what: delete::Delete {
-                        keys: dedup(keys),
-                        unlink,
-                    },
-                    deadline,
-                    received,
-                    reply: tx,
-                    _admission: admission,
-                };
-                self.route(deleters, who.clone(), who, cap, job, delete::worker)
-            }
-            Request::Flush { all, sync } => {
-                let mut target = who.clone();
-                if all {
-                    // FLUSHALL is the same operation from any database.
-                    target.db = 0;
-                }
-                let job = Job {
-                    what: sync,
-                    deadline,
-                    received,
-                    reply: tx,
-                    _admission: admission,
-                };
-                let counted = target.clone();
-                self.route(flushers, (target, all), &counted, cap, job, flush::worker)
-            }
-            Request::ScopedFlush { pattern, sync } => {
-                let job = Job {
-                    what: sync,
-                    // Its own, longer deadline: it covers the whole scan (see `scoped`).
-                    deadline: received + config.flush.scoped_max_wait,
-                    received,
-                    reply: tx,
-                    _admission: admission,
-                };
-                let key = (who.clone(), pattern);
-                if self
-                    .route(scopers, key, who, cap, job, scoped::worker)
-                    .is_err()
-                {
-                    // Its own FLUSHDB would flush every application's keys: never in its place.
-                    let why = "invalidation.max_identities is reached".to_owned();
-                    return Outcome::NotApplied(Refusal::Unscoped(why));
-                }
-                Ok(())
-            }
-        };
-        if let Err(reason) = routed {
-            return Outcome::PassThrough(reason);
+        let mut keys = 0;
+        for request in &requests {
+            let command = request.command();
+            counter!("stormwall_invalidation_requests_total", "command" => command).increment(1);
+            counter!("stormwall_commands_total", "class" => "governed").increment(1);
+            keys += request.keys();
         }
-        rx.await.unwrap_or(Outcome::NotApplied(Refusal::WorkerGone))
+        counter!("stormwall_invalidation_keys_received_total").increment(keys as u64);
+        let admission = match admit(&shared, requests.len(), keys, deadline).await {
+            Ok(a) => Arc::new(a),
+            Err(refusal) => {
+                return requests
+                    .iter()
+                    .map(|_| Outcome::NotApplied(refusal.clone()))
+                    .collect();
+            }
+        };
+        let cap = config.invalidation.max_identities;
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (tx, rx) = oneshot::channel();
+            let routed = match request {
+                Request::Delete { keys, unlink } => {
+                    let job = Job {
+                        what: delete::Delete {
+                            keys: dedup(keys),
+                            unlink,
+                        },
+                        deadline,
+                        received,
+                        reply: tx,
+                        _admission: admission.clone(),
+                    };
+                    self.route(deleters, who.clone(), who, cap, job, delete::worker)
+                        .map_err(Outcome::PassThrough)
+                }
+                Request::Flush { all, sync } => {
+                    let mut target = who.clone();
+                    if all {
+                        // FLUSHALL is the same operation from any database.
+                        target.db = 0;
+                    }
+                    let job = Job {
+                        what: sync,
+                        deadline,
+                        received,
+                        reply: tx,
+                        _admission: admission.clone(),
+                    };
+                    let counted = target.clone();
+                    self.route(flushers, (target, all), &counted, cap, job, flush::worker)
+                        .map_err(Outcome::PassThrough)
+                }
+                Request::ScopedFlush { pattern, sync } => {
+                    let job = Job {
+                        what: sync,
+                        // Its own, longer deadline: it covers the whole scan (see `scoped`).
+                        deadline: received + config.flush.scoped_max_wait,
+                        received,
+                        reply: tx,
+                        _admission: admission.clone(),
+                    };
+                    let key = (who.clone(), pattern);
+                    self.route(scopers, key, who, cap, job, scoped::worker)
+                        .map_err(|_| {
+                            // Its own FLUSHDB would flush every application's keys: never in
+                            // its place.
+                            let why = "invalidation.max_identities is reached".to_owned();
+                            Outcome::NotApplied(Refusal::Unscoped(why))
+                        })
+                }
+            };
+            answers.push(routed.map(|()| rx));
+        }
+        let mut outcomes = Vec::with_capacity(answers.len());
+        for answer in answers {
+            outcomes.push(match answer {
+                Ok(rx) => rx.await.unwrap_or(Outcome::NotApplied(Refusal::WorkerGone)),
+                Err(outcome) => outcome,
+            });
+        }
+        outcomes
     }
 
     /// Sends `job` to the worker for `key` (acting as `who`), starting one if the identity
@@ -546,11 +642,18 @@ impl Engine {
     }
 }
 
-/// Takes queue slots for a request with `keys` keys, as `invalidation.on_full` says: wait for
-/// room (up to the request's deadline) or give up at once.
-async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admission, Refusal> {
+/// Takes queue slots for `requests` requests with `keys` keys in all, as
+/// `invalidation.on_full` says: wait for room (up to their deadline) or give up at once.
+async fn admit(
+    shared: &Shared,
+    requests: usize,
+    keys: usize,
+    deadline: Instant,
+) -> Result<Admission, Refusal> {
     let inv = &shared.config.invalidation;
     let wait = inv.on_full == OnFull::Wait;
+    // A group larger than the whole queue takes all of it rather than never fitting.
+    let slots = requests.clamp(1, inv.max_pending.max(1)) as u32;
     // A request larger than the whole key budget takes all of it rather than never fitting.
     let keys = keys.min(inv.max_pending_keys) as u32;
     // Some(permit) when taken (None for zero units); None when there is no room.
@@ -569,11 +672,13 @@ async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admiss
         }
     };
     let attempt = async {
-        let request = take(&shared.requests, 1).await.ok_or(Refusal::QueueFull {
-            what: "requests",
-            setting: "invalidation.max_pending",
-            limit: inv.max_pending,
-        })?;
+        let request = take(&shared.requests, slots)
+            .await
+            .ok_or(Refusal::QueueFull {
+                what: "requests",
+                setting: "invalidation.max_pending",
+                limit: inv.max_pending,
+            })?;
         let keys = take(&shared.pending_keys, keys)
             .await
             .ok_or(Refusal::QueueFull {
@@ -581,7 +686,7 @@ async fn admit(shared: &Shared, keys: usize, deadline: Instant) -> Result<Admiss
                 setting: "invalidation.max_pending_keys",
                 limit: inv.max_pending_keys,
             })?;
-        Ok(Admission::new(request, keys))
+        Ok(Admission::new(request, keys, requests))
     };
     let refusal = if wait {
         match tokio::time::timeout_at(deadline, attempt).await {

@@ -45,9 +45,8 @@ use super::access::{self, Access, Forms, PROBE_KEY};
 use super::executor::{Executor, NotSent};
 use super::flush::Spacing;
 use super::outcome::{Outcome, Refusal};
-use super::{
-    Live, Registry, ScopedJob, expire_before, next_job, prune, scopers, send_margin, take,
-};
+use super::shared_budget::{Units, take};
+use super::{Live, Registry, ScopedJob, expire_before, next_job, prune, scopers, send_margin};
 use crate::config::{DeleteCommand, FlushRule};
 use crate::upstream::Identity;
 
@@ -193,9 +192,11 @@ pub(super) async fn worker(
     while let Some(first) = next_job(&live, &registry, scopers, &key, &who, &mut rx).await {
         let shared = live.load_full();
         let settings = (shared.config.flush.min_interval, shared.config.flush.burst);
-        let spacing = match spacing.as_mut() {
-            Some(s) if s.settings == settings => s,
-            _ => spacing.insert(Spacing::new(settings)),
+        let fraction = shared.fraction();
+        let max_wait = shared.config.invalidation.max_wait;
+        let spacing = match spacing.take() {
+            Some(s) if s.holds(settings, fraction) => spacing.insert(s),
+            old => spacing.insert(Spacing::new(settings, fraction, max_wait, old.as_ref())),
         };
         if let Some(limiter) = &spacing.limiter {
             limiter.until_ready().await;
@@ -265,7 +266,7 @@ impl Scan<'_> {
         // Keys the last `SCAN` returned, not yet deleted (one `SCAN`'s worth at most).
         let mut found: Vec<Bytes> = Vec::new();
         let mut removed = 0u64;
-        let (mut paid_keys, mut paid_commands) = (0u64, 0u64);
+        let mut paid = Units::default();
         loop {
             let shared = live.load_full();
             let inv = &shared.config.invalidation;
@@ -365,30 +366,16 @@ impl Scan<'_> {
                 counted = true;
                 counter!("stormwall_scoped_flushes_executed_total").increment(1);
             }
+            let (keys_budget, commands_budget) = shared.budgets();
             let chunk = found
                 .len()
                 .min(inv.max_batch_keys)
-                .min(inv.keys_burst as usize);
-            if chunk > 0
-                && let Err(at) = take(
-                    &shared.keys,
-                    inv.keys_burst,
-                    inv.keys_per_second,
-                    chunk as u64,
-                    &mut paid_keys,
-                    deadline - margin,
-                )
-                .await
-            {
-                expire_before(&mut waiters, at + margin, || self.cut_short(max_wait));
-                continue;
-            }
+                .min(keys_budget.burst as usize);
             if let Err(at) = take(
-                &shared.commands,
-                inv.commands_burst,
-                inv.commands_per_second,
-                1,
-                &mut paid_commands,
+                &shared,
+                (&*keys_budget, &*commands_budget),
+                Units::new(chunk as u64, 1),
+                &mut paid,
                 deadline - margin,
             )
             .await
@@ -416,14 +403,13 @@ impl Scan<'_> {
                 Ok(Err(_lost)) => {
                     // Start over: what the lost command did is unknown, the result is not.
                     self.deleted_any |= chunk > 0;
-                    (cursor, done, paid_keys, paid_commands) =
-                        (Bytes::from_static(b"0"), false, 0, 0);
+                    (cursor, done, paid) = (Bytes::from_static(b"0"), false, Units::default());
                     found.clear();
                     continue;
                 }
                 Ok(Ok(mut replies)) => replies.pop(),
             };
-            (paid_keys, paid_commands) = (0, 0);
+            paid = Units::default();
             match reply {
                 Some(OwnedFrame::Integer(n)) if chunk > 0 => {
                     self.deleted_any = true;

@@ -70,11 +70,70 @@ pub(super) enum Next {
     Stop,
 }
 
+impl Next {
+    fn is_stop(&self) -> bool {
+        matches!(self, Next::Stop)
+    }
+}
+
 /// Commands framed so far in the current buffer and not yet queued.
 #[derive(Default)]
 struct Run {
     count: u32,
     blocking: bool,
+}
+
+/// Most requests in one group: a pipeline of thousands of deletes goes in several groups,
+/// so no client holds a large share of the queue at once.
+const MAX_GROUP: usize = 1000;
+
+/// Governed requests framed back to back and not yet handed to the engine: they go to it
+/// together, so a pipeline of deletes becomes one batch rather than one batch (and one round
+/// trip) per request. Any other command ends the group, and the group runs before it (G3).
+#[derive(Default)]
+struct Group {
+    requests: Vec<Request>,
+    /// Each request's bytes in the client's stream.
+    lens: Vec<usize>,
+    bytes: usize,
+    keys: usize,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// Whether `request` may go with the requests already here: the same kind (deletes, or
+    /// flushes of the same target, which go to one worker in order), and within the queue's
+    /// bounds (a group is admitted as a whole, so it must fit the queue on its own).
+    fn joins(&self, request: &Request, limits: &crate::config::InvalidationConfig) -> bool {
+        let Some(first) = self.requests.first() else {
+            return true;
+        };
+        let same = match (first, request) {
+            (Request::Delete { .. }, Request::Delete { .. }) => true,
+            (Request::Flush { all: a, .. }, Request::Flush { all: b, .. }) => a == b,
+            _ => false,
+        };
+        same && self.requests.len() < MAX_GROUP.min(limits.max_pending)
+            && self.keys + request.keys() <= limits.max_pending_keys
+    }
+
+    fn push(&mut self, len: usize, request: Request) {
+        self.bytes += len;
+        self.keys += request.keys();
+        self.lens.push(len);
+        self.requests.push(request);
+    }
+
+    /// Adds bytes Redis ignores (an empty line) to the last request's, if there is one.
+    fn pad(&mut self, len: usize) {
+        if let Some(last) = self.lens.last_mut() {
+            *last += len;
+            self.bytes += len;
+        }
+    }
 }
 
 impl RequestSide<'_> {
@@ -176,10 +235,23 @@ impl RequestSide<'_> {
         }
         self.parser
             .set_unauthenticated(self.links.unauthenticated());
+        // Governed requests framed right after one another, at `buf[scanned..][..group.bytes]`.
+        let mut group = Group::default();
         loop {
-            let parsed = match self.parser.parse(&buf[scanned..]) {
+            let parsed = match self.parser.parse(&buf[scanned + group.bytes..]) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
+                // Whatever else comes, the governed requests before it run first (G3).
+                Err(e) if !group.is_empty() => {
+                    // The parser forgets the bad request; after the group it is framed again.
+                    self.parser.reset();
+                    let flush = self.invalidate(upstream, buf, &mut scanned, &mut run, &mut group);
+                    if Box::pin(flush).await.is_stop() {
+                        return Next::Stop;
+                    }
+                    drop(e);
+                    continue;
+                }
                 Err(e)
                     if e.text().starts_with("unauthenticated")
                         && !self.links.queue.is_drained() =>
@@ -204,16 +276,56 @@ impl RequestSide<'_> {
                 }
             };
             let cmd = match &parsed {
-                Parsed::Empty { .. } => {
-                    scanned += parsed.len();
+                Parsed::Empty { len } => {
+                    // Redis skips it: it may as well travel with the governed request before it.
+                    group.pad(*len);
+                    if group.is_empty() {
+                        scanned += len;
+                    }
                     continue;
                 }
-                Parsed::Multibulk { .. } => self.parser.command(&buf[scanned..]),
+                Parsed::Multibulk { .. } => self.parser.command(&buf[scanned + group.bytes..]),
                 Parsed::Inline { args, .. } => Command::Inline { args },
             };
             let kind = policy::classify(&cmd);
             let len = parsed.len();
-            if let Some(denial) = self.denial(kind) {
+            let denial = self.denial(kind);
+            let governed = match kind {
+                // Whether Redis would queue it in a transaction is not known yet: decided below.
+                _ if self.maybe_multi || denial.is_some() || !self.governs() => None,
+                Kind::Flush { all, sync } => Some(Request::Flush { all, sync }),
+                Kind::Delete => Some(Request::Delete {
+                    unlink: cmd
+                        .arg(0)
+                        .is_some_and(|n| n.eq_ignore_ascii_case(b"UNLINK")),
+                    keys: (1..cmd.argc())
+                        .filter_map(|i| cmd.arg(i))
+                        .map(Bytes::copy_from_slice)
+                        .collect(),
+                }),
+                _ => None,
+            };
+            if let Some(request) = governed {
+                if !group.joins(&request, &self.links.config.invalidation) {
+                    let flush = self.invalidate(upstream, buf, &mut scanned, &mut run, &mut group);
+                    if Box::pin(flush).await.is_stop() {
+                        return Next::Stop;
+                    }
+                }
+                group.push(len, request);
+                continue;
+            }
+            if !group.is_empty() {
+                let flush = self.invalidate(upstream, buf, &mut scanned, &mut run, &mut group);
+                if Box::pin(flush).await.is_stop() {
+                    return Next::Stop;
+                }
+            }
+            let cmd = match &parsed {
+                Parsed::Inline { args, .. } => Command::Inline { args },
+                _ => self.parser.command(&buf[scanned..]),
+            };
+            if let Some(denial) = denial {
                 drop(parsed);
                 let next =
                     Box::pin(self.substitute(upstream, buf, &mut scanned, &mut run, len, denial))
@@ -348,21 +460,6 @@ impl RequestSide<'_> {
                 Kind::Plain => own_name(&cmd),
                 _ => None,
             };
-            let governed = match kind {
-                Kind::Delete | Kind::Flush { .. } if self.governs() => Some(match kind {
-                    Kind::Flush { all, sync } => Request::Flush { all, sync },
-                    _ => Request::Delete {
-                        unlink: cmd
-                            .arg(0)
-                            .is_some_and(|n| n.eq_ignore_ascii_case(b"UNLINK")),
-                        keys: (1..cmd.argc())
-                            .filter_map(|i| cmd.arg(i))
-                            .map(Bytes::copy_from_slice)
-                            .collect(),
-                    },
-                }),
-                _ => None,
-            };
             // An inline line over 64 KiB that Redis accepted from the client (its reads ended
             // late enough) might be refused by the Redis behind, which reads this connection
             // in other pieces: such a command goes on as multibulk, which Redis runs the same.
@@ -370,14 +467,6 @@ impl RequestSide<'_> {
                 Parsed::Inline { len, args } if len > LONG_INLINE => Some(args),
                 _ => None,
             };
-            if let Some(request) = governed {
-                match Box::pin(self.invalidate(upstream, buf, &mut scanned, &mut run, len, request))
-                    .await
-                {
-                    Next::Read => continue,
-                    Next::Stop => return Next::Stop,
-                }
-            }
             scanned += len;
             if effect.is_some() {
                 // Its reply must be inspected on its own: queue it as a separate entry.
@@ -428,6 +517,12 @@ impl RequestSide<'_> {
                 }
             }
         }
+        if !group.is_empty() {
+            let flush = self.invalidate(upstream, buf, &mut scanned, &mut run, &mut group);
+            if Box::pin(flush).await.is_stop() {
+                return Next::Stop;
+            }
+        }
         self.enqueue_run(&mut run).await;
         self.forward(upstream, buf, scanned).await
     }
@@ -467,41 +562,45 @@ impl RequestSide<'_> {
         self.send(upstream, &out).await
     }
 
-    /// Runs one governed invalidation at `buf[*scanned..][..len]`: everything before it goes
-    /// out first and must have been answered before it runs; everything after it waits until
-    /// it has been applied (G3).
+    /// Runs the governed requests of `group`, at `buf[*scanned..]`, and empties it:
+    /// everything before them goes out first and must have been answered before they run;
+    /// everything after them waits until they have been applied (G3).
     async fn invalidate(
         &mut self,
         upstream: &mut Upstream,
         buf: &mut BytesMut,
         scanned: &mut usize,
         run: &mut Run,
-        len: usize,
-        request: Request,
+        group: &mut Group,
     ) -> Next {
-        let passthrough = |scanned: &mut usize, run: &mut Run| {
+        let Group { requests, lens, .. } = std::mem::take(group);
+        // Each passes on the client's own connection, in its place.
+        let pass = |len: usize, scanned: &mut usize, run: &mut Run| {
             *scanned += len;
             run.count += 1;
+        };
+        let passthrough = |scanned: &mut usize, run: &mut Run| {
+            lens.iter().for_each(|&len| pass(len, scanned, run));
             Next::Read
         };
         match Box::pin(self.settle(upstream, buf, scanned, run)).await {
             Settled::Yes => {}
             Settled::Stop => return Next::Stop,
             Settled::NotYet => {
-                if let Err(reply) = self.scope(&request, Some("earlier replies are unread")) {
-                    return self.refuse(buf, len, reply).await;
+                if let Err(reply) = self.scope(&requests, Some("earlier replies are unread")) {
+                    return self.refuse(buf, &lens, reply).await;
                 }
                 // The client is not reading what it was already sent; waiting could deadlock
-                // with it, so this one goes to Redis on the client's own connection, which
-                // orders it exactly. Correct, just not coalesced.
+                // with it, so these go to Redis on the client's own connection, which
+                // orders them exactly. Correct, just not coalesced.
                 debug!("earlier replies still unread; invalidation goes to Redis directly");
                 return passthrough(scanned, run);
             }
         }
         if !self.links.state().may_delegate() {
             let why = "client tracking is on, or the connection's identity is not known";
-            if let Err(reply) = self.scope(&request, Some(why)) {
-                return self.refuse(buf, len, reply).await;
+            if let Err(reply) = self.scope(&requests, Some(why)) {
+                return self.refuse(buf, &lens, reply).await;
             }
             // Queued by Redis in the transaction, run as a client stormwall cannot
             // impersonate, or by a tracking client: Redis must see it on this connection.
@@ -520,29 +619,35 @@ impl RequestSide<'_> {
             state.auth_proven.then(|| state.identity.clone())
         };
         let Some(who) = who else {
-            // Redis would refuse the client: its own command gets Redis's own refusal.
+            // Redis would refuse the client: its own commands get Redis's own refusal.
             return passthrough(scanned, run);
         };
-        let request = match self.scope(&request, None) {
-            Ok(Some(pattern)) => match request {
-                Request::Flush { sync, .. } => Request::ScopedFlush { pattern, sync },
-                other => other,
-            },
-            Ok(None) => request,
-            Err(reply) => return self.refuse(buf, len, reply).await,
+        let requests = match self.scope(&requests, None) {
+            Ok(Some(pattern)) => requests
+                .into_iter()
+                .map(|request| match request {
+                    Request::Flush { sync, .. } => Request::ScopedFlush {
+                        pattern: pattern.clone(),
+                        sync,
+                    },
+                    other => other,
+                })
+                .collect(),
+            Ok(None) => requests,
+            Err(reply) => return self.refuse(buf, &lens, reply).await,
         };
         let links = self.links;
         // A shared client has no connection of its own whose loss would end the session if
-        // Redis restarts while the request waits in the shield; the shared one tells.
+        // Redis restarts while the requests wait in the shield; the shared one tells.
         let lost = async {
             match upstream {
                 Upstream::Shared(link) => link.lost(&links.ctx.pools, &links.config.upstream).await,
                 Upstream::Socket(_) => std::future::pending().await,
             }
         };
-        let verdict = tokio::select! {
-            verdict = links.ctx.engine.execute(&who, request) => verdict,
-            // The client or Redis is gone; dropping the request withdraws it if not yet sent.
+        let verdicts = tokio::select! {
+            verdicts = links.ctx.engine.execute_all(&who, requests) => verdicts,
+            // The client or Redis is gone; dropping the requests withdraws those not yet sent.
             _ = links.dead.cancelled() => return Next::Stop,
             _ = lost => {
                 links.dead.cancel();
@@ -550,25 +655,40 @@ impl RequestSide<'_> {
             }
         };
         self.read_at = Instant::now();
-        match verdict {
-            Verdict::Reply(reply) => {
-                buf.advance(len);
-                self.enqueue(Entry::Local(reply)).await;
-                Next::Read
+        for (verdict, len) in verdicts.into_iter().zip(lens) {
+            match verdict {
+                Verdict::Reply(reply) => {
+                    // Requests of the group passed through before this one go first.
+                    if *scanned > 0 {
+                        self.enqueue_run(run).await;
+                        if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+                            return Next::Stop;
+                        }
+                        *scanned = 0;
+                    }
+                    buf.advance(len);
+                    self.enqueue(Entry::Local(reply)).await;
+                }
+                Verdict::PassThrough => pass(len, scanned, run),
+                // Its fate is unknown: the client sees its connection close, as with Redis.
+                Verdict::Unknown => return Next::Stop,
             }
-            Verdict::PassThrough => passthrough(scanned, run),
-            // Its fate is unknown: the client sees its connection close, as with Redis.
-            Verdict::Unknown => Next::Stop,
         }
+        Next::Read
     }
 
-    /// What `flush.rules` make of `request` for this client (the live rules: a reload applies
-    /// to connected clients at once): `Some(pattern)` for a `FLUSHDB` a rule scopes, `None`
-    /// for anything else. `Err` with the refusal when a rule matches (or may: the name or
-    /// identity it depends on is not known) and the flush cannot run scoped (`unscopable`
-    /// says why): the client's whole `FLUSHDB` never runs in its place.
-    fn scope(&self, request: &Request, unscopable: Option<&str>) -> Result<Option<Bytes>, Bytes> {
-        if !matches!(request, Request::Flush { all: false, .. }) {
+    /// What `flush.rules` make of a group of governed `requests` (all of one kind) for this
+    /// client (the live rules: a reload applies to connected clients at once):
+    /// `Some(pattern)` for `FLUSHDB`s a rule scopes, `None` for anything else. `Err` with the
+    /// refusal when a rule matches (or may: the name or identity it depends on is not known)
+    /// and the flush cannot run scoped (`unscopable` says why): the client's whole `FLUSHDB`
+    /// never runs in its place.
+    fn scope(
+        &self,
+        requests: &[Request],
+        unscopable: Option<&str>,
+    ) -> Result<Option<Bytes>, Bytes> {
+        if !matches!(requests.first(), Some(Request::Flush { all: false, .. })) {
             return Ok(None);
         }
         let config = self.links.ctx.config.load();
@@ -595,11 +715,13 @@ impl RequestSide<'_> {
         }
     }
 
-    /// Answers the governed request at `buf[..len]` with `reply` in its place (everything
-    /// before it was settled).
-    async fn refuse(&mut self, buf: &mut BytesMut, len: usize, reply: Bytes) -> Next {
-        buf.advance(len);
-        self.enqueue(Entry::Local(reply)).await;
+    /// Answers each governed request of a group (their `lens`, from the start of `buf`:
+    /// everything before them was settled) with `reply` in its place.
+    async fn refuse(&mut self, buf: &mut BytesMut, lens: &[usize], reply: Bytes) -> Next {
+        for &len in lens {
+            buf.advance(len);
+            self.enqueue(Entry::Local(reply.clone())).await;
+        }
         Next::Read
     }
 
