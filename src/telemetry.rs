@@ -79,6 +79,12 @@ fn zero_series() {
     for mode in ["shared", "private", "spare"] {
         gauge!("stormwall_upstream_connections", "mode" => mode).set(0.0);
     }
+    for command in crate::invalidation::OBSERVED_COMMANDS {
+        for would in crate::invalidation::OBSERVED_WOULD {
+            counter!("stormwall_invalidation_observed_total", "command" => command, "would" => would)
+                .absolute(0);
+        }
+    }
     for reason in crate::invalidation::PASSTHROUGH_REASONS {
         counter!("stormwall_invalidation_passthrough_total", "reason" => reason).absolute(0);
     }
@@ -91,6 +97,7 @@ fn zero_series() {
         "stormwall_invalidation_retries_total",
         "stormwall_invalidation_unknown_total",
         "stormwall_invalidation_abandoned_total",
+        "stormwall_invalidation_observed_coalesced_keys_total",
     ] {
         counter!(name).absolute(0);
     }
@@ -254,6 +261,14 @@ fn describe() {
         "stormwall_invalidation_passthrough_total",
         "Governed requests handed back to run on the client's own connection, by reason."
     );
+    describe_counter!(
+        "stormwall_invalidation_observed_total",
+        "Observe mode: governed requests passed through untouched, by command and by what enforcement would have done with them (execute, batch, delay, coalesce, refuse, deny, pass)."
+    );
+    describe_counter!(
+        "stormwall_invalidation_observed_coalesced_keys_total",
+        "Observe mode: keys enforcement would not have sent because an earlier request in the same would-be batch named them."
+    );
     describe_gauge!(
         "stormwall_invalidation_identities",
         "Identities (user, password, database) with a live shield worker."
@@ -352,6 +367,7 @@ mod tests {
             include_str!("invalidation/executor.rs"),
             include_str!("invalidation/outcome.rs"),
             include_str!("invalidation/access.rs"),
+            include_str!("invalidation/observe.rs"),
             include_str!("reload.rs"),
         ]
         .into_iter()
