@@ -856,3 +856,191 @@ fn summary(window: &Window, now: Instant) -> Option<String> {
         n(Would::Pass),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Params {
+        Params {
+            rtt: Duration::from_millis(1),
+            patience: Duration::from_millis(4900),
+            max_pending: 10_000,
+            max_pending_keys: 1_000_000,
+            reject: false,
+            batch_keys: 1000,
+            keys: Rate {
+                per_second: 100_000.0,
+                burst: 10_000.0,
+            },
+            commands: Rate {
+                per_second: 2000.0,
+                burst: 200.0,
+            },
+            spacing: Some(Rate {
+                per_second: 1.0,
+                burst: 3.0,
+            }),
+            unlink: true,
+            max_identities: 64,
+            idle: Duration::from_secs(60),
+        }
+    }
+
+    fn who(db: i64) -> Identity {
+        Identity {
+            db,
+            ..Identity::default()
+        }
+    }
+
+    /// Feeds a delete of `keys` (as hashes) at `t`.
+    fn del(m: &mut Model, p: &Params, t: Instant, keys: &[u64], follows: bool) -> (Would, usize) {
+        m.scratch = keys.to_vec();
+        let unlink = Observed::Delete { unlink: true };
+        m.feed(t, p, &who(0), unlink, keys.len(), follows)
+    }
+
+    fn flush(m: &mut Model, p: &Params, t: Instant, all: bool) -> Would {
+        m.scratch.clear();
+        m.feed(t, p, &who(0), Observed::Flush { all }, 0, false).0
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_storm_of_identical_deletes_batches_and_coalesces() {
+        let p = params();
+        let t = Instant::now();
+        let mut m = Model::new(t);
+        // Alone on an idle worker: at once.
+        assert_eq!(del(&mut m, &p, t, &[1, 2], false), (Would::Execute, 0));
+        // While it is in flight (1 ms): the next batch. The first of it sends its keys; the
+        // rest name the same keys and send nothing of their own.
+        assert_eq!(del(&mut m, &p, t + ms(0), &[1, 2], false).0, Would::Batch);
+        for _ in 0..10 {
+            assert_eq!(del(&mut m, &p, t, &[1, 2], false), (Would::Coalesce, 2));
+        }
+        // Partly new keys: batched, one key coalesced.
+        assert_eq!(del(&mut m, &p, t, &[2, 3], false), (Would::Batch, 1));
+        // Long after: idle again.
+        assert_eq!(del(&mut m, &p, t + ms(100), &[1], false), (Would::Execute, 0));
+        m.sweep(t + ms(200), &p);
+        assert_eq!(m.totals, Load::default(), "everything left the queue");
+    }
+
+    #[test]
+    fn a_pipeline_joins_its_first_requests_batch() {
+        let p = params();
+        let t = Instant::now();
+        let mut m = Model::new(t);
+        assert_eq!(del(&mut m, &p, t, &[1], false).0, Would::Execute);
+        // Framed in the same read, later by the clock: still the same batch.
+        assert_eq!(del(&mut m, &p, t + ms(5), &[2], true).0, Would::Execute);
+        assert_eq!(del(&mut m, &p, t + ms(5), &[1], true), (Would::Coalesce, 1));
+        // Another client's request then finds that batch under way.
+        assert_eq!(del(&mut m, &p, t + ms(5), &[9], false).0, Would::Batch);
+    }
+
+    #[test]
+    fn over_budget_requests_are_delayed_then_refused() {
+        let mut p = params();
+        p.keys = Rate {
+            per_second: 10.0,
+            burst: 10.0,
+        };
+        p.patience = ms(1500);
+        let t = Instant::now();
+        let mut m = Model::new(t);
+        // The burst goes at once.
+        assert_eq!(del(&mut m, &p, t, &(0..10).collect::<Vec<_>>(), false).0, Would::Execute);
+        // The next 10 keys need a second of budget: delayed, within max_wait.
+        let ten: Vec<u64> = (10..20).collect();
+        assert_eq!(del(&mut m, &p, t + ms(10), &ten, false).0, Would::Delay);
+        // Coalesced into that delayed batch: it sends nothing of its own.
+        assert_eq!(del(&mut m, &p, t + ms(10), &ten, false).0, Would::Coalesce);
+        // 10 more keys would need another second (2 s in all): past max_wait, refused.
+        let more: Vec<u64> = (20..30).collect();
+        assert_eq!(del(&mut m, &p, t + ms(10), &more, false), (Would::Refuse, 0));
+        // A refusal spent nothing: one more key still fits within max_wait, delayed.
+        assert_eq!(del(&mut m, &p, t + ms(10), &[30], false).0, Would::Delay);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_under_reject_and_delays_under_wait() {
+        let mut p = params();
+        p.max_pending = 3;
+        p.reject = true;
+        let t = Instant::now();
+        let mut m = Model::new(t);
+        for k in 0..3 {
+            assert_ne!(del(&mut m, &p, t, &[k], false).0, Would::Refuse);
+        }
+        assert_eq!(del(&mut m, &p, t, &[7], false).0, Would::Refuse);
+        p.reject = false;
+        assert_eq!(del(&mut m, &p, t, &[8], false).0, Would::Delay);
+        // Once the batches are done there is room again.
+        p.reject = true;
+        assert_eq!(del(&mut m, &p, t + ms(50), &[9], false).0, Would::Execute);
+    }
+
+    #[test]
+    fn flushes_coalesce_and_are_spaced_after_the_burst() {
+        let p = params();
+        let t = Instant::now();
+        let mut m = Model::new(t);
+        // A wave of 50: the first goes at once, the second waits for it, the rest ride along.
+        assert_eq!(flush(&mut m, &p, t, false), Would::Execute);
+        assert_eq!(flush(&mut m, &p, t, false), Would::Batch);
+        for _ in 0..48 {
+            assert_eq!(flush(&mut m, &p, t, false), Would::Coalesce);
+        }
+        // FLUSHALL is another target.
+        assert_eq!(flush(&mut m, &p, t, true), Would::Execute);
+        // A third flush of the target uses the last of the burst; a fourth waits for spacing.
+        assert_eq!(flush(&mut m, &p, t + ms(100), false), Would::Execute);
+        assert_eq!(flush(&mut m, &p, t + ms(200), false), Would::Delay);
+        assert_eq!(flush(&mut m, &p, t + ms(200), false), Would::Coalesce);
+    }
+
+    #[test]
+    fn identities_beyond_the_cap_pass_through() {
+        let mut p = params();
+        p.max_identities = 2;
+        let t = Instant::now();
+        let mut m = Model::new(t);
+        let unlink = Observed::Delete { unlink: true };
+        for db in 0..2 {
+            m.scratch = vec![1];
+            assert_eq!(m.feed(t, &p, &who(db), unlink, 1, false).0, Would::Execute);
+        }
+        m.scratch = vec![1];
+        assert_eq!(m.feed(t, &p, &who(5), unlink, 1, false).0, Would::Pass);
+        // After identity_idle_timeout, room again.
+        m.scratch = vec![1];
+        let later = t + p.idle + ms(1);
+        assert_eq!(m.feed(later, &p, &who(5), unlink, 1, false).0, Would::Execute);
+        assert!(m.entries.len() <= 2);
+    }
+
+    #[test]
+    fn the_summary_says_what_enforcement_would_have_done() {
+        let t = Instant::now();
+        let mut w = Window {
+            since: t,
+            counts: [0; WOULD.len()],
+            coalesced_keys: 0,
+        };
+        w.counts[Would::Execute as usize] = 5;
+        assert_eq!(summary(&w, t + REPORT_EVERY), None, "nothing to say");
+        w.counts[Would::Coalesce as usize] = 7;
+        w.counts[Would::Refuse as usize] = 2;
+        w.coalesced_keys = 70;
+        let line = summary(&w, t + REPORT_EVERY).unwrap();
+        assert!(line.contains("in the last 10 s, 14 governed requests"), "{line}");
+        assert!(line.contains("coalesced 7 (and 70 keys"), "{line}");
+        assert!(line.contains("refused 2"), "{line}");
+    }
+}
