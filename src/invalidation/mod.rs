@@ -54,9 +54,9 @@ use crate::config::{Config, InvalidationMode, OnFull};
 use crate::upstream::Identity;
 use adaptive::Controller;
 use budget::{Budget, Scaled};
-use outcome::{Outcome, PassReason, Refusal};
 pub use observe::Observed;
 pub(crate) use observe::{COMMANDS as OBSERVED_COMMANDS, WOULD as OBSERVED_WOULD};
+use outcome::{Outcome, PassReason, Refusal};
 pub(crate) use outcome::{PASSTHROUGH_REASONS, REJECTED_REASONS};
 
 /// A governed request as the session parsed it.

@@ -391,10 +391,7 @@ impl Deletes {
         if opens {
             budgets.commands.set(now, cmd_level);
         }
-        let load = Load {
-            requests: 1,
-            keys,
-        };
+        let load = Load { requests: 1, keys };
         totals.add(load);
         let q = self.queued.get_or_insert(Queued {
             ready_at,
@@ -926,7 +923,10 @@ mod tests {
         // Partly new keys: batched, one key coalesced.
         assert_eq!(del(&mut m, &p, t, &[2, 3], false), (Would::Batch, 1));
         // Long after: idle again.
-        assert_eq!(del(&mut m, &p, t + ms(100), &[1], false), (Would::Execute, 0));
+        assert_eq!(
+            del(&mut m, &p, t + ms(100), &[1], false),
+            (Would::Execute, 0)
+        );
         m.sweep(t + ms(200), &p);
         assert_eq!(m.totals, Load::default(), "everything left the queue");
     }
@@ -955,7 +955,10 @@ mod tests {
         let t = Instant::now();
         let mut m = Model::new(t);
         // The burst goes at once.
-        assert_eq!(del(&mut m, &p, t, &(0..10).collect::<Vec<_>>(), false).0, Would::Execute);
+        assert_eq!(
+            del(&mut m, &p, t, &(0..10).collect::<Vec<_>>(), false).0,
+            Would::Execute
+        );
         // The next 10 keys need a second of budget: delayed, within max_wait.
         let ten: Vec<u64> = (10..20).collect();
         assert_eq!(del(&mut m, &p, t + ms(10), &ten, false).0, Would::Delay);
@@ -963,7 +966,10 @@ mod tests {
         assert_eq!(del(&mut m, &p, t + ms(10), &ten, false).0, Would::Coalesce);
         // 10 more keys would need another second (2 s in all): past max_wait, refused.
         let more: Vec<u64> = (20..30).collect();
-        assert_eq!(del(&mut m, &p, t + ms(10), &more, false), (Would::Refuse, 0));
+        assert_eq!(
+            del(&mut m, &p, t + ms(10), &more, false),
+            (Would::Refuse, 0)
+        );
         // A refusal spent nothing: one more key still fits within max_wait, delayed.
         assert_eq!(del(&mut m, &p, t + ms(10), &[30], false).0, Would::Delay);
     }
@@ -1021,7 +1027,10 @@ mod tests {
         // After identity_idle_timeout, room again.
         m.scratch = vec![1];
         let later = t + p.idle + ms(1);
-        assert_eq!(m.feed(later, &p, &who(5), unlink, 1, false).0, Would::Execute);
+        assert_eq!(
+            m.feed(later, &p, &who(5), unlink, 1, false).0,
+            Would::Execute
+        );
         assert!(m.entries.len() <= 2);
     }
 
@@ -1039,7 +1048,10 @@ mod tests {
         w.counts[Would::Refuse as usize] = 2;
         w.coalesced_keys = 70;
         let line = summary(&w, t + REPORT_EVERY).unwrap();
-        assert!(line.contains("in the last 10 s, 14 governed requests"), "{line}");
+        assert!(
+            line.contains("in the last 10 s, 14 governed requests"),
+            "{line}"
+        );
         assert!(line.contains("coalesced 7 (and 70 keys"), "{line}");
         assert!(line.contains("refused 2"), "{line}");
     }

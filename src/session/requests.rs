@@ -714,8 +714,7 @@ impl RequestSide<'_> {
         let who = {
             let state = links.state();
             // A `MULTI` not yet answered: once every reply is in, the state says.
-            let transaction =
-                state.in_multi || (self.maybe_multi && !links.queue.is_drained());
+            let transaction = state.in_multi || (self.maybe_multi && !links.queue.is_drained());
             let governed = !transaction && state.may_delegate() && !links.unauthenticated();
             governed.then(|| state.identity.clone())
         };
