@@ -8,12 +8,28 @@
 //! TrueType font named by `STORMWALL_BENCH_FONT`).
 //! `STORMWALL_BENCH_QUICK=1`: a short smoke run on a smaller keyspace (its report goes to a
 //! temp folder, named at the end; `results/` is left alone).
-//! `STORMWALL_BENCH_ONLY=flush,del,curve,direct,stormwall` (any subset): run only those parts;
-//! the report then goes to stdout and a temp folder, and `results/` is left alone.
+//! `STORMWALL_BENCH_ONLY=flush,del,curve,direct,async,stormwall` (any subset): run only those
+//! parts (`async`: the FLUSHDB storm sent straight to Redis as `FLUSHDB ASYNC`); the report
+//! then goes to stdout and a temp folder, and `results/` is left alone.
+//! `STORMWALL_BENCH_UPSTREAM_MODE=shared|dedicated`: stormwall's `upstream.mode` in every
+//! stormwall run (unset: its default, shared).
+//! Variants of the workload, for investigating (each named in the report's command line):
+//! `STORMWALL_BENCH_SAME_CONN=1` (a reader re-populates a miss on its own connection, between
+//! its `GET`s), `STORMWALL_BENCH_CLOSED_LOOP=1` (a reader waits for each reply, and for its
+//! miss's `SET`, before the next `GET`: a synchronous app; latency still from the schedule),
+//! `STORMWALL_BENCH_LATE_CONNECT=1` (storm clients connect at their first request, in the
+//! storm), `STORMWALL_BENCH_HOT_KEYS=N` (reads over `N` keys instead of 10,000),
+//! `STORMWALL_BENCH_BIN=path` (another stormwall binary, e.g. an older build).
+//!
+//! Output: besides the whole-phase figures, the read p50 / p99 / max **of every second** of
+//! each path (the report's per-second tables; a transient of a few seconds hides in a
+//! storm-window p99), and on stderr, per second, the cores used by Redis's main thread, its
+//! background threads, stormwall and the bench, the run-queue wait of Redis's main thread and
+//! of stormwall (how much other work on the machine delayed them), and stormwall's counters.
 //!
 //! Every run:
 //! - starts a fresh `redis-server` (`--enable-debug-command local`), preloads it with
-//!   `DEBUG POPULATE` (1M string keys `key:N`) and 8 hashes `hash:0..7` of 200k fields each
+//!   `DEBUG POPULATE` (1M string keys `key:N` of 100 B) and 8 hashes `hash:0..7` of 200k fields each
 //!   (pipelined `HSET` batches of 1,000 fields), then `CONFIG RESETSTAT`;
 //! - for the stormwall path, starts a fresh stormwall in front of it (no config file for the
 //!   main runs; a file with only `[flush] min_interval` for the tuning curve; its own admin
@@ -28,7 +44,9 @@
 //!   - FLUSHDB storm: together ~20 "account updates"/s; each writes a marker key of its
 //!     connection, issues `FLUSHDB` (as django-redis `cache.clear()` does), checks the marker
 //!     is gone (on a separate connection straight to Redis, then on its own connection), then
-//!     re-populates 3 keys;
+//!     re-populates 5 keys; run three ways: straight to Redis, straight to Redis as
+//!     `FLUSHDB ASYNC` (what stormwall sends by default, so the fair comparison of read
+//!     latency), and through stormwall;
 //!   - DEL storm: together ~100 `DEL`/s, each of one of 30 groups of 10 keys out of the same
 //!     300 keys (292 hot string keys, and the 8 big hashes in two groups of 4); before each
 //!     `DEL` the client writes a unique marker value into the group's first string key and
@@ -39,8 +57,8 @@
 //!   - each storm connection follows a fixed schedule and waits for each acknowledgement;
 //!     when one comes back after its next slot, the next request goes out at once (the
 //!     achieved rate is reported);
-//! - CPU used during the storm window is read from `/proc` for Redis's main thread, its
-//!   background threads, stormwall and this process.
+//! - CPU used (and run-queue wait) during the storm window, and in each second, is read from
+//!   `/proc` for Redis's main thread, its background threads, stormwall and this process.
 
 mod common;
 
@@ -60,6 +78,8 @@ use common::{
 
 /// Reads go to `key:0` .. `key:{HOT_KEYS - 1}`: the active accounts.
 const HOT_KEYS: u64 = 10_000;
+/// Bytes in each string value (preloaded and re-populated).
+const VALUE_SIZE: usize = 100;
 const BIG_HASHES: usize = 8;
 const HASH_BATCH: u64 = 1_000;
 const READ_CONNS: usize = 8;
@@ -70,7 +90,7 @@ const DEL_RATE: f64 = 100.0;
 const DEL_GROUPS: usize = 30;
 const GROUP_SIZE: usize = 10;
 /// Keys an account update re-populates after its flush.
-const REPOPULATE: usize = 3;
+const REPOPULATE: usize = 5;
 const REBUILD_GAP: Duration = Duration::from_millis(250);
 /// The tuning curve: `flush.min_interval` values (seconds, as written in the config file).
 const CURVE: [(f64, &str); 5] = [
@@ -79,6 +99,15 @@ const CURVE: [(f64, &str); 5] = [
     (1.0, "1s"),
     (2.0, "2s"),
     (5.0, "5s"),
+];
+/// stormwall's counters shown per second of the timeline.
+const SECOND_COUNTERS: &[&str] = &[
+    "stormwall_commands_total",
+    "stormwall_flushes_requested_total",
+    "stormwall_flushes_executed_total",
+    "stormwall_upstream_connects_total",
+    "stormwall_client_connections_total",
+    "stormwall_pins_total",
 ];
 /// Width of a time bucket in the latency-over-time plot.
 const BUCKET_SECS: f64 = 0.25;
@@ -107,6 +136,8 @@ impl Timeline {
 
 struct Settings {
     quick: bool,
+    /// `STORMWALL_BENCH_UPSTREAM_MODE`: stormwall's `upstream.mode` (unset: its default).
+    upstream_mode: Option<String>,
     keys: u64,
     fields: u64,
     main: Timeline,
@@ -117,9 +148,19 @@ impl Settings {
     fn from_env() -> Settings {
         let quick = env_flag("STORMWALL_BENCH_QUICK");
         let s = Duration::from_secs;
+        let upstream_mode = std::env::var("STORMWALL_BENCH_UPSTREAM_MODE")
+            .ok()
+            .filter(|m| !m.is_empty());
+        if let Some(m) = &upstream_mode {
+            assert!(
+                m == "shared" || m == "dedicated",
+                "STORMWALL_BENCH_UPSTREAM_MODE must be shared or dedicated"
+            );
+        }
         if quick {
             Settings {
                 quick,
+                upstream_mode,
                 keys: 100_000,
                 fields: 20_000,
                 main: Timeline {
@@ -136,6 +177,7 @@ impl Settings {
         } else {
             Settings {
                 quick,
+                upstream_mode,
                 keys: 1_000_000,
                 fields: 200_000,
                 main: Timeline {
@@ -167,7 +209,10 @@ fn stormwall(redis: u16, config: Option<&Path>, dir: &Path) -> Stormwall {
     let port = free_port();
     let admin = free_port();
     let log = dir.join("stormwall.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stormwall"));
+    // `STORMWALL_BENCH_BIN`: another stormwall binary (an older build, for comparison).
+    let bin = std::env::var("STORMWALL_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_stormwall").to_owned());
+    let mut cmd = Command::new(bin);
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
@@ -261,10 +306,38 @@ struct CpuUse {
     bench: f64,
 }
 
+/// Seconds the threads of `pid` (only the thread `pid` itself if `main_only`) spent runnable
+/// but waiting for a CPU (`/proc/…/schedstat`): how much the machine's other work delayed it.
+fn run_queue_wait(pid: u32, main_only: bool) -> f64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|e| !main_only || e.file_name().to_string_lossy() == pid.to_string())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|t| t.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
+}
+
+/// CPU seconds (user + system) of process `pid`, its ended threads included.
+fn process_cpu(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn cpu_sample(redis: u32, sw: Option<u32>) -> (BTreeMap<u32, f64>, f64, f64) {
     let r = thread_cpu(redis);
-    let s = sw.map_or(0.0, |p| thread_cpu(p).values().sum());
-    let b = thread_cpu(std::process::id()).values().sum();
+    let s = sw.map_or(0.0, process_cpu);
+    // The bench's threads end as the run ends: the process's total keeps their time.
+    let b = process_cpu(std::process::id());
     (r, s, b)
 }
 
@@ -318,6 +391,14 @@ fn sleep_until(t: Instant) {
     }
 }
 
+/// The value of `key:{n}`, as `DEBUG POPULATE … key VALUE_SIZE` writes it: `value:{n}`
+/// padded with zero bytes to `VALUE_SIZE`.
+fn value(n: u64) -> Vec<u8> {
+    let mut v = format!("value:{n}").into_bytes();
+    v.resize(VALUE_SIZE.max(v.len()), 0);
+    v
+}
+
 /// The pipelined `HSET` batches that build big hash `h`.
 fn hash_pipeline(h: usize, fields: u64) -> redis::Pipeline {
     let mut p = redis::pipe();
@@ -340,6 +421,8 @@ fn preload(redis: u16, s: &Settings, hashes: &[redis::Pipeline]) {
     let _: () = redis::cmd("DEBUG")
         .arg("POPULATE")
         .arg(s.keys)
+        .arg("key")
+        .arg(VALUE_SIZE)
         .query(&mut c)
         .expect("DEBUG POPULATE failed");
     for p in hashes {
@@ -392,6 +475,16 @@ struct Ctx {
     tl: Timeline,
     fields: u64,
     nonce: u64,
+    /// Storm clients send `FLUSHDB ASYNC` instead of `FLUSHDB`.
+    flush_async: bool,
+    /// Readers re-populate a miss on their own connection.
+    same_conn: bool,
+    /// Readers wait for each reply before the next command (a synchronous app).
+    closed_loop: bool,
+    /// Storm clients connect at their first request.
+    late_connect: bool,
+    /// Reads (and re-populates) go to `key:0` .. `key:{hot_keys - 1}`.
+    hot_keys: u64,
 }
 
 impl Ctx {
@@ -442,6 +535,12 @@ fn read_get_reply(r: &mut impl BufRead) -> Result<bool, Option<String>> {
 /// to a re-populate thread (its own connection, pipelined `SET`s), as a cache-aside app's
 /// database query and `SET` would.
 fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
+    if ctx.closed_loop {
+        return reader_closed_loop(ctx, id);
+    }
+    if ctx.same_conn {
+        return reader_same_conn(ctx, id);
+    }
     let rate = READ_RATE / READ_CONNS as f64;
     let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
     // Spread the readers' schedules evenly.
@@ -470,7 +569,7 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
                 let at = offset + i as f64 / rate;
                 let sched = ctx.t0 + Duration::from_secs_f64(at);
                 sleep_until(sched);
-                let key = rng.below(HOT_KEYS);
+                let key = rng.below(ctx.hot_keys);
                 let k = format!("key:{key}");
                 let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
                 // Queued before it is sent, so the reply side always finds it.
@@ -531,6 +630,188 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
     out
 }
 
+/// What a reader connection expects next: a `GET`'s reply (scheduled at, seconds since the
+/// start, key) or a re-populating `SET`'s.
+enum Expect {
+    Get(Instant, f32, u64),
+    Set,
+}
+
+/// Like [`reader`], but a miss is re-populated on the reader's own connection: its `SET` is
+/// written as soon as the miss is seen, between the `GET`s still scheduled (a cache-aside app
+/// sharing one connection for its reads and writes).
+fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
+    let rate = READ_RATE / READ_CONNS as f64;
+    let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
+    let offset = id as f64 / READ_CONNS as f64 / rate;
+    let mut out = ReaderOut {
+        reads: Vec::with_capacity(n as usize),
+        populate_errors: 0,
+        first_error: None,
+    };
+    let stream = match std::net::TcpStream::connect(("127.0.0.1", ctx.target)) {
+        Ok(s) => s,
+        Err(e) => {
+            out.first_error = Some(format!("connect: {e}"));
+            return out;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let (tx, rx) = mpsc::channel::<Expect>();
+    // The expectation is queued and the command written under one lock, so the queue's
+    // order is the connection's.
+    let writer = Arc::new(std::sync::Mutex::new(Some((
+        tx,
+        stream.try_clone().unwrap(),
+    ))));
+    let send = |w: &std::sync::Mutex<Option<(mpsc::Sender<Expect>, std::net::TcpStream)>>,
+                e: Expect,
+                cmd: &[u8]| {
+        let mut g = w.lock().unwrap();
+        let ok = match g.as_mut() {
+            Some((tx, s)) => tx.send(e).is_ok() && s.write_all(cmd).is_ok(),
+            None => false,
+        };
+        if !ok {
+            *g = None;
+        }
+        ok
+    };
+    let sender = {
+        let (ctx, writer) = (ctx.clone(), writer.clone());
+        thread::spawn(move || {
+            let mut rng = Rng::new(ctx.nonce ^ ((id as u64 + 1) * 7919));
+            for i in 0..n {
+                let at = offset + i as f64 / rate;
+                let sched = ctx.t0 + Duration::from_secs_f64(at);
+                sleep_until(sched);
+                let key = rng.below(ctx.hot_keys);
+                let k = format!("key:{key}");
+                let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
+                if !send(&writer, Expect::Get(sched, at as f32, key), cmd.as_bytes()) {
+                    break;
+                }
+            }
+            // No more expectations after the last `GET`'s (and its `SET`'s, if any).
+            writer.lock().unwrap().take();
+        })
+    };
+    let mut replies = std::io::BufReader::with_capacity(1 << 16, stream);
+    let mut broken = false;
+    let mut line = Vec::new();
+    for e in rx {
+        let (sched, at, key) = match e {
+            Expect::Set => {
+                line.clear();
+                if broken
+                    || replies.read_until(b'\n', &mut line).is_err()
+                    || !line.starts_with(b"+OK")
+                {
+                    out.populate_errors += 1;
+                }
+                continue;
+            }
+            Expect::Get(sched, at, key) => (sched, at, key),
+        };
+        let outcome = if broken {
+            Outcome::Error
+        } else {
+            match read_get_reply(&mut replies) {
+                Ok(true) => Outcome::Hit,
+                Ok(false) => {
+                    let k = format!("key:{key}");
+                    let v = value(key);
+                    let mut cmd =
+                        format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n", k.len(), v.len())
+                            .into_bytes();
+                    cmd.extend_from_slice(&v);
+                    cmd.extend_from_slice(b"\r\n");
+                    send(&writer, Expect::Set, &cmd);
+                    Outcome::Miss
+                }
+                Err(e) => {
+                    broken = e.is_none();
+                    if out.first_error.is_none() {
+                        out.first_error =
+                            Some(e.unwrap_or_else(|| "connection lost or unreadable reply".into()));
+                    }
+                    Outcome::Error
+                }
+            }
+        };
+        out.reads.push(Read {
+            at,
+            lat_us: sched.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            outcome,
+        });
+        if broken {
+            let _ = replies.get_ref().shutdown(std::net::Shutdown::Both);
+        }
+    }
+    for i in out.reads.len() as u64..n {
+        out.reads.push(Read {
+            at: (offset + i as f64 / rate) as f32,
+            lat_us: 0,
+            outcome: Outcome::Error,
+        });
+    }
+    let _ = sender.join();
+    out
+}
+
+/// A reader connection as a synchronous cache-aside app uses it: at each scheduled time (or at
+/// once, if late) a `GET`, its reply awaited; a miss is followed by a `SET` on the same
+/// connection, awaited too, before the next `GET`. Latency is still from the scheduled time.
+fn reader_closed_loop(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
+    let rate = READ_RATE / READ_CONNS as f64;
+    let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
+    let offset = id as f64 / READ_CONNS as f64 / rate;
+    let mut out = ReaderOut {
+        reads: Vec::with_capacity(n as usize),
+        populate_errors: 0,
+        first_error: None,
+    };
+    let mut con = match connect(ctx.target) {
+        Ok(c) => c,
+        Err(e) => {
+            out.first_error = Some(format!("connect: {e}"));
+            return out;
+        }
+    };
+    let mut rng = Rng::new(ctx.nonce ^ ((id as u64 + 1) * 7919));
+    for i in 0..n {
+        let at = offset + i as f64 / rate;
+        let sched = ctx.t0 + Duration::from_secs_f64(at);
+        sleep_until(sched);
+        let key = rng.below(ctx.hot_keys);
+        let k = format!("key:{key}");
+        let outcome = match redis::cmd("GET").arg(&k).query::<Option<Vec<u8>>>(&mut con) {
+            Ok(Some(_)) => Outcome::Hit,
+            Ok(None) => Outcome::Miss,
+            Err(e) => {
+                out.first_error.get_or_insert_with(|| e.to_string());
+                Outcome::Error
+            }
+        };
+        out.reads.push(Read {
+            at: at as f32,
+            lat_us: sched.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            outcome,
+        });
+        if outcome == Outcome::Miss
+            && redis::cmd("SET")
+                .arg(&k)
+                .arg(value(key))
+                .query::<()>(&mut con)
+                .is_err()
+        {
+            out.populate_errors += 1;
+        }
+    }
+    out
+}
+
 /// Re-populates missed keys (`SET key:N value:N`), pipelining whatever has queued up.
 fn populate(target: u16, rx: mpsc::Receiver<u64>) -> u64 {
     let mut con = connect(target).ok();
@@ -539,13 +820,10 @@ fn populate(target: u16, rx: mpsc::Receiver<u64>) -> u64 {
         let mut p = redis::pipe();
         p.cmd("SET")
             .arg(format!("key:{first}"))
-            .arg(format!("value:{first}"))
+            .arg(value(first))
             .ignore();
         for k in rx.try_iter().take(511) {
-            p.cmd("SET")
-                .arg(format!("key:{k}"))
-                .arg(format!("value:{k}"))
-                .ignore();
+            p.cmd("SET").arg(format!("key:{k}")).arg(value(k)).ignore();
         }
         let ok = con.as_mut().is_some_and(|c| p.query::<()>(c).is_ok());
         if !ok {
@@ -626,6 +904,9 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
     let period = 1.0 / rate;
     let mut rng = Rng::new(ctx.nonce ^ ((1000 + c as u64) * 104_729));
     let phase = rng.unit() * period;
+    if ctx.late_connect {
+        sleep_until(ctx.storm_start() + Duration::from_secs_f64(phase));
+    }
     let (mut con, mut direct) = match (connect(ctx.target), connect(ctx.redis)) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
@@ -666,6 +947,11 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
         t.keys += keys.len() as u64;
         let acked = match storm {
             Storm::Flush => redis::cmd("FLUSHDB")
+                .arg(if ctx.flush_async {
+                    &["ASYNC"][..]
+                } else {
+                    &[][..]
+                })
                 .query::<String>(&mut con)
                 .map(|ok| ok == "OK"),
             Storm::Del => redis::cmd("DEL")
@@ -704,10 +990,10 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
         if storm == Storm::Flush {
             // The account update re-populates its settings.
             for _ in 0..REPOPULATE {
-                let n = rng.below(HOT_KEYS);
+                let n = rng.below(ctx.hot_keys);
                 if let Err(e) = redis::cmd("SET")
                     .arg(format!("key:{n}"))
-                    .arg(format!("value:{n}"))
+                    .arg(value(n))
                     .query::<()>(&mut con)
                 {
                     t.fail("SET (re-populate)", e);
@@ -755,6 +1041,10 @@ fn rebuilder(ctx: &Ctx, hashes: &[redis::Pipeline]) -> u64 {
 #[derive(Clone)]
 enum Via {
     Direct,
+    /// Straight to Redis, each flush sent as `FLUSHDB ASYNC` (what stormwall sends by
+    /// default): the fair comparison for stormwall's flushes, which Redis frees in the
+    /// background either way.
+    DirectAsync,
     /// stormwall; `Some(min_interval)`: with a config file setting only `flush.min_interval`.
     Stormwall(Option<&'static str>),
 }
@@ -763,9 +1053,14 @@ impl Via {
     fn name(&self) -> String {
         match self {
             Via::Direct => "direct".into(),
+            Via::DirectAsync => "direct, FLUSHDB ASYNC".into(),
             Via::Stormwall(None) => "stormwall".into(),
             Via::Stormwall(Some(m)) => format!("stormwall (flush.min_interval = {m})"),
         }
+    }
+
+    fn is_direct(&self) -> bool {
+        !matches!(self, Via::Stormwall(_))
     }
 }
 
@@ -781,6 +1076,12 @@ struct RunResult {
     rebuilt: u64,
     /// Cores used during the storm window.
     cpu: CpuUse,
+    /// Cores used in each second of the timeline.
+    cpu_per_second: Vec<CpuUse>,
+    /// stormwall's counters' increase in each second of the timeline.
+    counters_per_second: Vec<BTreeMap<String, f64>>,
+    /// Run-queue wait (s) in each second: Redis's main thread, stormwall's threads.
+    waits_per_second: Vec<(f64, f64)>,
     /// Readers' failed re-populate pipelines, and their first error.
     populate_errors: u64,
     reader_error: Option<String>,
@@ -789,11 +1090,19 @@ struct RunResult {
     redis_version: String,
 }
 
-fn config_text(min_interval: &str) -> String {
-    let mut s = format!("[flush]\nmin_interval = \"{min_interval}\"\n");
-    // flush.min_interval must stay below invalidation.max_wait (default 5s).
-    if humantime::parse_duration(min_interval).unwrap() >= Duration::from_secs(5) {
-        s.push_str("\n[invalidation]\nmax_wait = \"10s\"\n");
+/// stormwall's config file for a run (empty: none, the defaults): `flush.min_interval` for the
+/// tuning curve, `upstream.mode` when `STORMWALL_BENCH_UPSTREAM_MODE` is set.
+fn config_text(min_interval: Option<&str>, upstream_mode: Option<&str>) -> String {
+    let mut s = String::new();
+    if let Some(mode) = upstream_mode {
+        s.push_str(&format!("[upstream]\nmode = \"{mode}\"\n\n"));
+    }
+    if let Some(min_interval) = min_interval {
+        s.push_str(&format!("[flush]\nmin_interval = \"{min_interval}\"\n"));
+        // flush.min_interval must stay below invalidation.max_wait (default 5s).
+        if humantime::parse_duration(min_interval).unwrap() >= Duration::from_secs(5) {
+            s.push_str("\n[invalidation]\nmax_wait = \"10s\"\n");
+        }
     }
     s
 }
@@ -813,11 +1122,12 @@ fn run(
     eprintln!("   preloaded in {:.1}s", loaded.elapsed().as_secs_f64());
     let dir = tempfile::tempdir().unwrap();
     let sw = match via {
-        Via::Direct => None,
+        Via::Direct | Via::DirectAsync => None,
         Via::Stormwall(mi) => {
-            let file = mi.map(|m| {
+            let text = config_text(mi, s.upstream_mode.as_deref());
+            let file = (!text.is_empty()).then(|| {
                 let f = dir.path().join("stormwall.toml");
-                std::fs::write(&f, config_text(m)).unwrap();
+                std::fs::write(&f, text).unwrap();
                 f
             });
             Some(stormwall(redis, file.as_deref(), dir.path()))
@@ -838,6 +1148,14 @@ fn run(
         tl,
         fields: s.fields,
         nonce,
+        flush_async: matches!(via, Via::DirectAsync),
+        same_conn: env_flag("STORMWALL_BENCH_SAME_CONN"),
+        closed_loop: env_flag("STORMWALL_BENCH_CLOSED_LOOP"),
+        late_connect: env_flag("STORMWALL_BENCH_LATE_CONNECT"),
+        hot_keys: std::env::var("STORMWALL_BENCH_HOT_KEYS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(HOT_KEYS),
     });
     let groups = Arc::new(del_groups());
     let readers: Vec<_> = (0..READ_CONNS)
@@ -860,12 +1178,48 @@ fn run(
         let ctx = ctx.clone();
         let redis_pid = redis_proc.0.id();
         let sw_pid = sw.as_ref().map(|w| w.proc.0.id());
+        let admin = sw.as_ref().map(|w| w.admin);
         thread::spawn(move || {
-            sleep_until(ctx.storm_start());
-            let a = cpu_sample(redis_pid, sw_pid);
-            sleep_until(ctx.storm_end());
-            let b = cpu_sample(redis_pid, sw_pid);
-            cpu_use(redis_pid, &a, &b, ctx.tl.storm.as_secs_f64())
+            // One sample per second of the timeline (the storm's edges are whole seconds),
+            // and stormwall's counters.
+            let mut counters = Vec::new();
+            let mut waits = Vec::new();
+            let samples: Vec<_> = (0..=ctx.tl.total().as_secs())
+                .map(|i| {
+                    sleep_until(ctx.t0 + Duration::from_secs(i));
+                    let cpu = cpu_sample(redis_pid, sw_pid);
+                    waits.push((
+                        run_queue_wait(redis_pid, true),
+                        sw_pid.map_or(0.0, |p| run_queue_wait(p, false)),
+                    ));
+                    counters.push(admin.map(stormwall_metrics).unwrap_or_default());
+                    cpu
+                })
+                .collect();
+            let (from, to) = (ctx.tl.before.as_secs() as usize, ctx.tl.storm_to() as usize);
+            let storm = cpu_use(
+                redis_pid,
+                &samples[from],
+                &samples[to],
+                ctx.tl.storm.as_secs_f64(),
+            );
+            let per_second = samples
+                .windows(2)
+                .map(|w| cpu_use(redis_pid, &w[0], &w[1], 1.0))
+                .collect::<Vec<_>>();
+            let counters_per_second = counters
+                .windows(2)
+                .map(|w| {
+                    w[1].iter()
+                        .map(|(k, v)| (k.clone(), v - w[0].get(k).copied().unwrap_or(0.0)))
+                        .collect()
+                })
+                .collect::<Vec<BTreeMap<String, f64>>>();
+            let waits_per_second = waits
+                .windows(2)
+                .map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1))
+                .collect::<Vec<_>>();
+            (storm, per_second, counters_per_second, waits_per_second)
         })
     };
     let mut tally = Tally::default();
@@ -878,7 +1232,7 @@ fn run(
         .map(|w| stormwall_metrics(w.admin))
         .unwrap_or_default();
     let rebuilt = rebuild.map_or(0, |h| h.join().unwrap());
-    let cpu = cpu.join().unwrap();
+    let (cpu, cpu_per_second, counters_per_second, waits_per_second) = cpu.join().unwrap();
     let mut reads = Vec::new();
     let mut populate_errors = 0;
     let mut reader_error = None;
@@ -911,6 +1265,9 @@ fn run(
         metrics,
         rebuilt,
         cpu,
+        cpu_per_second,
+        counters_per_second,
+        waits_per_second,
         populate_errors,
         reader_error,
         log_lines,
@@ -931,6 +1288,50 @@ fn run(
         "   storm CPU (cores): redis main {:.2}, redis background {:.2}, stormwall {:.2}, bench {:.2}",
         r.cpu.redis_main, r.cpu.redis_bg, r.cpu.stormwall, r.cpu.bench
     );
+    let seconds: Vec<String> = r.per_second().iter().map(|(_, st)| f2(st.p99)).collect();
+    eprintln!("   read p99 per second (ms): {}", seconds.join(" "));
+    let cores = |f: fn(&CpuUse) -> f64| {
+        r.cpu_per_second
+            .iter()
+            .map(|c| format!("{:.2}", f(c)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "   cores per second, redis main: {}",
+        cores(|c| c.redis_main)
+    );
+    eprintln!(
+        "   cores per second, redis background: {}",
+        cores(|c| c.redis_bg)
+    );
+    eprintln!("   cores per second, stormwall: {}", cores(|c| c.stormwall));
+    eprintln!("   cores per second, bench: {}", cores(|c| c.bench));
+    let waits = |f: fn(&(f64, f64)) -> f64| {
+        r.waits_per_second
+            .iter()
+            .map(|w| format!("{:.0}", f(w) * 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "   run-queue wait per second (ms), redis main: {}",
+        waits(|w| w.0)
+    );
+    eprintln!(
+        "   run-queue wait per second (ms), stormwall: {}",
+        waits(|w| w.1)
+    );
+    if r.counters_per_second.iter().any(|c| !c.is_empty()) {
+        for name in SECOND_COUNTERS {
+            let v: Vec<String> = r
+                .counters_per_second
+                .iter()
+                .map(|c| format!("{:.0}", c.get(*name).copied().unwrap_or(0.0)))
+                .collect();
+            eprintln!("   {name} per second: {}", v.join(" "));
+        }
+    }
     r
 }
 
@@ -1012,6 +1413,33 @@ impl RunResult {
         )
     }
 
+    /// Reads scheduled in each whole second of the timeline: (second, stats).
+    fn per_second(&self) -> Vec<(usize, PhaseStats)> {
+        let secs = self.tl.total().as_secs_f64().ceil() as usize;
+        let mut buckets: Vec<Vec<Read>> = vec![Vec::new(); secs];
+        for r in &self.reads {
+            buckets[(r.at.max(0.0) as usize).min(secs - 1)].push(*r);
+        }
+        buckets
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| (i, stats_of(b.into_iter())))
+            .collect()
+    }
+
+    /// The storm window's worst one-second read p99: (second, ms).
+    fn worst_storm_second(&self) -> (usize, f64) {
+        self.per_second()
+            .into_iter()
+            .filter(|(i, _)| {
+                (*i as f64) >= self.tl.storm_from() && (*i as f64) < self.tl.storm_to()
+            })
+            .map(|(i, st)| (i, st.p99))
+            .filter(|(_, p)| !p.is_nan())
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or((0, f64::NAN))
+    }
+
     fn stat(&self, name: &str) -> u64 {
         self.stats.get(name).copied().unwrap_or(0)
     }
@@ -1067,11 +1495,20 @@ fn f2(v: f64) -> String {
     }
 }
 
+/// The machine's 1-minute load average (other work competing for its cores).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn report(
     s: &Settings,
     main: &[RunResult],
     curve: &[(f64, RunResult)],
     started: Instant,
+    load_start: &str,
 ) -> String {
     let mut o = String::new();
     let w = &mut o;
@@ -1085,17 +1522,33 @@ fn report(
     .unwrap();
     writeln!(
         w,
-        "Command: `{}cargo bench --bench storm` — run {} ({:.0} s), stormwall {}{}, redis-server {version}.  ",
-        if s.quick { "STORMWALL_BENCH_QUICK=1 " } else { "" },
+        "Command: `{}` — run {} ({:.0} s), stormwall {}{}, redis-server {version}.  ",
+        common::bench_command(
+            "storm",
+            &[
+                "STORMWALL_BENCH_QUICK",
+                "STORMWALL_BENCH_ONLY",
+                "STORMWALL_BENCH_UPSTREAM_MODE",
+                "STORMWALL_BENCH_SAME_CONN",
+                "STORMWALL_BENCH_CLOSED_LOOP",
+                "STORMWALL_BENCH_LATE_CONNECT",
+                "STORMWALL_BENCH_HOT_KEYS",
+                "STORMWALL_BENCH_BIN",
+            ]
+        ),
         utc_date().unwrap_or_default(),
         started.elapsed().as_secs_f64(),
         commit,
-        if dirty { " (with uncommitted changes in src/)" } else { "" },
+        if dirty {
+            " (with uncommitted changes in src/)"
+        } else {
+            ""
+        },
     )
     .unwrap();
     writeln!(
         w,
-        "Machine: {} cores ({}), {}, {}.\n",
+        "Machine: {} cores ({}), {}, {}; load average (1 min) {} at the start, {} at the end of the run.\n",
         sh("nproc", &[]),
         cpu_model().unwrap_or_else(|| "?".into()),
         sh(
@@ -1106,6 +1559,8 @@ fn report(
             ]
         ),
         sh("uname", &["-sr"]),
+        load_start,
+        load_average(),
     )
     .unwrap();
     if s.quick {
@@ -1115,7 +1570,7 @@ fn report(
     writeln!(
         w,
         "Scenario (same for both paths, each run on a freshly started and preloaded `redis-server`, \
-         stormwall started fresh with its default config): {} string keys (`DEBUG POPULATE`) plus \
+         stormwall started fresh with its default config): {} string keys of {VALUE_SIZE} B (`DEBUG POPULATE`) plus \
          {BIG_HASHES} hashes of {} fields; {READ_CONNS} reader connections doing {READ_RATE:.0} `GET`/s \
          open loop over the {HOT_KEYS} hottest keys, latency from each read's scheduled send time (truly open loop: sends never wait for replies), a miss \
          re-populated with `SET` (cache-aside, pipelined on a second connection per reader); timeline {}s before, {}s storm, {}s after. \
@@ -1134,22 +1589,24 @@ fn report(
     .unwrap();
 
     writeln!(w, "## Summary\n").unwrap();
-    writeln!(w, "| storm | path | read p99 before (ms) | read p99 during (ms) | during / before | hit ratio during | ack p50 / p99 (ms) | invalidations sent → at Redis | failed storm requests | violations |").unwrap();
+    writeln!(w, "| storm | path | read p99 before (ms) | read p99 during (ms) | worst second's read p99 during (ms) | during / before | hit ratio during | ack p50 / p99 (ms) | invalidations sent → at Redis | failed storm requests | violations |").unwrap();
     writeln!(
         w,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     .unwrap();
     for r in main {
         let (b, d) = (r.phase(0), r.phase(1));
         let at_redis = r.stat("del") + r.stat("unlink") + r.stat("flushdb") + r.stat("flushall");
+        let (worst_at, worst) = r.worst_storm_second();
         writeln!(
             w,
-            "| {} | {} | {} | **{}** | {:.1}× | {:.1}% | {} / {} | {} → {} | {} | **{}** |",
+            "| {} | {} | {} | **{}** | {} (s {worst_at}) | {:.1}× | {:.1}% | {} / {} | {} → {} | {} | **{}** |",
             r.storm.name(),
             r.via.name(),
             f2(b.p99),
             f2(d.p99),
+            f2(worst),
             d.p99 / b.p99,
             d.hit_ratio() * 100.0,
             f2(pct_f(&r.tally.acks, 0.5)),
@@ -1199,6 +1656,8 @@ fn report(
         }
     }
 
+    per_second_tables(w, main);
+
     for r in main.iter().chain(curve.iter().map(|(_, r)| r)) {
         if r.populate_errors > 0 || r.reader_error.is_some() {
             writeln!(
@@ -1212,24 +1671,35 @@ fn report(
             .unwrap();
         }
     }
-    writeln!(w, "\nCPU used during the storm window (cores; the machine has {}): Redis's main thread, Redis's background threads (lazy free), stormwall, and this benchmark's clients.\n", sh("nproc", &[])).unwrap();
+    writeln!(w, "\nCPU used during the storm window (cores; the machine has {}): Redis's main thread, Redis's background threads (lazy free), stormwall, and this benchmark's clients; and how long Redis's main thread and stormwall waited for a CPU while runnable (per second of the storm: other work on the machine, this run's included).\n", sh("nproc", &[])).unwrap();
     writeln!(
         w,
-        "| storm | path | Redis main | Redis background | stormwall | bench clients |"
+        "| storm | path | Redis main | Redis background | stormwall | bench clients | run-queue wait, Redis main (ms/s) | run-queue wait, stormwall (ms/s) |"
     )
     .unwrap();
-    writeln!(w, "| --- | --- | ---: | ---: | ---: | ---: |").unwrap();
+    writeln!(w, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |").unwrap();
     for r in main {
         let c = r.cpu;
+        let (from, to) = (r.tl.storm_from() as usize, r.tl.storm_to() as usize);
+        let storm_waits = r.waits_per_second.get(from..to).unwrap_or(&[]);
+        let wait = |f: fn(&(f64, f64)) -> f64| {
+            storm_waits.iter().map(f).sum::<f64>() / storm_waits.len().max(1) as f64 * 1e3
+        };
         writeln!(
             w,
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} |",
             r.storm.name(),
             r.via.name(),
             c.redis_main,
             c.redis_bg,
             c.stormwall,
-            c.bench
+            c.bench,
+            wait(|w| w.0),
+            if r.via.is_direct() {
+                "–".to_owned()
+            } else {
+                format!("{:.0}", wait(|w| w.1))
+            },
         )
         .unwrap();
     }
@@ -1280,7 +1750,7 @@ fn report(
     for r in main {
         let keys_at_redis = match (r.storm, &r.via) {
             (Storm::Flush, _) => "–".to_owned(),
-            (Storm::Del, Via::Direct) => r.tally.keys.to_string(),
+            (Storm::Del, Via::Direct | Via::DirectAsync) => r.tally.keys.to_string(),
             (Storm::Del, Via::Stormwall(_)) => r
                 .metric("stormwall_invalidation_keys_sent_total")
                 .map_or("?".into(), |v| format!("{v:.0}")),
@@ -1392,6 +1862,63 @@ fn report(
     o
 }
 
+/// Per storm, one row per second of the timeline: each path's read p50 / p99 / max and hit
+/// ratio, so that a transient a whole-window p99 would average away shows.
+fn per_second_tables(w: &mut String, main: &[RunResult]) {
+    writeln!(
+        w,
+        "\n## Read latency per second (ms, from the scheduled send time)\n"
+    )
+    .unwrap();
+    writeln!(w, "Each cell: p50 / **p99** / max of the reads scheduled in that second, and the hit ratio. Seconds in the storm window are marked ⚡. The last column (FLUSHDB storm) is stormwall's p99 over that of `FLUSHDB ASYNC` sent straight to Redis at the same rate, in the same run.\n").unwrap();
+    for storm in [Storm::Flush, Storm::Del] {
+        let runs: Vec<_> = main.iter().filter(|r| r.storm == storm).collect();
+        let Some(first) = runs.first() else { continue };
+        let tl = first.tl;
+        let sw = runs.iter().position(|r| !r.via.is_direct());
+        let asy = runs.iter().position(|r| matches!(r.via, Via::DirectAsync));
+        let ratio = sw.zip(asy);
+        writeln!(w, "### {}\n", storm.name()).unwrap();
+        let mut head = "| s |".to_owned();
+        let mut rule = "| ---: |".to_owned();
+        for r in &runs {
+            head.push_str(&format!(" {} |", r.via.name()));
+            rule.push_str(" ---: |");
+        }
+        if ratio.is_some() {
+            head.push_str(" stormwall p99 / direct ASYNC p99 |");
+            rule.push_str(" ---: |");
+        }
+        writeln!(w, "{head}\n{rule}").unwrap();
+        let columns: Vec<_> = runs.iter().map(|r| r.per_second()).collect();
+        for i in 0..tl.total().as_secs() as usize {
+            let storming = (i as f64) >= tl.storm_from() && (i as f64) < tl.storm_to();
+            let mut row = format!("| {i}{} |", if storming { " ⚡" } else { "" });
+            for c in &columns {
+                match c.get(i) {
+                    Some((_, st)) if st.reads > 0 => row.push_str(&format!(
+                        " {} / **{}** / {} · {:.0}% |",
+                        f2(st.p50),
+                        f2(st.p99),
+                        f2(st.max),
+                        st.hit_ratio() * 100.0
+                    )),
+                    _ => row.push_str(" – |"),
+                }
+            }
+            if let Some((s, a)) = ratio {
+                let (p, q) = (
+                    columns[s].get(i).map_or(f64::NAN, |c| c.1.p99),
+                    columns[a].get(i).map_or(f64::NAN, |c| c.1.p99),
+                );
+                row.push_str(&format!(" {:.2}× |", p / q));
+            }
+            writeln!(w, "{row}").unwrap();
+        }
+        writeln!(w).unwrap();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plots
 
@@ -1403,6 +1930,7 @@ mod plot {
 
     const DIRECT: RGBColor = RGBColor(214, 39, 40);
     const SW: RGBColor = RGBColor(31, 119, 180);
+    const DIRECT_ASYNC: RGBColor = RGBColor(255, 127, 14);
 
     pub fn latency(main: &[RunResult], path: &Path) -> Res {
         let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
@@ -1469,10 +1997,10 @@ mod plot {
                     )
                 });
             for (r, s) in &series {
-                let color = if matches!(r.via, Via::Direct) {
-                    DIRECT
-                } else {
-                    SW
+                let color = match r.via {
+                    Via::Direct => DIRECT,
+                    Via::DirectAsync => DIRECT_ASYNC,
+                    Via::Stormwall(_) => SW,
                 };
                 let p99 = r.phase(1).p99;
                 chart
@@ -1612,6 +2140,7 @@ mod plot {
 
 fn main() {
     let started = Instant::now();
+    let load_start = load_average();
     let s = Settings::from_env();
     let hashes: Arc<Vec<redis::Pipeline>> = Arc::new(
         (0..BIG_HASHES)
@@ -1627,13 +2156,22 @@ fn main() {
     let wants = |t: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == t));
     let wants_path = |t: &str| {
         only.as_ref().is_none_or(|o| {
-            o.iter().any(|x| x == t) || !o.iter().any(|x| x == "direct" || x == "stormwall")
+            o.iter().any(|x| x == t)
+                || !o
+                    .iter()
+                    .any(|x| x == "direct" || x == "async" || x == "stormwall")
         })
     };
     let mut main_runs = Vec::new();
     for (storm, token) in [(Storm::Flush, "flush"), (Storm::Del, "del")] {
-        for (via, path) in [(Via::Direct, "direct"), (Via::Stormwall(None), "stormwall")] {
-            if wants(token) && wants_path(path) {
+        for (via, path) in [
+            (Via::Direct, "direct"),
+            (Via::DirectAsync, "async"),
+            (Via::Stormwall(None), "stormwall"),
+        ] {
+            // `FLUSHDB ASYNC` is a FLUSHDB storm's path only.
+            let applies = storm == Storm::Flush || !matches!(via, Via::DirectAsync);
+            if applies && wants(token) && wants_path(path) {
                 main_runs.push(run(&s, storm, via, s.main, &hashes));
             }
         }
@@ -1655,7 +2193,7 @@ fn main() {
         results_dir()
     };
     std::fs::create_dir_all(&out).unwrap();
-    let md = report(&s, &main_runs, &curve, started);
+    let md = report(&s, &main_runs, &curve, started, &load_start);
     std::fs::write(out.join("storm.md"), &md).unwrap();
     print!("{md}");
     match register_font() {

@@ -266,11 +266,13 @@ pub struct InvalidationConfig {
     /// When the queue is full: `wait` (stop reading from that client until there is room,
     /// up to `max_wait`) or `reject` (answer `-BUSY` at once).
     pub on_full: OnFull,
-    /// Keys deleted in Redis per second, and how many may go at once.
+    /// Keys deleted in Redis per second, and how many may go at once. With `shared_budget`,
+    /// the total for every stormwall in front of the same Redis.
     pub keys_per_second: u32,
     pub keys_burst: u32,
     /// Invalidation commands sent to Redis per second, and burst: commands that reach
     /// Redis, not client requests (a batch of pipelined deletes run as one script is one).
+    /// With `shared_budget`, the total for every stormwall in front of the same Redis.
     pub commands_per_second: u32,
     pub commands_burst: u32,
     /// The budgets (keys, commands, `flush.min_interval`) follow Redis's latency: cut while
@@ -279,6 +281,21 @@ pub struct InvalidationConfig {
     pub adaptive: bool,
     /// The least the adaptive budget goes down to, as a fraction of the configured budgets.
     pub adaptive_floor: f64,
+    /// Keep the two budgets above in Redis itself, so that every stormwall in front of the
+    /// same Redis takes from one budget (see `invalidation::shared_budget`). When Redis
+    /// cannot run the budget's script, each stormwall falls back to a local budget at the
+    /// same rates.
+    pub shared_budget: bool,
+    /// The prefix of the shared budget's two keys in Redis (`<prefix>:keys` and
+    /// `<prefix>:commands`, database 0). Its `{…}` hash tag keeps both in one Cluster slot.
+    pub shared_budget_key: String,
+    /// The Redis user stormwall's own budget connection logs in as (unset: the default
+    /// user). It needs `EVALSHA`, `EVAL`, and `TIME`, `GET`, `SET` on the budget's keys.
+    pub shared_budget_user: Option<String>,
+    /// A file holding that connection's password (read at each connect, so the config holds
+    /// no secret and a rotated password is picked up on the next connection). Without
+    /// `shared_budget_user`, it is `requirepass`'s password for the default user.
+    pub shared_budget_password_file: Option<PathBuf>,
     /// The shield keeps a worker and a Redis connection per identity (user, password,
     /// database); one unused for this long is closed, and its password forgotten.
     #[serde(with = "humantime_serde")]
@@ -305,6 +322,10 @@ impl Default for InvalidationConfig {
             keys_burst: 10_000,
             commands_per_second: 2_000,
             commands_burst: 200,
+            shared_budget: false,
+            shared_budget_key: "{stormwall:budget}".into(),
+            shared_budget_user: None,
+            shared_budget_password_file: None,
             adaptive: true,
             adaptive_floor: 0.05,
             identity_idle_timeout: Duration::from_secs(60),
@@ -582,6 +603,25 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if inv.shared_budget_key.is_empty() {
+            return Err(invalid(
+                "invalidation.shared_budget_key",
+                "must not be empty",
+            ));
+        }
+        if inv.shared_budget_user.as_deref() == Some("") {
+            return Err(invalid(
+                "invalidation.shared_budget_user",
+                "must not be empty (leave it unset for the default user)",
+            ));
+        }
+        if inv.shared_budget_user.is_some() && inv.shared_budget_password_file.is_none() {
+            return Err(invalid(
+                "invalidation.shared_budget_user",
+                "needs invalidation.shared_budget_password_file (a nopass user accepts any \
+                 password in the file)",
+            ));
         }
         if !(inv.adaptive_floor > 0.0 && inv.adaptive_floor <= 1.0) {
             return Err(invalid(

@@ -101,7 +101,14 @@ fn zero_series() {
     ] {
         counter!(name).absolute(0);
     }
+    for reason in crate::invalidation::FALLBACK_REASONS {
+        counter!("stormwall_shared_budget_fallbacks_total", "reason" => *reason).absolute(0);
+    }
+    for result in ["taken", "wait"] {
+        counter!("stormwall_shared_budget_calls_total", "result" => result).absolute(0);
+    }
     for name in [
+        "stormwall_shared_budget_active",
         "stormwall_invalidation_queue_depth",
         "stormwall_invalidation_identities",
         "stormwall_shield_upstream_connections",
@@ -277,6 +284,20 @@ fn describe() {
         "stormwall_shield_upstream_connections",
         "Connections the shield holds open to Redis."
     );
+    describe_gauge!(
+        "stormwall_shared_budget_active",
+        "1 if the last invalidation budget was taken from the budget shared in Redis \
+         (invalidation.shared_budget), 0 if it is off or this stormwall fell back to its local budget."
+    );
+    describe_counter!(
+        "stormwall_shared_budget_calls_total",
+        "Calls of the shared budget's script in Redis, by result: taken, or wait (nothing taken; \
+         the budget is there after a wait)."
+    );
+    describe_counter!(
+        "stormwall_shared_budget_fallbacks_total",
+        "Times this stormwall fell back from the shared budget to its local one, by reason."
+    );
 }
 
 /// Handles for everything a session records, resolved once per process. (Governed commands
@@ -368,6 +389,7 @@ mod tests {
             include_str!("invalidation/outcome.rs"),
             include_str!("invalidation/access.rs"),
             include_str!("invalidation/observe.rs"),
+            include_str!("invalidation/shared_budget.rs"),
             include_str!("reload.rs"),
         ]
         .into_iter()

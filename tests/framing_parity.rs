@@ -16,8 +16,11 @@ const QUIET: Duration = Duration::from_secs(3);
 /// Sends `input` to Redis and to stormwall (in front of a second, identical Redis), half-closes,
 /// and asserts the same bytes come back and both close. Returns Redis's transcript.
 fn same(redis: &Redis, sw: &Stormwall, input: &[u8]) -> Transcript {
-    let direct = exchange(redis.port, input, true, QUIET);
-    let proxied = exchange(sw.port, input, true, QUIET);
+    // Silence means "no more replies": a request of megabytes may take a debug build on a
+    // busy machine longer than QUIET to frame, so the wait grows with the input.
+    let quiet = QUIET + Duration::from_secs((input.len() / (1 << 20)) as u64);
+    let direct = exchange(redis.port, input, true, quiet);
+    let proxied = exchange(sw.port, input, true, quiet);
     assert_eq!(
         shown(&proxied.bytes),
         shown(&direct.bytes),

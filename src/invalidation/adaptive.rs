@@ -2,23 +2,26 @@
 //! configuration fits a big Redis and a small one, and a Redis that is busy with something
 //! else gets fewer invalidations.
 //!
-//! The signal is Redis's latency as stormwall itself sees it: the round trip of a `PING`
-//! (the readiness probe's, and while invalidations are flowing one every
-//! [`SAMPLE_EVERY`] on a connection of the controller's own), and each batch's own
+//! The signal is Redis's latency: the round trip of a `PING` (the readiness probe's, and
+//! while invalidations are flowing one every [`SAMPLE_EVERY`] from a thread of the
+//! controller's own, so a busy proxy does not read as a slow Redis), and each batch's own
 //! execution time (a batch that takes Redis 30 ms delays every read queued behind it by as
 //! much). Redis runs commands one at a time, so both rise together when invalidations crowd
-//! out reads.
+//! out reads. A window's latency is its worst `PING` — a stall shows in any one of them —
+//! and its *quickest* batch: a batch is timed on the proxy's own busy runtime, so one late
+//! reply says little, while batches that are all slow are Redis's doing.
 //!
 //! The controller is gradient-style, like Netflix's concurrency-limits and TCP Vegas: it
 //! learns a healthy baseline (the best window of the last [`BASELINE_HORIZON`], so a storm
 //! cannot teach it that slow is normal, while a Redis that became slower for good is
 //! re-learned within that horizon), and once per [`WINDOW`] compares the window's worst
 //! latency with it. Above `2 × baseline + 5 ms` ([`SLACK`] keeps scheduling noise from
-//! counting) the budget is cut in proportion to how far over it is, by at most
-//! half at a time; at or below it, the budget grows back by a tenth at a time. It never goes
-//! above the configured budgets (`invalidation.keys_per_second`, `commands_per_second`,
-//! `flush.min_interval`) nor below `invalidation.adaptive_floor` of them. Each change of
-//! direction is logged once: at `info` the start of a cut from the full budget and the
+//! counting) the budget is cut in proportion to how far over it is, by at most half at a
+//! time; at or below it, the budget grows back by a tenth per window's worth of time. It
+//! never goes above the configured budgets (`invalidation.keys_per_second`,
+//! `commands_per_second`, `flush.min_interval`) nor below `invalidation.adaptive_floor` of
+//! them. Each change of direction is logged once: at `info` the start of a cut from the full
+//! budget and the
 //! return to it, at `debug` the turns between.
 
 use std::collections::VecDeque;
@@ -37,7 +40,7 @@ use crate::upstream::Conn;
 /// How often the controller decides.
 pub(super) const WINDOW: Duration = Duration::from_millis(100);
 /// How often the controller PINGs Redis while invalidations are flowing.
-pub(super) const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+pub(super) const SAMPLE_EVERY: Duration = Duration::from_millis(25);
 /// Latency this much over `2 × baseline` still counts as healthy: a sidecar on a busy node
 /// sees a few milliseconds of scheduling noise, which says nothing about Redis, and a cache
 /// read a few milliseconds slower is not what a storm does (it makes them hundreds slower).
@@ -82,12 +85,35 @@ impl Activity {
     }
 }
 
+/// Starts the sampler ([`sample`]) on a thread of its own, with a runtime of its own: on the
+/// proxy's runtime, a `PING`'s reply would wait for a turn behind the clients' work, and a
+/// busy proxy would read as a slow Redis.
+pub(super) fn spawn_sampler(
+    activity: Arc<Activity>,
+    live: impl Fn() -> Option<Arc<Shared>> + Send + 'static,
+) {
+    let started = std::thread::Builder::new()
+        .name("stormwall-latency".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(sample(activity, live)),
+                Err(e) => tracing::warn!(error = %e, "adaptive budget: no latency sampler"),
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "adaptive budget: no latency sampler");
+    }
+}
+
 /// While invalidations are flowing (and the adaptive budget is on), `PING`s Redis every
 /// [`SAMPLE_EVERY`] on a connection of its own and records the round trip: the readiness
 /// probe alone samples once per `admin.probe_interval`, too seldom to steer a storm. No
 /// credentials are needed: even Redis's `-NOAUTH` answer is a round trip. Ends when the
 /// engine is gone (`live` returns `None`).
-pub(super) async fn sample(activity: Arc<Activity>, live: impl Fn() -> Option<Arc<Shared>>) {
+async fn sample(activity: Arc<Activity>, live: impl Fn() -> Option<Arc<Shared>>) {
     let ping = [vec![Bytes::from_static(b"PING")]];
     let mut conn: Option<Conn> = None;
     loop {
@@ -112,11 +138,20 @@ pub(super) async fn sample(activity: Arc<Activity>, live: impl Fn() -> Option<Ar
             .await
             .is_ok();
         // No answer in time is the slowest answer of all.
-        shared.observe(started.elapsed());
+        shared.observe(Sample::RoundTrip, started.elapsed());
         if !answered {
             conn = None;
         }
     }
+}
+
+/// What a latency observation measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sample {
+    /// A `PING`'s round trip.
+    RoundTrip,
+    /// A batch's (or a flush's) execution, send to reply.
+    Batch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +168,9 @@ struct State {
     /// Each recent window's worst latency in seconds, oldest first: the baseline is the
     /// best of them.
     history: VecDeque<(Instant, f64)>,
-    /// The worst latency seen in the current window, in seconds.
+    /// The worst round trip seen in the current window, and the quickest batch, in seconds.
     worst: Option<f64>,
+    quickest: Option<f64>,
     window_start: Instant,
     direction: Direction,
 }
@@ -152,6 +188,7 @@ impl Default for Controller {
                 fraction: 1.0,
                 history: VecDeque::new(),
                 worst: None,
+                quickest: None,
                 window_start: Instant::now(),
                 direction: Direction::Steady,
             }),
@@ -165,15 +202,22 @@ impl Controller {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records one latency observation.
-    pub fn sample(&self, latency: Duration, floor: f64) {
-        self.sample_at(latency, floor, Instant::now());
+    /// Records one latency observation of `kind`.
+    pub fn sample(&self, kind: Sample, latency: Duration, floor: f64) {
+        self.sample_at(kind, latency, floor, Instant::now());
     }
 
-    fn sample_at(&self, latency: Duration, floor: f64, now: Instant) {
+    fn sample_at(&self, kind: Sample, latency: Duration, floor: f64, now: Instant) {
         let mut state = self.lock();
         let seconds = latency.as_secs_f64();
-        state.worst = Some(state.worst.map_or(seconds, |w| w.max(seconds)));
+        match kind {
+            Sample::RoundTrip => {
+                state.worst = Some(state.worst.map_or(seconds, |w| w.max(seconds)));
+            }
+            Sample::Batch => {
+                state.quickest = Some(state.quickest.map_or(seconds, |q| q.min(seconds)));
+            }
+        }
         if now.duration_since(state.window_start) >= WINDOW {
             decide(&mut state, floor, now);
         }
@@ -195,7 +239,9 @@ impl Controller {
     pub fn fraction(&self, floor: f64) -> f64 {
         let now = Instant::now();
         let mut state = self.lock();
-        if now.duration_since(state.window_start) >= WINDOW && state.worst.is_some() {
+        if now.duration_since(state.window_start) >= WINDOW
+            && (state.worst.is_some() || state.quickest.is_some())
+        {
             decide(&mut state, floor, now);
         }
         state.fraction.clamp(floor, 1.0)
@@ -205,9 +251,16 @@ impl Controller {
 /// Ends the current window: compares its worst latency with the baseline and moves the
 /// budget.
 fn decide(state: &mut State, floor: f64, now: Instant) {
+    // Windows only pass when samples come (the probe's once a second while the shield is
+    // idle): growth counts the windows' worth of time that passed, so a budget cut during
+    // a storm is whole again a few seconds after it, however seldom Redis is sampled.
+    let windows = (now.duration_since(state.window_start).as_secs_f64() / WINDOW.as_secs_f64())
+        .clamp(1.0, 100.0);
     state.window_start = now;
-    let Some(latency) = state.worst.take() else {
-        return;
+    let latency = match (state.worst.take(), state.quickest.take()) {
+        (Some(w), Some(q)) => w.max(q),
+        (Some(l), None) | (None, Some(l)) => l,
+        (None, None) => return,
     };
     while state
         .history
@@ -229,7 +282,7 @@ fn decide(state: &mut State, floor: f64, now: Instant) {
         state.fraction = (before * cut).max(floor);
         Direction::Cutting
     } else {
-        state.fraction = (before * GROW + GROW_STEP).min(1.0);
+        state.fraction = (before * GROW.powf(windows) + GROW_STEP * windows).min(1.0);
         Direction::Growing
     };
     // An episode starts when the full budget is first cut and ends when it is whole again:
@@ -274,7 +327,12 @@ mod tests {
     /// fraction after it.
     fn window(c: &Controller, clock: &mut Instant, ms: f64) -> f64 {
         *clock += WINDOW;
-        c.sample_at(Duration::from_secs_f64(ms / 1e3), 0.05, *clock);
+        c.sample_at(
+            Sample::RoundTrip,
+            Duration::from_secs_f64(ms / 1e3),
+            0.05,
+            *clock,
+        );
         c.lock().fraction
     }
 
@@ -282,6 +340,24 @@ mod tests {
         let c = Controller::default();
         let start = c.lock().window_start;
         (c, start)
+    }
+
+    #[test]
+    fn a_window_counts_its_worst_round_trip_and_its_quickest_batch() {
+        let (c, mut t) = controller();
+        window(&c, &mut t, 0.2);
+        let batches = |c: &Controller, t: Instant, ms: &[f64]| {
+            for ms in ms {
+                let latency = Duration::from_secs_f64(ms / 1e3);
+                c.sample_at(Sample::Batch, latency, 0.05, t + WINDOW / 2);
+            }
+        };
+        // One late batch among quick ones, and quick PINGs: healthy.
+        batches(&c, t, &[40.0, 1.0, 0.5]);
+        assert_eq!(window(&c, &mut t, 0.3), 1.0);
+        // Every batch slow: Redis's doing.
+        batches(&c, t, &[40.0, 30.0]);
+        assert!(window(&c, &mut t, 0.3) < 1.0);
     }
 
     #[test]
@@ -314,6 +390,22 @@ mod tests {
             windows += 1;
         }
         assert!(windows < 40, "back to the full budget in {windows} windows");
+    }
+
+    #[test]
+    fn growth_follows_time_not_the_number_of_samples() {
+        let (c, mut t) = controller();
+        window(&c, &mut t, 0.2);
+        for _ in 0..10 {
+            window(&c, &mut t, 80.0);
+        }
+        assert_eq!(c.lock().fraction, 0.05);
+        // Idle: one sample (the readiness probe) a second.
+        for _ in 0..3 {
+            t += Duration::from_millis(900);
+            window(&c, &mut t, 0.2);
+        }
+        assert_eq!(c.lock().fraction, 1.0);
     }
 
     #[test]

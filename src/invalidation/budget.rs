@@ -2,8 +2,9 @@
 //!
 //! `governor`'s limiters have a fixed quota, so a scaled budget is a new limiter. It is
 //! rebuilt only when the fraction moved by more than [`HYSTERESIS`] (so a controller that
-//! hovers does not churn limiters), and one rebuilt for a cut starts empty: a fresh limiter
-//! would otherwise grant its whole burst at once, just when Redis asked for less.
+//! hovers does not churn limiters), and a rebuilt one starts empty: a fresh limiter would
+//! otherwise grant its whole burst at once — on a cut just when Redis asked for less, and
+//! on each step of growing back.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -65,10 +66,9 @@ impl Budget {
             return current;
         }
         let scaled = Scaled::new(self.per_second, self.burst, fraction);
-        if fraction < current.fraction
-            && let Some(burst) = NonZeroU32::new(scaled.burst)
-        {
-            // Starts empty: what the old limiter granted was granted at the old rate.
+        if let Some(burst) = NonZeroU32::new(scaled.burst) {
+            // Starts empty: the old limiter's burst was granted already, and a controller
+            // that grows back in steps must not hand out a fresh burst at each step.
             let _ = scaled.limiter.check_n(burst);
         }
         let scaled = Arc::new(scaled);
@@ -89,9 +89,11 @@ mod tests {
         assert!(Arc::ptr_eq(&full, &budget.at(0.95)));
         let cut = budget.at(0.5);
         assert_eq!((cut.per_second, cut.burst), (500, 50));
-        // A cut starts empty.
+        // A rebuilt budget starts empty, cut or grown.
         assert!(cut.limiter.check().is_err());
-        assert_eq!(budget.at(1.0).per_second, 1000);
+        let grown = budget.at(1.0);
+        assert_eq!(grown.per_second, 1000);
+        assert!(grown.limiter.check().is_err());
         let tiny = budget.at(0.0001);
         assert_eq!((tiny.per_second, tiny.burst), (1, 1));
     }

@@ -57,9 +57,10 @@ use tokio::time::Instant;
 use super::access::{self, Access, Forms, PROBE_KEY, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
+use super::shared_budget::{Units, take};
 use super::{
     DeleteJob, Live, Registry, Shared, deleters, earliest, expire_before, next_job, prune,
-    send_margin, take,
+    send_margin,
 };
 use crate::config::DeleteCommand;
 use crate::upstream::Identity;
@@ -171,7 +172,7 @@ impl Worker {
                 .record((now - job.received).as_secs_f64());
         }
         // Budget already taken for the current plan and not yet used by a send.
-        let (mut paid_keys, mut paid_commands) = (0u64, 0u64);
+        let mut paid = Units::default();
         // Redis refused the last round's transaction itself: this round goes without one.
         let mut plain = false;
         loop {
@@ -244,29 +245,14 @@ impl Worker {
             // is charged one full burst, so the requests after it still wait their turn.
             let charged = keys.min(u64::from(keys_budget.burst));
             let deadline = earliest(&pending[..participants]);
-            let budget = match take(
-                &commands_budget.limiter,
-                commands_budget.burst,
-                commands_budget.per_second,
-                commands,
-                &mut paid_commands,
+            let budget = take(
+                &shared,
+                (&*keys_budget, &*commands_budget),
+                Units::new(charged, commands),
+                &mut paid,
                 deadline - margin,
             )
-            .await
-            {
-                Ok(()) => {
-                    take(
-                        &keys_budget.limiter,
-                        keys_budget.burst,
-                        keys_budget.per_second,
-                        charged,
-                        &mut paid_keys,
-                        deadline - margin,
-                    )
-                    .await
-                }
-                Err(at) => Err(at),
-            };
+            .await;
             if let Err(at) = budget {
                 // The budget cannot be had before some requests' deadlines: they are answered
                 // now, without spending budget on them, and the rest planned again.
@@ -319,7 +305,7 @@ impl Worker {
                 }
                 Ok(Err(_lost)) => None,
                 Ok(Ok(replies)) => {
-                    shared.observe(started.elapsed());
+                    shared.observe(super::adaptive::Sample::Batch, started.elapsed());
                     if wrap
                         && matches!(replies.first(), Some(OwnedFrame::Error(e)) if e.starts_with("NOPERM"))
                     {
@@ -383,7 +369,7 @@ impl Worker {
                     judged
                 }
             };
-            (paid_keys, paid_commands) = (0, 0);
+            paid = Units::default();
             let Some(judged) = judged else {
                 // Sent, and the answer was lost (or garbled): the fate of every participant
                 // is unknown, and a retry could give a wrong count.

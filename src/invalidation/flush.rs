@@ -35,8 +35,9 @@ use tokio::sync::mpsc;
 use super::access::{self, Access, Forms, is_command_refusal};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
+use super::shared_budget::{Units, take};
 use super::{
-    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin, take,
+    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin,
 };
 use crate::config::FlushMode;
 use crate::upstream::Identity;
@@ -164,7 +165,7 @@ impl Round<'_> {
         // A flush was sent and its answer lost: from then on, a waiter whose time runs out
         // may have been flushed.
         let mut maybe_applied = false;
-        let mut paid = 0u64;
+        let mut paid = Units::default();
         loop {
             let shared = live.load_full();
             let inv = &shared.config.invalidation;
@@ -260,17 +261,10 @@ impl Round<'_> {
                     groups.push(*f);
                 }
             }
-            let (_, commands_budget) = shared.budgets();
-            if let Err(at) = take(
-                &commands_budget.limiter,
-                commands_budget.burst,
-                commands_budget.per_second,
-                groups.len() as u64,
-                &mut paid,
-                deadline - margin,
-            )
-            .await
-            {
+            let (keys_budget, commands_budget) = shared.budgets();
+            let want = Units::new(0, groups.len() as u64);
+            let budgets = (&*keys_budget, &*commands_budget);
+            if let Err(at) = take(&shared, budgets, want, &mut paid, deadline - margin).await {
                 expire_before(&mut waiters, at + margin, late);
                 continue;
             }
@@ -287,13 +281,13 @@ impl Round<'_> {
                 Err(_) => continue,
                 Ok(Err(_lost)) => {
                     maybe_applied = true;
-                    paid = 0;
+                    paid = Units::default();
                     continue;
                 }
                 Ok(Ok(replies)) => replies,
             };
-            shared.observe(started.elapsed());
-            paid = 0;
+            shared.observe(super::adaptive::Sample::Batch, started.elapsed());
+            paid = Units::default();
             let mut again = Vec::new();
             for (job, form) in waiters.into_iter().zip(sent) {
                 let group = groups.iter().position(|&g| g == form).unwrap_or(0);

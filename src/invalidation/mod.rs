@@ -15,7 +15,9 @@
 //!    added latency when idle), takes the rate-limit budgets (only for what it then sends),
 //!    executes on its own connection ([`executor`]), and answers each request with its own
 //!    result. Deletes are in [`delete`], flushes in [`flush`], permission checks in
-//!    [`access`], and what each ending means for the client in [`outcome`].
+//!    [`access`], what each ending means for the client in [`outcome`], and the budget
+//!    every stormwall in front of the same Redis takes from (`invalidation.shared_budget`)
+//!    in [`shared_budget`].
 //!
 //! Every request ends in exactly one [`Outcome`] (G4): its real result; an error saying it
 //! was not applied; "unknown" when a connection was lost after it was sent (the session
@@ -35,6 +37,7 @@ mod executor;
 mod flush;
 mod observe;
 mod outcome;
+mod shared_budget;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -58,6 +61,7 @@ pub use observe::Observed;
 pub(crate) use observe::{COMMANDS as OBSERVED_COMMANDS, WOULD as OBSERVED_WOULD};
 use outcome::{Outcome, PassReason, Refusal};
 pub(crate) use outcome::{PASSTHROUGH_REASONS, REJECTED_REASONS};
+pub(crate) use shared_budget::FALLBACK_REASONS;
 
 /// A governed request as the session parsed it.
 #[derive(Debug)]
@@ -211,6 +215,9 @@ struct Shared {
     commands: Arc<Budget>,
     /// The adaptive budget's controller: kept across reloads, like what it learned.
     controller: Arc<Controller>,
+    /// The budget kept in Redis for every stormwall in front of it (`shared_budget`),
+    /// kept across reloads with its connection.
+    budget: Arc<shared_budget::SharedBudget>,
     /// Queue slots: requests, and keys in them.
     requests: Arc<Semaphore>,
     pending_keys: Arc<Semaphore>,
@@ -253,6 +260,7 @@ impl Shared {
             keys,
             commands,
             controller: old.map(|o| o.controller.clone()).unwrap_or_default(),
+            budget: old.map(|o| o.budget.clone()).unwrap_or_default(),
             requests,
             pending_keys,
             refusing: old.map(|o| o.refusing.clone()).unwrap_or_default(),
@@ -280,9 +288,9 @@ impl Shared {
     }
 
     /// Notes how long Redis took for something (a batch, a flush, a `PING`).
-    fn observe(&self, latency: Duration) {
+    fn observe(&self, kind: adaptive::Sample, latency: Duration) {
         self.controller
-            .sample(latency, self.config.invalidation.adaptive_floor);
+            .sample(kind, latency, self.config.invalidation.adaptive_floor);
     }
 }
 
@@ -419,7 +427,9 @@ impl Engine {
     /// Notes a round trip to Redis measured elsewhere (the readiness probe's `PING`), for
     /// the adaptive budget's baseline.
     pub fn observe_latency(&self, latency: Duration) {
-        self.live.load().observe(latency);
+        self.live
+            .load()
+            .observe(adaptive::Sample::RoundTrip, latency);
     }
 
     /// Applies a reloaded config from the next request and batch on.
@@ -492,9 +502,9 @@ impl Engine {
         self.activity.touch();
         self.sampler.call_once(|| {
             let live = Arc::downgrade(&self.live);
-            tokio::spawn(adaptive::sample(self.activity.clone(), move || {
+            adaptive::spawn_sampler(self.activity.clone(), move || {
                 live.upgrade().map(|l| l.load_full())
-            }));
+            });
         });
     }
 
