@@ -245,6 +245,10 @@ impl Default for LimitsConfig {
 pub struct InvalidationConfig {
     /// Govern `DEL`/`UNLINK`/`FLUSHDB`/`FLUSHALL`. `false` passes them through like any command.
     pub enabled: bool,
+    /// `enforce`: the shield acts. `observe`: governed commands pass through untouched (as
+    /// with `enabled = false`) while a shadow model counts what the shield would have done
+    /// (`invalidation/observe.rs`), for a safe first rollout. Read live by every session.
+    pub mode: InvalidationMode,
     /// What deletes keys in Redis: `unlink` frees memory off Redis's main thread.
     pub delete_command: DeleteCommand,
     /// Most distinct keys in one batch (a single larger request still goes out alone).
@@ -308,6 +312,7 @@ impl Default for InvalidationConfig {
     fn default() -> Self {
         InvalidationConfig {
             enabled: true,
+            mode: InvalidationMode::Enforce,
             delete_command: DeleteCommand::Unlink,
             max_batch_keys: 1000,
             batch_delay: Duration::ZERO,
@@ -329,6 +334,17 @@ impl Default for InvalidationConfig {
             max_identities: 64,
         }
     }
+}
+
+/// Whether the shield acts on governed commands or only counts what it would have done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InvalidationMode {
+    /// Coalesce, batch, rate-limit and refuse as configured (the shield).
+    Enforce,
+    /// Pass every governed command through untouched, and count what enforcement would
+    /// have done (`stormwall_invalidation_observed_total`).
+    Observe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -972,7 +988,8 @@ mod tests {
         let running = Config::default();
         let new = parse(
             "[listen]\nmax_clients = 5\n[limits]\nmax_bulk_len = 1000\n\
-             [flush]\nmin_interval = \"2s\"\n[log]\nlevel = \"debug\"\n",
+             [flush]\nmin_interval = \"2s\"\n[log]\nlevel = \"debug\"\n\
+             [invalidation]\nmode = \"observe\"\n",
         )
         .unwrap();
         assert!(running.restart_only_changes(&new).is_empty());

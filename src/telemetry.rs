@@ -79,6 +79,12 @@ fn zero_series() {
     for mode in ["shared", "private", "spare"] {
         gauge!("stormwall_upstream_connections", "mode" => mode).set(0.0);
     }
+    for command in crate::invalidation::OBSERVED_COMMANDS {
+        for would in crate::invalidation::OBSERVED_WOULD {
+            counter!("stormwall_invalidation_observed_total", "command" => command, "would" => would)
+                .absolute(0);
+        }
+    }
     for reason in crate::invalidation::PASSTHROUGH_REASONS {
         counter!("stormwall_invalidation_passthrough_total", "reason" => reason).absolute(0);
     }
@@ -95,6 +101,7 @@ fn zero_series() {
         "stormwall_scoped_flushes_executed_total",
         "stormwall_scoped_flush_scan_calls_total",
         "stormwall_scoped_flush_keys_deleted_total",
+        "stormwall_invalidation_observed_coalesced_keys_total",
     ] {
         counter!(name).absolute(0);
     }
@@ -281,6 +288,14 @@ fn describe() {
         "stormwall_invalidation_passthrough_total",
         "Governed requests handed back to run on the client's own connection, by reason."
     );
+    describe_counter!(
+        "stormwall_invalidation_observed_total",
+        "Observe mode: governed requests passed through untouched, by command and by what enforcement would have done with them (execute, batch, delay, coalesce, refuse, deny, pass)."
+    );
+    describe_counter!(
+        "stormwall_invalidation_observed_coalesced_keys_total",
+        "Observe mode: keys enforcement would not have sent because an earlier request in the same would-be batch named them."
+    );
     describe_gauge!(
         "stormwall_invalidation_identities",
         "Identities (user, password, database) with a live shield worker."
@@ -394,6 +409,7 @@ mod tests {
             include_str!("invalidation/executor.rs"),
             include_str!("invalidation/outcome.rs"),
             include_str!("invalidation/access.rs"),
+            include_str!("invalidation/observe.rs"),
             include_str!("invalidation/shared_budget.rs"),
             include_str!("reload.rs"),
         ]

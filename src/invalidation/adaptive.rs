@@ -223,6 +223,18 @@ impl Controller {
         }
     }
 
+    /// Redis's recent round trip: the worst of the last finished window, or of the current
+    /// one if none has finished yet (`None` before any sample).
+    pub fn latency(&self) -> Option<Duration> {
+        let state = self.lock();
+        state
+            .history
+            .back()
+            .map(|(_, l)| *l)
+            .or(state.worst)
+            .map(Duration::from_secs_f64)
+    }
+
     /// The budget as a fraction of the configured one, in `floor..=1`.
     pub fn fraction(&self, floor: f64) -> f64 {
         let now = Instant::now();

@@ -35,6 +35,7 @@ mod budget;
 mod delete;
 mod executor;
 mod flush;
+mod observe;
 mod outcome;
 mod scoped;
 mod shared_budget;
@@ -53,10 +54,12 @@ use metrics::{counter, gauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::{Config, OnFull};
+use crate::config::{Config, InvalidationMode, OnFull};
 use crate::upstream::Identity;
 use adaptive::Controller;
 use budget::{Budget, Scaled};
+pub use observe::Observed;
+pub(crate) use observe::{COMMANDS as OBSERVED_COMMANDS, WOULD as OBSERVED_WOULD};
 use outcome::{Outcome, PassReason, Refusal};
 pub(crate) use outcome::{PASSTHROUGH_REASONS, REJECTED_REASONS};
 pub use scoped::{Client, Scope, scope_of};
@@ -417,6 +420,8 @@ pub struct Engine {
     /// When a governed request last arrived; the latency sampler runs only near then.
     activity: Arc<adaptive::Activity>,
     sampler: std::sync::Once,
+    /// Observe mode's shadow model.
+    observer: observe::Observer,
 }
 
 impl Engine {
@@ -429,6 +434,7 @@ impl Engine {
             registry: Arc::default(),
             activity: Arc::default(),
             sampler: std::sync::Once::new(),
+            observer: observe::Observer::default(),
         }
     }
 
@@ -488,7 +494,34 @@ impl Engine {
             .verdict()
     }
 
-    async fn run(&self, who: &Identity, requests: Vec<Request>) -> Vec<Outcome> {
+    /// Whether governed commands are only observed now (`invalidation.mode = "observe"`,
+    /// live): the session then passes them through as with `enabled = false` and tells
+    /// [`Engine::observe`] about each.
+    pub fn observing(&self) -> bool {
+        self.live.load().config.invalidation.mode == InvalidationMode::Observe
+    }
+
+    /// Observe mode: counts what enforcement would have done with one governed command
+    /// that passes through (`invalidation/observe.rs`). Never waits. `who`: the client's
+    /// identity, or `None` where enforcement would have passed it through as well (a
+    /// transaction, a client the shield cannot act for). `follows`: it came pipelined right
+    /// behind a governed command of the same kind from the same client.
+    pub fn observe<'k>(
+        &self,
+        who: Option<&Identity>,
+        command: Observed,
+        keys: impl Iterator<Item = &'k [u8]>,
+        follows: bool,
+    ) {
+        // The latency sampler runs as it would under enforcement: the model's sense of how
+        // long a batch takes, and the adaptive budget it uses, come from it.
+        self.active();
+        let shared = self.live.load();
+        self.observer.observe(&shared, who, command, keys, follows);
+    }
+
+    /// Notes that governed requests are flowing, for the adaptive budget's sampler.
+    fn active(&self) {
         self.activity.touch();
         self.sampler.call_once(|| {
             let live = Arc::downgrade(&self.live);
@@ -496,6 +529,10 @@ impl Engine {
                 live.upgrade().map(|l| l.load_full())
             });
         });
+    }
+
+    async fn run(&self, who: &Identity, requests: Vec<Request>) -> Vec<Outcome> {
+        self.active();
         let shared = self.live.load_full();
         let config = &shared.config;
         let received = Instant::now();

@@ -15,7 +15,7 @@ use super::sharing::{self, Action, PinReason};
 use super::state::{Effect, InfoField, Login, MAX_KEPT_PASSWORD};
 use super::{Links, MIN_READ, READ_BUF};
 use crate::config::FlushCommand;
-use crate::invalidation::{self, Engine, Request, Scope, Verdict};
+use crate::invalidation::{self, Engine, Observed, Request, Scope, Verdict};
 use crate::net::ReadHalf;
 use crate::policy::{self, Kind};
 use crate::resp::request::{Command, Parsed, RequestParser};
@@ -237,6 +237,9 @@ impl RequestSide<'_> {
             .set_unauthenticated(self.links.unauthenticated());
         // Governed requests framed right after one another, at `buf[scanned..][..group.bytes]`.
         let mut group = Group::default();
+        // Observe mode: the kind of the governed command framed just before, if the one
+        // before was one (a pipeline enforcement would have batched together).
+        let mut last_observed: Option<Observed> = None;
         loop {
             let parsed = match self.parser.parse(&buf[scanned + group.bytes..]) {
                 Ok(Some(p)) => p,
@@ -289,9 +292,17 @@ impl RequestSide<'_> {
             };
             let kind = policy::classify(&cmd);
             let len = parsed.len();
+            // Observe mode: it passes through as if the shield were off, and is counted.
+            let observed = self.observed(kind);
+            if let Some(command) = observed {
+                let follows = last_observed.is_some_and(|last| same_batch(last, command));
+                self.observe(command, &cmd, follows);
+            }
+            last_observed = observed;
             let denial = self.denial(kind);
             let governed = match kind {
                 // Whether Redis would queue it in a transaction is not known yet: decided below.
+                _ if observed.is_some() => None,
                 _ if self.maybe_multi || denial.is_some() || !self.governs() => None,
                 Kind::Flush { all, sync } => Some(Request::Flush { all, sync }),
                 Kind::Delete => Some(Request::Delete {
@@ -407,7 +418,9 @@ impl RequestSide<'_> {
                 }
             }
             let uncertain = matches!(kind, Kind::EntersRaw | Kind::NoReply)
-                || (self.governs() && matches!(kind, Kind::Delete | Kind::Flush { .. }));
+                || (self.governs()
+                    && observed.is_none()
+                    && matches!(kind, Kind::Delete | Kind::Flush { .. }));
             if uncertain && self.maybe_multi {
                 // Whether Redis queues this command or runs it now depends on whether the
                 // transaction is still open: find out before deciding.
@@ -739,11 +752,60 @@ impl RequestSide<'_> {
         }
     }
 
-    /// How a flush the policy denies is refused, if `kind` is one.
+    /// Observe mode (`invalidation.mode = "observe"`, read live so that a reload applies to
+    /// connected clients at once): what `kind` is to the shadow model, if it is governed.
+    /// Such a command passes through exactly as with `invalidation.enabled = false`.
+    fn observed(&self, kind: Kind) -> Option<Observed> {
+        let observed = match kind {
+            Kind::Delete => Observed::Delete { unlink: false },
+            Kind::Flush { all, .. } => Observed::Flush { all },
+            _ => return None,
+        };
+        (self.links.config.invalidation.enabled && self.links.ctx.engine.observing())
+            .then_some(observed)
+    }
+
+    /// Tells the shadow model about a governed command that passes through in observe
+    /// mode, without waiting for anything: with the client's identity if enforcement would
+    /// have governed it, without if it would have passed it through too (inside a
+    /// transaction or one that may still be open, a tracking client, an identity it cannot
+    /// reproduce, a client not yet authenticated).
+    fn observe(&self, command: Observed, cmd: &Command<'_>, follows: bool) {
+        let links = self.links;
+        let (command, keys) = match command {
+            Observed::Delete { .. } => (
+                Observed::Delete {
+                    unlink: cmd
+                        .arg(0)
+                        .is_some_and(|n| n.eq_ignore_ascii_case(b"UNLINK")),
+                },
+                cmd.argc(),
+            ),
+            flush => (flush, 1),
+        };
+        let who = {
+            let state = links.state();
+            // A `MULTI` not yet answered: once every reply is in, the state says.
+            let transaction = state.in_multi || (self.maybe_multi && !links.queue.is_drained());
+            let governed = !transaction && state.may_delegate() && !links.unauthenticated();
+            governed.then(|| state.identity.clone())
+        };
+        let keys = (1..keys).filter_map(|i| cmd.arg(i));
+        links
+            .ctx
+            .engine
+            .observe(who.as_ref(), command, keys, follows);
+    }
+
+    /// How a flush the policy denies is refused, if `kind` is one. Never in observe mode,
+    /// which counts it instead (`would="deny"`).
     fn denial(&self, kind: Kind) -> Option<Denial> {
         let Kind::Flush { all, .. } = kind else {
             return None;
         };
+        if self.observed(kind).is_some() {
+            return None;
+        }
         let cmd = if all {
             FlushCommand::FlushAll
         } else {
@@ -840,6 +902,13 @@ impl RequestSide<'_> {
             };
             let len = parsed.len();
             drop(parsed);
+            if let Some(command) = self.observed(kind) {
+                // Relayed raw, ungoverned under enforcement too (unless denied).
+                self.links
+                    .ctx
+                    .engine
+                    .observe(None, command, std::iter::empty(), false);
+            }
             match self.denial(kind) {
                 Some(denial) => {
                     let next = Box::pin(self.substitute(
@@ -1354,6 +1423,16 @@ impl RequestSide<'_> {
             .upstream
             .shared_connections(links.config.runtime.worker_threads);
         link.rekey(links.ctx.pools.group(&key, size));
+    }
+}
+
+/// Whether two governed commands pipelined back to back would have gone to the shield
+/// together (one group, one worker): deletes, or flushes of the same target.
+fn same_batch(a: Observed, b: Observed) -> bool {
+    match (a, b) {
+        (Observed::Delete { .. }, Observed::Delete { .. }) => true,
+        (Observed::Flush { all: x }, Observed::Flush { all: y }) => x == y,
+        _ => false,
     }
 }
 
