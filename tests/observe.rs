@@ -13,17 +13,6 @@ use common::{Frame, Raw, Redis, Stormwall, as_int, encode_cmd, eventually, metri
 
 const OBSERVE: &str = "[invalidation]\nmode = \"observe\"\n";
 
-/// `calls` of `cmd` in Redis's `INFO commandstats`.
-fn calls(redis: &Redis, cmd: &str) -> u64 {
-    let info = text(&redis.raw().call(&[b"INFO", b"commandstats"]));
-    let prefix = format!("cmdstat_{cmd}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .map(|n| n.parse().unwrap())
-        .unwrap_or(0)
-}
-
 /// `stormwall_invalidation_observed_total` for `command` and `would` (either may be "").
 fn observed(sw: &Stormwall, command: &str, would: &str) -> f64 {
     let mut labels = Vec::new();
@@ -118,16 +107,16 @@ fn observe_mode_passes_a_storm_through_and_counts_what_enforce_would_do() {
 
     let redis = Redis::start();
     let sw = Stormwall::start(&redis.addr(), &format!("{OBSERVE}{flush}"));
-    let before = |cmd| calls(&redis, cmd);
+    let before = |cmd| redis.calls(cmd);
     let (del0, flush0) = (before("del"), before("flushdb"));
     let mut sent = None;
     let executed = monitored(&redis, &sw, || sent = Some(storm(&sw)));
     let sent = sent.unwrap();
     // One call per request, each the client's own command.
-    assert_eq!(calls(&redis, "del") - del0, sent.dels);
-    assert_eq!(calls(&redis, "flushdb") - flush0, sent.flushes);
+    assert_eq!(redis.calls("del") - del0, sent.dels);
+    assert_eq!(redis.calls("flushdb") - flush0, sent.flushes);
     for cmd in ["unlink", "eval", "multi", "exec", "flushall"] {
-        assert_eq!(calls(&redis, cmd), 0, "Redis ran {cmd} in observe mode");
+        assert_eq!(redis.calls(cmd), 0, "Redis ran {cmd} in observe mode");
     }
     let dels = executed.iter().filter(|l| l.starts_with("\"DEL\"")).count() as u64;
     let flushes: Vec<_> = executed
@@ -312,8 +301,8 @@ fn switching_mode_by_reload_applies_to_the_next_request() {
     // Enforced: the shield sends UNLINK for a DEL, and observes nothing.
     client.call(&[b"SET", b"k", b"1"]);
     assert_eq!(as_int(&client.call(&[b"DEL", b"k"])), 1);
-    assert_eq!(calls(&redis, "unlink"), 1);
-    assert_eq!(calls(&redis, "del"), 0);
+    assert_eq!(redis.calls("unlink"), 1);
+    assert_eq!(redis.calls("del"), 0);
     assert_eq!(observed(&sw, "", ""), 0.0);
 
     std::fs::write(&sw.config_path, format!("{original}{OBSERVE}")).unwrap();
@@ -321,8 +310,8 @@ fn switching_mode_by_reload_applies_to_the_next_request() {
     reloads(1.0);
     client.call(&[b"SET", b"k", b"1"]);
     assert_eq!(as_int(&client.call(&[b"DEL", b"k"])), 1);
-    assert_eq!(calls(&redis, "del"), 1, "observed: the client's own DEL");
-    assert_eq!(calls(&redis, "unlink"), 1);
+    assert_eq!(redis.calls("del"), 1, "observed: the client's own DEL");
+    assert_eq!(redis.calls("unlink"), 1);
     assert_eq!(observed(&sw, "delete", ""), 1.0);
 
     std::fs::write(&sw.config_path, &original).unwrap();
@@ -330,8 +319,8 @@ fn switching_mode_by_reload_applies_to_the_next_request() {
     reloads(2.0);
     client.call(&[b"SET", b"k", b"1"]);
     assert_eq!(as_int(&client.call(&[b"DEL", b"k"])), 1);
-    assert_eq!(calls(&redis, "unlink"), 2, "enforced again");
-    assert_eq!(calls(&redis, "del"), 1);
+    assert_eq!(redis.calls("unlink"), 2, "enforced again");
+    assert_eq!(redis.calls("del"), 1);
     assert_eq!(observed(&sw, "", ""), 1.0);
 }
 

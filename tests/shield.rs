@@ -11,20 +11,6 @@ use std::time::{Duration, Instant};
 use common::{Frame, Raw, Redis, Stormwall, as_int, is_error, text};
 use redis::Commands;
 
-/// `calls` of `cmd` in Redis's `INFO commandstats`.
-fn calls(redis: &Redis, cmd: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.client())
-        .unwrap();
-    let prefix = format!("cmdstat_{cmd}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .map(|n| n.parse().unwrap())
-        .unwrap_or(0)
-}
-
 /// G2: concurrent DELs of overlapping keys; every request gets the count it really removed
 /// under some sequential order, so the counts add up to the keys that existed.
 #[test]
@@ -144,7 +130,7 @@ fn g3_read_your_invalidations_in_a_pipeline() {
 fn g2_concurrent_flushes_coalesce_and_cover_every_request() {
     let redis = Redis::start();
     let sw = Stormwall::start(&redis.addr(), "[flush]\nmin_interval = \"200ms\"\n");
-    let before = calls(&redis, "flushdb");
+    let before = redis.calls("flushdb");
     let barrier = Arc::new(Barrier::new(100));
     let handles: Vec<_> = (0..100)
         .map(|c| {
@@ -166,7 +152,7 @@ fn g2_concurrent_flushes_coalesce_and_cover_every_request() {
     for h in handles {
         h.join().unwrap();
     }
-    let flushes = calls(&redis, "flushdb") - before;
+    let flushes = redis.calls("flushdb") - before;
     assert!(
         (1..=10).contains(&flushes),
         "100 concurrent FLUSHDBs reached Redis as {flushes} flushes"
@@ -198,17 +184,13 @@ fn identical_deletes_from_many_clients_are_coalesced() {
     for h in handles {
         h.join().unwrap();
     }
-    let sent = calls(&redis, "unlink") + calls(&redis, "del");
+    let sent = redis.calls("unlink") + redis.calls("del");
     let requested = (CLIENTS * LOOPS) as u64;
     assert!(
         sent < requested,
         "{requested} DEL requests reached Redis as {sent} commands"
     );
-    assert_eq!(
-        calls(&redis, "del"),
-        0,
-        "deletes must use UNLINK by default"
-    );
+    assert_eq!(redis.calls("del"), 0, "deletes must use UNLINK by default");
 }
 
 /// G4: with `on_full = "reject"`, an over-full queue answers -BUSY, and a rejected request
@@ -444,11 +426,11 @@ fn g7_transactions_scripts_and_pubsub_pass_through() {
         other => panic!("EXEC returned {other:?}"),
     }
     assert_eq!(
-        calls(&redis, "del"),
+        redis.calls("del"),
         1,
         "DEL inside MULTI must reach Redis as DEL"
     );
-    assert_eq!(calls(&redis, "unlink"), 0);
+    assert_eq!(redis.calls("unlink"), 0);
     raw.call(&[b"SET", b"s", b"1"]);
     let reply = raw.call(&[b"EVAL", b"return redis.call('del', KEYS[1])", b"1", b"s"]);
     assert_eq!(as_int(&reply), 1);

@@ -37,7 +37,8 @@ use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
 use super::shared_budget::{Units, take};
 use super::{
-    FlushJob, Live, Registry, earliest, expire_before, flushers, next_job, prune, send_margin,
+    FlushJob, Live, Registry, Shared, earliest, expire_before, flushers, next_job, prune,
+    send_margin,
 };
 use crate::config::FlushMode;
 use crate::upstream::Identity;
@@ -71,11 +72,11 @@ fn strength(form: usize) -> u8 {
 pub(super) struct Spacing {
     settings: (Duration, u32),
     fraction: f64,
-    pub(super) limiter: Option<DefaultDirectRateLimiter>,
+    limiter: Option<DefaultDirectRateLimiter>,
 }
 
 impl Spacing {
-    pub(super) fn new(
+    fn new(
         settings: (Duration, u32),
         fraction: f64,
         max_wait: Duration,
@@ -99,8 +100,23 @@ impl Spacing {
         }
     }
 
+    /// Waits for the next flush's turn under the spacing in `slot`, first brought up to date
+    /// with the settings and the adaptive budget in `shared`.
+    pub(super) async fn wait_turn(slot: &mut Option<Spacing>, shared: &Shared) {
+        let settings = (shared.config.flush.min_interval, shared.config.flush.burst);
+        let fraction = shared.fraction();
+        let max_wait = shared.config.invalidation.max_wait;
+        let spacing = match slot.take() {
+            Some(s) if s.holds(settings, fraction) => slot.insert(s),
+            old => slot.insert(Spacing::new(settings, fraction, max_wait, old.as_ref())),
+        };
+        if let Some(limiter) = &spacing.limiter {
+            limiter.until_ready().await;
+        }
+    }
+
     /// Whether this spacing still stands for `settings` at `fraction`.
-    pub(super) fn holds(&self, settings: (Duration, u32), fraction: f64) -> bool {
+    fn holds(&self, settings: (Duration, u32), fraction: f64) -> bool {
         self.settings == settings
             && (fraction - self.fraction).abs() <= 0.1 * self.fraction
             && (fraction < 1.0 || self.fraction == 1.0)
@@ -122,17 +138,7 @@ pub(super) async fn worker(
     let mut checkable = true;
     let mut spacing: Option<Spacing> = None;
     while let Some(first) = next_job(&live, &registry, flushers, &key, &who, &mut rx).await {
-        let shared = live.load_full();
-        let settings = (shared.config.flush.min_interval, shared.config.flush.burst);
-        let fraction = shared.fraction();
-        let max_wait = shared.config.invalidation.max_wait;
-        let spacing = match spacing.take() {
-            Some(s) if s.holds(settings, fraction) => spacing.insert(s),
-            old => spacing.insert(Spacing::new(settings, fraction, max_wait, old.as_ref())),
-        };
-        if let Some(limiter) = &spacing.limiter {
-            limiter.until_ready().await;
-        }
+        Spacing::wait_turn(&mut spacing, &live.load_full()).await;
         let mut waiters = vec![first];
         while let Ok(job) = rx.try_recv() {
             waiters.push(job);

@@ -190,17 +190,7 @@ pub(super) async fn worker(
     let mut exec = Executor::new(who.clone());
     let mut spacing: Option<Spacing> = None;
     while let Some(first) = next_job(&live, &registry, scopers, &key, &who, &mut rx).await {
-        let shared = live.load_full();
-        let settings = (shared.config.flush.min_interval, shared.config.flush.burst);
-        let fraction = shared.fraction();
-        let max_wait = shared.config.invalidation.max_wait;
-        let spacing = match spacing.take() {
-            Some(s) if s.holds(settings, fraction) => spacing.insert(s),
-            old => spacing.insert(Spacing::new(settings, fraction, max_wait, old.as_ref())),
-        };
-        if let Some(limiter) = &spacing.limiter {
-            limiter.until_ready().await;
-        }
+        Spacing::wait_turn(&mut spacing, &live.load_full()).await;
         // Every request queued by now, and none that arrives later, is answered by this scan.
         let mut waiters = vec![first];
         while let Ok(job) = rx.try_recv() {

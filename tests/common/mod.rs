@@ -53,6 +53,17 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// `calls` of `cmd` in this Redis's `INFO commandstats` (0 if it never ran).
+    pub fn calls(&self, cmd: &str) -> u64 {
+        let info = text(&self.raw().call(&[b"INFO", b"commandstats"]));
+        let prefix = format!("cmdstat_{cmd}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn start() -> Redis {
         Redis::start_with(&[])
     }
