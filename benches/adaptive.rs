@@ -729,8 +729,14 @@ struct Summary {
     keys_per_second: f64,
     ack_p50: f64,
     ack_p99: f64,
-    /// Lowest adaptive ratio any sidecar reported during the storm.
+    /// Lowest adaptive ratio any sidecar reported during the storm (with `adaptive = false`
+    /// the controller still computes it from batch timings, but it is not applied).
     min_ratio: f64,
+    /// The controller's view during the storm: the median over scrapes of the worst
+    /// sidecar's `stormwall_redis_latency_seconds`, and its healthy bound (`2 × baseline +
+    /// 5 ms`, from the lowest baseline), in ms.
+    seen_ms: f64,
+    bound_ms: f64,
 }
 
 /// Latencies (µs, sorted) of the reads scheduled in `from..to` (seconds since the start).
@@ -768,6 +774,22 @@ impl RunResult {
             .flat_map(|sc| sc.sidecars.iter().map(|g| g[0]))
             .filter(|v| !v.is_nan())
             .fold(f64::NAN, f64::min);
+        let storm_scrapes = || {
+            self.scrapes
+                .iter()
+                .filter(|sc| sc.at >= self.storm_from && sc.at <= self.storm_to)
+        };
+        let seen_ms = median(
+            storm_scrapes()
+                .map(|sc| sc.sidecars.iter().map(|g| g[1]).fold(f64::NAN, f64::max))
+                .filter(|v| !v.is_nan())
+                .map(|v| v * 1e3)
+                .collect(),
+        );
+        let baseline = storm_scrapes()
+            .flat_map(|sc| sc.sidecars.iter().map(|g| g[2]))
+            .filter(|v| !v.is_nan())
+            .fold(f64::NAN, f64::min);
         Summary {
             p50: ms(pct(&during, 0.5)),
             p99: ms(pct(&during, 0.99)),
@@ -787,6 +809,8 @@ impl RunResult {
             ack_p50: ms(pct(&acks, 0.5)),
             ack_p99: ms(pct(&acks, 0.99)),
             min_ratio,
+            seen_ms,
+            bound_ms: (2.0 * baseline + 0.005) * 1e3,
         }
     }
 
@@ -886,7 +910,7 @@ fn summary_row(md: &mut String, label: &str, round: &str, st: &Summary, r: &RunR
     };
     let _ = writeln!(
         md,
-        "| {label} | {round} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {ratio} |",
+        "| {label} | {round} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {ratio} | {} / {} |",
         f2(st.before_p99),
         f2(st.p50),
         f2(st.p99),
@@ -907,13 +931,16 @@ fn summary_row(md: &mut String, label: &str, round: &str, st: &Summary, r: &RunR
         r.redis_cores,
         r.sidecar_cores,
         r.redis_commands,
+        f2(st.seen_ms),
+        f2(st.bound_ms),
     );
 }
 
 const SUMMARY_HEAD: &str = "| variant | round | read p99 before storm ms | read p50 ms | read p99 ms | \
     read max ms | worst second's p99 ms | drain s | keys/s | DEL ack p50 ms | DEL ack p99 ms | \
-    Redis main CPU (cores) | sidecars CPU (cores) | invalidation cmds at Redis | lowest adaptive ratio |\n\
-    | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    Redis main CPU (cores) | sidecars CPU (cores) | invalidation cmds at Redis | lowest adaptive ratio (static: computed, not applied) | \
+    controller's Redis latency (median) / healthy bound ms |\n\
+    | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
 
 fn report(s: &Settings, runs: &[RunResult], minutes: f64, load_before: &str) -> String {
     let vars = [
@@ -998,6 +1025,8 @@ fn report(s: &Settings, runs: &[RunResult], minutes: f64, load_before: &str) -> 
             ack_p50: med(v, |s| s.ack_p50),
             ack_p99: med(v, |s| s.ack_p99),
             min_ratio: med(v, |s| s.min_ratio),
+            seen_ms: med(v, |s| s.seen_ms),
+            bound_ms: med(v, |s| s.bound_ms),
         };
         let cores = |f: fn(&RunResult) -> f64| median(mine.iter().map(|r| f(r)).collect());
         let fake = RunResult {
@@ -1069,21 +1098,25 @@ fn report(s: &Settings, runs: &[RunResult], minutes: f64, load_before: &str) -> 
     );
 
     md.push_str(
-        "\n## Per second\n\nThe adaptive runs, every round, then the static 10× run of the \
-         first round for comparison. Ratio and latency are the sidecars' own gauges \
-         (`stormwall_invalidation_adaptive_ratio`, `stormwall_redis_latency_seconds`: the \
-         controller's last window's latency, its worst `PING` or quickest batch; \
-         `stormwall_redis_latency_baseline_seconds`), scraped every 250 ms; with `adaptive = \
-         false` the latency gauge still shows what the controller measured from batches.\n",
+        "\n## Per second\n\nFor each maximum (10×, then default): the adaptive runs, every \
+         round, then the static run of the first round for comparison. Ratio and latency are \
+         the sidecars' own gauges (`stormwall_invalidation_adaptive_ratio`, \
+         `stormwall_redis_latency_seconds`: the controller's last window's latency, its worst \
+         `PING` or quickest batch; `stormwall_redis_latency_baseline_seconds`), scraped every \
+         250 ms; with `adaptive = false` the controller still runs on batch timings (and the \
+         readiness probe's `PING`) and sets the gauges, but its ratio is not applied, so the \
+         key budget column stays at the maximum.\n",
     );
-    for r in runs.iter().filter(|r| r.variant == Variant::Adaptive10x) {
-        r.per_second(&mut md);
-    }
-    if let Some(r) = runs
-        .iter()
-        .find(|r| r.variant == Variant::Static10x && r.round == 1)
-    {
-        r.per_second(&mut md);
+    for (adaptive, fixed) in [
+        (Variant::Adaptive10x, Variant::Static10x),
+        (Variant::AdaptiveDefault, Variant::StaticDefault),
+    ] {
+        for r in runs.iter().filter(|r| r.variant == adaptive) {
+            r.per_second(&mut md);
+        }
+        if let Some(r) = runs.iter().find(|r| r.variant == fixed && r.round == 1) {
+            r.per_second(&mut md);
+        }
     }
     md
 }
