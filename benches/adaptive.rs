@@ -44,6 +44,11 @@
 //! `STORMWALL_BENCH_QUICK=1`: a short smoke run (200,000 keys, 150,000 deleted, one round, 1 s
 //! before and after); its report goes to a temporary folder (named at the end), and
 //! `results/` is left alone.
+//! For investigating (the report then also goes to a temporary folder):
+//! `STORMWALL_BENCH_ONLY=static10x,adaptive10x` (any subset of `nostorm`, `direct`,
+//! `static10x`, `adaptive10x`, `staticdefault`, `adaptivedefault`) runs only those variants;
+//! `STORMWALL_BENCH_BIN=path` runs the sidecars from another stormwall binary (e.g. one built
+//! with a different controller constant).
 
 mod common;
 
@@ -149,6 +154,39 @@ impl Variant {
         Variant::StaticDefault,
         Variant::AdaptiveDefault,
     ];
+
+    /// The name `STORMWALL_BENCH_ONLY` knows it by.
+    fn key(self) -> &'static str {
+        match self {
+            Variant::NoStorm => "nostorm",
+            Variant::Direct => "direct",
+            Variant::Static10x => "static10x",
+            Variant::Adaptive10x => "adaptive10x",
+            Variant::StaticDefault => "staticdefault",
+            Variant::AdaptiveDefault => "adaptivedefault",
+        }
+    }
+
+    /// The variants to run: all, or those `STORMWALL_BENCH_ONLY` names.
+    fn selected() -> Vec<Variant> {
+        let Some(only) = std::env::var("STORMWALL_BENCH_ONLY")
+            .ok()
+            .filter(|v| !v.is_empty())
+        else {
+            return Variant::ALL.to_vec();
+        };
+        let names: Vec<&str> = only.split(',').map(str::trim).collect();
+        for n in &names {
+            assert!(
+                Variant::ALL.iter().any(|v| v.key() == *n),
+                "STORMWALL_BENCH_ONLY: unknown variant {n:?}"
+            );
+        }
+        Variant::ALL
+            .into_iter()
+            .filter(|v| names.contains(&v.key()))
+            .collect()
+    }
 
     fn label(self) -> &'static str {
         match self {
@@ -518,6 +556,31 @@ fn scraper(redis_pid: u32, admins: Vec<u16>, t0: Instant, stop: Arc<AtomicBool>)
 // ---------------------------------------------------------------------------------------------
 // One run
 
+/// A sidecar: stormwall with `config` and its admin endpoint at `admin`, from
+/// `STORMWALL_BENCH_BIN` if set (else the one built with this bench).
+fn start_sidecar(redis: u16, config: &str, admin: &str) -> (Proc, u16) {
+    let args = ["--admin", admin, "--log-level", "warn"];
+    let Some(bin) = std::env::var_os("STORMWALL_BENCH_BIN").filter(|b| !b.is_empty()) else {
+        return start_stormwall_config(redis, config, &args);
+    };
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stormwall.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut child = Proc(
+        std::process::Command::new(bin)
+            .arg("--config")
+            .arg(&file)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &format!("127.0.0.1:{redis}")])
+            .args(args)
+            .spawn()
+            .expect("cannot start STORMWALL_BENCH_BIN"),
+    );
+    wait_port(port, &mut child.0, "stormwall");
+    (child, port)
+}
+
 struct RunResult {
     variant: Variant,
     round: usize,
@@ -559,8 +622,7 @@ fn run(s: &Settings, variant: Variant, round: usize) -> RunResult {
         for _ in 0..s.sidecars {
             let admin = free_port();
             let addr = format!("127.0.0.1:{admin}");
-            let (mut proc, port) =
-                start_stormwall_config(redis, &config, &["--admin", &addr, "--log-level", "warn"]);
+            let (mut proc, port) = start_sidecar(redis, &config, &addr);
             wait_port(admin, &mut proc.0, "stormwall admin");
             sidecars.push((proc, port, admin));
         }
@@ -947,6 +1009,8 @@ fn report(s: &Settings, runs: &[RunResult], minutes: f64, load_before: &str) -> 
         "STORMWALL_BENCH_QUICK",
         "STORMWALL_BENCH_ROUNDS",
         "STORMWALL_BENCH_SIDECARS",
+        "STORMWALL_BENCH_ONLY",
+        "STORMWALL_BENCH_BIN",
     ];
     let mut md = report_header(
         "Adaptive invalidation budget: incident replay with static budgets 10× too high",
@@ -968,7 +1032,7 @@ fn report(s: &Settings, runs: &[RunResult], minutes: f64, load_before: &str) -> 
         md,
         "| run | {} rounds × {} variants, {:.1} min{} |\n",
         s.rounds,
-        Variant::ALL.len(),
+        Variant::selected().len(),
         minutes,
         if s.quick { ", QUICK (smoke run)" } else { "" }
     );
@@ -1127,7 +1191,7 @@ fn main() {
     let started = Instant::now();
     let mut runs = Vec::new();
     for round in 1..=s.rounds {
-        let mut order = Variant::ALL.to_vec();
+        let mut order = Variant::selected();
         if round % 2 == 0 {
             order.reverse();
         }
@@ -1141,7 +1205,10 @@ fn main() {
         started.elapsed().as_secs_f64() / 60.0,
         &load_before,
     );
-    let dir: PathBuf = if s.quick {
+    let investigating = ["STORMWALL_BENCH_ONLY", "STORMWALL_BENCH_BIN"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+    let dir: PathBuf = if s.quick || investigating {
         let d = std::env::temp_dir().join(format!("stormwall-adaptive-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
