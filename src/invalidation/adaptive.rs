@@ -17,7 +17,9 @@
 //! re-learned within that horizon), and once per [`WINDOW`] compares the window's worst
 //! latency with it. Above `2 × baseline + 5 ms` ([`SLACK`] keeps scheduling noise from
 //! counting) the budget is cut in proportion to how far over it is, by at most half at a
-//! time; at or below it, the budget grows back by a tenth per window's worth of time. It
+//! time (from the share of the budget the window really used, when that is less: a budget
+//! set far too high is cut where it bites); at or below it, the budget grows back by a tenth
+//! per window's worth of time. It
 //! never goes above the configured budgets (`invalidation.keys_per_second`,
 //! `commands_per_second`, `flush.min_interval`) nor below `invalidation.adaptive_floor` of
 //! them. Each change of direction is logged once: at `info` the start of a cut from the full
@@ -171,6 +173,8 @@ struct State {
     /// The worst round trip seen in the current window, and the quickest batch, in seconds.
     worst: Option<f64>,
     quickest: Option<f64>,
+    /// Keys sent in the current window, in seconds of the configured key budget.
+    used: f64,
     window_start: Instant,
     direction: Direction,
 }
@@ -189,6 +193,7 @@ impl Default for Controller {
                 history: VecDeque::new(),
                 worst: None,
                 quickest: None,
+                used: 0.0,
                 window_start: Instant::now(),
                 direction: Direction::Steady,
             }),
@@ -235,6 +240,13 @@ impl Controller {
             .map(Duration::from_secs_f64)
     }
 
+    /// Notes `keys` sent to Redis under a configured budget of `per_second`: a cut starts
+    /// from what was really used, so it bites at once even when the configured budget is far
+    /// above what the storm reaches.
+    pub fn sent(&self, keys: u64, per_second: u32) {
+        self.lock().used += keys as f64 / f64::from(per_second.max(1));
+    }
+
     /// The budget as a fraction of the configured one, in `floor..=1`.
     pub fn fraction(&self, floor: f64) -> f64 {
         let now = Instant::now();
@@ -251,6 +263,9 @@ impl Controller {
 /// Ends the current window: compares its worst latency with the baseline and moves the
 /// budget.
 fn decide(state: &mut State, floor: f64, now: Instant) {
+    let elapsed = now.duration_since(state.window_start).as_secs_f64();
+    // The share of the configured budget the window really used (0: nothing was sent).
+    let used = std::mem::take(&mut state.used) / elapsed.max(WINDOW.as_secs_f64());
     // Windows only pass when samples come (the probe's once a second while the shield is
     // idle): growth counts the windows' worth of time that passed, so a budget cut during
     // a storm is whole again a few seconds after it, however seldom Redis is sampled.
@@ -279,7 +294,8 @@ fn decide(state: &mut State, floor: f64, now: Instant) {
     let before = state.fraction;
     let direction = if latency > healthy {
         let cut = (healthy / latency).max(MAX_CUT);
-        state.fraction = (before * cut).max(floor);
+        let from = if used > 0.0 { before.min(used) } else { before };
+        state.fraction = (from * cut).max(floor);
         Direction::Cutting
     } else {
         state.fraction = (before * GROW.powf(windows) + GROW_STEP * windows).min(1.0);
@@ -390,6 +406,16 @@ mod tests {
             windows += 1;
         }
         assert!(windows < 40, "back to the full budget in {windows} windows");
+    }
+
+    #[test]
+    fn a_cut_starts_from_what_was_really_used() {
+        let (c, mut t) = controller();
+        window(&c, &mut t, 0.2);
+        // A tenth of the budget was used in the window (10 keys/s for 100 ms of 100 keys/s).
+        c.sent(1, 100);
+        let cut = window(&c, &mut t, 21.6);
+        assert!((cut - 0.05).abs() < 1e-9, "{cut}");
     }
 
     #[test]

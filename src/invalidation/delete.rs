@@ -306,6 +306,7 @@ impl Worker {
                 Ok(Err(_lost)) => None,
                 Ok(Ok(replies)) => {
                     shared.observe(super::adaptive::Sample::Batch, started.elapsed());
+                    shared.sent(keys);
                     if wrap
                         && matches!(replies.first(), Some(OwnedFrame::Error(e)) if e.starts_with("NOPERM"))
                     {

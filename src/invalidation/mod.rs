@@ -293,6 +293,12 @@ impl Shared {
         (keys, self.commands.at(fraction))
     }
 
+    /// Notes `keys` sent to Redis, for the adaptive budget's cuts.
+    fn sent(&self, keys: u64) {
+        self.controller
+            .sent(keys, self.config.invalidation.keys_per_second);
+    }
+
     /// Notes how long Redis took for something (a batch, a flush, a `PING`).
     fn observe(&self, kind: adaptive::Sample, latency: Duration) {
         self.controller
