@@ -504,6 +504,37 @@ struct ReaderOut {
     first_error: Option<String>,
 }
 
+impl ReaderOut {
+    /// Records a read scheduled at `sched` (`at` seconds from the start).
+    fn read(&mut self, sched: Instant, at: f32, outcome: Outcome) {
+        self.reads.push(Read {
+            at,
+            lat_us: sched.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            outcome,
+        });
+    }
+
+    /// Remembers the first failure: an error reply's text, or a lost connection.
+    fn failed(&mut self, error: Option<String>) {
+        if self.first_error.is_none() {
+            self.first_error =
+                Some(error.unwrap_or_else(|| "connection lost or unreadable reply".into()));
+        }
+    }
+
+    /// Reads of the `n` scheduled (`rate` per second from `offset`) that the sender never got
+    /// to send (its connection failed) are errors too.
+    fn unsent(&mut self, n: u64, offset: f64, rate: f64) {
+        for i in self.reads.len() as u64..n {
+            self.reads.push(Read {
+                at: (offset + i as f64 / rate) as f32,
+                lat_us: 0,
+                outcome: Outcome::Error,
+            });
+        }
+    }
+}
+
 /// Reads one `GET` reply: `Ok(true)` a value, `Ok(false)` nil, `Err(Some(text))` an error
 /// reply (the connection is still usable), `Err(None)` the connection failed.
 fn read_get_reply(r: &mut impl BufRead) -> Result<bool, Option<String>> {
@@ -598,32 +629,18 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
                 }
                 Err(e) => {
                     broken = e.is_none();
-                    if out.first_error.is_none() {
-                        out.first_error =
-                            Some(e.unwrap_or_else(|| "connection lost or unreadable reply".into()));
-                    }
+                    out.failed(e);
                     Outcome::Error
                 }
             }
         };
-        out.reads.push(Read {
-            at,
-            lat_us: sched.elapsed().as_micros().min(u32::MAX as u128) as u32,
-            outcome,
-        });
+        out.read(sched, at, outcome);
         if broken {
             // Unblock the sender: its writes fail from now on.
             let _ = replies.get_ref().shutdown(std::net::Shutdown::Both);
         }
     }
-    // Reads the sender never got to send (its connection failed) are errors too.
-    for i in out.reads.len() as u64..n {
-        out.reads.push(Read {
-            at: (offset + i as f64 / rate) as f32,
-            lat_us: 0,
-            outcome: Outcome::Error,
-        });
-    }
+    out.unsent(n, offset, rate);
     drop(ptx);
     let _ = sender.join();
     out.populate_errors = populater.join().unwrap_or(0);
@@ -732,30 +749,17 @@ fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
                 }
                 Err(e) => {
                     broken = e.is_none();
-                    if out.first_error.is_none() {
-                        out.first_error =
-                            Some(e.unwrap_or_else(|| "connection lost or unreadable reply".into()));
-                    }
+                    out.failed(e);
                     Outcome::Error
                 }
             }
         };
-        out.reads.push(Read {
-            at,
-            lat_us: sched.elapsed().as_micros().min(u32::MAX as u128) as u32,
-            outcome,
-        });
+        out.read(sched, at, outcome);
         if broken {
             let _ = replies.get_ref().shutdown(std::net::Shutdown::Both);
         }
     }
-    for i in out.reads.len() as u64..n {
-        out.reads.push(Read {
-            at: (offset + i as f64 / rate) as f32,
-            lat_us: 0,
-            outcome: Outcome::Error,
-        });
-    }
+    out.unsent(n, offset, rate);
     let _ = sender.join();
     out
 }
@@ -794,11 +798,7 @@ fn reader_closed_loop(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
                 Outcome::Error
             }
         };
-        out.reads.push(Read {
-            at: at as f32,
-            lat_us: sched.elapsed().as_micros().min(u32::MAX as u128) as u32,
-            outcome,
-        });
+        out.read(sched, at as f32, outcome);
         if outcome == Outcome::Miss
             && redis::cmd("SET")
                 .arg(&k)
