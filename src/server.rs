@@ -28,13 +28,16 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Binds every configured listener; fails (naming the address) if any cannot be bound.
 pub async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
-    let mut addrs = vec![config.listen.address.clone()];
+    let mut addrs = vec![(config.listen.address.clone(), false)];
     if let Some(path) = &config.listen.unix_socket {
-        addrs.push(Addr::Unix(path.clone()));
+        addrs.push((Addr::Unix(path.clone()), false));
+    }
+    if let Some(addr) = &config.listen.tls.address {
+        addrs.push((addr.clone(), true));
     }
     let mut listeners = Vec::new();
-    for addr in &addrs {
-        let l = Listener::bind(addr, config.listen.tcp_keepalive)
+    for (addr, tls) in &addrs {
+        let l = Listener::bind(addr, config.listen.tcp_keepalive, *tls)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(l);
@@ -59,7 +62,10 @@ pub async fn run(
 ) {
     let config = Arc::new(config);
     for l in &listeners {
-        info!(listen = %l.local_addr(), upstream = %config.upstream.address, "stormwall listening");
+        info!(listen = %l.local_addr(), tls = l.is_tls(), upstream = %config.upstream.address, upstream_tls = config.upstream.tls.enabled, "stormwall listening");
+    }
+    for warning in crate::tls::warnings(&config) {
+        warn!("{warning}");
     }
     let metrics = Hot::new();
     let pools = upstream::pool::Pools::new(metrics.pools.clone());
@@ -94,6 +100,7 @@ pub async fn run(
             pools_ctx.pools.maintain(live, stop).await;
         });
     }
+    tokio::spawn(publish_tls_expiry(ctx.clone(), background.clone()));
     let (loader, file, log) = services.reload;
     tokio::spawn(reload::watch(
         ctx.clone(),
@@ -150,6 +157,18 @@ async fn probe_upstream(ctx: Arc<Context>, mut probe: upstream::Probe, stop: Can
     }
 }
 
+/// Keeps `stormwall_tls_certificate_expiry_seconds` current (the certificates may be rotated
+/// by a reload at any time).
+async fn publish_tls_expiry(ctx: Arc<Context>, stop: CancellationToken) {
+    loop {
+        crate::tls::publish_expiry(&ctx.config.load());
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+        }
+    }
+}
+
 /// One probe of Redis: is it up, and does it require clients to authenticate.
 async fn check_upstream(ctx: &Context, probe: &mut upstream::Probe) {
     let config = ctx.config.load_full();
@@ -171,7 +190,7 @@ async fn accept_loop(
     sessions: TaskTracker,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (mut stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, keep serving the rest.
@@ -187,13 +206,48 @@ async fn accept_loop(
             continue;
         }
         let ctx = ctx.clone();
+        let tls = listener.is_tls();
         sessions.spawn(async move {
             let _slot = guard;
+            if tls {
+                match handshake(stream, &ctx, &peer).await {
+                    Some(s) => stream = s,
+                    None => return,
+                }
+            }
             tracing::debug!(%peer, "client connected");
             session::serve(stream, ctx).await;
             tracing::debug!(%peer, "client disconnected");
         });
     }
+}
+
+/// The TLS handshake with a client on the TLS listener, with the certificates current now,
+/// within `listen.tls.handshake_timeout` (a client that stalls is closed and frees its slot).
+/// `None` (counted and logged) if it fails.
+async fn handshake(stream: Stream, ctx: &Context, peer: &str) -> Option<Stream> {
+    let config = ctx.config.load_full();
+    let Some(tls) = config.listen.tls.loaded.get() else {
+        warn!(%peer, "TLS listener without loaded certificates; closing the connection");
+        return None;
+    };
+    let limit = config.listen.tls.handshake_timeout;
+    let result = match tokio::time::timeout(limit, stream.accept_tls(&tls.acceptor)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no TLS handshake within listen.tls.handshake_timeout ({})",
+                humantime::format_duration(limit)
+            ),
+        )),
+    };
+    let (noted, stream) = match result {
+        Ok(s) => (Ok(()), Some(s)),
+        Err(e) => (Err(e), None),
+    };
+    crate::tls::note_handshake("client", peer, &noted);
+    stream
 }
 
 /// Redis's own answer to one client too many.

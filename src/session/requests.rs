@@ -1567,27 +1567,20 @@ async fn read_within(
     buf: &mut BytesMut,
     idle: std::time::Duration,
 ) -> Option<std::io::Result<usize>> {
-    let read = async {
-        loop {
-            // Nothing held: an idle client keeps no buffer while it waits.
-            crate::buffers::give(buf);
-            // Readiness alone does not count against the task's cooperative budget (a read
-            // did): without this, a client that never stops sending would keep the thread
-            // from the shared connection that carries its commands and replies.
-            tokio::task::consume_budget().await;
-            client.readable().await?;
-            if buf.capacity() == 0 {
-                *buf = crate::buffers::take();
-            }
-            if buf.capacity() - buf.len() < MIN_READ {
-                buf.reserve(READ_BUF);
-            }
-            match client.try_read_buf(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                result => return result,
-            }
+    // Nothing held: an idle client keeps no buffer while it waits.
+    crate::buffers::give(buf);
+    // Readiness alone does not count against the task's cooperative budget (a read
+    // did): without this, a client that never stops sending would keep the thread
+    // from the shared connection that carries its commands and replies.
+    tokio::task::consume_budget().await;
+    let read = client.read_some(buf, |buf| {
+        if buf.capacity() == 0 {
+            *buf = crate::buffers::take();
         }
-    };
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(READ_BUF);
+        }
+    });
     if idle.is_zero() {
         Some(read.await)
     } else {
