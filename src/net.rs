@@ -293,6 +293,21 @@ impl AsyncRead for ReadHalf {
     }
 }
 
+impl WriteHalf {
+    /// Writes all of `bytes` and makes sure they have left the process. On TCP and unix
+    /// sockets that is `write_all`; a TLS stream may keep encrypted records it could not
+    /// write at once (a full socket buffer), which only a flush sends: without it, a reply
+    /// could sit in the buffer until the next one.
+    pub(crate) async fn send_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.write_all(bytes).await?;
+        if let WriteHalf::Tls(w) = self {
+            w.flush().await?;
+        }
+        Ok(())
+    }
+}
+
 impl AsyncWrite for WriteHalf {
     fn poll_write(
         self: Pin<&mut Self>,

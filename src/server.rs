@@ -202,7 +202,18 @@ async fn accept_loop(
         let guard = ClientSlot::take(&clients, &ctx.metrics);
         if guard.count > ctx.config.load().listen.max_clients {
             ctx.metrics.rejected_max_clients.increment(1);
-            sessions.spawn(refuse_over_limit(stream, guard));
+            if listener.is_tls() {
+                // Redis's answer, in the client's protocol: after the handshake (bounded by
+                // its timeout, as for any client).
+                let ctx = ctx.clone();
+                sessions.spawn(async move {
+                    if let Some(stream) = handshake(stream, &ctx, &peer).await {
+                        refuse_over_limit(stream, guard).await;
+                    }
+                });
+            } else {
+                sessions.spawn(refuse_over_limit(stream, guard));
+            }
             continue;
         }
         let ctx = ctx.clone();
@@ -254,7 +265,7 @@ async fn handshake(stream: Stream, ctx: &Context, peer: &str) -> Option<Stream> 
 async fn refuse_over_limit(stream: Stream, _slot: ClientSlot) {
     let (_, mut w) = stream.into_split();
     let reply = error_reply("ERR max number of clients reached");
-    let _ = tokio::time::timeout(Duration::from_secs(1), w.write_all(&reply)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), w.send_all(&reply)).await;
     let _ = w.shutdown().await;
 }
 

@@ -500,8 +500,10 @@ fn bad_input_on_the_tls_port() {
     assert!(sw.log().contains("TLS handshake with a client failed"));
 }
 
-/// A TLS connection to `port` trusting `ca`; returns the certificate the server presented.
-fn presented_certificate(port: u16, ca: &Path) -> Vec<u8> {
+type TlsClient = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS client connection to `port` trusting `ca`.
+fn tls_client(port: u16, ca: &Path) -> TlsClient {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -514,14 +516,89 @@ fn presented_certificate(port: u16, ca: &Path) -> Vec<u8> {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let name = ServerName::try_from("127.0.0.1").unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, sock)
+}
+
+/// A TLS connection to `port` trusting `ca`; returns the certificate the server presented.
+fn presented_certificate(port: u16, ca: &Path) -> Vec<u8> {
+    let mut tls = tls_client(port, ca);
     tls.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
     let mut buf = [0u8; 7];
     tls.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"+PONG\r\n");
-    conn.peer_certificates().unwrap()[0].to_vec()
+    tls.conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[test]
+fn large_replies_and_pipelines_over_tls_both_hops() {
+    let pki = Pki::new("large");
+    let r = tls_redis(&pki, false);
+    let tls_port = free_port();
+    let _sw = Stormwall::start_with_listen(
+        &format!("127.0.0.1:{}", r.tls_port),
+        "",
+        &format!(
+            "{}{}",
+            upstream_tls(&pki.ca_file(), ""),
+            listen_tls(&pki, tls_port, "")
+        ),
+    );
+    let value = vec![b'v'; 4 << 20];
+    let mut tls = tls_client(tls_port, &pki.ca_file());
+    let set = common::encode_cmd(&[b"SET", b"tls:big", &value]);
+    tls.write_all(&set).unwrap();
+    let mut ok = [0u8; 5];
+    tls.read_exact(&mut ok).unwrap();
+    assert_eq!(&ok, b"+OK\r\n");
+    // 40 GETs of 4 MiB in one pipeline, read only after all were written: replies pile up
+    // in every buffer on the way and must all arrive, in order, intact.
+    let get = common::encode_cmd(&[b"GET", b"tls:big"]);
+    let reply_len = format!("${}\r\n", value.len()).len() + value.len() + 2;
+    let writer = {
+        let mut pipeline = Vec::new();
+        for _ in 0..40 {
+            pipeline.extend_from_slice(&get);
+        }
+        pipeline
+    };
+    tls.write_all(&writer).unwrap();
+    let mut got = vec![0u8; reply_len];
+    for i in 0..40 {
+        tls.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("reply {i}: {e}"));
+        assert!(
+            got.starts_with(b"$4194304\r\n") && got.ends_with(b"v\r\n"),
+            "reply {i}"
+        );
+    }
+}
+
+#[test]
+fn over_max_clients_a_tls_client_gets_redis_error_over_tls() {
+    let pki = Pki::new("maxc");
+    let redis = Redis::start();
+    let tls_port = free_port();
+    let _sw = Stormwall::start_with_listen(
+        &redis.addr(),
+        "max_clients = 1\n",
+        &listen_tls(&pki, tls_port, ""),
+    );
+    let _first = presented_certificate(tls_port, &pki.ca_file());
+    let mut held = tls_client(tls_port, &pki.ca_file());
+    held.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    let mut buf = [0u8; 7];
+    held.read_exact(&mut buf).unwrap();
+    let mut second = tls_client(tls_port, &pki.ca_file());
+    let mut text = Vec::new();
+    let _ = second.read_to_end(&mut text);
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        "-ERR max number of clients reached\r\n"
+    );
 }
 
 #[test]

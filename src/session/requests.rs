@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -1038,7 +1037,7 @@ impl RequestSide<'_> {
         let replies = self.unsent.swap(0, Ordering::Relaxed);
         let links = self.links;
         let ok = match upstream {
-            Upstream::Socket(write) => match write.write_all(bytes).await {
+            Upstream::Socket(write) => match write.send_all(bytes).await {
                 Ok(()) => true,
                 Err(e) => {
                     debug!(error = %e, "upstream write failed");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::{ConnError, Identity};
@@ -171,7 +171,7 @@ impl Conn {
     }
 
     async fn exchange(&mut self, request: &[u8], count: usize) -> io::Result<Vec<Bytes>> {
-        self.write.write_all(request).await?;
+        self.write.send_all(request).await?;
         let mut scanner = ReplyScanner::new(u64::MAX);
         let mut replies = Vec::with_capacity(count);
         while replies.len() < count {
