@@ -733,3 +733,57 @@ fn check_config_names_the_wrong_file() {
     assert!(!ok && err.contains("listen.tls.key_file"), "{err}");
     let _ = PrivateKeyDer::from_pem_file(&key).unwrap();
 }
+
+#[test]
+fn certificates_replaced_on_disk_are_picked_up_by_the_file_watch() {
+    let pki = Pki::new("watch");
+    let redis = Redis::start();
+    let tls_port = free_port();
+    let _sw = Stormwall::start_with_listen(
+        &redis.addr(),
+        "",
+        &format!(
+            "{}[reload]\nwatch_interval = \"200ms\"\n",
+            listen_tls(&pki, tls_port, "")
+        ),
+    );
+    let ca = pki.ca_file();
+    let mut open = tls_client(tls_port, &ca);
+    let before = presented_certificate(tls_port, &ca);
+    // The config file is untouched; only the certificate and key change (as a Secret's
+    // renewal does).
+    let (crt, key) = pki.paths("stormwall");
+    let (ncrt, nkey) = pki.issue("stormwall-next", &["localhost", "127.0.0.1"], false);
+    std::fs::copy(&nkey, &key).unwrap();
+    std::fs::copy(&ncrt, &crt).unwrap();
+    eventually(
+        "the new certificate is presented",
+        Duration::from_secs(5),
+        || presented_certificate(tls_port, &ca) != before,
+    );
+    // A connection opened before the rotation still works.
+    open.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    let mut buf = [0u8; 7];
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"+PONG\r\n");
+}
+
+#[test]
+fn verification_can_be_turned_off_by_name_only_with_a_warning() {
+    let pki = Pki::new("insecure");
+    let r = tls_redis(&pki, false);
+    let other = Pki::new("insecure-other");
+    // Trusting the wrong CA fails (upstream_verification_failures_are_named); with
+    // insecure_skip_verify the same setup connects, and the log says why that is dangerous.
+    let sw = Stormwall::start(
+        &format!("127.0.0.1:{}", r.tls_port),
+        &upstream_tls(&other.ca_file(), "insecure_skip_verify = true\n"),
+    );
+    let (ok, out) = cli_plain(sw.port, &["PING"]);
+    assert!(ok && out.contains("PONG"), "{out}");
+    assert!(
+        sw.log().contains("upstream.tls.insecure_skip_verify is on"),
+        "{}",
+        sw.log()
+    );
+}
