@@ -55,7 +55,14 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
     },
     RestartOnly {
         key: "listen.tls.address",
-        keep: |from, into| into.listen.tls.address = from.listen.tls.address.clone(),
+        // The running listener keeps its certificates if the new file drops the listener
+        // (whose address only a restart changes), so it goes on serving until then.
+        keep: |from, into| {
+            into.listen.tls.address = from.listen.tls.address.clone();
+            if into.listen.tls.loaded.get().is_none() {
+                into.listen.tls.loaded = from.listen.tls.loaded.clone();
+            }
+        },
     },
     RestartOnly {
         key: "upstream.address",
@@ -67,7 +74,13 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
     },
     RestartOnly {
         key: "upstream.tls.enabled",
-        keep: |from, into| into.upstream.tls.enabled = from.upstream.tls.enabled,
+        // As for the listener: TLS to Redis stays usable until the restart that turns it off.
+        keep: |from, into| {
+            into.upstream.tls.enabled = from.upstream.tls.enabled;
+            if into.upstream.tls.loaded.get().is_none() {
+                into.upstream.tls.loaded = from.upstream.tls.loaded.clone();
+            }
+        },
     },
     RestartOnly {
         key: "upstream.shared_connections",

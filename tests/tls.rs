@@ -787,3 +787,40 @@ fn verification_can_be_turned_off_by_name_only_with_a_warning() {
         sw.log()
     );
 }
+
+#[test]
+fn a_reload_that_drops_tls_keeps_it_until_restart() {
+    let pki = Pki::new("drop");
+    let r = tls_redis(&pki, false);
+    let tls_port = free_port();
+    let sw = Stormwall::start_with_listen(
+        &format!("127.0.0.1:{}", r.tls_port),
+        "",
+        &format!(
+            "{}{}",
+            upstream_tls(&pki.ca_file(), ""),
+            listen_tls(&pki, tls_port, "")
+        ),
+    );
+    // The same file without any TLS: both are restart-only, so both stay as they run.
+    let text = std::fs::read_to_string(&sw.config_path).unwrap();
+    let table: toml::Table = text.parse().unwrap();
+    let mut table = table;
+    for section in ["listen", "upstream"] {
+        if let Some(toml::Value::Table(t)) = table.get_mut(section) {
+            t.remove("tls");
+        }
+    }
+    std::fs::write(&sw.config_path, toml::to_string(&table).unwrap()).unwrap();
+    sw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sw.log().contains("config reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", sw.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(sw.log().contains("listen.tls.address"), "{}", sw.log());
+    let (ok, out) = cli_tls(tls_port, &pki.ca_file(), None, &["PING"]);
+    assert!(ok && out.contains("PONG"), "{out}\n{}", sw.log());
+    let (ok, out) = cli_plain(sw.port, &["PING"]);
+    assert!(ok && out.contains("PONG"), "{out}");
+}
