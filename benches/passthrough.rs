@@ -29,6 +29,12 @@
 //!
 //! The issue-9 targets (shared mode) are printed next to the measured values as PASS/MISS;
 //! the bench never fails on them.
+//!
+//! TLS (issue 11), in the same run: a second redis-server with a `--tls-port` (certificates
+//! generated for the run with rcgen), `redis-benchmark --tls` against that port directly and
+//! through a stormwall with TLS on both hops, beside the same cases in plaintext (that Redis's
+//! plain port directly and through a plaintext stormwall), at P1 and P16; and the handshake
+//! rate: `-k 0`, a new connection for every request.
 
 mod common;
 
@@ -73,6 +79,9 @@ struct Case {
     size: usize,
     pipeline: u32,
     clients: u32,
+    /// A new connection for every request (`redis-benchmark -k 0`): measures connects (and
+    /// TLS handshakes) per second.
+    reconnect: bool,
 }
 
 impl Case {
@@ -83,10 +92,15 @@ impl Case {
             format!(", {} client", self.clients)
         };
         format!(
-            "{} {} B, P{}{clients}",
+            "{} {} B, P{}{clients}{}",
             self.op.name(),
             self.size,
-            self.pipeline
+            self.pipeline,
+            if self.reconnect {
+                ", new connection per request"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -103,8 +117,11 @@ struct Sample {
     proxy_cpu_us: f64,
 }
 
-fn bench_args(case: &Case, port: u16, n: u64) -> Vec<String> {
-    [
+/// The CA certificate `redis-benchmark --tls` trusts (set once the TLS part starts).
+static TLS_CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+fn bench_args(case: &Case, port: u16, n: u64, tls: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
         "-h",
         "127.0.0.1",
         "-p",
@@ -121,12 +138,20 @@ fn bench_args(case: &Case, port: u16, n: u64) -> Vec<String> {
         &case.op.name().to_lowercase(),
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    if case.reconnect {
+        args.extend(["-k", "0"].map(String::from));
+    }
+    if tls {
+        let ca = TLS_CA.get().expect("TLS CA not generated");
+        args.extend(["--tls".into(), "--cacert".into(), ca.display().to_string()]);
+    }
+    args
 }
 
-fn run_benchmark(case: &Case, port: u16, n: u64) -> Sample {
+fn run_benchmark(case: &Case, port: u16, n: u64, tls: bool) -> Sample {
     let out = Command::new("redis-benchmark")
-        .args(bench_args(case, port, n))
+        .args(bench_args(case, port, n, tls))
         .stdin(Stdio::null())
         .output()
         .expect("redis-benchmark not found: apt-get install -y redis-tools");
@@ -135,7 +160,7 @@ fn run_benchmark(case: &Case, port: u16, n: u64) -> Sample {
         (true, Some(s)) => s,
         _ => panic!(
             "redis-benchmark {:?} failed ({}):\n{text}\n{}",
-            bench_args(case, port, n),
+            bench_args(case, port, n, tls),
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ),
@@ -238,6 +263,8 @@ fn fmt_rps(rps: f64) -> String {
 struct Target {
     name: String,
     port: u16,
+    /// Whether clients speak TLS to `port`.
+    tls: bool,
     proxy_pid: Option<u32>,
 }
 
@@ -246,7 +273,7 @@ struct Target {
 fn measure(case: &Case, target: &Target, redis_pid: u32, n: u64) -> Sample {
     let redis_before = cpu_seconds(redis_pid);
     let proxy_before = target.proxy_pid.map(cpu_seconds);
-    let mut s = run_benchmark(case, target.port, n);
+    let mut s = run_benchmark(case, target.port, n, target.tls);
     let per_request = |seconds: f64| seconds * 1e6 / n as f64;
     s.redis_cpu_us = per_request(cpu_seconds(redis_pid) - redis_before);
     s.proxy_cpu_us = match (target.proxy_pid, proxy_before) {
@@ -288,6 +315,7 @@ fn main() {
     let mut targets = vec![Target {
         name: "direct".into(),
         port: redis_port,
+        tls: false,
         proxy_pid: None,
     }];
     // Both modes side by side, each its own process with its default config otherwise.
@@ -301,6 +329,7 @@ fn main() {
         targets.push(Target {
             name: mode.label(),
             port,
+            tls: false,
             proxy_pid: Some(proc.pid()),
         });
         stormwalls.push(proc);
@@ -310,6 +339,7 @@ fn main() {
         targets.push(Target {
             name: "twemproxy".into(),
             port: *port,
+            tls: false,
             proxy_pid: Some(proc.pid()),
         });
     }
@@ -330,6 +360,7 @@ fn main() {
                     size,
                     pipeline,
                     clients: CLIENTS,
+                    reconnect: false,
                 });
             }
         }
@@ -342,6 +373,7 @@ fn main() {
             size: 16,
             pipeline: 1,
             clients: 1,
+            reconnect: false,
         });
     }
 
@@ -353,7 +385,7 @@ fn main() {
                 preload(redis_port, case.size);
             }
             let probe = 10_000 * u64::from(case.pipeline);
-            let rps = run_benchmark(case, redis_port, probe).rps;
+            let rps = run_benchmark(case, redis_port, probe, false).rps;
             let n = ((rps * seconds / 1000.0).round() as u64 * 1000).max(10_000);
             println!("calibrated {}: {n} requests", case.label());
             n
@@ -386,6 +418,7 @@ fn main() {
             }
         }
     }
+    let tls_report = tls_part(rounds, seconds);
     let elapsed = started.elapsed().as_secs_f64();
 
     let summaries: Vec<Vec<Summary>> = samples
@@ -624,6 +657,8 @@ fn main() {
         line(row);
     }
 
+    line(tls_report);
+
     let dir = results_dir();
     let png = dir.join("passthrough.png");
     match chart(&png, &cases, &names, &summaries) {
@@ -638,6 +673,196 @@ fn main() {
     println!("wrote results/passthrough.md");
     drop(twemproxy);
     drop(stormwalls);
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS (issue 11)
+
+/// Writes a CA and a server certificate for 127.0.0.1 into `dir`: (ca, cert, key).
+fn tls_material(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL (redis-benchmark) takes a leaf whose issuer name is its own
+    // subject for self-signed, and fails to verify it.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "passthrough bench CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "passthrough bench server");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// The TLS cases: direct and through stormwall (shared mode), each in plaintext and with
+/// TLS on both hops, against one Redis that has both ports. Returns the report section.
+fn tls_part(rounds: usize, seconds: f64) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, crt, key) = tls_material(dir.path());
+    TLS_CA.set(ca.clone()).ok();
+    let redis_tls_port = common::free_port();
+    let (redis, redis_port) = start_redis(&[
+        "--tls-port",
+        &redis_tls_port.to_string(),
+        "--tls-cert-file",
+        &crt.display().to_string(),
+        "--tls-key-file",
+        &key.display().to_string(),
+        "--tls-ca-cert-file",
+        &ca.display().to_string(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let redis_pid = redis.pid();
+    let quiet = ["--admin", "127.0.0.1:0", "--log-level", "warn"];
+    let (plain_sw, plain_sw_port) = start_stormwall_mode(redis_port, Mode::Shared, &quiet);
+    let sw_tls_port = common::free_port();
+    let config = format!(
+        "[listen.tls]\naddress = \"127.0.0.1:{sw_tls_port}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+         [upstream]\nmode = \"shared\"\n[upstream.tls]\nenabled = true\nca_file = \"{}\"\n",
+        crt.display(),
+        key.display(),
+        ca.display()
+    );
+    let (tls_sw, _) = common::start_stormwall_config(redis_tls_port, &config, &quiet);
+    let targets = [
+        Target {
+            name: "direct".into(),
+            port: redis_port,
+            tls: false,
+            proxy_pid: None,
+        },
+        Target {
+            name: "stormwall".into(),
+            port: plain_sw_port,
+            tls: false,
+            proxy_pid: Some(plain_sw.pid()),
+        },
+        Target {
+            name: "direct TLS".into(),
+            port: redis_tls_port,
+            tls: true,
+            proxy_pid: None,
+        },
+        Target {
+            name: "stormwall TLS".into(),
+            port: sw_tls_port,
+            tls: true,
+            proxy_pid: Some(tls_sw.pid()),
+        },
+    ];
+    let mut cases = Vec::new();
+    for pipeline in PIPELINES {
+        for op in [Op::Set, Op::Get] {
+            cases.push(Case {
+                op,
+                size: 16,
+                pipeline,
+                clients: CLIENTS,
+                reconnect: false,
+            });
+        }
+    }
+    cases.push(Case {
+        op: Op::Set,
+        size: 16,
+        pipeline: 1,
+        clients: CLIENTS,
+        reconnect: true,
+    });
+    let counts: Vec<u64> = cases
+        .iter()
+        .map(|case| {
+            if case.op == Op::Get {
+                preload(redis_port, case.size);
+            }
+            let probe = if case.reconnect {
+                2_000
+            } else {
+                10_000 * u64::from(case.pipeline)
+            };
+            // Calibrated on direct TLS, the slower of the two direct paths.
+            let rps = run_benchmark(case, redis_tls_port, probe, true).rps;
+            let n = ((rps * seconds / 1000.0).round() as u64 * 1000).max(2_000);
+            println!("calibrated TLS part {}: {n} requests", case.label());
+            n
+        })
+        .collect();
+    let mut samples = vec![vec![Vec::new(); targets.len()]; cases.len()];
+    for round in 0..rounds {
+        for (ci, case) in cases.iter().enumerate() {
+            if case.op == Op::Get {
+                preload(redis_port, case.size);
+            }
+            for k in 0..targets.len() {
+                let ti = (round + k) % targets.len();
+                let s = measure(case, &targets[ti], redis_pid, counts[ci]);
+                println!(
+                    "round {}/{rounds} {:<40} {:<14} {:>10.0} rps  p50 {:.3}  p99 {:.3} ms",
+                    round + 1,
+                    case.label(),
+                    targets[ti].name,
+                    s.rps,
+                    s.p50,
+                    s.p99,
+                );
+                samples[ci][ti].push(s);
+            }
+        }
+    }
+    let mut md = String::new();
+    let w = &mut md;
+    let mut line = |text: String| writeln!(w, "{text}").unwrap();
+    line("\n## TLS (issue 11)\n".into());
+    line(format!(
+        "A second redis-server with a TLS port (`--tls-port`, `--tls-auth-clients no`, \
+         certificates generated for the run), {CLIENTS} clients, 16 B values. `direct`/`stormwall`: \
+         its plain port, directly and through a plaintext stormwall (shared); `direct TLS`/\
+         `stormwall TLS`: `redis-benchmark --tls` against its TLS port directly and through a \
+         stormwall with TLS on both hops (shared). The last case opens a new connection for \
+         every request (`-k 0`): requests per second there are connections (TLS: full \
+         handshakes, both hops for stormwall) per second. Target: the TLS ratio (stormwall TLS \
+         / direct TLS) at least the plaintext ratio (stormwall / direct) of the same run, \
+         within 5%. Medians over {rounds} rounds.\n"
+    ));
+    line(
+        "| case | direct | stormwall | ratio | direct TLS | stormwall TLS | TLS ratio | verdict | p99 ms: direct TLS / stormwall TLS |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+            .into(),
+    );
+    for (ci, case) in cases.iter().enumerate() {
+        let s: Vec<Summary> = samples[ci].iter().map(|x| summarize(x)).collect();
+        let plain = s[1].rps / s[0].rps;
+        let tls = s[3].rps / s[2].rps;
+        line(format!(
+            "| {} | {} | {} | {plain:.2}× | {} | {} | {tls:.2}× | {} | {:.3} / {:.3} |",
+            case.label(),
+            fmt_rps(s[0].rps),
+            fmt_rps(s[1].rps),
+            fmt_rps(s[2].rps),
+            fmt_rps(s[3].rps),
+            verdict(tls >= plain * 0.95),
+            s[2].p99,
+            s[3].p99,
+        ));
+    }
+    drop((plain_sw, tls_sw, redis));
+    md
 }
 
 // ---------------------------------------------------------------------------------------

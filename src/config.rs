@@ -54,12 +54,33 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
         keep: |from, into| into.listen.tcp_keepalive = from.listen.tcp_keepalive,
     },
     RestartOnly {
+        key: "listen.tls.address",
+        // The running listener keeps its certificates if the new file drops the listener
+        // (whose address only a restart changes), so it goes on serving until then.
+        keep: |from, into| {
+            into.listen.tls.address = from.listen.tls.address.clone();
+            if into.listen.tls.loaded.get().is_none() {
+                into.listen.tls.loaded = from.listen.tls.loaded.clone();
+            }
+        },
+    },
+    RestartOnly {
         key: "upstream.address",
         keep: |from, into| into.upstream.address = from.upstream.address.clone(),
     },
     RestartOnly {
         key: "upstream.mode",
         keep: |from, into| into.upstream.mode = from.upstream.mode,
+    },
+    RestartOnly {
+        key: "upstream.tls.enabled",
+        // As for the listener: TLS to Redis stays usable until the restart that turns it off.
+        keep: |from, into| {
+            into.upstream.tls.enabled = from.upstream.tls.enabled;
+            if into.upstream.tls.loaded.get().is_none() {
+                into.upstream.tls.loaded = from.upstream.tls.loaded.clone();
+            }
+        },
     },
     RestartOnly {
         key: "upstream.shared_connections",
@@ -107,6 +128,87 @@ pub struct ListenConfig {
     /// TCP keepalive probe interval for client sockets. `0s` = off.
     #[serde(with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// A TLS listener beside `address` (as Redis's `tls-port` beside `port`).
+    pub tls: ListenTlsConfig,
+}
+
+/// `[listen.tls]`: the TLS listener, its certificate and how it checks clients'.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenTlsConfig {
+    /// `host:port` of the TLS listener. Unset: no TLS listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<Addr>,
+    /// The certificate chain (PEM, leaf first) presented to clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `cert_file`'s leaf certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Whether clients must present a certificate.
+    pub client_auth: ClientAuth,
+    /// A client that has not completed its TLS handshake within this is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// The certificates and keys read from the files above (filled by
+    /// [`Config::load_tls`]; compared by file contents, so a rotation is a change).
+    #[serde(skip)]
+    pub loaded: crate::tls::Loaded<crate::tls::ServerSide>,
+}
+
+impl Default for ListenTlsConfig {
+    fn default() -> Self {
+        ListenTlsConfig {
+            address: None,
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            client_auth: ClientAuth::Off,
+            handshake_timeout: Duration::from_secs(10),
+            loaded: Default::default(),
+        }
+    }
+}
+
+/// `listen.tls.client_auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificate is asked for.
+    Off,
+    /// A client may present one; if it does, it must chain to `client_ca_file`.
+    Optional,
+    /// A client must present one chaining to `client_ca_file`.
+    Required,
+}
+
+/// `[upstream.tls]`: TLS to Redis.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsConfig {
+    /// Connect to Redis over TLS.
+    pub enabled: bool,
+    /// CA certificates (PEM) Redis's certificate must chain to. Unset: the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The name sent (SNI) and verified. Unset: the host part of `upstream.address`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// A client certificate chain (PEM) for mutual TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Accept any certificate Redis presents. Dangerous (anyone on the path can read and
+    /// change the traffic); logs a warning at start.
+    pub insecure_skip_verify: bool,
+    /// What the files above hold (filled by [`Config::load_tls`]).
+    #[serde(skip)]
+    pub loaded: crate::tls::Loaded<crate::tls::ClientSide>,
 }
 
 impl Default for ListenConfig {
@@ -117,6 +219,7 @@ impl Default for ListenConfig {
             max_clients: 10_000,
             idle_timeout: Duration::ZERO,
             tcp_keepalive: Duration::from_secs(300),
+            tls: ListenTlsConfig::default(),
         }
     }
 }
@@ -151,6 +254,8 @@ pub struct UpstreamConfig {
     /// backoff) before the client's connection is closed. `0s` = close at once.
     #[serde(with = "humantime_serde")]
     pub outage_wait: Duration,
+    /// TLS to Redis.
+    pub tls: UpstreamTlsConfig,
 }
 
 /// How client connections map to Redis connections.
@@ -194,6 +299,7 @@ impl Default for UpstreamConfig {
             shared_connections: None,
             spare_connections: 2,
             outage_wait: Duration::from_secs(5),
+            tls: UpstreamTlsConfig::default(),
         }
     }
 }
@@ -707,12 +813,94 @@ impl Config {
                 "must be between 1 and 1024",
             ));
         }
+        self.validate_tls()?;
         if let Err(e) = crate::logging::parse_filter(&self.log.level) {
             return Err(invalid(
                 "log.level",
                 format!("`{}` is not a valid tracing filter ({e})", self.log.level),
             ));
         }
+        Ok(())
+    }
+
+    /// The TLS settings that can be checked without reading files (the files are read and
+    /// checked by [`load_tls`](Self::load_tls)).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: &str| ConfigError::Invalid {
+            key,
+            message: message.into(),
+        };
+        let l = &self.listen.tls;
+        if let Some(addr) = &l.address {
+            if !matches!(addr, Addr::Tcp(_)) {
+                return Err(invalid("listen.tls.address", "must be host:port"));
+            }
+            if l.cert_file.is_none() {
+                return Err(invalid(
+                    "listen.tls.cert_file",
+                    "is required with listen.tls.address",
+                ));
+            }
+            if l.key_file.is_none() {
+                return Err(invalid(
+                    "listen.tls.key_file",
+                    "is required with listen.tls.address",
+                ));
+            }
+            if l.client_auth != ClientAuth::Off && l.client_ca_file.is_none() {
+                return Err(invalid(
+                    "listen.tls.client_ca_file",
+                    "is required when listen.tls.client_auth is optional or required",
+                ));
+            }
+            if l.handshake_timeout.is_zero() {
+                return Err(invalid(
+                    "listen.tls.handshake_timeout",
+                    "must be greater than 0s",
+                ));
+            }
+        }
+        let u = &self.upstream.tls;
+        if u.enabled {
+            if !matches!(self.upstream.address, Addr::Tcp(_)) {
+                return Err(invalid(
+                    "upstream.tls.enabled",
+                    "needs a host:port upstream.address (not a unix socket)",
+                ));
+            }
+            if u.cert_file.is_some() != u.key_file.is_some() {
+                return Err(invalid(
+                    "upstream.tls.key_file",
+                    "upstream.tls.cert_file and upstream.tls.key_file go together",
+                ));
+            }
+            if u.server_name.as_deref() == Some("") {
+                return Err(invalid("upstream.tls.server_name", "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and checks every configured certificate and key (PEM parses, the key matches
+    /// its certificate, the server name is valid) and keeps what they hold in the config,
+    /// ready for handshakes. An error names the setting and the file.
+    pub fn load_tls(&mut self) -> Result<(), ConfigError> {
+        let invalid =
+            |(key, message): (&'static str, String)| ConfigError::Invalid { key, message };
+        self.listen.tls.loaded = match self.listen.tls.address {
+            Some(_) => crate::tls::Loaded::new(
+                crate::tls::ServerSide::load(&self.listen.tls).map_err(invalid)?,
+            ),
+            None => Default::default(),
+        };
+        self.upstream.tls.loaded = if self.upstream.tls.enabled {
+            crate::tls::Loaded::new(
+                crate::tls::ClientSide::load(&self.upstream.tls, &self.upstream.address)
+                    .map_err(invalid)?,
+            )
+        } else {
+            Default::default()
+        };
         Ok(())
     }
 
@@ -869,12 +1057,25 @@ mod tests {
         // And it shows every setting (a missing one would still parse, as its default).
         let text = std::fs::read_to_string(&path).unwrap();
         let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        let mut sections: Vec<(String, toml::Table)> = Vec::new();
         for (section, keys) in defaults {
+            let Some(table) = keys.as_table() else {
+                continue;
+            };
+            // Nested tables (`[listen.tls]`) are sections of their own.
+            for (key, value) in table {
+                if let Some(sub) = value.as_table() {
+                    sections.push((format!("{section}.{key}"), sub.clone()));
+                }
+            }
+            sections.push((section, table.clone()));
+        }
+        for (section, keys) in sections {
             assert!(
                 text.contains(&format!("[{section}]")),
                 "[{section}] missing from the example"
             );
-            for key in keys.as_table().into_iter().flat_map(|t| t.keys()) {
+            for key in keys.iter().filter(|(_, v)| !v.is_table()).map(|(k, _)| k) {
                 assert!(
                     text.lines()
                         .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} ="))),
@@ -899,14 +1100,24 @@ mod tests {
             "upstream.mode" => "[upstream]\nmode = \"dedicated\"\n",
             "upstream.shared_connections" => "[upstream]\nshared_connections = 3\n",
             "log.format" => "[log]\nformat = \"json\"\n",
+            "listen.tls.address" => {
+                "[listen.tls]\naddress = \"127.0.0.1:7004\"\ncert_file = \"/c\"\nkey_file = \"/k\"\n"
+            }
+            "upstream.tls.enabled" => "[upstream.tls]\nenabled = true\n",
             other => panic!("restart-only key {other} has no test value here"),
         }
     }
 
     #[test]
     fn each_restart_only_key_is_reported_and_kept() {
-        let running = Config::default();
         for setting in RESTART_ONLY {
+            // The TLS listener's address needs its files named; they are live settings, so
+            // the running config names the same ones.
+            let running = if setting.key == "listen.tls.address" {
+                parse("[listen.tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n").unwrap()
+            } else {
+                Config::default()
+            };
             let new = parse(changed_value(setting.key)).unwrap();
             assert_ne!(new, running, "{}: test value is the default", setting.key);
             assert_eq!(running.restart_only_changes(&new), vec![setting.key]);
@@ -1007,13 +1218,18 @@ mod tests {
             std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
                 .unwrap();
         for setting in RESTART_ONLY {
-            let (section, key) = setting.key.split_once('.').unwrap();
+            let (section, key) = setting.key.rsplit_once('.').unwrap();
+            let table = section
+                .split('.')
+                .try_fold(&defaults, |t, part| t.get(part).and_then(|v| v.as_table()));
             // These have no fixed default, so they are absent from the rendered defaults.
-            let known = defaults
-                .get(section)
-                .and_then(|t| t.as_table())
-                .is_some_and(|t| t.contains_key(key))
-                || ["listen.unix_socket", "upstream.shared_connections"].contains(&setting.key);
+            let known = table.is_some_and(|t| t.contains_key(key))
+                || [
+                    "listen.unix_socket",
+                    "upstream.shared_connections",
+                    "listen.tls.address",
+                ]
+                .contains(&setting.key);
             assert!(known, "{} is not a config key", setting.key);
             assert!(
                 example.contains(&format!("`{}`", setting.key)),

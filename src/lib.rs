@@ -20,4 +20,5 @@ pub mod resp;
 pub mod server;
 pub(crate) mod session;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

@@ -85,6 +85,7 @@ impl Cli {
             config.log.format = f;
         }
         config.validate().map_err(|e| e.to_string())?;
+        config.load_tls().map_err(|e| e.to_string())?;
         Ok(config)
     }
 }

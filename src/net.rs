@@ -1,7 +1,10 @@
-//! Addresses and byte streams that are either TCP or unix sockets.
+//! Addresses and byte streams that are TCP, unix sockets, or TLS over TCP.
 //!
-//! Clients may reach stormwall over either, and stormwall may reach Redis over either; the
-//! session code is written once against these enums instead of being generic four ways.
+//! Clients may reach stormwall over any of them, and stormwall may reach Redis over any; the
+//! session code is written once against these enums instead of being generic six ways.
+//! Every connection stormwall opens to Redis goes through [`Stream::connect_upstream`], so
+//! `[upstream.tls]` applies to all of them (shared, spare, pinned, dedicated, the shield's,
+//! the probe's, the latency sampler's).
 
 use std::fmt;
 use std::io;
@@ -14,6 +17,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
+
+use crate::config::UpstreamConfig;
 
 /// `host:port` (TCP) or a filesystem path (unix socket). A path is anything containing `/`,
 /// optionally written `unix:PATH`.
@@ -92,15 +97,65 @@ fn tune_tcp(stream: &TcpStream, keepalive: Duration) -> io::Result<()> {
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
+type TlsStream<S> = tokio_rustls::TlsStream<S>;
+
 impl Stream {
-    /// Connects to `addr`, giving up after `timeout`.
-    pub(crate) async fn connect(
-        addr: &Addr,
-        timeout: Duration,
-        keepalive: Duration,
+    /// Opens a connection to Redis as `[upstream]` says: TCP or unix socket, and TLS if
+    /// `upstream.tls.enabled` (connect and handshake within `upstream.connect_timeout`).
+    pub(crate) async fn connect_upstream(cfg: &UpstreamConfig) -> io::Result<Stream> {
+        let stream = Stream::connect(&cfg.address, cfg.connect_timeout, cfg.tcp_keepalive);
+        if !cfg.tls.enabled {
+            return stream.await;
+        }
+        let Some(tls) = cfg.tls.loaded.get() else {
+            return Err(io::Error::other(
+                "upstream.tls is enabled but its certificates were not loaded",
+            ));
+        };
+        let connect = async {
+            let Stream::Tcp(tcp) = stream.await? else {
+                return Err(io::Error::other("upstream TLS needs a TCP address"));
+            };
+            let handshake = tls.connector.connect(tls.server_name.clone(), tcp).await;
+            let result = handshake.as_ref().map(|_| ()).map_err(copy_error);
+            crate::tls::note_handshake("upstream", &cfg.address.to_string(), &result);
+            Ok(Stream::Tls(Box::new(handshake?.into())))
+        };
+        tokio::time::timeout(cfg.connect_timeout, connect)
+            .await
+            .unwrap_or_else(|_| {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "TLS handshake with Redis timed out after {}",
+                        humantime::format_duration(cfg.connect_timeout)
+                    ),
+                );
+                crate::tls::note_handshake(
+                    "upstream",
+                    &cfg.address.to_string(),
+                    &Err(copy_error(&e)),
+                );
+                Err(e)
+            })
+    }
+
+    /// Runs the server side of a TLS handshake on an accepted client connection.
+    pub(crate) async fn accept_tls(
+        self,
+        acceptor: &tokio_rustls::TlsAcceptor,
     ) -> io::Result<Stream> {
+        match self {
+            Stream::Tcp(tcp) => Ok(Stream::Tls(Box::new(acceptor.accept(tcp).await?.into()))),
+            _ => Err(io::Error::other("TLS is only offered on TCP listeners")),
+        }
+    }
+
+    /// Connects to `addr`, giving up after `timeout`.
+    async fn connect(addr: &Addr, timeout: Duration, keepalive: Duration) -> io::Result<Stream> {
         let connect = async {
             match addr {
                 Addr::Tcp(hp) => {
@@ -134,34 +189,92 @@ impl Stream {
                 let (r, w) = s.into_split();
                 (ReadHalf::Unix(r), WriteHalf::Unix(w))
             }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
         }
+    }
+}
+
+/// An error's kind and text, with the TLS error inside it kept (for its reason label).
+fn copy_error(e: &io::Error) -> io::Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => io::Error::new(e.kind(), tls.clone()),
+        None => io::Error::new(e.kind(), e.to_string()),
     }
 }
 
 pub(crate) enum ReadHalf {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
 }
 
 pub(crate) enum WriteHalf {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
 }
 
 impl ReadHalf {
-    /// Waits until a read would not block (data, end of stream or an error).
-    pub(crate) async fn readable(&self) -> io::Result<()> {
-        match self {
-            ReadHalf::Tcp(s) => s.readable().await,
-            ReadHalf::Unix(s) => s.readable().await,
+    /// Reads into `buf` (which `fill` provides just before the read), waiting for data.
+    ///
+    /// On TCP and unix sockets the wait is for readiness, with no buffer held: an idle
+    /// client costs no buffer. A TLS record must be decrypted into a buffer as it is read,
+    /// so there the buffer is provided first (rustls keeps its own per-connection buffers
+    /// in any case).
+    pub(crate) async fn read_some(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+        fill: impl Fn(&mut bytes::BytesMut),
+    ) -> io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            match self {
+                ReadHalf::Tcp(s) => s.readable().await?,
+                ReadHalf::Unix(s) => s.readable().await?,
+                ReadHalf::Tls(s) => {
+                    fill(buf);
+                    return s.read_buf(buf).await;
+                }
+            }
+            fill(buf);
+            let result = match self {
+                ReadHalf::Tcp(s) => s.try_read_buf(buf),
+                ReadHalf::Unix(s) => s.try_read_buf(buf),
+                ReadHalf::Tls(_) => continue,
+            };
+            match result {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return result,
+            }
         }
     }
 
-    /// Reads what is there without waiting (`WouldBlock` if nothing is).
-    pub(crate) fn try_read_buf(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-        match self {
-            ReadHalf::Tcp(s) => s.try_read_buf(buf),
-            ReadHalf::Unix(s) => s.try_read_buf(buf),
+    /// Whether the peer has closed this idle connection (or sent bytes nobody asked for,
+    /// which makes it unusable too), asked without waiting.
+    pub(crate) fn is_closed(&mut self) -> bool {
+        use std::mem::MaybeUninit;
+        if let ReadHalf::Tls(r) = self {
+            // A peek at the socket would see TLS records that carry no data (session
+            // tickets, key updates): ask rustls instead, without a waker.
+            let mut spare = [0u8; 1];
+            let mut buf = ReadBuf::new(&mut spare);
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            return Pin::new(r).poll_read(&mut cx, &mut buf).is_ready();
+        }
+        let socket = match &*self {
+            ReadHalf::Tcp(r) => socket2::SockRef::from(r.as_ref()),
+            ReadHalf::Unix(r) => socket2::SockRef::from(r.as_ref()),
+            ReadHalf::Tls(_) => return true,
+        };
+        // The kernel is asked directly, not the runtime's readiness cache, which may not
+        // have seen a close that happened a moment ago.
+        let mut spare = [MaybeUninit::<u8>::uninit(); 1];
+        match socket.peek(&mut spare) {
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+            Ok(_) => true,
         }
     }
 }
@@ -175,7 +288,23 @@ impl AsyncRead for ReadHalf {
         match self.get_mut() {
             ReadHalf::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             ReadHalf::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
+    }
+}
+
+impl WriteHalf {
+    /// Writes all of `bytes` and makes sure they have left the process. On TCP and unix
+    /// sockets that is `write_all`; a TLS stream may keep encrypted records it could not
+    /// write at once (a full socket buffer), which only a flush sends: without it, a reply
+    /// could sit in the buffer until the next one.
+    pub(crate) async fn send_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.write_all(bytes).await?;
+        if let WriteHalf::Tls(w) = self {
+            w.flush().await?;
+        }
+        Ok(())
     }
 }
 
@@ -188,6 +317,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             WriteHalf::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -195,6 +325,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_flush(cx),
             WriteHalf::Unix(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -202,6 +333,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             WriteHalf::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 
@@ -213,6 +345,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             WriteHalf::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            WriteHalf::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -224,13 +357,19 @@ impl AsyncWrite for WriteHalf {
 /// A bound listening socket.
 pub enum Listener {
     Tcp(TcpListener, Duration),
+    /// The TLS listener (`listen.tls.address`): accepts TCP; the handshake is the session's.
+    Tls(TcpListener, Duration),
     Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
     /// Binds `addr`. A stale unix socket file left by a previous run is replaced, as Redis does.
-    pub(crate) async fn bind(addr: &Addr, keepalive: Duration) -> io::Result<Listener> {
+    pub(crate) async fn bind(addr: &Addr, keepalive: Duration, tls: bool) -> io::Result<Listener> {
         match addr {
+            Addr::Tcp(hp) if tls => Ok(Listener::Tls(
+                TcpListener::bind(hp.as_str()).await?,
+                keepalive,
+            )),
             Addr::Tcp(hp) => Ok(Listener::Tcp(
                 TcpListener::bind(hp.as_str()).await?,
                 keepalive,
@@ -250,7 +389,7 @@ impl Listener {
     /// The address actually bound (useful when the configured port was 0).
     pub(crate) fn local_addr(&self) -> String {
         match self {
-            Listener::Tcp(l, _) => l
+            Listener::Tcp(l, _) | Listener::Tls(l, _) => l
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|e| format!("<unknown: {e}>")),
@@ -261,7 +400,7 @@ impl Listener {
     /// Accepts one connection and returns it with a printable peer name.
     pub(crate) async fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
-            Listener::Tcp(l, keepalive) => {
+            Listener::Tcp(l, keepalive) | Listener::Tls(l, keepalive) => {
                 let (s, peer) = l.accept().await?;
                 // A socket option failing on one client is not worth refusing the client over.
                 if let Err(e) = tune_tcp(&s, *keepalive) {
@@ -274,6 +413,13 @@ impl Listener {
                 Ok((Stream::Unix(s), format!("unix:{}", path.display())))
             }
         }
+    }
+}
+
+impl Listener {
+    /// Whether clients of this listener speak TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Listener::Tls(..))
     }
 }
 

@@ -38,9 +38,16 @@ pub(crate) async fn watch(
         }
     };
     let interval = ctx.config.load().reload.watch_interval;
-    let read =
-        |path: &Option<std::path::PathBuf>| path.as_ref().and_then(|p| std::fs::read(p).ok());
-    let mut seen = read(&file);
+    // The config file and the certificate files it names: replacing a certificate is a
+    // change too (a rotation that leaves the config file alone).
+    let read = |path: &Option<std::path::PathBuf>, ctx: &Context| {
+        let mut all = vec![path.as_ref().and_then(|p| std::fs::read(p).ok())];
+        for f in crate::tls::watched_files(&ctx.config.load()) {
+            all.push(std::fs::read(f).ok());
+        }
+        all
+    };
+    let mut seen = read(&file, &ctx);
     let mut tick = tokio::time::interval(if interval.is_zero() {
         Duration::from_secs(3600)
     } else {
@@ -52,7 +59,7 @@ pub(crate) async fn watch(
             _ = stop.cancelled() => return,
             _ = hup.recv() => "SIGHUP",
             _ = tick.tick(), if !interval.is_zero() => {
-                let now = read(&file);
+                let now = read(&file, &ctx);
                 if now == seen {
                     continue;
                 }

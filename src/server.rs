@@ -28,13 +28,16 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Binds every configured listener; fails (naming the address) if any cannot be bound.
 pub async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
-    let mut addrs = vec![config.listen.address.clone()];
+    let mut addrs = vec![(config.listen.address.clone(), false)];
     if let Some(path) = &config.listen.unix_socket {
-        addrs.push(Addr::Unix(path.clone()));
+        addrs.push((Addr::Unix(path.clone()), false));
+    }
+    if let Some(addr) = &config.listen.tls.address {
+        addrs.push((addr.clone(), true));
     }
     let mut listeners = Vec::new();
-    for addr in &addrs {
-        let l = Listener::bind(addr, config.listen.tcp_keepalive)
+    for (addr, tls) in &addrs {
+        let l = Listener::bind(addr, config.listen.tcp_keepalive, *tls)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(l);
@@ -59,7 +62,10 @@ pub async fn run(
 ) {
     let config = Arc::new(config);
     for l in &listeners {
-        info!(listen = %l.local_addr(), upstream = %config.upstream.address, "stormwall listening");
+        info!(listen = %l.local_addr(), tls = l.is_tls(), upstream = %config.upstream.address, upstream_tls = config.upstream.tls.enabled, "stormwall listening");
+    }
+    for warning in crate::tls::warnings(&config) {
+        warn!("{warning}");
     }
     let metrics = Hot::new();
     let pools = upstream::pool::Pools::new(metrics.pools.clone());
@@ -94,6 +100,7 @@ pub async fn run(
             pools_ctx.pools.maintain(live, stop).await;
         });
     }
+    tokio::spawn(publish_tls_expiry(ctx.clone(), background.clone()));
     let (loader, file, log) = services.reload;
     tokio::spawn(reload::watch(
         ctx.clone(),
@@ -150,6 +157,18 @@ async fn probe_upstream(ctx: Arc<Context>, mut probe: upstream::Probe, stop: Can
     }
 }
 
+/// Keeps `stormwall_tls_certificate_expiry_seconds` current (the certificates may be rotated
+/// by a reload at any time).
+async fn publish_tls_expiry(ctx: Arc<Context>, stop: CancellationToken) {
+    loop {
+        crate::tls::publish_expiry(&ctx.config.load());
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+        }
+    }
+}
+
 /// One probe of Redis: is it up, and does it require clients to authenticate.
 async fn check_upstream(ctx: &Context, probe: &mut upstream::Probe) {
     let config = ctx.config.load_full();
@@ -171,7 +190,7 @@ async fn accept_loop(
     sessions: TaskTracker,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (mut stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, keep serving the rest.
@@ -183,12 +202,30 @@ async fn accept_loop(
         let guard = ClientSlot::take(&clients, &ctx.metrics);
         if guard.count > ctx.config.load().listen.max_clients {
             ctx.metrics.rejected_max_clients.increment(1);
-            sessions.spawn(refuse_over_limit(stream, guard));
+            if listener.is_tls() {
+                // Redis's answer, in the client's protocol: after the handshake (bounded by
+                // its timeout, as for any client).
+                let ctx = ctx.clone();
+                sessions.spawn(async move {
+                    if let Some(stream) = handshake(stream, &ctx, &peer).await {
+                        refuse_over_limit(stream, guard).await;
+                    }
+                });
+            } else {
+                sessions.spawn(refuse_over_limit(stream, guard));
+            }
             continue;
         }
         let ctx = ctx.clone();
+        let tls = listener.is_tls();
         sessions.spawn(async move {
             let _slot = guard;
+            if tls {
+                match handshake(stream, &ctx, &peer).await {
+                    Some(s) => stream = s,
+                    None => return,
+                }
+            }
             tracing::debug!(%peer, "client connected");
             session::serve(stream, ctx).await;
             tracing::debug!(%peer, "client disconnected");
@@ -196,11 +233,39 @@ async fn accept_loop(
     }
 }
 
+/// The TLS handshake with a client on the TLS listener, with the certificates current now,
+/// within `listen.tls.handshake_timeout` (a client that stalls is closed and frees its slot).
+/// `None` (counted and logged) if it fails.
+async fn handshake(stream: Stream, ctx: &Context, peer: &str) -> Option<Stream> {
+    let config = ctx.config.load_full();
+    let Some(tls) = config.listen.tls.loaded.get() else {
+        warn!(%peer, "TLS listener without loaded certificates; closing the connection");
+        return None;
+    };
+    let limit = config.listen.tls.handshake_timeout;
+    let result = match tokio::time::timeout(limit, stream.accept_tls(&tls.acceptor)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no TLS handshake within listen.tls.handshake_timeout ({})",
+                humantime::format_duration(limit)
+            ),
+        )),
+    };
+    let (noted, stream) = match result {
+        Ok(s) => (Ok(()), Some(s)),
+        Err(e) => (Err(e), None),
+    };
+    crate::tls::note_handshake("client", peer, &noted);
+    stream
+}
+
 /// Redis's own answer to one client too many.
 async fn refuse_over_limit(stream: Stream, _slot: ClientSlot) {
     let (_, mut w) = stream.into_split();
     let reply = error_reply("ERR max number of clients reached");
-    let _ = tokio::time::timeout(Duration::from_secs(1), w.write_all(&reply)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), w.send_all(&reply)).await;
     let _ = w.shutdown().await;
 }
 

@@ -111,6 +111,14 @@ fn zero_series() {
     for result in ["taken", "wait"] {
         counter!("stormwall_shared_budget_calls_total", "result" => result).absolute(0);
     }
+    for side in ["client", "upstream"] {
+        counter!("stormwall_tls_handshakes_total", "side" => side, "result" => "ok", "reason" => "")
+            .absolute(0);
+        for reason in crate::tls::FAILURE_REASONS {
+            counter!("stormwall_tls_handshakes_total", "side" => side, "result" => "failed", "reason" => *reason)
+                .absolute(0);
+        }
+    }
     for name in [
         "stormwall_shared_budget_active",
         "stormwall_invalidation_queue_depth",
@@ -131,6 +139,14 @@ pub(crate) async fn upkeep(handle: PrometheusHandle) {
 }
 
 fn describe() {
+    describe_counter!(
+        "stormwall_tls_handshakes_total",
+        "TLS handshakes by side (client: on the TLS listener; upstream: to Redis), result and, for failures, reason."
+    );
+    describe_gauge!(
+        "stormwall_tls_certificate_expiry_seconds",
+        "Seconds until the earliest certificate in each configured certificate or CA file expires (negative: expired)."
+    );
     describe_gauge!(
         "stormwall_upstream_connections",
         "Connections to Redis carrying client traffic, by mode: shared (many clients each), private (one pinned client each), spare (open and idle, ready for a pin or an AUTH/HELLO check)."
@@ -412,6 +428,7 @@ mod tests {
             include_str!("invalidation/observe.rs"),
             include_str!("invalidation/shared_budget.rs"),
             include_str!("reload.rs"),
+            include_str!("tls.rs"),
         ]
         .into_iter()
         .flat_map(names)

@@ -172,7 +172,7 @@ async fn connect(ctx: &Context, cfg: &Config) -> Option<(Upstream, Replies, bool
     let up = &cfg.upstream;
     let result = match up.mode {
         UpstreamMode::Dedicated => {
-            Stream::connect(&up.address, up.connect_timeout, up.tcp_keepalive)
+            Stream::connect_upstream(up)
                 .await
                 .map(|stream| {
                     ctx.metrics.connects_ok.increment(1);

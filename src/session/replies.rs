@@ -248,7 +248,7 @@ impl ReplySide<'_> {
     /// cannot be delivered. False if the client is gone.
     async fn send(&self, client: &mut WriteHalf, bytes: &[u8]) -> bool {
         let links = self.links;
-        let write = client.write_all(bytes);
+        let write = client.send_all(bytes);
         tokio::pin!(write);
         let first = tokio::select! {
             biased;
@@ -279,7 +279,7 @@ impl ReplySide<'_> {
         tokio::pin!(dead, shutdown);
         loop {
             if !buf.is_empty() {
-                if client.write_all(buf).await.is_err() {
+                if client.send_all(buf).await.is_err() {
                     return;
                 }
                 buf.clear();

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -1038,7 +1037,7 @@ impl RequestSide<'_> {
         let replies = self.unsent.swap(0, Ordering::Relaxed);
         let links = self.links;
         let ok = match upstream {
-            Upstream::Socket(write) => match write.write_all(bytes).await {
+            Upstream::Socket(write) => match write.send_all(bytes).await {
                 Ok(()) => true,
                 Err(e) => {
                     debug!(error = %e, "upstream write failed");
@@ -1567,27 +1566,20 @@ async fn read_within(
     buf: &mut BytesMut,
     idle: std::time::Duration,
 ) -> Option<std::io::Result<usize>> {
-    let read = async {
-        loop {
-            // Nothing held: an idle client keeps no buffer while it waits.
-            crate::buffers::give(buf);
-            // Readiness alone does not count against the task's cooperative budget (a read
-            // did): without this, a client that never stops sending would keep the thread
-            // from the shared connection that carries its commands and replies.
-            tokio::task::consume_budget().await;
-            client.readable().await?;
-            if buf.capacity() == 0 {
-                *buf = crate::buffers::take();
-            }
-            if buf.capacity() - buf.len() < MIN_READ {
-                buf.reserve(READ_BUF);
-            }
-            match client.try_read_buf(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                result => return result,
-            }
+    // Nothing held: an idle client keeps no buffer while it waits.
+    crate::buffers::give(buf);
+    // Readiness alone does not count against the task's cooperative budget (a read
+    // did): without this, a client that never stops sending would keep the thread
+    // from the shared connection that carries its commands and replies.
+    tokio::task::consume_budget().await;
+    let read = client.read_some(buf, |buf| {
+        if buf.capacity() == 0 {
+            *buf = crate::buffers::take();
         }
-    };
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(READ_BUF);
+        }
+    });
     if idle.is_zero() {
         Some(read.await)
     } else {

@@ -6,14 +6,12 @@
 //! connection had — so the engine can never do what the client could not (G5).
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
-use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::{ConnError, Identity};
@@ -32,7 +30,7 @@ pub struct Conn {
 impl Conn {
     /// Connects, without any handshake.
     pub async fn connect(cfg: &UpstreamConfig) -> io::Result<Conn> {
-        let stream = Stream::connect(&cfg.address, cfg.connect_timeout, cfg.tcp_keepalive).await?;
+        let stream = Stream::connect_upstream(cfg).await?;
         let (read, write) = stream.into_split();
         Ok(Conn {
             read,
@@ -108,18 +106,7 @@ impl Conn {
     /// directly, not the runtime's readiness cache, which may not have seen a close that
     /// happened a moment ago.
     pub fn is_closed(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return true;
-        }
-        let socket = match &self.read {
-            ReadHalf::Tcp(r) => SockRef::from(r.as_ref()),
-            ReadHalf::Unix(r) => SockRef::from(r.as_ref()),
-        };
-        let mut spare = [MaybeUninit::<u8>::uninit(); 1];
-        match socket.peek(&mut spare) {
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-            Ok(_) => true,
-        }
+        !self.buf.is_empty() || self.read.is_closed()
     }
 
     /// Sends `commands` as one pipeline and returns their replies in order, giving up at
@@ -184,7 +171,7 @@ impl Conn {
     }
 
     async fn exchange(&mut self, request: &[u8], count: usize) -> io::Result<Vec<Bytes>> {
-        self.write.write_all(request).await?;
+        self.write.send_all(request).await?;
         let mut scanner = ReplyScanner::new(u64::MAX);
         let mut replies = Vec::with_capacity(count);
         while replies.len() < count {

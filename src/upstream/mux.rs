@@ -401,7 +401,7 @@ impl Mux {
             };
             commands.record(f64::from(queued));
             let written = tokio::select! {
-                r = write.write_all(&batch) => r,
+                r = write.send_all(&batch) => r,
                 _ = self.stop.cancelled() => break,
             };
             if let Err(e) = written {
