@@ -249,7 +249,9 @@ fn summarize(samples: &[Sample]) -> Summary {
 }
 
 fn fmt_rps(rps: f64) -> String {
-    if rps >= 1e6 {
+    if rps < 1e4 {
+        format!("{rps:.0}")
+    } else if rps >= 1e6 {
         format!("{:.2} M", rps / 1e6)
     } else {
         format!("{:.0} k", rps / 1e3)

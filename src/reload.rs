@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::counter;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -22,15 +22,22 @@ use crate::session::Context;
 /// Re-reads the configuration (file plus command-line overrides), validated.
 pub type Loader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
-/// Reloads on SIGHUP and file changes until `stop` is cancelled.
+/// The SIGHUP handler, installed before the process says it is listening: until it is, a
+/// SIGHUP would terminate the process (the signal's default action).
+pub(crate) fn hangup() -> std::io::Result<Signal> {
+    signal(SignalKind::hangup())
+}
+
+/// Reloads on SIGHUP (`hup`, from [`hangup`]) and file changes until `stop` is cancelled.
 pub(crate) async fn watch(
     ctx: Arc<Context>,
+    hup: std::io::Result<Signal>,
     load: Loader,
     file: Option<std::path::PathBuf>,
     log: LogHandle,
     stop: CancellationToken,
 ) {
-    let mut hup = match signal(SignalKind::hangup()) {
+    let mut hup = match hup {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "cannot listen for SIGHUP; live reload disabled");

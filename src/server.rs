@@ -82,6 +82,7 @@ pub async fn run(
     ctx.metrics.upstream_up.set(1.0);
     // The admin endpoint outlives the drain (so /readyz reports it); the rest stops with it.
     let background = CancellationToken::new();
+    let hup = reload::hangup();
     let admin = services.admin.map(|(listener, metrics)| {
         info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
         tokio::spawn(telemetry::upkeep(metrics.clone()));
@@ -104,6 +105,7 @@ pub async fn run(
     let (loader, file, log) = services.reload;
     tokio::spawn(reload::watch(
         ctx.clone(),
+        hup,
         loader,
         file,
         log,

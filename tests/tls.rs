@@ -802,6 +802,8 @@ fn a_reload_that_drops_tls_keeps_it_until_restart() {
             listen_tls(&pki, tls_port, "")
         ),
     );
+    let (ok, out) = cli_tls(tls_port, &pki.ca_file(), None, &["PING"]);
+    assert!(ok && out.contains("PONG"), "{out}");
     // The same file without any TLS: both are restart-only, so both stay as they run.
     let text = std::fs::read_to_string(&sw.config_path).unwrap();
     let table: toml::Table = text.parse().unwrap();
