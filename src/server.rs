@@ -174,10 +174,11 @@ async fn publish_tls_expiry(ctx: Arc<Context>, stop: CancellationToken) {
 /// One probe of Redis: is it up, and does it require clients to authenticate.
 async fn check_upstream(ctx: &Context, probe: &mut upstream::Probe) {
     let config = ctx.config.load_full();
-    let started = tokio::time::Instant::now();
     match probe.check(&config.upstream).await {
         Ok(auth_required) => {
-            ctx.engine.observe_latency(started.elapsed());
+            if let Some(round_trip) = probe.round_trip() {
+                ctx.engine.observe_latency(round_trip);
+            }
             ctx.auth_required.store(auth_required, Ordering::Relaxed);
             ctx.note_upstream(true, None);
         }

@@ -19,6 +19,8 @@ pub struct Probe {
     conn: Option<Conn>,
     /// When Redis's need for authentication was last checked, and what it was.
     auth_checked: Option<(Instant, bool)>,
+    /// The last `PING`'s round trip on the long-lived connection, connecting excluded.
+    round_trip: Option<std::time::Duration>,
 }
 
 /// How often the probe checks whether Redis requires authentication.
@@ -61,11 +63,20 @@ impl Probe {
             Some(conn) => (conn, false),
             None => (self.conn.insert(Conn::connect(cfg).await?), true),
         };
+        let started = Instant::now();
         let result = ping_needs_auth(conn, cfg).await;
+        self.round_trip = result.is_ok().then(|| started.elapsed());
         if result.is_err() {
             self.conn = None;
         }
         result.map(|needs| fresh.then_some(needs))
+    }
+
+    /// The round trip of the last check's `PING`, without the time spent connecting (a TCP
+    /// or TLS handshake to a distant Redis, or the authentication check's short connection,
+    /// is no sign of Redis being busy). `None` if the last check failed.
+    pub fn round_trip(&self) -> Option<std::time::Duration> {
+        self.round_trip
     }
 }
 
