@@ -65,8 +65,8 @@ pub const RESTART_ONLY: &[RestartOnly] = &[
         },
     },
     RestartOnly {
-        key: "upstream.address",
-        keep: |from, into| into.upstream.address = from.upstream.address.clone(),
+        key: "upstream.kind",
+        keep: |from, into| into.upstream.kind = from.upstream.kind,
     },
     RestartOnly {
         key: "upstream.mode",
@@ -228,8 +228,25 @@ impl Default for ListenConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// `host:port` or a unix socket path.
+    /// What kind of upstream: one Redis at `address`, or the master a set of Sentinels
+    /// names ([`UpstreamKind`]).
+    pub kind: UpstreamKind,
+    /// `host:port` or a unix socket path (`kind = "standalone"`).
     pub address: Addr,
+    /// Sentinel addresses, `host:port` (`kind = "sentinel"`), asked in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sentinels: Vec<String>,
+    /// The master's name as the Sentinels know it (`kind = "sentinel"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_name: Option<String>,
+    /// The user stormwall authenticates to the Sentinels as (Sentinel's own ACL); unset:
+    /// `default`, with `sentinel_password_file` if that is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel_user: Option<String>,
+    /// A file holding the Sentinels' password (`requirepass` in sentinel.conf); unset: no
+    /// authentication. Read at every connection to a Sentinel, so a rotated file applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel_password_file: Option<PathBuf>,
     /// How long one attempt to open a connection to Redis may take.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -256,6 +273,21 @@ pub struct UpstreamConfig {
     pub outage_wait: Duration,
     /// TLS to Redis.
     pub tls: UpstreamTlsConfig,
+    /// Where Redis is now (runtime state shared by every copy of the configuration).
+    #[serde(skip)]
+    pub target: std::sync::Arc<crate::upstream::Target>,
+}
+
+/// What stands behind `[upstream]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// One Redis server at `upstream.address`.
+    #[default]
+    Standalone,
+    /// The master that `upstream.sentinels` name for `upstream.master_name`, followed
+    /// through failovers.
+    Sentinel,
 }
 
 /// How client connections map to Redis connections.
@@ -291,7 +323,12 @@ impl UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
+            kind: UpstreamKind::Standalone,
             address: Addr::Tcp("127.0.0.1:6379".into()),
+            sentinels: Vec::new(),
+            master_name: None,
+            sentinel_user: None,
+            sentinel_password_file: None,
             connect_timeout: Duration::from_secs(2),
             reply_timeout: Duration::from_secs(30),
             tcp_keepalive: Duration::from_secs(300),
@@ -300,6 +337,7 @@ impl Default for UpstreamConfig {
             spare_connections: 2,
             outage_wait: Duration::from_secs(5),
             tls: UpstreamTlsConfig::default(),
+            target: Default::default(),
         }
     }
 }
@@ -813,11 +851,61 @@ impl Config {
                 "must be between 1 and 1024",
             ));
         }
+        self.validate_sentinel()?;
         self.validate_tls()?;
         if let Err(e) = crate::logging::parse_filter(&self.log.level) {
             return Err(invalid(
                 "log.level",
                 format!("`{}` is not a valid tracing filter ({e})", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A Sentinel upstream's settings: where the Sentinels are and which master to follow.
+    fn validate_sentinel(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
+        let u = &self.upstream;
+        if u.kind != UpstreamKind::Sentinel {
+            return Ok(());
+        }
+        if u.sentinels.is_empty() {
+            return Err(invalid(
+                "upstream.sentinels",
+                "needs at least one Sentinel address with upstream.kind = \"sentinel\"".into(),
+            ));
+        }
+        for s in &u.sentinels {
+            if !matches!(s.parse::<Addr>(), Ok(Addr::Tcp(_))) {
+                return Err(invalid(
+                    "upstream.sentinels",
+                    format!("`{s}` is not a host:port address"),
+                ));
+            }
+        }
+        match u.master_name.as_deref() {
+            Some(name) if !name.is_empty() && !name.bytes().any(|b| b <= b' ') => {}
+            _ => {
+                return Err(invalid(
+                    "upstream.master_name",
+                    "is required with upstream.kind = \"sentinel\" (the name in Sentinel's \
+                     `sentinel monitor <name> …`), without spaces"
+                        .into(),
+                ));
+            }
+        }
+        if u.sentinel_user.is_some() && u.sentinel_password_file.is_none() {
+            return Err(invalid(
+                "upstream.sentinel_user",
+                "needs upstream.sentinel_password_file".into(),
+            ));
+        }
+        if u.tls.enabled && u.tls.server_name.is_none() {
+            return Err(invalid(
+                "upstream.tls.server_name",
+                "is required with TLS to a Sentinel-managed master (its address is only known \
+                 at run time)"
+                    .into(),
             ));
         }
         Ok(())
@@ -980,6 +1068,8 @@ impl Config {
         for setting in RESTART_ONLY {
             (setting.keep)(self, &mut merged);
         }
+        // Where Redis is lives on; the reload applies a new address to it (`Target::follow`).
+        merged.upstream.target = self.upstream.target.clone();
         merged
     }
 
@@ -1091,7 +1181,9 @@ mod tests {
             "listen.address" => "[listen]\naddress = \"127.0.0.1:7001\"\n",
             "listen.unix_socket" => "[listen]\nunix_socket = \"/tmp/sw-test.sock\"\n",
             "listen.tcp_keepalive" => "[listen]\ntcp_keepalive = \"1m\"\n",
-            "upstream.address" => "[upstream]\naddress = \"127.0.0.1:7002\"\n",
+            "upstream.kind" => {
+                "[upstream]\nkind = \"sentinel\"\nsentinels = [\"127.0.0.1:26379\"]\nmaster_name = \"m\"\n"
+            }
             "admin.enabled" => "[admin]\nenabled = false\n",
             "admin.address" => "[admin]\naddress = \"127.0.0.1:7003\"\n",
             "admin.probe_interval" => "[admin]\nprobe_interval = \"3s\"\n",
@@ -1113,10 +1205,16 @@ mod tests {
         for setting in RESTART_ONLY {
             // The TLS listener's address needs its files named; they are live settings, so
             // the running config names the same ones.
-            let running = if setting.key == "listen.tls.address" {
-                parse("[listen.tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n").unwrap()
-            } else {
-                Config::default()
+            let running = match setting.key {
+                "listen.tls.address" => {
+                    parse("[listen.tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n").unwrap()
+                }
+                // Where the Sentinels are is a live setting.
+                "upstream.kind" => {
+                    parse("[upstream]\nsentinels = [\"127.0.0.1:26379\"]\nmaster_name = \"m\"\n")
+                        .unwrap()
+                }
+                _ => Config::default(),
             };
             let new = parse(changed_value(setting.key)).unwrap();
             assert_ne!(new, running, "{}: test value is the default", setting.key);

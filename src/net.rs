@@ -103,14 +103,28 @@ pub(crate) enum Stream {
 type TlsStream<S> = tokio_rustls::TlsStream<S>;
 
 impl Stream {
-    /// Opens a connection to Redis as `[upstream]` says: TCP or unix socket, and TLS if
-    /// `upstream.tls.enabled` (connect and handshake within `upstream.connect_timeout`).
-    pub(crate) async fn connect_upstream(cfg: &UpstreamConfig) -> io::Result<Stream> {
-        let stream = Stream::connect(&cfg.address, cfg.connect_timeout, cfg.tcp_keepalive);
+    /// Opens a connection to Redis as `[upstream]` says, to where Redis is now
+    /// (`upstream.target`): TCP or unix socket, and TLS if `upstream.tls.enabled` (connect
+    /// and handshake within `upstream.connect_timeout`). Also returns the target's epoch the
+    /// connection was opened in.
+    pub(crate) async fn connect_upstream(cfg: &UpstreamConfig) -> io::Result<(Stream, u64)> {
+        let at = cfg.target.locate(cfg)?;
+        let stream = Stream::connect_to(&at.address, &at.tls, cfg).await?;
+        Ok((stream, at.epoch))
+    }
+
+    /// Opens a connection to `address` (Redis, or a Sentinel) with `[upstream]`'s timeouts,
+    /// and TLS with `tls` if `upstream.tls.enabled`.
+    pub(crate) async fn connect_to(
+        address: &Addr,
+        tls: &crate::tls::Loaded<crate::tls::ClientSide>,
+        cfg: &UpstreamConfig,
+    ) -> io::Result<Stream> {
+        let stream = Stream::connect(address, cfg.connect_timeout, cfg.tcp_keepalive);
         if !cfg.tls.enabled {
             return stream.await;
         }
-        let Some(tls) = cfg.tls.loaded.get() else {
+        let Some(tls) = tls.get() else {
             return Err(io::Error::other(
                 "upstream.tls is enabled but its certificates were not loaded",
             ));
@@ -121,7 +135,7 @@ impl Stream {
             };
             let handshake = tls.connector.connect(tls.server_name.clone(), tcp).await;
             let result = handshake.as_ref().map(|_| ()).map_err(copy_error);
-            crate::tls::note_handshake("upstream", &cfg.address.to_string(), &result);
+            crate::tls::note_handshake("upstream", &address.to_string(), &result);
             Ok(Stream::Tls(Box::new(handshake?.into())))
         };
         tokio::time::timeout(cfg.connect_timeout, connect)
@@ -134,11 +148,7 @@ impl Stream {
                         humantime::format_duration(cfg.connect_timeout)
                     ),
                 );
-                crate::tls::note_handshake(
-                    "upstream",
-                    &cfg.address.to_string(),
-                    &Err(copy_error(&e)),
-                );
+                crate::tls::note_handshake("upstream", &address.to_string(), &Err(copy_error(&e)));
                 Err(e)
             })
     }

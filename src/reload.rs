@@ -100,7 +100,10 @@ pub(crate) fn apply(ctx: &Context, new: Config, log: &LogHandle, cause: &str) {
     }
     ctx.engine.reload(merged.clone());
     let changed = *merged != *old;
-    ctx.config.store(merged);
+    ctx.config.store(merged.clone());
+    // After the store: a connection opened from the new config must not be counted as one
+    // to the old address.
+    merged.upstream.target.follow(&merged.upstream);
     counter!("stormwall_config_reloads_total", "result" => "ok").increment(1);
     info!(cause, changed, "config reloaded");
 }

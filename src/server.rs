@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::config::UpstreamMode;
+use crate::config::{UpstreamKind, UpstreamMode};
 use crate::invalidation::Engine;
 use crate::logging::{LogHandle, Throttle};
 use crate::net::{Addr, Listener, Stream};
@@ -53,6 +53,18 @@ pub struct Services {
     pub reload: (reload::Loader, Option<std::path::PathBuf>, LogHandle),
 }
 
+/// What the upstream is, for the log: its address, or the Sentinel master's name.
+fn upstream_name(up: &crate::config::UpstreamConfig) -> String {
+    match up.kind {
+        UpstreamKind::Standalone => up.address.to_string(),
+        UpstreamKind::Sentinel => format!(
+            "master `{}` via Sentinel {}",
+            up.master_name.as_deref().unwrap_or(""),
+            up.sentinels.join(",")
+        ),
+    }
+}
+
 /// Serves clients on `listeners` until `shutdown` is cancelled, then drains.
 pub async fn run(
     config: Config,
@@ -62,7 +74,7 @@ pub async fn run(
 ) {
     let config = Arc::new(config);
     for l in &listeners {
-        info!(listen = %l.local_addr(), tls = l.is_tls(), upstream = %config.upstream.address, upstream_tls = config.upstream.tls.enabled, "stormwall listening");
+        info!(listen = %l.local_addr(), tls = l.is_tls(), upstream = %upstream_name(&config.upstream), upstream_tls = config.upstream.tls.enabled, "stormwall listening");
     }
     for warning in crate::tls::warnings(&config) {
         warn!("{warning}");
@@ -88,6 +100,20 @@ pub async fn run(
         tokio::spawn(telemetry::upkeep(metrics.clone()));
         tokio::spawn(admin::serve(listener, ctx.clone(), metrics, background.clone()))
     });
+    let upstream = &config.upstream;
+    upstream.target.follow(upstream);
+    if upstream.kind == UpstreamKind::Sentinel {
+        // The master, known before the first client if a Sentinel names one now.
+        match upstream::sentinel::locate(upstream).await {
+            Ok((master, _)) => upstream.target.moved_to(master, upstream),
+            Err(e) => warn!(error = %e, "no Sentinel names a usable master yet"),
+        }
+        let live = ctx.clone();
+        let stop = background.clone();
+        tokio::spawn(async move {
+            upstream::sentinel::follow(|| live.config.load_full(), stop).await;
+        });
+    }
     // Known before the first client: whether Redis is up, and whether it requires
     // authentication (Redis's pre-authentication limits then apply to new clients).
     let mut probe = upstream::Probe::default();

@@ -111,6 +111,9 @@ fn zero_series() {
     for result in ["taken", "wait"] {
         counter!("stormwall_shared_budget_calls_total", "result" => result).absolute(0);
     }
+    for cause in ["reload", "sentinel"] {
+        counter!("stormwall_upstream_moves_total", "cause" => cause).absolute(0);
+    }
     for side in ["client", "upstream"] {
         counter!("stormwall_tls_handshakes_total", "side" => side, "result" => "ok", "reason" => "")
             .absolute(0);
@@ -429,6 +432,8 @@ mod tests {
             include_str!("invalidation/shared_budget.rs"),
             include_str!("reload.rs"),
             include_str!("tls.rs"),
+            include_str!("upstream/target.rs"),
+            include_str!("upstream/sentinel.rs"),
         ]
         .into_iter()
         .flat_map(names)

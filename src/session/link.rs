@@ -93,15 +93,19 @@ impl SharedLink {
 
     /// Takes a spare on which Redis just accepted this client's new state as its shared
     /// connection, if the new group has none open yet.
-    pub fn adopt(&self, conn: crate::upstream::Conn) {
-        self.group.adopt(self.slot, conn);
+    pub fn adopt(&self, conn: crate::upstream::Conn, cfg: &UpstreamConfig) {
+        self.group.adopt(self.slot, conn, cfg);
     }
 
     /// The live shared connection, reconnecting if needed; `None` if this client's
     /// replies were lost with a failed connection, or Redis stays away.
     async fn mux(&mut self, pools: &Pools, cfg: &UpstreamConfig) -> Option<Arc<Mux>> {
         if let Some(mux) = self.mux.as_ref().filter(|m| !m.is_dead()) {
-            return Some(mux.clone());
+            // After the upstream moved, the old connection goes on carrying this client's
+            // commands until the replies owed on it are in, so they stay in order.
+            if cfg.target.is_current(mux.epoch()) || self.inbox.owed() > 0 {
+                return Some(mux.clone());
+            }
         }
         if self.inbox.owed() > 0 || self.inbox.failed() {
             return None;
@@ -133,10 +137,11 @@ impl SharedLink {
 
     /// Sends `bytes` at once if the client's connection is up and has room (the common
     /// case, with no future to set up). False if that needs waiting: use [`send`](Self::send).
-    pub fn try_send(&self, bytes: &[u8], replies: u32) -> bool {
-        self.mux
-            .as_ref()
-            .is_some_and(|mux| mux.send(&self.inbox, bytes, replies) == Sent::Queued)
+    pub fn try_send(&self, cfg: &UpstreamConfig, bytes: &[u8], replies: u32) -> bool {
+        self.mux.as_ref().is_some_and(|mux| {
+            cfg.target.is_current(mux.epoch())
+                && mux.send(&self.inbox, bytes, replies) == Sent::Queued
+        })
     }
 
     /// Sends `bytes`, `replies` commands whose replies go to this client's inbox.

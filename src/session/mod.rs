@@ -33,7 +33,7 @@ mod state;
 
 pub use sharing::PIN_REASONS;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -41,7 +41,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, UpstreamMode};
 use crate::invalidation::Engine;
@@ -106,7 +106,7 @@ impl Context {
 /// Serves one client until it disconnects, Redis goes away, or the process drains.
 pub async fn serve(client: Stream, ctx: Arc<Context>) {
     let cfg = ctx.config.load_full();
-    let Some((upstream, replies, admitted)) = connect(&ctx, &cfg).await else {
+    let Some((upstream, replies, admitted, private_epoch)) = connect(&ctx, &cfg).await else {
         // Closed without a reply, as a client connecting to a Redis that is down would
         // be: an error reply could be taken for the answer to its first command.
         let (_, mut w) = client.into_split();
@@ -126,6 +126,7 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         client_blocked: AtomicBool::new(false),
         blocked: Notify::new(),
         pinned: AtomicBool::new(false),
+        private_epoch: AtomicU64::new(private_epoch),
     };
     let limits = &cfg.limits;
     let requests = RequestSide {
@@ -159,7 +160,16 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
         requests.run(client_read, &mut upstream).await;
         links.queue.finish();
     };
-    tokio::join!(requests, reply_side.run(replies, client_write));
+    let halves = async { tokio::join!(requests, reply_side.run(replies, client_write)) };
+    tokio::pin!(halves);
+    tokio::select! {
+        _ = &mut halves => {}
+        _ = links.moved_away() => {
+            debug!("the upstream moved; closing a client with a connection of its own to the old one");
+            links.dead.cancel();
+            halves.await;
+        }
+    }
     if links.pinned.load(Ordering::Relaxed) {
         ctx.metrics.private_connections.decrement(1.0);
     }
@@ -168,19 +178,24 @@ pub async fn serve(client: Stream, ctx: Arc<Context>) {
 /// The client's way to Redis, and whether Redis admits it without a password: its own
 /// connection (dedicated mode), or a place on the shared connections for a new client's
 /// state. `None` if Redis cannot be reached.
-async fn connect(ctx: &Context, cfg: &Config) -> Option<(Upstream, Replies, bool)> {
+async fn connect(ctx: &Context, cfg: &Config) -> Option<(Upstream, Replies, bool, u64)> {
     let up = &cfg.upstream;
     let result = match up.mode {
         UpstreamMode::Dedicated => {
             Stream::connect_upstream(up)
                 .await
-                .map(|stream| {
+                .map(|(stream, epoch)| {
                     ctx.metrics.connects_ok.increment(1);
                     let (read, write) = stream.into_split();
                     // As Redis decides for a new connection: authenticated if no password
                     // is required.
                     let admitted = !ctx.auth_required.load(Ordering::Relaxed);
-                    (Upstream::Socket(write), Replies::Socket(read), admitted)
+                    (
+                        Upstream::Socket(write),
+                        Replies::Socket(read),
+                        admitted,
+                        epoch,
+                    )
                 })
                 .inspect_err(|_| ctx.metrics.connects_failed.increment(1))
         }
@@ -197,7 +212,12 @@ async fn connect(ctx: &Context, cfg: &Config) -> Option<(Upstream, Replies, bool
                 let size = up.shared_connections(cfg.runtime.worker_threads);
                 let inbox = Arc::new(Inbox::default());
                 let link = SharedLink::new(ctx.pools.group(&key, size), inbox.clone());
-                (Upstream::Shared(link), Replies::Shared(inbox), admitted)
+                (
+                    Upstream::Shared(link),
+                    Replies::Shared(inbox),
+                    admitted,
+                    SHARED,
+                )
             })
         }
     };
@@ -238,7 +258,16 @@ struct Links<'a> {
     blocked: Notify,
     /// A shared client moved to a private connection (counted in the metrics until it ends).
     pinned: AtomicBool,
+    /// The upstream epoch the client's own connection was opened in ([`SHARED`] while it has
+    /// none): when the upstream moves, that connection goes to a server that is no longer
+    /// the upstream, and the client is closed — its state there (a transaction,
+    /// subscriptions, a blocked command) cannot follow it, as it would not for a client
+    /// connected to that server directly.
+    private_epoch: AtomicU64,
 }
+
+/// `Links::private_epoch` of a client without a connection of its own.
+const SHARED: u64 = u64::MAX;
 
 impl Links<'_> {
     fn state(&self) -> MutexGuard<'_, Confirmed> {
@@ -258,6 +287,22 @@ impl Links<'_> {
         state.confirm(effect, reply);
         self.authenticated
             .store(state.authenticated, Ordering::Release);
+    }
+
+    /// Resolves once the upstream has moved away from the server this client's own
+    /// connection goes to.
+    async fn moved_away(&self) {
+        let target = &self.config.upstream.target;
+        let mut moves = target.subscribe();
+        loop {
+            let epoch = self.private_epoch.load(Ordering::Acquire);
+            if epoch != SHARED && !target.is_current(epoch) {
+                return;
+            }
+            if moves.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Resolves once the reply side is waiting for the client to read.

@@ -1044,7 +1044,7 @@ impl RequestSide<'_> {
                     false
                 }
             },
-            Upstream::Shared(link) if link.try_send(bytes, replies) => true,
+            Upstream::Shared(link) if link.try_send(&links.config.upstream, bytes, replies) => true,
             Upstream::Shared(link) => {
                 let cfg = &links.config.upstream;
                 let send = link.send(&links.ctx.pools, cfg, bytes, replies);
@@ -1111,25 +1111,15 @@ impl RequestSide<'_> {
         if barrier {
             replay.push(sharing::write_barrier());
         }
-        let opened = async {
-            let conn = links
-                .ctx
-                .pools
-                .prepared(cfg, &replay)
-                .await
-                .map_err(|e| format!("{e:?}"))?;
-            conn.into_halves()
-                .ok_or_else(|| "unexpected bytes from Redis".to_owned())
-        };
-        let (read, write) = match opened.await {
-            Ok(halves) => halves,
+        let conn = match links.ctx.pools.prepared(cfg, &replay).await {
+            Ok(conn) => conn,
             Err(e) => {
-                debug!(error = %e, reason = reason.label(), "cannot open a private connection for a pinned client; closing it");
+                debug!(error = ?e, reason = reason.label(), "cannot open a private connection for a pinned client; closing it");
                 links.dead.cancel();
                 return Next::Stop;
             }
         };
-        self.move_to(upstream, read, write, reason).await
+        self.move_to(upstream, conn, reason).await
     }
 
     /// Sends `request` (one client command) on a spare put into a state by `setup`, and
@@ -1188,23 +1178,26 @@ impl RequestSide<'_> {
         if !accepted {
             return Next::Read;
         }
-        let Some((read, write)) = conn.into_halves() else {
-            links.dead.cancel();
-            return Next::Stop;
-        };
-        self.move_to(upstream, read, write, reason).await
+        self.move_to(upstream, conn, reason).await
     }
 
     /// The client's replies come from its own connection from here on (after everything
     /// queued so far), and its commands go there.
-    async fn move_to(
-        &mut self,
-        upstream: &mut Upstream,
-        read: ReadHalf,
-        write: crate::net::WriteHalf,
-        reason: PinReason,
-    ) -> Next {
+    async fn move_to(&mut self, upstream: &mut Upstream, conn: Conn, reason: PinReason) -> Next {
         let links = self.links;
+        let epoch = conn.epoch();
+        let Some((read, write)) = conn.into_halves() else {
+            debug!("unexpected bytes from Redis on a new private connection; closing the client");
+            links.dead.cancel();
+            return Next::Stop;
+        };
+        // Closed if the upstream moves (see `Links::private_epoch`), or moved already while
+        // this connection was being opened.
+        links.private_epoch.store(epoch, Ordering::Release);
+        if !links.config.upstream.target.is_current(epoch) {
+            links.dead.cancel();
+            return Next::Stop;
+        }
         debug!(
             reason = reason.label(),
             "client moves to a private connection"
@@ -1277,7 +1270,7 @@ impl RequestSide<'_> {
             let deadline = Instant::now() + cfg.reply_wait();
             if conn.establish(&rest, deadline).await.is_ok() {
                 // The spare is now exactly in the client's new state.
-                link.adopt(conn);
+                link.adopt(conn, cfg);
             }
         }
         self.enqueue(Entry::Local(reply)).await;

@@ -6,6 +6,7 @@
 //! connection had — so the engine can never do what the client could not (G5).
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -14,9 +15,10 @@ use redis_protocol::resp2::types::OwnedFrame;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
-use super::{ConnError, Identity};
-use crate::config::UpstreamConfig;
-use crate::net::{ReadHalf, Stream, WriteHalf};
+use super::sentinel::{Role, not_master, role};
+use super::{ConnError, Identity, Target};
+use crate::config::{UpstreamConfig, UpstreamKind};
+use crate::net::{Addr, ReadHalf, Stream, WriteHalf};
 use crate::resp::reply::{FrameKind, ReplyScanner};
 
 /// A connection that sends commands and decodes their replies.
@@ -25,23 +27,39 @@ pub struct Conn {
     write: WriteHalf,
     buf: BytesMut,
     reply_timeout: Duration,
+    /// The upstream target and its epoch when this connection was opened (`None`: not a
+    /// connection to the upstream, e.g. to a Sentinel).
+    opened_in: Option<(Arc<Target>, u64)>,
 }
 
 impl Conn {
-    /// Connects, without any handshake.
+    /// Connects to where Redis is now, without any handshake.
     pub async fn connect(cfg: &UpstreamConfig) -> io::Result<Conn> {
-        let stream = Stream::connect_upstream(cfg).await?;
+        let (stream, epoch) = Stream::connect_upstream(cfg).await?;
+        Ok(Conn::over(stream, cfg, Some((cfg.target.clone(), epoch))))
+    }
+
+    /// Connects to `address` (a Sentinel, or a server being checked), without any handshake.
+    pub async fn connect_to(address: &Addr, cfg: &UpstreamConfig) -> io::Result<Conn> {
+        let tls = cfg.tls.loaded.clone();
+        let stream = Stream::connect_to(address, &tls, cfg).await?;
+        Ok(Conn::over(stream, cfg, None))
+    }
+
+    fn over(stream: Stream, cfg: &UpstreamConfig, opened_in: Option<(Arc<Target>, u64)>) -> Conn {
         let (read, write) = stream.into_split();
-        Ok(Conn {
+        Conn {
             read,
             write,
             buf: BytesMut::with_capacity(4096),
-            reply_timeout: if cfg.reply_timeout.is_zero() {
-                Duration::from_secs(3600)
-            } else {
-                cfg.reply_timeout
-            },
-        })
+            reply_timeout: cfg.reply_wait(),
+            opened_in,
+        }
+    }
+
+    /// The upstream epoch this connection was opened in.
+    pub fn epoch(&self) -> u64 {
+        self.opened_in.as_ref().map_or(0, |(_, epoch)| *epoch)
     }
 
     /// Connects and authenticates as `who`, selects its database, and checks with a `PING`
@@ -59,11 +77,22 @@ impl Conn {
             .map_err(ConnError::Io)?;
         let mut handshake = who.commands();
         handshake.push(vec![Bytes::from_static(b"PING")]);
-        let replies = conn
+        let ping = handshake.len() - 1;
+        let sentinel = cfg.kind == UpstreamKind::Sentinel;
+        if sentinel {
+            handshake.push(vec![Bytes::from_static(b"ROLE")]);
+        }
+        let mut replies = conn
             .call_until(&handshake, deadline)
             .await
             .map_err(ConnError::Io)?;
-        let ping = handshake.len() - 1;
+        if sentinel && let Some(reply) = replies.pop() {
+            // Writes only go to a server that says it is the master (a failover may have
+            // made it a replica since Sentinel named it).
+            if let Role::Other(role) = role(&reply) {
+                return Err(ConnError::Io(not_master(&role)));
+            }
+        }
         for (i, reply) in replies.into_iter().enumerate() {
             match reply {
                 // A user without `+ping` gets NOPERM and is fine; any other error to the
@@ -106,7 +135,16 @@ impl Conn {
     /// directly, not the runtime's readiness cache, which may not have seen a close that
     /// happened a moment ago.
     pub fn is_closed(&mut self) -> bool {
-        !self.buf.is_empty() || self.read.is_closed()
+        !self.buf.is_empty() || self.is_stale() || self.read.is_closed()
+    }
+
+    /// Whether the upstream moved since this connection was opened (a reload changed the
+    /// address, Sentinel named another master): it goes to a Redis that is no longer the
+    /// upstream, and counts as closed.
+    fn is_stale(&self) -> bool {
+        self.opened_in
+            .as_ref()
+            .is_some_and(|(target, epoch)| !target.is_current(*epoch))
     }
 
     /// Sends `commands` as one pipeline and returns their replies in order, giving up at
@@ -122,17 +160,17 @@ impl Conn {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "Redis did not reply in time"))?
     }
 
+    /// Waits for one more reply without sending anything: a message on a subscribed
+    /// connection. Cancel-safe: bytes read so far stay for the next call.
+    pub async fn receive(&mut self) -> io::Result<OwnedFrame> {
+        let raw = self.exchange(b"", 1).await?;
+        decoded(&raw)?
+            .pop()
+            .ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
+    }
+
     async fn call(&mut self, commands: &[Vec<Bytes>]) -> io::Result<Vec<OwnedFrame>> {
-        let raw = self.call_raw(commands).await?;
-        raw.iter()
-            .map(|frame| match decode(frame) {
-                Ok(Some((frame, _))) => Ok(frame),
-                _ => Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "invalid reply from Redis (RESP3 where RESP2 was expected?)",
-                )),
-            })
-            .collect()
+        decoded(&self.call_raw(commands).await?)
     }
 
     /// Sends `commands` as one pipeline (each an argument list) and returns their replies
@@ -205,4 +243,17 @@ impl Conn {
     pub(crate) fn into_halves(self) -> Option<(ReadHalf, WriteHalf)> {
         self.buf.is_empty().then_some((self.read, self.write))
     }
+}
+
+/// Decodes replies read whole.
+fn decoded(raw: &[Bytes]) -> io::Result<Vec<OwnedFrame>> {
+    raw.iter()
+        .map(|frame| match decode(frame) {
+            Ok(Some((frame, _))) => Ok(frame),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "invalid reply from Redis (RESP3 where RESP2 was expected?)",
+            )),
+        })
+        .collect()
 }

@@ -7,15 +7,20 @@
 //! * [`pool`]: the shared connections per identity and the pre-connected spares, with
 //!   reconnection — the only part that knows where Redis is, so a Cluster or Sentinel router
 //!   sits above it rather than inside it;
-//! * [`probe`]: whether Redis answers, and whether it requires authentication.
+//! * [`probe`]: whether Redis answers, and whether it requires authentication;
+//! * [`target`]: where Redis is now — the configured address, or the master Sentinel names
+//!   ([`sentinel`] follows it) — and which connections were opened before it moved.
 
 mod conn;
 pub mod mux;
 pub mod pool;
 mod probe;
+pub mod sentinel;
+mod target;
 
 pub use conn::Conn;
 pub use probe::Probe;
+pub use target::Target;
 
 use std::fmt;
 use std::io;

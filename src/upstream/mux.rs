@@ -15,7 +15,10 @@
 //!
 //! When the connection fails, every client with replies owed on it is failed too (its
 //! connection is closed, as Redis's own would be); clients with nothing in flight never
-//! notice, and their next command goes to the replacement the pool opens.
+//! notice, and their next command goes to the replacement the pool opens. When the upstream
+//! moves, the connection is *retired*: it carries on until the replies owed on it have
+//! arrived, while its clients move to a connection to the new upstream as each one's own
+//! replies are in.
 
 use std::collections::VecDeque;
 use std::io;
@@ -216,7 +219,21 @@ struct State {
     queued: u32,
     routes: VecDeque<Route>,
     dead: bool,
+    /// The upstream moved: close once every reply owed on it has arrived.
+    retired: bool,
 }
+
+impl State {
+    /// Retired with nothing owed: nobody may send on it any more (a client with nothing in
+    /// flight moves to the new upstream), and it is about to close.
+    fn drained(&self) -> bool {
+        self.retired && self.routes.is_empty()
+    }
+}
+
+/// How long a retired connection may go on carrying the replies still owed on it (a client
+/// that never stops pipelining never lets them reach zero) before it is closed regardless.
+const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What [`Mux::send`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,16 +260,25 @@ pub struct Mux {
     /// The writer took the output buffer.
     written: Notify,
     stop: CancellationToken,
+    /// The upstream epoch the connection was opened in ([`crate::upstream::Target`]).
+    epoch: u64,
 }
 
 impl Mux {
-    /// Starts carrying traffic on a connection already in the pool's state.
-    pub(crate) fn start(read: ReadHalf, write: WriteHalf, metrics: MuxMetrics) -> Arc<Mux> {
+    /// Starts carrying traffic on a connection already in the pool's state, opened in the
+    /// upstream's `epoch`.
+    pub(crate) fn start(
+        read: ReadHalf,
+        write: WriteHalf,
+        metrics: MuxMetrics,
+        epoch: u64,
+    ) -> Arc<Mux> {
         let mux = Arc::new(Mux {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             written: Notify::new(),
             stop: CancellationToken::new(),
+            epoch,
         });
         metrics.connections.increment(1.0);
         let writer = mux.clone();
@@ -280,6 +306,35 @@ impl Mux {
         self.lock().dead
     }
 
+    /// The upstream epoch the connection was opened in.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The upstream moved: the connection closes once no reply is owed on it any more (its
+    /// clients move to a new one when they have nothing in flight), or after
+    /// [`RETIRE_GRACE`] at the latest.
+    pub fn retire(self: &Arc<Self>) {
+        {
+            let mut state = self.lock();
+            if state.retired || state.dead {
+                return;
+            }
+            state.retired = true;
+            if state.routes.is_empty() {
+                drop(state);
+                return self.close();
+            }
+        }
+        let mux = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(RETIRE_GRACE) => mux.close(),
+                _ = mux.stop.cancelled() => {}
+            }
+        });
+    }
+
     /// Waits while more than [`OUT_PAUSE`] bytes wait to be written (or the connection is
     /// dead).
     pub async fn room(&self) {
@@ -302,7 +357,7 @@ impl Mux {
     /// queued: [`room`](Self::room) says when to try again).
     pub fn send(&self, inbox: &Arc<Inbox>, bytes: &[u8], replies: u32) -> Sent {
         let mut state = self.lock();
-        if state.dead {
+        if state.dead || state.drained() {
             return Sent::Dead;
         }
         if state.out.len() > OUT_PAUSE {
@@ -323,7 +378,7 @@ impl Mux {
     /// back, in order, through the returned receiver (dropped if the connection fails).
     pub fn capture(&self, bytes: &[u8], replies: u32) -> Option<oneshot::Receiver<Vec<Bytes>>> {
         let mut state = self.lock();
-        if state.dead {
+        if state.dead || state.drained() {
             return None;
         }
         let (tx, rx) = oneshot::channel();
@@ -502,8 +557,12 @@ impl Mux {
             }
         }
         pos = flush(&mut run, pos, buf);
+        let drained = state.drained();
         drop(state);
         buf.advance(pos);
+        if drained {
+            self.close();
+        }
         Ok(())
     }
 }

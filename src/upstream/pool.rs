@@ -27,7 +27,7 @@ use tracing::debug;
 
 use super::mux::{Mux, MuxMetrics};
 use super::{Conn, ConnError, Identity};
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamKind};
 
 /// A group nobody has used for this long is closed.
 const GROUP_IDLE: Duration = Duration::from_secs(30);
@@ -344,6 +344,12 @@ pub struct Group {
     idle_since: Mutex<Option<Instant>>,
 }
 
+/// Whether a shared connection can take new clients' commands: alive, and to where the
+/// upstream is now.
+pub fn usable(mux: &Mux, cfg: &UpstreamConfig) -> bool {
+    !mux.is_dead() && cfg.target.is_current(mux.epoch())
+}
+
 /// Why no shared connection could be had.
 #[derive(Debug)]
 pub enum Unavailable {
@@ -364,15 +370,22 @@ impl Group {
     /// client's login), as the connection at `slot` if that one is not open: the group
     /// then needs no handshake of its own, which Redis could refuse by now (a password
     /// rotated since the client logged in).
-    pub fn adopt(&self, slot: usize, conn: Conn) {
+    pub fn adopt(&self, slot: usize, conn: Conn, cfg: &UpstreamConfig) {
         let Ok(mut current) = self.slots[slot % self.slots.len()].try_lock() else {
             return;
         };
-        if current.as_ref().is_some_and(|m| !m.is_dead()) {
+        if current.as_ref().is_some_and(|m| usable(m, cfg)) {
+            return;
+        }
+        let epoch = conn.epoch();
+        if !cfg.target.is_current(epoch) {
             return;
         }
         if let Some((read, write)) = conn.into_halves() {
-            *current = Some(Mux::start(read, write, self.metrics.mux.clone()));
+            let mux = Mux::start(read, write, self.metrics.mux.clone(), epoch);
+            if let Some(old) = current.replace(mux) {
+                old.retire();
+            }
         }
     }
 
@@ -391,8 +404,12 @@ impl Group {
             self.metrics.outage_timed_out.increment(1);
             return Err(Unavailable::Outage(io::ErrorKind::TimedOut.into()));
         };
-        if let Some(mux) = current.as_ref().filter(|m| !m.is_dead()) {
+        if let Some(mux) = current.as_ref().filter(|m| usable(m, cfg)) {
             return Ok(mux.clone());
+        }
+        // The upstream moved: the old connection finishes what is owed on it.
+        if let Some(old) = current.take() {
+            old.retire();
         }
         match through_outage(&self.metrics, deadline, || self.open(pools, cfg)).await {
             Ok(mux) => {
@@ -406,15 +423,28 @@ impl Group {
 
     async fn open(&self, pools: &Pools, cfg: &UpstreamConfig) -> Result<Arc<Mux>, ConnError> {
         let mut conn = pools.connect(cfg).await.map_err(ConnError::Io)?;
+        let epoch = conn.epoch();
         let deadline = Instant::now() + cfg.reply_wait();
         let mut handshake = self.key.handshake();
         // Proves Redis answers, and whether it admits the connection: a key without
         // credentials is only for connections Redis treats as the client's would be.
         handshake.push(vec![Bytes::from_static(b"PING")]);
-        let replies = conn
+        let sentinel = cfg.kind == UpstreamKind::Sentinel;
+        if sentinel {
+            handshake.push(vec![Bytes::from_static(b"ROLE")]);
+        }
+        let mut replies = conn
             .call_raw_until(&handshake, deadline)
             .await
             .map_err(ConnError::Io)?;
+        // Writes only go to a server that says it is the master (a failover may have made
+        // it a replica since Sentinel named it): retried until Sentinel names the new one.
+        if sentinel
+            && let Some(role) = replies.pop()
+            && super::sentinel::raw_role_is_not_master(&role)
+        {
+            return Err(ConnError::Io(super::sentinel::not_master("replica")));
+        }
         let (ping, setup) = replies
             .split_last()
             .ok_or(ConnError::Io(io::ErrorKind::UnexpectedEof.into()))?;
@@ -441,7 +471,7 @@ impl Group {
         let (read, write) = conn
             .into_halves()
             .ok_or_else(|| ConnError::Io(io::ErrorKind::InvalidData.into()))?;
-        Ok(Mux::start(read, write, self.metrics.mux.clone()))
+        Ok(Mux::start(read, write, self.metrics.mux.clone(), epoch))
     }
 
     fn close(&self) {
