@@ -226,6 +226,11 @@ struct Sentinel {
 
 impl Sentinel {
     fn start(master_port: u16) -> Sentinel {
+        Sentinel::start_with(master_port, "")
+    }
+
+    /// Starts a Sentinel with `extra` lines in its config file.
+    fn start_with(master_port: u16, extra: &str) -> Sentinel {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
@@ -236,7 +241,7 @@ impl Sentinel {
              sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
              sentinel down-after-milliseconds mymaster 1000\n\
              sentinel failover-timeout mymaster 4000\n\
-             sentinel parallel-syncs mymaster 1\n",
+             sentinel parallel-syncs mymaster 1\n{extra}",
             dir = dir.path().display()
         )
         .unwrap();
@@ -400,5 +405,47 @@ fn a_sentinel_failover_is_followed_under_load() {
             "stormwall_upstream_moves_total",
             &[("cause", "sentinel")]
         ) >= 2.0
+    );
+}
+
+#[test]
+fn sentinel_credentials_are_used_and_a_refusal_is_reported() {
+    let master = Redis::start();
+    let sentinel = Sentinel::start_with(master.port, "requirepass s3cret\n");
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("sentinel-password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let settings = |file: &std::path::Path| {
+        format!(
+            "kind = \"sentinel\"\nsentinels = [\"{}\"]\nmaster_name = \"mymaster\"\n\
+             sentinel_password_file = \"{}\"\n",
+            sentinel.addr(),
+            file.display()
+        )
+    };
+    let sw = Stormwall::start("127.0.0.1:1", &settings(&password));
+    let mut c = sw.raw();
+    assert_eq!(text(&c.call(&[b"SET", b"via", b"sentinel"])), "OK");
+    assert_eq!(text(&master.raw().call(&[b"GET", b"via"])), "sentinel");
+
+    // A wrong password: no master, said once in the log, and /readyz is 503.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "nope").unwrap();
+    let refused = Stormwall::start("127.0.0.1:1", &settings(&wrong));
+    eventually("the refusal to be logged", Duration::from_secs(10), || {
+        refused.log().contains("no Sentinel names a usable master")
+    });
+    assert!(
+        refused.log().contains("refused the login"),
+        "{}",
+        refused.log()
+    );
+    assert_eq!(admin_get(&refused, "/readyz").0, 503);
+    assert!(
+        metric(
+            &refused,
+            "stormwall_sentinel_lookups_total",
+            &[("result", "failed")]
+        ) >= 1.0
     );
 }

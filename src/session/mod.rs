@@ -92,7 +92,12 @@ impl Context {
         self.metrics.upstream_up.set(if up { 1.0 } else { 0.0 });
         if self.upstream_up.swap(up, Ordering::Relaxed) != up {
             let config = self.config.load();
-            let addr = &config.upstream.address;
+            let up = &config.upstream;
+            // Where connections go now (a Sentinel's master, a reloaded address).
+            let addr = up
+                .target
+                .locate(up)
+                .map_or_else(|e| e.to_string(), |l| l.address.to_string());
             match error {
                 None => info!(upstream = %addr, "upstream Redis reachable"),
                 Some(e) => {
