@@ -4,12 +4,14 @@
 //!
 //! Public modules are the ones used outside the library: the binary (`src/main.rs`: config,
 //! logging, net, reload, server, telemetry), the benchmarks (`config`, `policy`, `resp`), the
-//! fuzz targets (`resp`, `config`) and the engine's API tests (`invalidation`, `upstream`). Everything else is crate-private, so the compiler reports
-//! code nothing uses.
+//! fuzz targets (`resp`, `config`), the engine's API tests (`invalidation`, `upstream`) and
+//! the cluster tests (`cluster`, not wired into sessions yet). Everything else is
+//! crate-private, so the compiler reports code nothing uses.
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
 pub(crate) mod buffers;
+pub mod cluster;
 pub mod config;
 pub mod invalidation;
 pub mod logging;

@@ -169,7 +169,7 @@ async fn ask(up: &UpstreamConfig, sentinel: &str) -> Result<Addr, String> {
 }
 
 /// `host:port`, with an IPv6 address in brackets.
-fn host_port(host: &str, port: &str) -> String {
+pub(crate) fn host_port(host: &str, port: &str) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
