@@ -239,6 +239,10 @@ pub struct UpstreamConfig {
     /// The master's name as the Sentinels know it (`kind = "sentinel"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_name: Option<String>,
+    /// Cluster nodes to ask for the slot map, `host:port` (`kind = "cluster"`, which is
+    /// not supported yet: validation refuses it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<String>,
     /// The user stormwall authenticates to the Sentinels as (Sentinel's own ACL); unset:
     /// `default`, with `sentinel_password_file` if that is set.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -288,6 +292,10 @@ pub enum UpstreamKind {
     /// The master that `upstream.sentinels` name for `upstream.master_name`, followed
     /// through failovers.
     Sentinel,
+    /// A Redis Cluster, found through `upstream.seeds`. Not supported yet: the pieces
+    /// (`crate::cluster`) exist, but sessions do not route by slot, so validation refuses
+    /// it rather than let anyone run a half-built mode.
+    Cluster,
 }
 
 /// How client connections map to Redis connections.
@@ -327,6 +335,7 @@ impl Default for UpstreamConfig {
             address: Addr::Tcp("127.0.0.1:6379".into()),
             sentinels: Vec::new(),
             master_name: None,
+            seeds: Vec::new(),
             sentinel_user: None,
             sentinel_password_file: None,
             connect_timeout: Duration::from_secs(2),
@@ -852,6 +861,7 @@ impl Config {
             ));
         }
         self.validate_sentinel()?;
+        self.validate_cluster()?;
         self.validate_tls()?;
         if let Err(e) = crate::logging::parse_filter(&self.log.level) {
             return Err(invalid(
@@ -909,6 +919,35 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// A cluster upstream's seeds, then the refusal: sessions cannot route by slot yet.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
+        let u = &self.upstream;
+        if u.kind != UpstreamKind::Cluster {
+            return Ok(());
+        }
+        if u.seeds.is_empty() {
+            return Err(invalid(
+                "upstream.seeds",
+                "needs at least one cluster node address with upstream.kind = \"cluster\"".into(),
+            ));
+        }
+        for s in &u.seeds {
+            if !matches!(s.parse::<Addr>(), Ok(Addr::Tcp(_))) {
+                return Err(invalid(
+                    "upstream.seeds",
+                    format!("`{s}` is not a host:port address"),
+                ));
+            }
+        }
+        Err(invalid(
+            "upstream.kind",
+            "upstream.kind = \"cluster\" is not supported yet: stormwall cannot route commands \
+             across a Redis Cluster's nodes; use \"standalone\" or \"sentinel\""
+                .into(),
+        ))
     }
 
     /// The TLS settings that can be checked without reading files (the files are read and
@@ -1093,6 +1132,32 @@ mod tests {
     #[test]
     fn empty_file_is_all_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    /// The cluster upstream is configured but refused until sessions route by slot, so
+    /// nobody runs a half-built mode; its seeds are checked first.
+    #[test]
+    fn cluster_upstream_is_refused_for_now() {
+        let err = parse("[upstream]\nkind = \"cluster\"\n").unwrap_err();
+        assert!(
+            err.contains("upstream.seeds") && err.contains("at least one"),
+            "{err}"
+        );
+        let err = parse("[upstream]\nkind = \"cluster\"\nseeds = [\"nope\"]\n").unwrap_err();
+        assert!(err.contains("`nope` is not a host:port address"), "{err}");
+        let err =
+            parse("[upstream]\nkind = \"cluster\"\nseeds = [\"/tmp/redis.sock\"]\n").unwrap_err();
+        assert!(err.contains("upstream.seeds"), "{err}");
+        let err = parse(
+            "[upstream]\nkind = \"cluster\"\nseeds = [\"10.0.0.1:7000\", \"redis-1:7000\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("upstream.kind = \"cluster\" is not supported yet"),
+            "{err}"
+        );
+        // Seeds beside another kind are ignored, as Sentinels are beside a standalone one.
+        assert!(parse("[upstream]\nseeds = [\"10.0.0.1:7000\"]\n").is_ok());
     }
 
     #[test]

@@ -62,6 +62,7 @@ fn upstream_name(up: &crate::config::UpstreamConfig) -> String {
             up.master_name.as_deref().unwrap_or(""),
             up.sentinels.join(",")
         ),
+        UpstreamKind::Cluster => format!("Redis Cluster via {}", up.seeds.join(",")),
     }
 }
 
