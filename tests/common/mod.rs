@@ -1,7 +1,9 @@
 //! Test harness: a real `redis-server` and a real `stormwall` process on ephemeral loopback
 //! ports, plus a raw RESP connection for byte-level checks. Processes are stopped by pid
-//! when their handle drops.
+//! when their handle drops. [`cluster`] builds a Redis Cluster out of such servers.
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
