@@ -146,6 +146,60 @@ fn a_new_cluster_as_stormwall_reads_it() {
         assert_eq!(text(&reply), "OK", "{key}");
     }
 
+    // One slot, not one node: the cluster runs a multi-key command only if all its keys
+    // hash to the same slot, as `KeyArgs::slot` says — two keys on one master but in
+    // different slots are refused too. (The table is loaded from a cluster node.)
+    let table = command_keys(&cluster.nodes[0]);
+    let names = [
+        "a", "b", "c", "{a}x", "{b}y", "{c}", "user:1", "user:2", "{user}:1", "{user}:2",
+    ];
+    let mut same_node_cross_slot = 0;
+    for (i, k1) in names.iter().enumerate() {
+        for k2 in &names[i..] {
+            let args = words(&format!("MSET {k1} 1 {k2} 2"));
+            let Keys::Found(keys) = table.hashed(&Command::Inline { args: &args }) else {
+                panic!("MSET {k1} {k2}");
+            };
+            let target = cluster.node_for_key(k1.as_bytes());
+            let reply = target
+                .raw()
+                .call(&args.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            match keys.slot() {
+                Ok(Some(_)) => assert_eq!(text(&reply), "OK", "MSET {k1} {k2}"),
+                Ok(None) => panic!("MSET {k1} {k2}: no slot"),
+                Err(cross) => {
+                    assert_eq!(error_text(&reply), cross.to_string(), "MSET {k1} {k2}");
+                    if cluster.node_for_key(k2.as_bytes()).port == target.port {
+                        same_node_cross_slot += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        same_node_cross_slot > 0,
+        "no pair of keys on one master in two slots"
+    );
+    // Sharded pub/sub: the channel is hashed like a key, so the master of its slot takes
+    // SPUBLISH and the others redirect it.
+    let args = words("SPUBLISH news:{eu} hello");
+    let Keys::Found(channel) = table.hashed(&Command::Inline { args: &args }) else {
+        panic!("SPUBLISH");
+    };
+    let slot = channel.slot().expect("one slot").expect("a channel");
+    let owner = topology.master_for(slot).expect("a master");
+    for master in cluster.masters() {
+        let reply = master.raw().call(&[b"SPUBLISH", b"news:{eu}", b"hello"]);
+        if tcp(&master.addr()) == owner.address {
+            assert_eq!(as_int(&reply), 0);
+        } else {
+            assert!(
+                error_text(&reply).starts_with(&format!("MOVED {slot} ")),
+                "{reply:?}"
+            );
+        }
+    }
+
     // A seed that does not answer is skipped; none answering is an error naming them.
     let dead = format!("127.0.0.1:{}", free_port());
     let t = topology_from(&[dead.clone(), cluster.nodes[4].addr()]).expect("a slot map");

@@ -179,7 +179,9 @@ pub enum Keys<'a> {
 
 impl CommandKeys {
     /// Loads the table from the server on `conn` with `COMMAND` (the connection must speak
-    /// RESP2: a fresh one does).
+    /// RESP2, as a fresh one does, and be authenticated if the server requires it). Any node
+    /// of a cluster will do; a module loaded later on some node is not in the table, and
+    /// its commands are [`Keys::UnknownCommand`] until the table is loaded again.
     pub async fn load(conn: &mut Conn, deadline: Instant) -> Result<CommandKeys, String> {
         let reply = conn
             .call_until(&[vec![Bytes::from_static(b"COMMAND")]], deadline)
