@@ -180,6 +180,20 @@ fn a_new_cluster_as_stormwall_reads_it() {
         same_node_cross_slot > 0,
         "no pair of keys on one master in two slots"
     );
+    // The one divergence the key specs have from the cluster's own routing: GEORADIUS
+    // with both STORE and STOREDIST stores into the last key only, and the cluster hashes
+    // that one alone (see `stormwall::cluster::keys`).
+    let args = words("GEORADIUS {g}k 0 0 1 km STORE other STOREDIST {g}dest");
+    assert_ne!(key_slot(b"other"), key_slot(b"g"));
+    let Keys::Found(keys) = table.hashed(&Command::Inline { args: &args }) else {
+        panic!("GEORADIUS");
+    };
+    assert!(keys.slot().is_err());
+    let reply = cluster
+        .node_for_key(b"{g}k")
+        .raw()
+        .call(&args.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    assert_eq!(as_int(&reply), 0, "the cluster ran it");
     // Sharded pub/sub: the channel is hashed like a key, so the master of its slot takes
     // SPUBLISH and the others redirect it.
     let args = words("SPUBLISH news:{eu} hello");
@@ -306,6 +320,29 @@ fn a_failover_and_a_crash() {
     );
     cluster.wait_settled();
     assert_agrees(&promoted, &cluster);
+
+    // The crashed node comes back with its nodes.conf: it rejoins as a replica of the
+    // master that replaced it, and the map lists it there again.
+    let back = Instant::now();
+    cluster.restart(replica);
+    cluster.wait_settled();
+    eprintln!(
+        "the crashed node rejoined as a replica in {:?}",
+        back.elapsed()
+    );
+    assert_eq!(role(cluster.node_at(replica)), "slave");
+    let t = topology_from(&cluster.seeds()).expect("a slot map");
+    assert!(t.is_complete() && t.state_ok());
+    assert_eq!(t.nodes().count(), 6);
+    let replicas: Vec<&Addr> = t
+        .shard_for(0)
+        .unwrap()
+        .replicas
+        .iter()
+        .map(|r| &r.address)
+        .collect();
+    assert_eq!(replicas, [&tcp(&format!("127.0.0.1:{replica}"))]);
+    assert_agrees(&t, &cluster);
 }
 
 #[test]

@@ -29,6 +29,11 @@
 //! `COMMAND GETKEYS` answers (key specs flagged `not_key` skipped), and
 //! [`CommandKeys::hashed`] is what Redis Cluster hashes to route a command, which also
 //! counts the channels of sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`, `SUNSUBSCRIBE`).
+//! Redis 7.0's cluster itself routes by the older per-command code (`getkeys_proc`, or the
+//! first/last/step range), which finds the same keys for every valid command but one:
+//! `GEORADIUS`/`GEORADIUSBYMEMBER` given both `STORE a` and `STOREDIST b` store into `b`
+//! only, and the cluster hashes `b` alone, while the specs name both (so keys `a` and `b` in
+//! two slots are CROSSSLOT here and accepted by the cluster).
 //!
 //! Arguments that do not fit the specs — a wrong number of arguments, a key count that is
 //! not a number or runs past the end, `EVAL … 0` — are [`Keys::Unfit`]: Redis then finds no
