@@ -36,11 +36,12 @@
 //! two slots are CROSSSLOT here and accepted by the cluster).
 //!
 //! Arguments that do not fit the specs — a wrong number of arguments, a key count that is
-//! not a number or runs past the end, `EVAL … 0` — are [`Keys::Unfit`]: Redis then finds no
-//! keys by the specs either, and either refuses the command or finds no keys at all (the
-//! one exception: a key count Redis's fallback reads leniently, `atoi`-style, such as
-//! `ZUNIONSTORE d 2x a b`, which the command then refuses anyway); any node answers it as
-//! well as another.
+//! not a number or runs past the end, `EVAL … 0` — are [`Keys::Unfit`]: the command has no
+//! keys (`EVAL … 0`), or Redis refuses it, so any node answers it as well as another. Redis's
+//! older per-command code may still find keys in some of them (a key count read leniently,
+//! `atoi`-style, as in `ZUNIONSTORE d 2x a b`; `XREADGROUP` with `STREAMS` before argument
+//! 4), and a cluster node then answers `-CROSSSLOT` or `-MOVED` where any node answers the
+//! command's own syntax error: an error either way, in other words.
 
 use std::collections::HashMap;
 
@@ -170,9 +171,10 @@ impl<'a> KeyArgs<'a> {
 pub enum Keys<'a> {
     /// These are its keys (none, for a keyless command), exactly as Redis finds them.
     Found(KeyArgs<'a>),
-    /// The arguments do not fit the command (wrong count, a key count that is not a number
-    /// or runs past the end, `EVAL … 0`): Redis refuses the command or finds no keys in it,
-    /// so any node answers it alike.
+    /// The arguments do not fit the command's key specs (wrong count, a key count that is
+    /// not a number or runs past the end, `EVAL … 0`): the command has no keys, or Redis
+    /// refuses it, so any node answers it alike (see the module doc for the error a cluster
+    /// node may give instead).
     Unfit,
     /// Only Redis can tell (`SORT`, `SORT_RO`, `MIGRATE … KEYS`, a module's own key
     /// finding): ask it with [`keys_from_redis`], or refuse the command.
