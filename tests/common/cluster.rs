@@ -73,24 +73,42 @@ impl Cluster {
     /// across a restart, so it comes back as the same node), no delay before a replica's
     /// first sync, and a replication PING every second.
     fn node() -> Redis {
-        let bus = free_port().to_string();
-        Redis::start_with(&[
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "1000",
-            "--cluster-port",
-            &bus,
-            "--repl-diskless-sync-delay",
-            "0",
-            // A replica counts as available (listed by `CLUSTER SLOTS`, `online` in
-            // `CLUSTER SHARDS`) once its master has sent it something; with nothing
-            // written, that is the replication PING, every 10 s by default.
-            "--repl-ping-replica-period",
-            "1",
-        ])
+        // Ports are picked free and released, so another process (another test's cluster
+        // bus, say) can take one before this server binds it: then fresh ports are tried.
+        let mut problems = Vec::new();
+        for _ in 0..4 {
+            let bus = free_port().to_string();
+            let mut node = Redis {
+                port: free_port(),
+                args: [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-port",
+                    &bus,
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    // A replica counts as available (listed by `CLUSTER SLOTS`, `online` in
+                    // `CLUSTER SHARDS`) once its master has sent it something; with nothing
+                    // written, that is the replication PING, every 10 s by default.
+                    "--repl-ping-replica-period",
+                    "1",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+                child: None,
+                dir: tempfile::tempdir().expect("cannot create a temp dir for Redis"),
+            };
+            match node.try_spawn() {
+                Ok(()) => return node,
+                Err(e) => problems.push(e),
+            }
+        }
+        panic!("a cluster node failed to start four times: {problems:?}");
     }
 
     /// The nodes still running.

@@ -30,18 +30,22 @@ pub fn free_port() -> u16 {
         .expect("cannot find a free loopback port")
 }
 
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+fn wait_for_port(port: u16, what: &str, child: &mut Child) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
+            return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening on port {port}: {status}");
+            return Err(format!(
+                "{what} exited before listening on port {port}: {status}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("{what} did not start listening on port {port} within 10s");
+    Err(format!(
+        "{what} did not start listening on port {port} within 10s"
+    ))
 }
 
 /// A `redis-server` child process on its own port.
@@ -83,6 +87,14 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the process; an error if it exited before listening (a port of its was
+    /// taken meanwhile) or another Redis answers on its port.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -99,7 +111,12 @@ impl Redis {
             ),
             Err(e) => panic!("cannot start redis-server: {e}"),
         };
-        wait_for_port(self.port, "redis-server", &mut child);
+        if let Err(e) = wait_for_port(self.port, "redis-server", &mut child) {
+            // Stopped by pid here, or it would outlive the test.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         // The port was free when picked; make sure the server answering is this child.
         // (A password-protected Redis answers NOAUTH; then there is nothing to compare.)
         let info = text(&Raw::connect(self.port).call(&[b"INFO", b"server"]));
@@ -107,12 +124,13 @@ impl Redis {
         if info.contains("process_id:") && !info.contains(&ours) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
+            return Err(format!(
                 "port {} was taken by another Redis before ours started",
                 self.port
-            );
+            ));
         }
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn addr(&self) -> String {
