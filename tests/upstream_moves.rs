@@ -149,6 +149,21 @@ fn subscriber(sw: &Stormwall) -> Raw {
     sub
 }
 
+/// Every writer's last acknowledged write is what `redis` holds.
+fn assert_last_writes_on(redis: &Redis, tallies: &[Arc<Tally>]) {
+    let mut check = redis.raw();
+    for (w, t) in tallies.iter().enumerate() {
+        let last = t.last.load(Ordering::Relaxed);
+        let stored = text(&check.call(&[b"GET", format!("writer:{w}").as_bytes()]));
+        assert_eq!(
+            stored,
+            last.to_string(),
+            "writer {w}'s last write is on {}",
+            redis.addr()
+        );
+    }
+}
+
 fn set_calls(redis_port: u16) -> u64 {
     let info = text(&Raw::connect(redis_port).call(&[b"INFO", b"commandstats"]));
     info.lines()
@@ -188,15 +203,8 @@ fn a_reload_moves_clients_to_the_new_address() {
     assert!(sub.closed(), "a subscriber to the old Redis must be closed");
 
     let tallies = load.finish();
-    let mut check = new.raw();
-    for (w, t) in tallies.iter().enumerate() {
-        let last = t.last.load(Ordering::Relaxed);
-        let stored = text(&check.call(&[b"GET", format!("writer:{w}").as_bytes()]));
-        assert_eq!(
-            stored,
-            last.to_string(),
-            "writer {w}'s last write is on the new Redis"
-        );
+    assert_last_writes_on(&new, &tallies);
+    for t in &tallies {
         assert_eq!(t.refused.load(Ordering::Relaxed), 0);
     }
     let dropped: u64 = tallies
@@ -389,16 +397,7 @@ fn a_sentinel_failover_is_followed_under_load() {
     let crashed = load.oks();
     load.progress(&crashed, 20, "every writer to carry on after the crash");
     let tallies = load.finish();
-    let mut check = a.raw();
-    for (w, t) in tallies.iter().enumerate() {
-        let last = t.last.load(Ordering::Relaxed);
-        let stored = text(&check.call(&[b"GET", format!("writer:{w}").as_bytes()]));
-        assert_eq!(
-            stored,
-            last.to_string(),
-            "writer {w}'s last write is on the master"
-        );
-    }
+    assert_last_writes_on(&a, &tallies);
     assert!(
         metric(
             &sw,
