@@ -448,3 +448,76 @@ fn sentinel_credentials_are_used_and_a_refusal_is_reported() {
         ) >= 1.0
     );
 }
+
+/// A shared client whose delete waits in the shield when the upstream moves keeps its
+/// connection, and its delete runs on the new server (a failover's new master holds the
+/// same keys; the delete is still wanted there).
+#[test]
+fn a_delete_waiting_in_the_shield_runs_on_the_new_server() {
+    let old = Redis::start();
+    let new = Redis::start();
+    for redis in [&old, &new] {
+        let mut c = redis.raw();
+        for i in 0..20 {
+            c.call(&[b"SET", format!("k{i}").as_bytes(), b"v"]);
+        }
+    }
+    // 10 keys at once, then 2 keys/s: the second DEL of 10 keys waits about 5 s.
+    let sw = Stormwall::start(
+        &old.addr(),
+        "mode = \"shared\"\nshared_connections = 1\n[invalidation]\nadaptive = false\n\
+         keys_per_second = 2\nkeys_burst = 10\nmax_wait = \"60s\"\n",
+    );
+    let original = std::fs::read_to_string(&sw.config_path).unwrap();
+    let mut client = sw.raw();
+    let first: Vec<Vec<u8>> = (0..10).map(|i| format!("k{i}").into_bytes()).collect();
+    let mut del: Vec<&[u8]> = vec![b"DEL"];
+    del.extend(first.iter().map(|k| k.as_slice()));
+    assert_eq!(
+        as_int(&client.call(&del)),
+        10,
+        "the first DEL runs on the old Redis"
+    );
+    let second: Vec<Vec<u8>> = (10..20).map(|i| format!("k{i}").into_bytes()).collect();
+    let mut del: Vec<&[u8]> = vec![b"DEL"];
+    del.extend(second.iter().map(|k| k.as_slice()));
+    client.cmd(&del);
+    eventually(
+        "the second DEL to wait in the shield",
+        Duration::from_secs(10),
+        || metric(&sw, "stormwall_invalidation_queue_depth", &[]) >= 1.0,
+    );
+
+    std::fs::write(&sw.config_path, original.replace(&old.addr(), &new.addr())).unwrap();
+    sw.signal("HUP");
+    eventually("stormwall to move", Duration::from_secs(10), || {
+        metric(
+            &sw,
+            "stormwall_upstream_moves_total",
+            &[("cause", "reload")],
+        ) == 1.0
+    });
+    // Another client's command retires the shared connection to the old Redis (there is
+    // one): the waiting client's connection was that one.
+    assert_eq!(text(&sw.raw().call(&[b"PING"])), "PONG");
+    assert_eq!(
+        as_int(&client.read_frame()),
+        10,
+        "the waiting DEL's count is the new Redis's"
+    );
+    assert_eq!(
+        as_int(&new.raw().call(&[b"DBSIZE"])),
+        10,
+        "k10..k19 deleted on the new Redis"
+    );
+    assert_eq!(
+        as_int(&old.raw().call(&[b"DBSIZE"])),
+        10,
+        "nothing more deleted on the old one"
+    );
+    assert_eq!(
+        text(&client.call(&[b"PING"])),
+        "PONG",
+        "the client keeps its connection"
+    );
+}
