@@ -159,6 +159,57 @@ fn g2_concurrent_flushes_coalesce_and_cover_every_request() {
     );
 }
 
+/// A steady FLUSHDB storm that has used its burst gets no new one when the flush spacing is
+/// rebuilt. The spacing is rebuilt when a reload changes `[flush]`, and at every step of the
+/// adaptive budget growing back after a cut; each rebuild used to hand the storm
+/// `flush.burst` flushes at once (found with examples/django-incident: 34 flushes reached
+/// Redis in 26 s of saves with `min_interval = "1s"`, `burst = 3`).
+#[test]
+fn a_rebuilt_flush_spacing_gives_a_steady_storm_no_new_burst() {
+    let redis = Redis::start();
+    let base = "[invalidation]\nadaptive = false\n[flush]\nburst = 3\n";
+    let sw = Stormwall::start(&redis.addr(), &format!("{base}min_interval = \"1s\"\n"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            let mut raw = sw.raw();
+            thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(text(&raw.call(&[b"FLUSHDB"])), "OK");
+                }
+            })
+        })
+        .collect();
+    // The burst is used and the spacing holds: flushes come one a second.
+    common::eventually("the burst is used", Duration::from_secs(10), || {
+        redis.calls("flushdb") >= 4
+    });
+    let config = std::fs::read_to_string(&sw.config_path).unwrap();
+    std::fs::write(
+        &sw.config_path,
+        config.replace("min_interval = \"1s\"", "min_interval = \"900ms\""),
+    )
+    .unwrap();
+    let before = redis.calls("flushdb");
+    sw.signal("HUP");
+    common::eventually("the reload is applied", Duration::from_secs(5), || {
+        common::metric(&sw, "stormwall_config_reloads_total", &[("result", "ok")]) == 1.0
+    });
+    thread::sleep(Duration::from_millis(1500));
+    let flushes = redis.calls("flushdb") - before;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in storm {
+        t.join().unwrap();
+    }
+    // The old spacing's next turn (within 1 s), then the new one's 0.9 s later: at most 2 in
+    // 1.5 s. With a new burst: 4 or more.
+    assert!(
+        flushes <= 2,
+        "{flushes} flushes reached Redis in the 1.5 s after the reload"
+    );
+}
+
 /// Coalescing: many clients deleting the same keys reach Redis as far fewer commands.
 #[test]
 fn identical_deletes_from_many_clients_are_coalesced() {

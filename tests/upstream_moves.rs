@@ -149,6 +149,21 @@ fn subscriber(sw: &Stormwall) -> Raw {
     sub
 }
 
+/// Every writer's last acknowledged write is what `redis` holds.
+fn assert_last_writes_on(redis: &Redis, tallies: &[Arc<Tally>]) {
+    let mut check = redis.raw();
+    for (w, t) in tallies.iter().enumerate() {
+        let last = t.last.load(Ordering::Relaxed);
+        let stored = text(&check.call(&[b"GET", format!("writer:{w}").as_bytes()]));
+        assert_eq!(
+            stored,
+            last.to_string(),
+            "writer {w}'s last write is on {}",
+            redis.addr()
+        );
+    }
+}
+
 fn set_calls(redis_port: u16) -> u64 {
     let info = text(&Raw::connect(redis_port).call(&[b"INFO", b"commandstats"]));
     info.lines()
@@ -188,15 +203,8 @@ fn a_reload_moves_clients_to_the_new_address() {
     assert!(sub.closed(), "a subscriber to the old Redis must be closed");
 
     let tallies = load.finish();
-    let mut check = new.raw();
-    for (w, t) in tallies.iter().enumerate() {
-        let last = t.last.load(Ordering::Relaxed);
-        let stored = text(&check.call(&[b"GET", format!("writer:{w}").as_bytes()]));
-        assert_eq!(
-            stored,
-            last.to_string(),
-            "writer {w}'s last write is on the new Redis"
-        );
+    assert_last_writes_on(&new, &tallies);
+    for t in &tallies {
         assert_eq!(t.refused.load(Ordering::Relaxed), 0);
     }
     let dropped: u64 = tallies
@@ -389,16 +397,7 @@ fn a_sentinel_failover_is_followed_under_load() {
     let crashed = load.oks();
     load.progress(&crashed, 20, "every writer to carry on after the crash");
     let tallies = load.finish();
-    let mut check = a.raw();
-    for (w, t) in tallies.iter().enumerate() {
-        let last = t.last.load(Ordering::Relaxed);
-        let stored = text(&check.call(&[b"GET", format!("writer:{w}").as_bytes()]));
-        assert_eq!(
-            stored,
-            last.to_string(),
-            "writer {w}'s last write is on the master"
-        );
-    }
+    assert_last_writes_on(&a, &tallies);
     assert!(
         metric(
             &sw,
@@ -447,5 +446,78 @@ fn sentinel_credentials_are_used_and_a_refusal_is_reported() {
             "stormwall_sentinel_lookups_total",
             &[("result", "failed")]
         ) >= 1.0
+    );
+}
+
+/// A shared client whose delete waits in the shield when the upstream moves keeps its
+/// connection, and its delete runs on the new server (a failover's new master holds the
+/// same keys; the delete is still wanted there).
+#[test]
+fn a_delete_waiting_in_the_shield_runs_on_the_new_server() {
+    let old = Redis::start();
+    let new = Redis::start();
+    for redis in [&old, &new] {
+        let mut c = redis.raw();
+        for i in 0..20 {
+            c.call(&[b"SET", format!("k{i}").as_bytes(), b"v"]);
+        }
+    }
+    // 10 keys at once, then 2 keys/s: the second DEL of 10 keys waits about 5 s.
+    let sw = Stormwall::start(
+        &old.addr(),
+        "mode = \"shared\"\nshared_connections = 1\n[invalidation]\nadaptive = false\n\
+         keys_per_second = 2\nkeys_burst = 10\nmax_wait = \"60s\"\n",
+    );
+    let original = std::fs::read_to_string(&sw.config_path).unwrap();
+    let mut client = sw.raw();
+    let first: Vec<Vec<u8>> = (0..10).map(|i| format!("k{i}").into_bytes()).collect();
+    let mut del: Vec<&[u8]> = vec![b"DEL"];
+    del.extend(first.iter().map(|k| k.as_slice()));
+    assert_eq!(
+        as_int(&client.call(&del)),
+        10,
+        "the first DEL runs on the old Redis"
+    );
+    let second: Vec<Vec<u8>> = (10..20).map(|i| format!("k{i}").into_bytes()).collect();
+    let mut del: Vec<&[u8]> = vec![b"DEL"];
+    del.extend(second.iter().map(|k| k.as_slice()));
+    client.cmd(&del);
+    eventually(
+        "the second DEL to wait in the shield",
+        Duration::from_secs(10),
+        || metric(&sw, "stormwall_invalidation_queue_depth", &[]) >= 1.0,
+    );
+
+    std::fs::write(&sw.config_path, original.replace(&old.addr(), &new.addr())).unwrap();
+    sw.signal("HUP");
+    eventually("stormwall to move", Duration::from_secs(10), || {
+        metric(
+            &sw,
+            "stormwall_upstream_moves_total",
+            &[("cause", "reload")],
+        ) == 1.0
+    });
+    // Another client's command retires the shared connection to the old Redis (there is
+    // one): the waiting client's connection was that one.
+    assert_eq!(text(&sw.raw().call(&[b"PING"])), "PONG");
+    assert_eq!(
+        as_int(&client.read_frame()),
+        10,
+        "the waiting DEL's count is the new Redis's"
+    );
+    assert_eq!(
+        as_int(&new.raw().call(&[b"DBSIZE"])),
+        10,
+        "k10..k19 deleted on the new Redis"
+    );
+    assert_eq!(
+        as_int(&old.raw().call(&[b"DBSIZE"])),
+        10,
+        "nothing more deleted on the old one"
+    );
+    assert_eq!(
+        text(&client.call(&[b"PING"])),
+        "PONG",
+        "the client keeps its connection"
     );
 }

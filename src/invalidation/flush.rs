@@ -87,11 +87,16 @@ impl Spacing {
         let interval = settings.0.div_f64(fraction).min(max_wait / 2);
         let limiter =
             Quota::with_period(interval).map(|q| RateLimiter::direct(q.allow_burst(burst)));
-        if let (Some(limiter), Some(old)) = (&limiter, old)
-            && fraction < old.fraction
-        {
-            // Cut for Redis's sake: the burst was had at the old pace.
-            let _ = limiter.check_n(burst);
+        if let (Some(limiter), Some(old)) = (&limiter, old) {
+            if fraction < old.fraction {
+                // Cut for Redis's sake: the burst was had at the old pace.
+                let _ = limiter.check_n(burst);
+            } else if let Some(used) = NonZeroU32::new(burst.get() - old.take_available(burst)) {
+                // Grown back, or reloaded: what a storm used of the burst stays used. A fresh
+                // limiter would let a steady storm have `burst` flushes at once again at
+                // every step of the adaptive budget's growth (each step rebuilds the spacing).
+                let _ = limiter.check_n(used);
+            }
         }
         Spacing {
             settings,
@@ -112,6 +117,17 @@ impl Spacing {
         };
         if let Some(limiter) = &spacing.limiter {
             limiter.until_ready().await;
+        }
+    }
+
+    /// How many flushes this spacing would let go at once now, at most `up_to`. Takes them,
+    /// so it is only for a spacing being replaced.
+    fn take_available(&self, up_to: NonZeroU32) -> u32 {
+        match &self.limiter {
+            Some(limiter) => (0..up_to.get())
+                .take_while(|_| limiter.check().is_ok())
+                .count() as u32,
+            None => up_to.get(),
         }
     }
 
@@ -342,5 +358,54 @@ impl Round<'_> {
         for job in waiters {
             job.answer(Outcome::PassThrough(PassReason::of(error)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SETTINGS: (Duration, u32) = (Duration::from_secs(1), 3);
+    const MAX_WAIT: Duration = Duration::from_secs(5);
+
+    fn allowed_now(spacing: &Spacing) -> usize {
+        let limiter = spacing.limiter.as_ref().expect("spaced");
+        (0..10).take_while(|_| limiter.check().is_ok()).count()
+    }
+
+    /// A storm used the burst while the adaptive budget was cut; when the budget grows back
+    /// the spacing is rebuilt at the faster pace, and it must not hand out a new burst (it
+    /// did: each growth step let three more flushes go at once).
+    #[test]
+    fn a_spacing_rebuilt_as_the_budget_grows_keeps_the_burst_used() {
+        let cut = Spacing::new(SETTINGS, 0.5, MAX_WAIT, None);
+        assert_eq!(allowed_now(&cut), 3);
+        let grown = Spacing::new(SETTINGS, 0.6, MAX_WAIT, Some(&cut));
+        assert_eq!(allowed_now(&grown), 0);
+        let whole = Spacing::new(SETTINGS, 1.0, MAX_WAIT, Some(&grown));
+        assert_eq!(allowed_now(&whole), 0);
+    }
+
+    /// What was left of the burst carries over a rebuild: an idle target keeps all of it, a
+    /// target that used one flush keeps two.
+    #[test]
+    fn a_rebuilt_spacing_keeps_what_was_left_of_the_burst() {
+        let idle = Spacing::new(SETTINGS, 0.5, MAX_WAIT, None);
+        assert_eq!(
+            allowed_now(&Spacing::new(SETTINGS, 1.0, MAX_WAIT, Some(&idle))),
+            3
+        );
+        let once = Spacing::new(SETTINGS, 0.5, MAX_WAIT, None);
+        assert!(once.limiter.as_ref().unwrap().check().is_ok());
+        assert_eq!(
+            allowed_now(&Spacing::new(SETTINGS, 1.0, MAX_WAIT, Some(&once))),
+            2
+        );
+        // A cut still takes the whole burst, as before.
+        let idle = Spacing::new(SETTINGS, 1.0, MAX_WAIT, None);
+        assert_eq!(
+            allowed_now(&Spacing::new(SETTINGS, 0.5, MAX_WAIT, Some(&idle))),
+            0
+        );
     }
 }

@@ -85,9 +85,17 @@ impl SharedLink {
     /// Resolves when the shared connection this client uses fails (connecting it first):
     /// Redis may have restarted, so what the client is waiting for may no longer apply.
     pub async fn lost(&mut self, pools: &Pools, cfg: &UpstreamConfig) {
-        // No connection to be had at all counts as lost.
-        if let Some(mux) = self.mux(pools, cfg).await {
-            mux.lost().cancelled_owned().await
+        loop {
+            // No connection to be had at all counts as lost.
+            let Some(mux) = self.mux(pools, cfg).await else {
+                return;
+            };
+            mux.lost().cancelled_owned().await;
+            // A connection closed because the upstream moved is no loss: what the client
+            // waits for applies to the new upstream, and its connection is the new one.
+            if !mux.is_retired() {
+                return;
+            }
         }
     }
 

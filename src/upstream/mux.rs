@@ -306,6 +306,11 @@ impl Mux {
         self.lock().dead
     }
 
+    /// Whether the connection was retired (the upstream moved), rather than failed.
+    pub fn is_retired(&self) -> bool {
+        self.lock().retired
+    }
+
     /// The upstream epoch the connection was opened in.
     pub fn epoch(&self) -> u64 {
         self.epoch
