@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::Addr;
 
+/// Set in the environment, lets `upstream.kind = "cluster"` through validation before the
+/// invalidation shield runs in front of a cluster: for stormwall's own tests only, so
+/// nobody runs a cluster proxy without its shield.
+pub const UNSHIELDED_CLUSTER_FOR_TESTS: &str = "STORMWALL_UNSHIELDED_CLUSTER_FOR_TESTS";
+
 /// The whole configuration, one struct per TOML section.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -921,7 +926,8 @@ impl Config {
         Ok(())
     }
 
-    /// A cluster upstream's seeds, then the refusal: sessions cannot route by slot yet.
+    /// A cluster upstream's seeds and mode, then the refusal: the shield does not run in
+    /// front of a cluster yet (tests set [`UNSHIELDED_CLUSTER_FOR_TESTS`]).
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
         let u = &self.upstream;
@@ -942,10 +948,22 @@ impl Config {
                 ));
             }
         }
+        if u.mode == UpstreamMode::Dedicated {
+            return Err(invalid(
+                "upstream.mode",
+                "upstream.mode = \"dedicated\" cannot be used with upstream.kind = \"cluster\": a \
+                 cluster client's commands go to many masters, over shared connections to each; \
+                 use upstream.mode = \"shared\""
+                    .into(),
+            ));
+        }
+        if std::env::var_os(UNSHIELDED_CLUSTER_FOR_TESTS).is_some() {
+            return Ok(());
+        }
         Err(invalid(
             "upstream.kind",
-            "upstream.kind = \"cluster\" is not supported yet: stormwall cannot route commands \
-             across a Redis Cluster's nodes; use \"standalone\" or \"sentinel\""
+            "upstream.kind = \"cluster\" is not supported yet: the invalidation shield does not \
+             run in front of a Redis Cluster yet; use \"standalone\" or \"sentinel\""
                 .into(),
         ))
     }
@@ -1134,8 +1152,8 @@ mod tests {
         assert_eq!(parse("").unwrap(), Config::default());
     }
 
-    /// The cluster upstream is configured but refused until sessions route by slot, so
-    /// nobody runs a half-built mode; its seeds are checked first.
+    /// The cluster upstream is configured but refused until the shield runs in front of
+    /// it, so nobody runs an unshielded cluster proxy; its seeds and mode are checked first.
     #[test]
     fn cluster_upstream_is_refused_for_now() {
         let err = parse("[upstream]\nkind = \"cluster\"\n").unwrap_err();
@@ -1154,6 +1172,15 @@ mod tests {
         .unwrap_err();
         assert!(
             err.contains("upstream.kind = \"cluster\" is not supported yet"),
+            "{err}"
+        );
+        // A cluster client's commands go to many masters: shared connections only.
+        let err = parse(
+            "[upstream]\nkind = \"cluster\"\nseeds = [\"10.0.0.1:7000\"]\nmode = \"dedicated\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("upstream.mode") && err.contains("cannot be used with"),
             "{err}"
         );
         // Seeds beside another kind are ignored, as Sentinels are beside a standalone one.

@@ -5,7 +5,7 @@
 //! Public modules are the ones used outside the library: the binary (`src/main.rs`: config,
 //! logging, net, reload, server, telemetry), the benchmarks (`config`, `policy`, `resp`), the
 //! fuzz targets (`resp`, `config`), the engine's API tests (`invalidation`, `upstream`) and
-//! the cluster tests (`cluster`, not wired into sessions yet). Everything else is
+//! the cluster tests (`cluster`). Everything else is
 //! crate-private, so the compiler reports code nothing uses.
 #![forbid(unsafe_code)]
 

@@ -82,6 +82,16 @@ pub async fn run(
     }
     let metrics = Hot::new();
     let pools = upstream::pool::Pools::new(metrics.pools.clone());
+    let router = (config.upstream.kind == UpstreamKind::Cluster).then(|| {
+        crate::cluster::router::Router::new(
+            &config.upstream,
+            config
+                .upstream
+                .shared_connections(config.runtime.worker_threads),
+            metrics.pools.clone(),
+            metrics.cluster.clone(),
+        )
+    });
     let ctx = Arc::new(Context {
         config: ArcSwap::new(config.clone()),
         shutdown: shutdown.clone(),
@@ -91,6 +101,7 @@ pub async fn run(
         metrics,
         log_throttle: Throttle::new(5),
         pools,
+        cluster: router.clone(),
     });
     ctx.metrics.upstream_up.set(1.0);
     // The admin endpoint outlives the drain (so /readyz reports it); the rest stops with it.
@@ -114,6 +125,13 @@ pub async fn run(
         tokio::spawn(async move {
             upstream::sentinel::follow(|| live.config.load_full(), stop).await;
         });
+    }
+    if let Some(router) = router {
+        // The slot map (and the master of slot 0, where the probe goes) before the first
+        // client, if a node gives one now; then kept current.
+        router.refresh().await;
+        let stop = background.clone();
+        tokio::spawn(async move { router.follow(stop).await });
     }
     // Known before the first client: whether Redis is up, and whether it requires
     // authentication (Redis's pre-authentication limits then apply to new clients).

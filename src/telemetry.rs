@@ -143,6 +143,18 @@ pub(crate) async fn upkeep(handle: PrometheusHandle) {
 
 fn describe() {
     describe_counter!(
+        "stormwall_cluster_refreshes_total",
+        "Times the Redis Cluster slot map was asked for, by result (upstream.kind = cluster)."
+    );
+    describe_counter!(
+        "stormwall_cluster_slot_map_changes_total",
+        "Refreshes of the Redis Cluster slot map that routed some slot to another master."
+    );
+    describe_counter!(
+        "stormwall_cluster_redirects_total",
+        "Replies by which a cluster node said a command did not run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), each followed by sending the command again."
+    );
+    describe_counter!(
         "stormwall_tls_handshakes_total",
         "TLS handshakes by side (client: on the TLS listener; upstream: to Redis), result and, for failures, reason."
     );
@@ -360,6 +372,7 @@ pub(crate) struct Hot {
     pub pins: Vec<Counter>,
     pub private_connections: Gauge,
     pub pools: crate::upstream::pool::PoolMetrics,
+    pub cluster: crate::cluster::router::RouterMetrics,
 }
 
 impl Hot {
@@ -394,6 +407,17 @@ impl Hot {
                 outage_timed_out: counter!("stormwall_outage_waits_total", "outcome" => "timed_out"),
                 connects_ok: counter!("stormwall_upstream_connects_total", "result" => "ok"),
                 connects_failed: counter!("stormwall_upstream_connects_total", "result" => "failed"),
+            },
+            cluster: crate::cluster::router::RouterMetrics {
+                refresh_ok: counter!("stormwall_cluster_refreshes_total", "result" => "ok"),
+                refresh_failed: counter!("stormwall_cluster_refreshes_total", "result" => "failed"),
+                map_changes: counter!("stormwall_cluster_slot_map_changes_total"),
+                redirects: [
+                    counter!("stormwall_cluster_redirects_total", "kind" => "moved"),
+                    counter!("stormwall_cluster_redirects_total", "kind" => "ask"),
+                    counter!("stormwall_cluster_redirects_total", "kind" => "tryagain"),
+                    counter!("stormwall_cluster_redirects_total", "kind" => "clusterdown"),
+                ],
             },
         }
     }

@@ -120,6 +120,27 @@ impl Topology {
             .flat_map(|s| std::iter::once(&s.master).chain(&s.replicas))
     }
 
+    /// The index in [`shards`](Self::shards) of the shard serving `slot`, if any.
+    pub fn shard_index(&self, slot: u16) -> Option<usize> {
+        let index = *self.slots.get(usize::from(slot))?;
+        (index != UNASSIGNED).then_some(usize::from(index))
+    }
+
+    /// Whether `other` sends every slot to the same master address (health, replicas and
+    /// who answered aside): a new map that routes like the old one changes nothing for
+    /// clients.
+    pub fn routes_like(&self, other: &Topology) -> bool {
+        fn master(t: &Topology, index: u16) -> Option<&Addr> {
+            t.shards.get(usize::from(index)).map(|s| &s.master.address)
+        }
+        self.slots.len() == other.slots.len()
+            && self
+                .slots
+                .iter()
+                .zip(other.slots.iter())
+                .all(|(&a, &b)| master(self, a) == master(other, b))
+    }
+
     /// How many slots have a master.
     pub fn covered(&self) -> usize {
         self.slots.iter().filter(|&&s| s != UNASSIGNED).count()

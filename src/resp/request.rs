@@ -525,6 +525,33 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     }
 }
 
+/// The commands in `bytes`, which stormwall encoded itself or framed already (each a
+/// multibulk request, back to back), each as its arguments. `None` if they are not that.
+/// For rare paths (a command being sent again after a redirection): it allocates.
+pub fn decode_commands(bytes: &[u8]) -> Option<Vec<Vec<Vec<u8>>>> {
+    let mut parser = RequestParser::new(RequestLimits {
+        max_bulk_len: u64::MAX,
+        max_array_len: MAX_MULTIBULK,
+        max_request_bytes: u64::MAX,
+    });
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let Ok(Some(Parsed::Multibulk { len })) = parser.parse(rest) else {
+            return None;
+        };
+        let cmd = parser.command(rest);
+        out.push(
+            (0..cmd.argc())
+                .filter_map(|i| cmd.arg(i))
+                .map(<[u8]>::to_vec)
+                .collect(),
+        );
+        rest = &rest[len..];
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 #[path = "request_tests.rs"]
 mod tests;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::{MIN_READ, READ_BUF};
@@ -19,6 +20,8 @@ pub(super) enum Upstream {
     /// A connection of the client's own.
     Socket(WriteHalf),
     Shared(SharedLink),
+    /// Places on shared connections to each master of a Redis Cluster.
+    Cluster(super::cluster::ClusterLink),
 }
 
 /// Where the reply side reads.
@@ -118,12 +121,8 @@ impl SharedLink {
         if self.inbox.owed() > 0 || self.inbox.failed() {
             return None;
         }
-        // Boxed: the rare path (connecting) would otherwise size every session's future.
-        match Box::pin(self.group.connection(self.slot, pools, cfg)).await {
-            Ok(mux) => {
-                self.mux = Some(mux.clone());
-                Some(mux)
-            }
+        match self.connect(pools, cfg).await {
+            Ok(mux) => Some(mux),
             Err(Unavailable::Outage(e)) => {
                 debug!(error = %e, "Redis did not come back within upstream.outage_wait; closing the client");
                 None
@@ -132,6 +131,44 @@ impl SharedLink {
                 debug!(error = %e, "Redis refuses this client's shared connection state; closing the client");
                 None
             }
+        }
+    }
+
+    /// Opens (or reopens) this client's connection in its group.
+    async fn connect(
+        &mut self,
+        pools: &Pools,
+        cfg: &UpstreamConfig,
+    ) -> Result<Arc<Mux>, Unavailable> {
+        // Boxed: the rare path (connecting) would otherwise size every session's future.
+        let mux = Box::pin(self.group.connection(self.slot, pools, cfg)).await?;
+        self.mux = Some(mux.clone());
+        Ok(mux)
+    }
+
+    /// Sends `bytes`, `replies` commands whose replies stormwall reads itself, without
+    /// waiting for them: they come through the returned receiver (dropped if the connection
+    /// fails with them owed). A cluster client's commands travel this way, each node's
+    /// replies resolved in the client's order by its reply side. An error means nothing
+    /// was sent.
+    pub async fn capture_later(
+        &mut self,
+        pools: &Pools,
+        cfg: &UpstreamConfig,
+        bytes: &[u8],
+        replies: u32,
+    ) -> Result<oneshot::Receiver<Vec<Bytes>>, Unavailable> {
+        loop {
+            let live = self.mux.as_ref().filter(|m| !m.is_dead()).cloned();
+            let mux = match live {
+                Some(mux) => mux,
+                None => self.connect(pools, cfg).await?,
+            };
+            if let Some(rx) = mux.capture(bytes, replies) {
+                return Ok(rx);
+            }
+            // It failed just now: the group opens another.
+            self.mux = None;
         }
     }
 

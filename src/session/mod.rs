@@ -24,6 +24,8 @@
 //! connection error, reconnects and re-establishes its own state (`SELECT`, `AUTH`,
 //! subscriptions).
 
+mod cluster;
+mod dispatch;
 mod link;
 mod queue;
 mod replies;
@@ -84,6 +86,8 @@ pub struct Context {
     pub log_throttle: Throttle,
     /// Shared connections and spares (shared mode).
     pub pools: Pools,
+    /// The slot map and per-master pools of a Redis Cluster upstream.
+    pub cluster: Option<Arc<crate::cluster::router::Router>>,
 }
 
 impl Context {
@@ -204,6 +208,7 @@ async fn connect(ctx: &Context, cfg: &Config) -> Option<(Upstream, Replies, bool
                 })
                 .inspect_err(|_| ctx.metrics.connects_failed.increment(1))
         }
+        UpstreamMode::Shared if ctx.cluster.is_some() => connect_cluster(ctx, cfg).await,
         UpstreamMode::Shared => {
             // Asked of Redis for this client, not taken from the probe's last look: a
             // shared connection opened before Redis required a password must never carry
@@ -238,6 +243,40 @@ async fn connect(ctx: &Context, cfg: &Config) -> Option<(Upstream, Replies, bool
             None
         }
     }
+}
+
+/// A cluster client's places on the masters' shared connections, once a slot map is known
+/// (waited for up to `upstream.outage_wait`). Whether it is admitted without a password is
+/// asked of the master of slot 0.
+async fn connect_cluster(
+    ctx: &Context,
+    cfg: &Config,
+) -> std::io::Result<(Upstream, Replies, bool, u64)> {
+    let up = &cfg.upstream;
+    let Some(router) = &ctx.cluster else {
+        return Err(std::io::ErrorKind::NotConnected.into());
+    };
+    if !router.wait_known(Instant::now() + up.outage_wait).await {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "no cluster node has given the slot map",
+        ));
+    }
+    let admitted = ctx.pools.admits_without_password(up).await?;
+    let key = Key {
+        identity: Identity::default(),
+        proto: 2,
+        authenticated: admitted,
+    };
+    let link = cluster::ClusterLink::new(router.clone(), key);
+    // Nothing arrives in it: a cluster client's replies are captured per master.
+    let inbox = Arc::new(Inbox::default());
+    Ok((
+        Upstream::Cluster(link),
+        Replies::Shared(inbox),
+        admitted,
+        SHARED,
+    ))
 }
 
 /// State the two halves of one session share.

@@ -49,6 +49,9 @@ pub(super) enum Entry {
     /// From here on, replies come from this connection of the client's own: a shared
     /// client moved to a private connection (everything before was answered).
     Switch(Private),
+    /// A cluster client's commands sent to one or more masters: the reply side waits for
+    /// their replies (following redirections) and merges them (`session::dispatch`).
+    Cluster(Box<super::dispatch::Dispatch>),
 }
 
 /// The reading half of a shared client's new private connection.
@@ -267,7 +270,11 @@ mod tests {
                     format!("{count}{}", if effect.is_some() { "e" } else { "" })
                 }
                 Entry::Local(_) => "L".into(),
-                Entry::Replace(_) | Entry::Probe | Entry::Raw | Entry::Switch(_) => "other".into(),
+                Entry::Replace(_)
+                | Entry::Probe
+                | Entry::Raw
+                | Entry::Switch(_)
+                | Entry::Cluster(_) => "other".into(),
             });
         }
         assert_eq!(shapes, ["2", "1e", "3", "L"]);

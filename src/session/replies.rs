@@ -33,7 +33,7 @@ pub(super) struct ReplySide<'a> {
 }
 
 /// Why the reply side stopped.
-enum End {
+pub(super) enum End {
     /// Everything owed was delivered (client finished, or the session drained).
     Done,
     /// Relay raw bytes from now on.
@@ -103,6 +103,26 @@ impl ReplySide<'_> {
                             progress = Instant::now();
                             (self.pending, self.blocking, self.replace, self.sent) =
                                 (1, false, Some(reply), Instant::now());
+                        }
+                        Pop::Entry(Entry::Cluster(dispatch)) => {
+                            if !self.write(client, buf, &mut ready).await {
+                                return End::Done;
+                            }
+                            let resolved = tokio::select! {
+                                biased;
+                                _ = &mut dead => return End::Failed,
+                                r = self.resolve(*dispatch) => r,
+                            };
+                            let reply = match resolved {
+                                Ok(reply) => reply,
+                                Err(end) => return end,
+                            };
+                            progress = Instant::now();
+                            if !self.send(client, &reply).await {
+                                return End::Done;
+                            }
+                            links.queue.answered();
+                            continue;
                         }
                         Pop::Entry(Entry::Local(reply)) => {
                             if !self.write(client, buf, &mut ready).await

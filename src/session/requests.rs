@@ -8,6 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::cluster;
 use super::link::Upstream;
 use super::queue::{Entry, Private};
 use super::sharing::{self, Action, PinReason};
@@ -345,7 +346,7 @@ impl RequestSide<'_> {
                 }
                 continue;
             }
-            if let Upstream::Shared(_) = upstream {
+            if let Upstream::Shared(_) | Upstream::Cluster(_) = upstream {
                 let action = sharing::action(kind, &cmd);
                 let effect = match action {
                     Action::Login | Action::Select => Some(effect_of(&cmd)),
@@ -360,6 +361,45 @@ impl RequestSide<'_> {
                     | Some(Effect::Select(None)) => Action::Pin(PinReason::UntrackedState),
                     _ => action,
                 };
+                let decided = match upstream {
+                    // A command Redis does not know either: a master says so.
+                    Upstream::Cluster(_)
+                        if action == Action::Pin(PinReason::Unknown)
+                            && self.links.ctx.cluster.as_ref().is_some_and(|r| {
+                                r.command_keys().is_some_and(|keys| {
+                                    keys.keys(&cmd) == crate::cluster::keys::Keys::UnknownCommand
+                                })
+                            }) =>
+                    {
+                        ClusterAction::Route
+                    }
+                    Upstream::Cluster(_) => cluster_action(action, effect.as_ref()),
+                    _ => ClusterAction::AsShared,
+                };
+                if !matches!(decided, ClusterAction::AsShared) {
+                    let next = if let ClusterAction::Refuse(why) = decided {
+                        let name =
+                            String::from_utf8_lossy(cmd.arg(0).unwrap_or_default()).to_uppercase();
+                        drop(parsed);
+                        let reply = crate::resp::error_reply(&format!(
+                            "ERR stormwall: {name} is not supported with a Redis Cluster upstream ({why})"
+                        ));
+                        let answer = self.answer(upstream, buf, &mut scanned, &mut run, len, reply);
+                        Box::pin(answer).await
+                    } else {
+                        let inline = matches!(parsed, Parsed::Inline { .. });
+                        let Some(router) = self.links.ctx.cluster.as_deref() else {
+                            return Next::Stop;
+                        };
+                        let plan = cluster::plan(router, &cmd, inline);
+                        drop(parsed);
+                        Box::pin(self.cluster(upstream, buf, &mut scanned, len, plan)).await
+                    };
+                    match next {
+                        Next::Read => continue,
+                        Next::Stop => return Next::Stop,
+                    }
+                }
                 if action != Action::Share {
                     let barrier = matches!(action, Action::Pin(PinReason::Blocking))
                         && sharing::counts_earlier_writes(&cmd);
@@ -654,7 +694,7 @@ impl RequestSide<'_> {
         let lost = async {
             match upstream {
                 Upstream::Shared(link) => link.lost(&links.ctx.pools, &links.config.upstream).await,
-                Upstream::Socket(_) => std::future::pending().await,
+                Upstream::Socket(_) | Upstream::Cluster(_) => std::future::pending().await,
             }
         };
         let verdicts = tokio::select! {
@@ -836,6 +876,10 @@ impl RequestSide<'_> {
         denial: Denial,
     ) -> Next {
         let reply = Engine::denied(denial.all);
+        if let Upstream::Cluster(_) = upstream {
+            // Nothing to substitute on a connection of the client's own: answered here.
+            return self.answer(upstream, buf, scanned, run, len, reply).await;
+        }
         if !self.raw {
             self.enqueue_run(run).await;
         }
@@ -964,7 +1008,8 @@ impl RequestSide<'_> {
 
     /// Whether invalidations on this connection go through the engine.
     fn governs(&self) -> bool {
-        self.links.config.invalidation.enabled
+        // Not in front of a Redis Cluster yet: the shield runs on one Redis.
+        self.links.config.invalidation.enabled && self.links.ctx.cluster.is_none()
     }
 
     /// Forwards the commands framed before the bad input, then answers with the protocol
@@ -981,8 +1026,10 @@ impl RequestSide<'_> {
         self.links.ctx.metrics.protocol_errors.increment(1);
         self.parser.reset();
         self.enqueue_run(&mut run).await;
-        self.enqueue(Entry::Local(error.to_reply())).await;
+        // Sent before the error is queued: a cluster client's commands are queued as they
+        // are sent.
         self.forward(upstream, buf, scanned).await;
+        self.enqueue(Entry::Local(error.to_reply())).await;
         Next::Stop
     }
 
@@ -1004,11 +1051,11 @@ impl RequestSide<'_> {
         }
     }
 
-    async fn enqueue(&self, entry: Entry) {
+    pub(super) async fn enqueue(&self, entry: Entry) {
         let replies = match &entry {
             Entry::Upstream { count, .. } => *count,
             Entry::Replace(_) | Entry::Probe => 1,
-            Entry::Local(_) | Entry::Raw | Entry::Switch(_) => 0,
+            Entry::Local(_) | Entry::Raw | Entry::Switch(_) | Entry::Cluster(_) => 0,
         };
         self.unsent.fetch_add(replies, Ordering::Relaxed);
         // False only when the reply side is gone, and the session is ending anyway.
@@ -1016,7 +1063,12 @@ impl RequestSide<'_> {
     }
 
     /// Writes `buf[..len]` to Redis and consumes it.
-    async fn forward(&self, upstream: &mut Upstream, buf: &mut BytesMut, len: usize) -> Next {
+    pub(super) async fn forward(
+        &self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        len: usize,
+    ) -> Next {
         if len == 0 {
             return Next::Read;
         }
@@ -1044,6 +1096,7 @@ impl RequestSide<'_> {
                     false
                 }
             },
+            Upstream::Cluster(link) => return self.cluster_flush(link, bytes).await,
             Upstream::Shared(link) if link.try_send(&links.config.upstream, bytes, replies) => true,
             Upstream::Shared(link) => {
                 let cfg = &links.config.upstream;
@@ -1077,6 +1130,13 @@ impl RequestSide<'_> {
             return Next::Stop;
         }
         *scanned = 0;
+        if let Upstream::Cluster(_) = upstream {
+            // Its replies are resolved, in order, by the reply side.
+            tokio::select! {
+                _ = self.links.queue.drained() => return Next::Read,
+                _ = self.links.dead.cancelled() => return Next::Stop,
+            }
+        }
         let Upstream::Shared(link) = upstream else {
             return Next::Read;
         };
@@ -1174,6 +1234,15 @@ impl RequestSide<'_> {
         };
         buf.advance(len);
         let accepted = reply.first() != Some(&b'-');
+        if accepted && let Upstream::Cluster(_) = upstream {
+            // A connection of its own to one master cannot carry a cluster client's
+            // commands for every slot: the spare (in the state Redis accepted) is dropped.
+            let reply = crate::resp::error_reply(
+                "ERR stormwall: this connection feature is not supported with a Redis Cluster upstream",
+            );
+            self.enqueue(Entry::Local(reply)).await;
+            return Next::Read;
+        }
         self.enqueue(Entry::Local(reply)).await;
         if !accepted {
             return Next::Read;
@@ -1314,14 +1383,7 @@ impl RequestSide<'_> {
             _ => {}
         }
         buf.advance(len);
-        let Upstream::Shared(link) = upstream else {
-            return Next::Stop;
-        };
-        let cfg = &links.config.upstream;
-        let got = tokio::select! {
-            got = link.capture(&links.ctx.pools, cfg, &out, replies) => got,
-            _ = links.dead.cancelled() => return Next::Stop,
-        };
+        let got = self.capture(upstream, &out, replies).await;
         let Some(mut got) = got.filter(|r| r.len() == replies as usize) else {
             links.dead.cancel();
             return Next::Stop;
@@ -1332,7 +1394,9 @@ impl RequestSide<'_> {
         let select = matches!(effect, Some(Effect::Select(_)));
         if select && got[0].as_ref() != b"+OK\r\n" {
             warn!("a shared connection could not be put back in its database; closing it");
-            link.close_connection();
+            if let Upstream::Shared(link) = upstream {
+                link.close_connection();
+            }
             links.dead.cancel();
             return Next::Stop;
         }
@@ -1362,15 +1426,8 @@ impl RequestSide<'_> {
         *scanned = 0;
         let out = buf[..len].to_vec();
         buf.advance(len);
-        let Upstream::Shared(link) = upstream else {
-            return Next::Stop;
-        };
         let links = self.links;
-        let cfg = &links.config.upstream;
-        let got = tokio::select! {
-            got = link.capture(&links.ctx.pools, cfg, &out, 1) => got,
-            _ = links.dead.cancelled() => return Next::Stop,
-        };
+        let got = self.capture(upstream, &out, 1).await;
         let Some(reply) = got.and_then(|mut r| r.pop()) else {
             links.dead.cancel();
             return Next::Stop;
@@ -1394,12 +1451,68 @@ impl RequestSide<'_> {
         Next::Read
     }
 
+    /// Answers the command at `buf[*scanned..][..len]` with `reply`, after what is framed.
+    async fn answer(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        len: usize,
+        reply: Bytes,
+    ) -> Next {
+        self.enqueue_run(run).await;
+        if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+            return Next::Stop;
+        }
+        *scanned = 0;
+        buf.advance(len);
+        self.enqueue(Entry::Local(reply)).await;
+        Next::Read
+    }
+
+    /// Sends `out` (`replies` commands) in this client's state on a shared connection
+    /// (a cluster client's: any master's) and returns the replies to stormwall; `None` (the
+    /// session is ending) if they cannot be had.
+    async fn capture(
+        &mut self,
+        upstream: &mut Upstream,
+        out: &[u8],
+        replies: u32,
+    ) -> Option<Vec<Bytes>> {
+        let links = self.links;
+        let cfg = &links.config.upstream;
+        match upstream {
+            Upstream::Shared(link) => tokio::select! {
+                got = link.capture(&links.ctx.pools, cfg, out, replies) => got,
+                _ = links.dead.cancelled() => None,
+            },
+            Upstream::Cluster(link) => {
+                let rx = self.cluster_capture(link, out, replies).await?;
+                tokio::select! {
+                    got = rx => got.ok(),
+                    _ = links.dead.cancelled() => None,
+                }
+            }
+            Upstream::Socket(_) => None,
+        }
+    }
+
     /// After a held state change: the shared connections for the client's new state.
     fn rekey(&self, upstream: &mut Upstream, before: &super::state::Confirmed) {
+        let links = self.links;
+        if let Upstream::Cluster(link) = upstream {
+            let state = links.state();
+            link.rekey(Key {
+                identity: state.identity.clone(),
+                proto: if state.resp3 { 3 } else { 2 },
+                authenticated: state.authenticated,
+            });
+            return;
+        }
         let Upstream::Shared(link) = upstream else {
             return;
         };
-        let links = self.links;
         let state = links.state();
         if state.identity == before.identity && state.resp3 == before.resp3 {
             return;
@@ -1415,6 +1528,42 @@ impl RequestSide<'_> {
             .upstream
             .shared_connections(links.config.runtime.worker_threads);
         link.rekey(links.ctx.pools.group(&key, size));
+    }
+}
+
+/// What a cluster client's command needs, from shared mode's [`Action`].
+enum ClusterAction {
+    /// A command for the masters: routed by its keys.
+    Route,
+    /// Handled as for a standalone shared client (`AUTH`, `HELLO`, `CLIENT SETNAME`,
+    /// `CLIENT GETNAME`, `QUIT`, a connection feature tried on a spare).
+    AsShared,
+    /// Not supported in front of a cluster yet, and why.
+    Refuse(&'static str),
+}
+
+fn cluster_action(action: Action, effect: Option<&Effect>) -> ClusterAction {
+    match (action, effect) {
+        // A cluster has database 0 only: a master accepts `SELECT 0` and refuses the
+        // rest in Redis Cluster's own words, and the client's state does not change.
+        (_, Some(Effect::Select(_))) | (Action::Share | Action::Select, _) => ClusterAction::Route,
+        (
+            _,
+            Some(Effect::Login {
+                login: Login::Untracked,
+                ..
+            }),
+        ) => ClusterAction::Refuse("credentials longer than 4096 bytes"),
+        (Action::Pin(reason), _) => ClusterAction::Refuse(match reason {
+            PinReason::Transaction => "transactions need a connection of their own",
+            PinReason::Blocking => "blocking commands need a connection of their own",
+            PinReason::PubSub => "pub/sub needs a connection of its own",
+            _ => "it needs a connection of its own to one server",
+        }),
+        (Action::PinIfAccepted(PinReason::ConnectionFlag), _) => {
+            ClusterAction::Refuse("commands go to the masters")
+        }
+        _ => ClusterAction::AsShared,
     }
 }
 

@@ -309,7 +309,7 @@ impl Pools {
     }
 
     /// Closes groups no client has held for [`GROUP_IDLE`].
-    fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         let now = Instant::now();
         self.groups().retain(|_, group| {
             let mut idle = group.idle_since.lock().unwrap_or_else(|p| p.into_inner());

@@ -34,6 +34,8 @@ pub enum Cause {
     Reload,
     /// Sentinel named another master.
     Sentinel,
+    /// A Redis Cluster's slot map named another master for slot 0 (see [`Target::cluster_node`]).
+    Cluster,
 }
 
 impl Cause {
@@ -41,6 +43,7 @@ impl Cause {
         match self {
             Cause::Reload => "reload",
             Cause::Sentinel => "sentinel",
+            Cause::Cluster => "cluster",
         }
     }
 }
@@ -124,6 +127,10 @@ impl Target {
                 address: cfg.address.clone(),
                 tls: cfg.tls.loaded.clone(),
             }),
+            None if cfg.kind == UpstreamKind::Cluster => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no cluster node has given the slot map yet",
+            )),
             None => Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 format!(
@@ -161,6 +168,14 @@ impl Target {
     /// Sentinel named `address` as the master.
     pub fn moved_to(&self, address: Addr, cfg: &UpstreamConfig) {
         self.set(address, cfg.tls.loaded.clone(), Cause::Sentinel);
+    }
+
+    /// A Redis Cluster upstream: `address` is the master serving slot 0 now. Connections
+    /// that are about the cluster as a whole rather than a key (the readiness probe, the
+    /// spares an `AUTH` is checked on) go there; commands go to each slot's master through
+    /// [`crate::cluster::router`], which has a target of its own per node.
+    pub fn cluster_node(&self, address: Addr, cfg: &UpstreamConfig) {
+        self.set(address, cfg.tls.loaded.clone(), Cause::Cluster);
     }
 
     fn set(&self, address: Addr, tls: Loaded<ClientSide>, cause: Cause) {

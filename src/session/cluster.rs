@@ -1,0 +1,449 @@
+//! A Redis Cluster client's request side: each command routed to the master that serves
+//! its keys, over that master's shared connections.
+//!
+//! The client is not cluster-aware: it pipelines commands for any keys to what it takes
+//! for one Redis. Commands framed one after another that go to the same master travel as
+//! one run, in one write, as a standalone shared client's do; a command for another master
+//! ends the run. Each run (and each command split across masters or sent to all of them)
+//! is sent with its replies *captured* ([`SharedLink::capture_later`]) rather than routed
+//! to an inbox, and queued, in the client's order, as a [`Dispatch`] for the reply side,
+//! which waits for each in turn — resending what a node redirected — and writes the
+//! replies to the client in the order the commands came. So replies keep the client's
+//! order (G1) however many masters answer them, and a slow master holds up only the
+//! replies behind its own, as it would on one Redis.
+//!
+//! A run is routed by one slot map ([`Map`]). When the router has a newer one, everything
+//! sent under the old map is answered (redirections resolved) before anything is routed by
+//! the new one: a command for a slot that moved could otherwise reach the new owner before
+//! an earlier one for the same slot, sent to the old owner, is redirected there.
+//!
+//! Connection state is held as for a standalone shared client (`session::state`): `AUTH`
+//! and `HELLO` are checked on a spare (to the master of slot 0) and move the client to its
+//! new identity's groups on every master; `CLIENT SETNAME` is checked by a master and
+//! recorded. `SELECT` goes to a master, which accepts only database 0, as Redis Cluster
+//! does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::dispatch::{Dispatch, Merge, Part};
+use super::link::{SharedLink, Upstream};
+use super::queue::Entry;
+use super::requests::{Next, RequestSide};
+use crate::cluster::merge;
+use crate::cluster::route::{self, Route, Split};
+use crate::cluster::router::{Map, Router};
+use crate::resp::request::Command;
+use crate::upstream::mux::Inbox;
+use crate::upstream::pool::{Key, Unavailable};
+
+/// First and longest pause before trying again to reach a master that could not be
+/// reached (a refresh of the slot map is asked for meanwhile).
+const BACKOFF_MIN: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A cluster client's places on the masters' shared connections.
+pub(super) struct ClusterLink {
+    pub router: Arc<Router>,
+    /// The client's connection state: its groups on every master.
+    key: Arc<Key>,
+    /// The slot map the client's commands are routed by now.
+    map: Arc<Map>,
+    /// The client's place in each master's group (by the map's master index), once used.
+    nodes: Vec<Option<SharedLink>>,
+    /// Required by [`SharedLink`]; captured replies never arrive in it.
+    inbox: Arc<Inbox>,
+    /// Where commands without keys go: the last master used, so a run is not broken up.
+    sticky: usize,
+    /// The run being framed: the commands at the start of the client's buffer.
+    pending: Option<Pending>,
+}
+
+/// A run of commands for one master, framed and not sent yet.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    master: usize,
+    count: u32,
+    /// The first keyed command's slot: where the run goes if the map changes before it
+    /// can be sent.
+    slot: Option<u16>,
+}
+
+impl ClusterLink {
+    pub fn new(router: Arc<Router>, key: Key) -> ClusterLink {
+        let map = router.map();
+        let mut nodes = Vec::new();
+        nodes.resize_with(map.masters().len(), || None);
+        ClusterLink {
+            router,
+            key: Arc::new(key),
+            map,
+            nodes,
+            inbox: Arc::new(Inbox::default()),
+            sticky: 0,
+            pending: None,
+        }
+    }
+
+    /// Routes by the router's current map from now on.
+    fn renew(&mut self) {
+        self.map = self.router.map();
+        self.nodes.clear();
+        self.nodes.resize_with(self.map.masters().len(), || None);
+        if self.sticky >= self.nodes.len() {
+            self.sticky = 0;
+        }
+    }
+
+    /// The client's connection state changed (only with nothing in flight): its commands
+    /// go to the groups of its new state.
+    pub fn rekey(&mut self, key: Key) {
+        if *self.key != key {
+            self.key = Arc::new(key);
+            self.nodes.iter_mut().for_each(|n| *n = None);
+        }
+    }
+
+    /// The master of `slot`, or any master for a command without keys (or a slot no
+    /// master serves now: that master answers `CLUSTERDOWN`, and the command is tried
+    /// again).
+    fn master_for(&self, slot: Option<u16>) -> usize {
+        slot.and_then(|s| self.map.master_of(s))
+            .unwrap_or_else(|| self.any())
+    }
+
+    /// Any master: the pending run's, else the last one used.
+    fn any(&self) -> usize {
+        self.pending.map_or(self.sticky, |p| p.master)
+    }
+
+    /// Sends `bytes` (`count` commands) to the master at `master` in the current map.
+    async fn capture(
+        &mut self,
+        master: usize,
+        bytes: &[u8],
+        count: u32,
+    ) -> Result<Part, Unavailable> {
+        let Some(node) = self.map.masters().get(master).cloned() else {
+            return Err(Unavailable::Outage(std::io::Error::other(
+                "the cluster's slot map names no master",
+            )));
+        };
+        let size = self.router.group_size;
+        let place = self.nodes[master].get_or_insert_with(|| {
+            SharedLink::new(node.pools.group(&self.key, size), self.inbox.clone())
+        });
+        let rx = place
+            .capture_later(&node.pools, &node.cfg, bytes, count)
+            .await?;
+        self.router.learn(&self.key.identity);
+        Ok(Part {
+            node,
+            bytes: Bytes::copy_from_slice(bytes),
+            count,
+            rx,
+        })
+    }
+}
+
+/// Where a part of a command goes.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum To {
+    /// The master of this slot.
+    Slot(u16),
+    /// The master at this position in the order `SCAN` walks them.
+    Position(usize),
+    /// Every master, in that order.
+    Every,
+}
+
+/// What a cluster client's command becomes.
+pub(super) enum Plan {
+    /// Forwarded as the client sent it, in a run, to the master of this slot (`None`: any).
+    Forward(Option<u16>),
+    /// Commands stormwall built (an inline command re-encoded, a split, a fan-out), each
+    /// sent on its own, their replies merged.
+    Built(Vec<(To, Vec<u8>)>, Merge),
+}
+
+/// What a cluster client's `cmd` becomes (its class aside: the caller has decided it is a
+/// command for the masters, not one about the connection). `inline` when the client sent
+/// it inline: it is then re-encoded, so every command the masters get is multibulk.
+pub(super) fn plan(router: &Router, cmd: &Command<'_>, inline: bool) -> Plan {
+    let keys = router.command_keys();
+    let route = route::route(cmd, keys.as_deref());
+    let encoded = || {
+        let args: Vec<&[u8]> = (0..cmd.argc()).filter_map(|i| cmd.arg(i)).collect();
+        let mut out = Vec::new();
+        crate::resp::encode_command(&mut out, &args);
+        out
+    };
+    match route {
+        Route::Slot(slot) if inline => Plan::Built(vec![(To::Slot(slot), encoded())], Merge::Each),
+        Route::Slot(slot) => Plan::Forward(Some(slot)),
+        Route::Any if inline => Plan::Built(vec![(To::Position(0), encoded())], Merge::Each),
+        Route::Any => Plan::Forward(None),
+        Route::All(fanout) => Plan::Built(vec![(To::Every, encoded())], Merge::Fanout(fanout)),
+        Route::Split(split) => split_by_slot(cmd, split),
+        Route::Scan => {
+            let Some((position, node_cursor)) = cmd.arg(1).and_then(merge::scan_cursor) else {
+                // Not a cursor stormwall made: a master judges it, as Redis would.
+                return if inline {
+                    Plan::Built(vec![(To::Position(0), encoded())], Merge::Each)
+                } else {
+                    Plan::Forward(None)
+                };
+            };
+            let cursor = node_cursor.to_string();
+            let mut args: Vec<&[u8]> = vec![b"SCAN", cursor.as_bytes()];
+            args.extend((2..cmd.argc()).filter_map(|i| cmd.arg(i)));
+            let mut out = Vec::new();
+            crate::resp::encode_command(&mut out, &args);
+            Plan::Built(
+                vec![(To::Position(position), out)],
+                Merge::Scan {
+                    position,
+                    masters: 0,
+                },
+            )
+        }
+    }
+}
+
+/// One command per slot, each with the keys of that slot in the client's order.
+fn split_by_slot(cmd: &Command<'_>, split: Split) -> Plan {
+    let name = cmd.arg(0).unwrap_or_default();
+    // Slots in the order their first key comes, each with its keys' positions.
+    let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
+    for i in 1..cmd.argc() {
+        let slot = crate::cluster::slot::key_slot(cmd.arg(i).unwrap_or_default());
+        match slots.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, places)) => places.push(i - 1),
+            None => slots.push((slot, vec![i - 1])),
+        }
+    }
+    let parts = slots
+        .iter()
+        .map(|(slot, places)| {
+            let mut args: Vec<&[u8]> = vec![name];
+            args.extend(places.iter().filter_map(|&p| cmd.arg(p + 1)));
+            let mut out = Vec::new();
+            crate::resp::encode_command(&mut out, &args);
+            (To::Slot(*slot), out)
+        })
+        .collect();
+    let merge = match split {
+        Split::Count => Merge::Sum,
+        Split::MGet => Merge::MGet {
+            places: slots.into_iter().map(|(_, places)| places).collect(),
+            total: cmd.argc() - 1,
+        },
+    };
+    Plan::Built(parts, merge)
+}
+
+impl RequestSide<'_> {
+    /// Carries out `plan` for the cluster client's command at `buf[*scanned..][..len]`.
+    pub(super) async fn cluster(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        len: usize,
+        plan: Plan,
+    ) -> Next {
+        let Upstream::Cluster(link) = upstream else {
+            return Next::Stop;
+        };
+        if link.map.epoch != link.router.epoch() {
+            // A newer map: what was sent under the old one is answered first.
+            if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+                return Next::Stop;
+            }
+            *scanned = 0;
+            if let Next::Stop = self.answered().await {
+                return Next::Stop;
+            }
+        }
+        let Upstream::Cluster(link) = upstream else {
+            return Next::Stop;
+        };
+        if link.map.epoch != link.router.epoch() {
+            link.renew();
+        }
+        match plan {
+            Plan::Forward(slot) => {
+                let master = link.master_for(slot);
+                if link.pending.is_some_and(|p| p.master != master) {
+                    if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+                        return Next::Stop;
+                    }
+                    *scanned = 0;
+                }
+                let Upstream::Cluster(link) = upstream else {
+                    return Next::Stop;
+                };
+                let pending = link.pending.get_or_insert(Pending {
+                    master,
+                    count: 0,
+                    slot,
+                });
+                pending.count += 1;
+                pending.slot = pending.slot.or(slot);
+                link.sticky = master;
+                *scanned += len;
+                Next::Read
+            }
+            Plan::Built(parts, merge) => {
+                if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+                    return Next::Stop;
+                }
+                *scanned = 0;
+                buf.advance(len);
+                let Upstream::Cluster(link) = upstream else {
+                    return Next::Stop;
+                };
+                self.built(link, parts, merge).await
+            }
+        }
+    }
+
+    /// Sends the commands stormwall built for one client command, and queues their merge.
+    async fn built(&self, link: &mut ClusterLink, parts: Vec<(To, Vec<u8>)>, merge: Merge) -> Next {
+        let order = link.map.masters_by_slot();
+        let masters = order.len();
+        // Where each command goes, `Every` expanded.
+        let mut sends: Vec<(usize, Option<u16>, &[u8])> = Vec::new();
+        for (to, bytes) in &parts {
+            match *to {
+                To::Slot(slot) => sends.push((link.master_for(Some(slot)), Some(slot), bytes)),
+                To::Position(p) => match order.get(p) {
+                    Some(&master) => sends.push((master, None, bytes)),
+                    // A cursor for a position this cluster does not have.
+                    None => {
+                        let reply = Bytes::from_static(b"-ERR invalid cursor\r\n");
+                        self.enqueue(Entry::Local(reply)).await;
+                        return Next::Read;
+                    }
+                },
+                To::Every => sends.extend(order.iter().map(|&m| (m, None, bytes.as_slice()))),
+            }
+        }
+        let mut sent = Vec::with_capacity(sends.len());
+        for (master, slot, bytes) in sends {
+            match self.cluster_send(link, master, slot, bytes, 1).await {
+                Some(part) => sent.push(part),
+                None => return Next::Stop,
+            }
+        }
+        let mut merge = merge;
+        if let Merge::Scan { masters: m, .. } = &mut merge {
+            *m = masters;
+        }
+        self.links.ctx.metrics.passthrough.increment(1);
+        let dispatch = Dispatch::new(sent, merge, link.key.clone());
+        self.enqueue(Entry::Cluster(Box::new(dispatch))).await;
+        Next::Read
+    }
+
+    /// Sends the pending run (`bytes`, the client's own) to its master, and queues it.
+    pub(super) async fn cluster_flush(&self, link: &mut ClusterLink, bytes: &[u8]) -> Next {
+        let Some(pending) = link.pending.take() else {
+            if bytes.is_empty() {
+                return Next::Read;
+            }
+            debug!("cluster client: bytes with no command routed; closing the client");
+            self.links.dead.cancel();
+            return Next::Stop;
+        };
+        let Some(part) = self
+            .cluster_send(link, pending.master, pending.slot, bytes, pending.count)
+            .await
+        else {
+            return Next::Stop;
+        };
+        self.links
+            .ctx
+            .metrics
+            .passthrough
+            .increment(u64::from(pending.count));
+        let dispatch = Dispatch::new(vec![part], Merge::Each, link.key.clone());
+        self.enqueue(Entry::Cluster(Box::new(dispatch))).await;
+        Next::Read
+    }
+
+    /// Sends `bytes` (`count` commands, for `slot` if they have keys) to the master at
+    /// `master`. A master that cannot be reached is waited for — the slot map refreshed
+    /// meanwhile, and the commands sent to the slot's new master if it names one — for up
+    /// to `upstream.outage_wait`; then the client is closed, as when a standalone Redis
+    /// stays away. Nothing was sent until this returns a part.
+    async fn cluster_send(
+        &self,
+        link: &mut ClusterLink,
+        mut master: usize,
+        slot: Option<u16>,
+        bytes: &[u8],
+        count: u32,
+    ) -> Option<Part> {
+        let links = self.links;
+        let deadline = Instant::now() + links.config.upstream.outage_wait;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let error = match link.capture(master, bytes, count).await {
+                Ok(part) => return Some(part),
+                Err(Unavailable::Refused(e)) => {
+                    debug!(error = %e, "a cluster master refuses this client's connection state; closing the client");
+                    links.dead.cancel();
+                    return None;
+                }
+                Err(Unavailable::Outage(e)) => e,
+            };
+            link.router.refresh_soon();
+            if Instant::now() + backoff > deadline {
+                debug!(error = %error, "no cluster master to send to within upstream.outage_wait; closing the client");
+                links.dead.cancel();
+                return None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = links.dead.cancelled() => return None,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            if link.map.epoch != link.router.epoch() {
+                // What was sent under the old map is answered before the new one is used.
+                tokio::select! {
+                    _ = links.queue.drained() => {}
+                    _ = links.dead.cancelled() => return None,
+                }
+                link.renew();
+                master = link.master_for(slot);
+            }
+        }
+    }
+
+    /// Sends `out` (`replies` commands stormwall reads itself: a name being checked) to any
+    /// master in this client's state, with nothing of its own pending.
+    pub(super) async fn cluster_capture(
+        &self,
+        link: &mut ClusterLink,
+        out: &[u8],
+        replies: u32,
+    ) -> Option<tokio::sync::oneshot::Receiver<Vec<Bytes>>> {
+        let master = link.any();
+        self.cluster_send(link, master, None, out, replies)
+            .await
+            .map(|part| part.rx)
+    }
+
+    /// Waits until every reply queued so far has been delivered.
+    async fn answered(&self) -> Next {
+        tokio::select! {
+            _ = self.links.queue.drained() => Next::Read,
+            _ = self.links.dead.cancelled() => Next::Stop,
+        }
+    }
+}

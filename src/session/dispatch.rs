@@ -1,0 +1,321 @@
+//! A cluster client's command on its way: sent to one or more masters, queued in the
+//! client's order, and resolved by the reply side into what the client gets.
+//!
+//! A [`Dispatch`] is one run of commands for one master, or one client command that went
+//! to several ([`Merge`] says how their replies become one). The reply side takes
+//! dispatches in order and waits for each one's replies; a reply that says the command did
+//! not run ([`crate::cluster::redirect`]) is followed — the command sent again to the node
+//! `MOVED` names, or with `ASKING` to the node `ASK` names, or after a pause for `TRYAGAIN`
+//! and `CLUSTERDOWN`, until `upstream.outage_wait` from when it was first sent has passed
+//! (the client then gets the cluster's own last word, which says the command did not run).
+//! Each redirected command is resolved before the next reply is looked at, so two commands
+//! for one slot that are both redirected run in the client's order.
+//!
+//! A connection that fails with replies owed, or a reply that does not come within
+//! `upstream.reply_timeout`, closes the client: what happened to its commands is unknown,
+//! as when a standalone Redis fails (README, "When Redis fails").
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::replies::{End, ReplySide};
+use crate::cluster::merge;
+use crate::cluster::redirect::{self, Redirect};
+use crate::cluster::route::Fanout;
+use crate::cluster::router::{Node, Router};
+use crate::resp::reply::ReplyScanner;
+use crate::upstream::pool::{Key, Unavailable};
+
+/// Most `MOVED`/`ASK` one command follows (cluster clients allow about as many) before the
+/// client is told it did not run.
+const MAX_REDIRECTS: u32 = 16;
+/// First and longest pause before a command refused with `TRYAGAIN` or `CLUSTERDOWN` is
+/// sent again.
+const BACKOFF_MIN: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Commands sent to one master in one write, whose replies come back together.
+pub(super) struct Part {
+    pub node: Arc<Node>,
+    /// The commands as sent (multibulk, back to back), to send one again if redirected.
+    pub bytes: Bytes,
+    pub count: u32,
+    pub rx: oneshot::Receiver<Vec<Bytes>>,
+}
+
+/// How a dispatch's replies become the client's.
+#[derive(Debug)]
+pub(super) enum Merge {
+    /// Each command's reply, in order: a run forwarded as the client sent it.
+    Each,
+    /// One command sent to every master.
+    Fanout(Fanout),
+    /// `DEL`/`UNLINK`/`EXISTS`/`TOUCH` split by slot: counts summed.
+    Sum,
+    /// `MGET` split by slot: each part's keys were at these positions of the client's.
+    MGet {
+        places: Vec<Vec<usize>>,
+        total: usize,
+    },
+    /// `SCAN` on the master at `position` of `masters`: the cursor rewritten.
+    Scan { position: usize, masters: usize },
+}
+
+/// One queued dispatch.
+pub(super) struct Dispatch {
+    parts: Vec<Part>,
+    merge: Merge,
+    /// The client's connection state when it was sent: resends go to that state's groups.
+    key: Arc<Key>,
+    sent: Instant,
+}
+
+impl std::fmt::Debug for Dispatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatch")
+            .field("parts", &self.parts.len())
+            .field("merge", &self.merge)
+            .finish()
+    }
+}
+
+impl Dispatch {
+    pub fn new(parts: Vec<Part>, merge: Merge, key: Arc<Key>) -> Dispatch {
+        Dispatch {
+            parts,
+            merge,
+            key,
+            sent: Instant::now(),
+        }
+    }
+}
+
+/// `ASKING`, sent right before a command `ASK` redirected, on the same connection.
+const ASKING: &[u8] = b"*1\r\n$6\r\nASKING\r\n";
+
+/// The `i`th command in `bytes` (multibulk commands back to back).
+fn nth_command(bytes: &[u8], i: usize) -> Option<&[u8]> {
+    let mut scanner = ReplyScanner::new(u64::MAX);
+    let mut rest = bytes;
+    for _ in 0..i {
+        let (len, _) = scanner.next(rest).ok()??;
+        rest = &rest[len..];
+    }
+    let (len, _) = scanner.next(rest).ok()??;
+    Some(&rest[..len])
+}
+
+impl ReplySide<'_> {
+    /// What the client gets for `d`, once every part has answered (redirections followed).
+    pub(super) async fn resolve(&self, d: Dispatch) -> Result<Vec<u8>, End> {
+        let links = self.links;
+        let Some(router) = links.ctx.cluster.as_deref() else {
+            return Err(End::Failed);
+        };
+        let deadline = d.sent + links.config.upstream.outage_wait;
+        let mut out = Vec::new();
+        let mut finals = Vec::new();
+        for part in d.parts {
+            let replies = self.replies_of(router, part.rx).await?;
+            if replies.len() != part.count as usize {
+                return Err(End::Failed);
+            }
+            for (i, reply) in replies.into_iter().enumerate() {
+                let reply = if redirect::parse(&reply).is_some() {
+                    let Some(cmd) = nth_command(&part.bytes, i) else {
+                        return Err(End::Failed);
+                    };
+                    self.follow(router, &d.key, &part.node, cmd, reply, deadline)
+                        .await?
+                } else {
+                    reply
+                };
+                match d.merge {
+                    Merge::Each => out.extend_from_slice(&reply),
+                    _ => finals.push(reply),
+                }
+            }
+        }
+        let merged = match d.merge {
+            Merge::Each => return Ok(out),
+            Merge::Fanout(fanout) => merge::fanout(fanout, &finals),
+            Merge::Sum => merge::sum(&finals),
+            Merge::MGet { places, total } => merge::mget(&finals, &places, total),
+            Merge::Scan { position, masters } => match finals.first() {
+                Some(reply) => merge::scan_reply(reply, position, masters),
+                None => return Err(End::Failed),
+            },
+        };
+        Ok(merged.to_vec())
+    }
+
+    /// Waits for the replies of commands sent to a master.
+    async fn replies_of(
+        &self,
+        router: &Router,
+        rx: oneshot::Receiver<Vec<Bytes>>,
+    ) -> Result<Vec<Bytes>, End> {
+        let links = self.links;
+        let metrics = &links.ctx.metrics;
+        let timeout = links.config.upstream.reply_timeout;
+        let got = if timeout.is_zero() {
+            rx.await
+        } else {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(got) => got,
+                Err(_) => {
+                    if links.ctx.log_throttle.allow() {
+                        warn!(timeout = %humantime::format_duration(timeout), "a cluster master did not reply in time; closing the client connection");
+                    }
+                    metrics.upstream_timeout.increment(1);
+                    return Err(End::Failed);
+                }
+            }
+        };
+        got.map_err(|_| {
+            debug!("a cluster master's connection was lost with replies owed; closing the client");
+            metrics.upstream_lost.increment(1);
+            router.refresh_soon();
+            End::Failed
+        })
+    }
+
+    /// Follows a redirecting `reply` to `cmd`, first sent to `node`, until an answer comes
+    /// (or the redirections run out: the client is told the command did not run).
+    async fn follow(
+        &self,
+        router: &Router,
+        key: &Key,
+        node: &Arc<Node>,
+        cmd: &[u8],
+        mut reply: Bytes,
+        deadline: Instant,
+    ) -> Result<Bytes, End> {
+        let mut node = node.clone();
+        let mut redirects = 0;
+        let mut backoff = BACKOFF_MIN;
+        // Set when the command is to go to `node` as it is (after a node could not be
+        // reached, to the slot's master as the map says now), with or without `ASKING`.
+        let mut again: Option<bool> = None;
+        loop {
+            let asking = match again.take() {
+                Some(asking) => asking,
+                None => {
+                    let Some(redirect) = redirect::parse(&reply) else {
+                        return Ok(reply);
+                    };
+                    let kind = match redirect {
+                        Redirect::Moved { .. } => 0,
+                        Redirect::Ask { .. } => 1,
+                        Redirect::TryAgain => 2,
+                        Redirect::ClusterDown => 3,
+                    };
+                    router.metrics.redirects[kind].increment(1);
+                    match redirect {
+                        Redirect::Moved { slot, to } => {
+                            let to = redirect::target(to, &node.address);
+                            router.moved(slot, &to);
+                            node = router.node(&to);
+                            redirects += 1;
+                            false
+                        }
+                        Redirect::Ask { to, .. } => {
+                            node = router.node(&redirect::target(to, &node.address));
+                            redirects += 1;
+                            true
+                        }
+                        Redirect::TryAgain | Redirect::ClusterDown => {
+                            if matches!(redirect, Redirect::ClusterDown) {
+                                router.refresh_soon();
+                            }
+                            if !pause(router, cmd, deadline, &mut backoff, &mut node).await {
+                                // Redis's own word that it did not run.
+                                return Ok(reply);
+                            }
+                            false
+                        }
+                    }
+                }
+            };
+            if redirects > MAX_REDIRECTS {
+                return Ok(Bytes::from_static(
+                    b"-TRYAGAIN stormwall: the cluster kept redirecting this command (slots moving?); it was not run\r\n",
+                ));
+            }
+            let sent = if asking {
+                let mut both = ASKING.to_vec();
+                both.extend_from_slice(cmd);
+                router.send_to(&node, key, &both, 2).await
+            } else {
+                router.send_to(&node, key, cmd, 1).await
+            };
+            let rx = match sent {
+                Ok(rx) => rx,
+                Err(Unavailable::Refused(e)) => {
+                    debug!(error = %e, node = %node.address, "a cluster master refuses this client's connection state; closing the client");
+                    return Err(End::Failed);
+                }
+                Err(Unavailable::Outage(e)) => {
+                    // Nothing was sent: once the map names the slot's new master (a
+                    // failover under way), it goes there.
+                    debug!(error = %e, node = %node.address, "cannot reach a cluster node to redirect to");
+                    if !pause(router, cmd, deadline, &mut backoff, &mut node).await {
+                        return Err(End::Failed);
+                    }
+                    again = Some(false);
+                    continue;
+                }
+            };
+            let replies = self.replies_of(router, rx).await?;
+            // After `ASKING`'s `+OK`, the command's own reply.
+            reply = replies.last().cloned().ok_or(End::Failed)?;
+        }
+    }
+}
+
+/// Waits `backoff` (doubled for next time) unless that passes `deadline` (false), then
+/// points `node` at the master the map gives `cmd`'s slot now, if it gives one.
+async fn pause(
+    router: &Router,
+    cmd: &[u8],
+    deadline: Instant,
+    backoff: &mut Duration,
+    node: &mut Arc<Node>,
+) -> bool {
+    if Instant::now() + *backoff > deadline {
+        return false;
+    }
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    let map = router.map();
+    if let Some(master) = router
+        .slot_of_encoded(cmd)
+        .and_then(|s| map.master_of(s))
+        .and_then(|i| map.masters().get(i))
+    {
+        *node = master.clone();
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_found_in_a_run() {
+        let run = b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nTIME\r\n";
+        assert_eq!(nth_command(run, 0), Some(&b"*1\r\n$4\r\nPING\r\n"[..]));
+        assert_eq!(
+            nth_command(run, 1),
+            Some(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"[..])
+        );
+        assert_eq!(nth_command(run, 2), Some(&b"*1\r\n$4\r\nTIME\r\n"[..]));
+        assert_eq!(nth_command(run, 3), None);
+    }
+}
