@@ -30,13 +30,14 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::cluster_pins::PrivateConn;
 use super::dispatch::{Dispatch, Merge, Part};
 use super::link::{SharedLink, Upstream};
 use super::queue::Entry;
 use super::requests::{Next, RequestSide};
 use crate::cluster::merge;
 use crate::cluster::route::{self, Route, Split};
-use crate::cluster::router::{Map, Router};
+use crate::cluster::router::{Map, Node, Router};
 use crate::resp::request::Command;
 use crate::upstream::mux::Inbox;
 use crate::upstream::pool::{Key, Unavailable};
@@ -61,6 +62,16 @@ pub(super) struct ClusterLink {
     sticky: usize,
     /// The run being framed: the commands at the start of the client's buffer.
     pending: Option<Pending>,
+    /// The client's connection of its own to one master (`session::cluster_pins`).
+    pub(super) private: Option<PrivateConn>,
+    /// A `MULTI` was sent, and Redis has not said the transaction ended.
+    pub(super) txn_open: bool,
+    /// An `EXEC`/`DISCARD` was sent: whether it ended the transaction is known once it is
+    /// answered.
+    pub(super) txn_closing: bool,
+    /// The previous command went to the private connection: the next one on the shared
+    /// connections waits until it is answered.
+    pub(super) on_private: bool,
 }
 
 /// A run of commands for one master, framed and not sent yet.
@@ -86,11 +97,31 @@ impl ClusterLink {
             inbox: Arc::new(Inbox::default()),
             sticky: 0,
             pending: None,
+            private: None,
+            txn_open: false,
+            txn_closing: false,
+            on_private: false,
         }
     }
 
+    /// The client's connection state, whose groups its commands go to.
+    pub(super) fn key(&self) -> &Arc<Key> {
+        &self.key
+    }
+
+    /// Whether the router has a newer slot map than the one this client routes by.
+    pub(super) fn map_is_stale(&self) -> bool {
+        self.map.epoch != self.router.epoch()
+    }
+
+    /// The master of `slot` (`None`: the one the previous command went to), if the map
+    /// names any master.
+    pub(super) fn master_node(&self, slot: Option<u16>) -> Option<Arc<Node>> {
+        self.map.masters().get(self.master_for(slot)).cloned()
+    }
+
     /// Routes by the router's current map from now on.
-    fn renew(&mut self) {
+    pub(super) fn renew(&mut self) {
         self.map = self.router.map();
         self.nodes.clear();
         self.nodes.resize_with(self.map.masters().len(), || None);
@@ -141,12 +172,7 @@ impl ClusterLink {
             .capture_later(&node.pools, &node.cfg, bytes, count)
             .await?;
         self.router.learn(&self.key.identity);
-        Ok(Part {
-            node,
-            bytes: Bytes::copy_from_slice(bytes),
-            count,
-            rx,
-        })
+        Ok(Part::shared(node, Bytes::copy_from_slice(bytes), count, rx))
     }
 }
 
@@ -265,6 +291,16 @@ impl RequestSide<'_> {
                 return Next::Stop;
             }
             *scanned = 0;
+            if let Next::Stop = self.answered().await {
+                return Next::Stop;
+            }
+        }
+        let Upstream::Cluster(link) = upstream else {
+            return Next::Stop;
+        };
+        if link.on_private {
+            // Back from the private connection: what went there is answered first.
+            link.on_private = false;
             if let Next::Stop = self.answered().await {
                 return Next::Stop;
             }

@@ -16,6 +16,7 @@
 //! as when a standalone Redis fails (README, "When Redis fails").
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::replies::{End, ReplySide};
+use super::state::Effect;
 use crate::cluster::merge;
 use crate::cluster::redirect::{self, Redirect};
 use crate::cluster::route::Fanout;
@@ -46,6 +48,33 @@ pub(super) struct Part {
     pub bytes: Bytes,
     pub count: u32,
     pub rx: oneshot::Receiver<Vec<Bytes>>,
+    /// Whether a redirecting reply is followed: not inside a transaction, where the
+    /// command was queued (or refused, aborting the transaction) on its connection.
+    pub follow: bool,
+    /// A blocking command: its reply may take any time (no `upstream.reply_timeout`).
+    pub blocking: bool,
+    /// Replies owed on the client's private connection, counted down as they arrive.
+    pub owed: Option<Arc<AtomicU32>>,
+}
+
+impl Part {
+    /// Commands sent on a shared connection.
+    pub fn shared(
+        node: Arc<Node>,
+        bytes: Bytes,
+        count: u32,
+        rx: oneshot::Receiver<Vec<Bytes>>,
+    ) -> Part {
+        Part {
+            node,
+            bytes,
+            count,
+            rx,
+            follow: true,
+            blocking: false,
+            owed: None,
+        }
+    }
 }
 
 /// How a dispatch's replies become the client's.
@@ -64,6 +93,9 @@ pub(super) enum Merge {
     },
     /// `SCAN` on the master at `position` of `masters`: the cursor rewritten.
     Scan { position: usize, masters: usize },
+    /// Only the last reply (a `WAIT` after the write that makes it count the client's
+    /// earlier writes).
+    Last,
 }
 
 /// One queued dispatch.
@@ -72,6 +104,9 @@ pub(super) struct Dispatch {
     merge: Merge,
     /// The client's connection state when it was sent: resends go to that state's groups.
     key: Arc<Key>,
+    /// The state change the reply to its one command confirms (a transaction's start or
+    /// end, a watch).
+    effect: Option<Effect>,
     sent: Instant,
 }
 
@@ -90,8 +125,15 @@ impl Dispatch {
             parts,
             merge,
             key,
+            effect: None,
             sent: Instant::now(),
         }
+    }
+
+    /// With the state change its reply confirms.
+    pub fn confirming(mut self, effect: Option<Effect>) -> Dispatch {
+        self.effect = effect;
+        self
     }
 }
 
@@ -112,7 +154,7 @@ fn nth_command(bytes: &[u8], i: usize) -> Option<&[u8]> {
 
 impl ReplySide<'_> {
     /// What the client gets for `d`, once every part has answered (redirections followed).
-    pub(super) async fn resolve(&self, d: Dispatch) -> Result<Vec<u8>, End> {
+    pub(super) async fn resolve(&self, mut d: Dispatch) -> Result<Vec<u8>, End> {
         let links = self.links;
         let Some(router) = links.ctx.cluster.as_deref() else {
             return Err(End::Failed);
@@ -121,12 +163,15 @@ impl ReplySide<'_> {
         let mut out = Vec::new();
         let mut finals = Vec::new();
         for part in d.parts {
-            let replies = self.replies_of(router, part.rx).await?;
+            let replies = self.replies_of(router, part.rx, part.blocking).await?;
             if replies.len() != part.count as usize {
                 return Err(End::Failed);
             }
+            if let Some(owed) = &part.owed {
+                owed.fetch_sub(part.count, Ordering::AcqRel);
+            }
             for (i, reply) in replies.into_iter().enumerate() {
-                let reply = if redirect::parse(&reply).is_some() {
+                let reply = if part.follow && redirect::parse(&reply).is_some() {
                     let Some(cmd) = nth_command(&part.bytes, i) else {
                         return Err(End::Failed);
                     };
@@ -135,6 +180,9 @@ impl ReplySide<'_> {
                 } else {
                     reply
                 };
+                if let Some(effect) = d.effect.take() {
+                    links.confirm(effect, &reply);
+                }
                 match d.merge {
                     Merge::Each => out.extend_from_slice(&reply),
                     _ => finals.push(reply),
@@ -150,6 +198,7 @@ impl ReplySide<'_> {
                 Some(reply) => merge::scan_reply(reply, position, masters),
                 None => return Err(End::Failed),
             },
+            Merge::Last => finals.pop().ok_or(End::Failed)?,
         };
         Ok(merged.to_vec())
     }
@@ -159,11 +208,12 @@ impl ReplySide<'_> {
         &self,
         router: &Router,
         rx: oneshot::Receiver<Vec<Bytes>>,
+        blocking: bool,
     ) -> Result<Vec<Bytes>, End> {
         let links = self.links;
         let metrics = &links.ctx.metrics;
         let timeout = links.config.upstream.reply_timeout;
-        let got = if timeout.is_zero() {
+        let got = if timeout.is_zero() || blocking {
             rx.await
         } else {
             match tokio::time::timeout(timeout, rx).await {
@@ -271,7 +321,7 @@ impl ReplySide<'_> {
                     continue;
                 }
             };
-            let replies = self.replies_of(router, rx).await?;
+            let replies = self.replies_of(router, rx, false).await?;
             // After `ASKING`'s `+OK`, the command's own reply.
             reply = replies.last().cloned().ok_or(End::Failed)?;
         }

@@ -50,8 +50,14 @@ impl Upstream {
     /// Half-closes a socket of the client's own (Redis then ends the connection, as it
     /// would for the client); a shared connection stays open.
     pub async fn shutdown(&mut self) {
-        if let Upstream::Socket(write) = self {
-            let _ = write.shutdown().await;
+        match self {
+            Upstream::Socket(write) => {
+                let _ = write.shutdown().await;
+            }
+            // Its private connection ends what it carried (a blocked command), as the
+            // client's own would.
+            Upstream::Cluster(link) => link.drop_private(),
+            Upstream::Shared(_) => {}
         }
     }
 }

@@ -25,6 +25,7 @@
 //! subscriptions).
 
 mod cluster;
+mod cluster_pins;
 mod dispatch;
 mod link;
 mod queue;

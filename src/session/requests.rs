@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::cluster;
+use super::cluster_pins::{self, Step};
 use super::link::Upstream;
 use super::queue::{Entry, Private};
 use super::sharing::{self, Action, PinReason};
@@ -78,7 +78,7 @@ impl Next {
 
 /// Commands framed so far in the current buffer and not yet queued.
 #[derive(Default)]
-struct Run {
+pub(super) struct Run {
     count: u32,
     blocking: bool,
 }
@@ -332,6 +332,14 @@ impl RequestSide<'_> {
                     return Next::Stop;
                 }
             }
+            if let Upstream::Cluster(_) = upstream {
+                // What Redis said of the client's transaction, before deciding where this
+                // command goes.
+                let sync = self.cluster_sync(upstream, buf, &mut scanned);
+                if let Next::Stop = Box::pin(sync).await {
+                    return Next::Stop;
+                }
+            }
             let cmd = match &parsed {
                 Parsed::Inline { args, .. } => Command::Inline { args },
                 _ => self.parser.command(&buf[scanned..]),
@@ -361,39 +369,66 @@ impl RequestSide<'_> {
                     | Some(Effect::Select(None)) => Action::Pin(PinReason::UntrackedState),
                     _ => action,
                 };
-                let decided = match upstream {
-                    // A command Redis does not know either: a master says so.
-                    Upstream::Cluster(_)
-                        if action == Action::Pin(PinReason::Unknown)
-                            && self.links.ctx.cluster.as_ref().is_some_and(|r| {
-                                r.command_keys().is_some_and(|keys| {
-                                    keys.keys(&cmd) == crate::cluster::keys::Keys::UnknownCommand
-                                })
-                            }) =>
-                    {
-                        ClusterAction::Route
-                    }
-                    Upstream::Cluster(_) => cluster_action(action, effect.as_ref()),
-                    _ => ClusterAction::AsShared,
-                };
-                if !matches!(decided, ClusterAction::AsShared) {
-                    let next = if let ClusterAction::Refuse(why) = decided {
-                        let name =
-                            String::from_utf8_lossy(cmd.arg(0).unwrap_or_default()).to_uppercase();
-                        drop(parsed);
-                        let reply = crate::resp::error_reply(&format!(
-                            "ERR stormwall: {name} is not supported with a Redis Cluster upstream ({why})"
-                        ));
-                        let answer = self.answer(upstream, buf, &mut scanned, &mut run, len, reply);
-                        Box::pin(answer).await
-                    } else {
+                let step = match upstream {
+                    Upstream::Cluster(link) => {
                         let inline = matches!(parsed, Parsed::Inline { .. });
-                        let Some(router) = self.links.ctx.cluster.as_deref() else {
-                            return Next::Stop;
+                        let watching = self.links.state().watching;
+                        let after = &buf[scanned + len..];
+                        let asked = cluster_pins::Asked {
+                            kind,
+                            action,
+                            effect: effect.as_ref(),
+                            cmd: &cmd,
+                            inline,
                         };
-                        let plan = cluster::plan(router, &cmd, inline);
-                        drop(parsed);
-                        Box::pin(self.cluster(upstream, buf, &mut scanned, len, plan)).await
+                        cluster_pins::step(link, &asked, after, watching)
+                    }
+                    _ => Step::AsShared,
+                };
+                if !matches!(step, Step::AsShared) {
+                    let name =
+                        String::from_utf8_lossy(cmd.arg(0).unwrap_or_default()).to_uppercase();
+                    drop(parsed);
+                    let next = match step {
+                        Step::Route(plan) => {
+                            Box::pin(self.cluster(upstream, buf, &mut scanned, len, plan)).await
+                        }
+                        Step::Private(command) => {
+                            let private =
+                                self.cluster_private(upstream, buf, &mut scanned, len, command);
+                            Box::pin(private).await
+                        }
+                        Step::Pin(slot, reason) => {
+                            // Judged again, now on the client's own connection.
+                            let pin = self.cluster_pin(
+                                upstream,
+                                buf,
+                                &mut scanned,
+                                &mut run,
+                                slot,
+                                reason,
+                            );
+                            Box::pin(pin).await
+                        }
+                        Step::Reset => {
+                            if let Upstream::Cluster(link) = upstream {
+                                link.drop_private();
+                            }
+                            let effect = Some(Effect::Reset {
+                                auth_required: self.links.ctx.auth_required.load(Ordering::Relaxed),
+                            });
+                            Box::pin(self.login(upstream, buf, &mut scanned, &mut run, len, effect))
+                                .await
+                        }
+                        Step::Refuse(why) => {
+                            let reply = crate::resp::error_reply(&format!(
+                                "ERR stormwall: {name} is not supported with a Redis Cluster upstream ({why})"
+                            ));
+                            let answer =
+                                self.answer(upstream, buf, &mut scanned, &mut run, len, reply);
+                            Box::pin(answer).await
+                        }
+                        Step::AsShared => Next::Read,
                     };
                     match next {
                         Next::Read => continue,
@@ -1118,7 +1153,7 @@ impl RequestSide<'_> {
     /// Forwards what was framed before the command at `buf[*scanned..]` and waits until
     /// Redis has answered it all (received, not necessarily delivered to the client):
     /// commands sent on another connection after this run after everything before.
-    async fn drain_shared(
+    pub(super) async fn drain_shared(
         &mut self,
         upstream: &mut Upstream,
         buf: &mut BytesMut,
@@ -1528,42 +1563,6 @@ impl RequestSide<'_> {
             .upstream
             .shared_connections(links.config.runtime.worker_threads);
         link.rekey(links.ctx.pools.group(&key, size));
-    }
-}
-
-/// What a cluster client's command needs, from shared mode's [`Action`].
-enum ClusterAction {
-    /// A command for the masters: routed by its keys.
-    Route,
-    /// Handled as for a standalone shared client (`AUTH`, `HELLO`, `CLIENT SETNAME`,
-    /// `CLIENT GETNAME`, `QUIT`, a connection feature tried on a spare).
-    AsShared,
-    /// Not supported in front of a cluster yet, and why.
-    Refuse(&'static str),
-}
-
-fn cluster_action(action: Action, effect: Option<&Effect>) -> ClusterAction {
-    match (action, effect) {
-        // A cluster has database 0 only: a master accepts `SELECT 0` and refuses the
-        // rest in Redis Cluster's own words, and the client's state does not change.
-        (_, Some(Effect::Select(_))) | (Action::Share | Action::Select, _) => ClusterAction::Route,
-        (
-            _,
-            Some(Effect::Login {
-                login: Login::Untracked,
-                ..
-            }),
-        ) => ClusterAction::Refuse("credentials longer than 4096 bytes"),
-        (Action::Pin(reason), _) => ClusterAction::Refuse(match reason {
-            PinReason::Transaction => "transactions need a connection of their own",
-            PinReason::Blocking => "blocking commands need a connection of their own",
-            PinReason::PubSub => "pub/sub needs a connection of its own",
-            _ => "it needs a connection of its own to one server",
-        }),
-        (Action::PinIfAccepted(PinReason::ConnectionFlag), _) => {
-            ClusterAction::Refuse("commands go to the masters")
-        }
-        _ => ClusterAction::AsShared,
     }
 }
 

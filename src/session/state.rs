@@ -72,6 +72,10 @@ pub(super) enum Effect {
     /// A `PING` stormwall sent on the client's connection to learn whether Redis treats the
     /// connection as authenticated (its reply is not forwarded).
     AuthProbe,
+    /// `WATCH` (a cluster client's, on its private connection to one master).
+    Watch,
+    /// `UNWATCH`.
+    Unwatch,
 }
 
 impl Effect {
@@ -99,6 +103,9 @@ pub(super) struct Confirmed {
     pub identity: Identity,
     /// Inside `MULTI … EXEC`: Redis queues commands instead of running them.
     pub in_multi: bool,
+    /// Keys are watched (`WATCH`) until `EXEC`, `DISCARD` or `UNWATCH`. Tracked for
+    /// cluster clients, whose watches live on a private connection to one master.
+    pub watching: bool,
     /// The credentials or the database changed in a way stormwall cannot reproduce.
     creds_unknown: bool,
     db_unknown: bool,
@@ -222,6 +229,16 @@ impl Confirmed {
                 }
             }
             Effect::AuthProbe => {}
+            Effect::Watch => {
+                if !self.in_multi && ok {
+                    self.watching = true;
+                }
+            }
+            Effect::Unwatch => {
+                if !self.in_multi && ok {
+                    self.watching = false;
+                }
+            }
             Effect::ClientInfo(field, value) => {
                 if self.in_multi {
                     self.queued_name |= queued && field == InfoField::Name;
@@ -304,6 +321,7 @@ impl Confirmed {
 
     fn end_transaction(&mut self) {
         self.in_multi = false;
+        self.watching = false;
         self.queued_login = false;
         self.queued_select = false;
         self.queued_name = false;
