@@ -11,11 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::Addr;
 
-/// Set in the environment, lets `upstream.kind = "cluster"` through validation before the
-/// invalidation shield runs in front of a cluster: for stormwall's own tests only, so
-/// nobody runs a cluster proxy without its shield.
-pub const UNSHIELDED_CLUSTER_FOR_TESTS: &str = "STORMWALL_UNSHIELDED_CLUSTER_FOR_TESTS";
-
 /// The whole configuration, one struct per TOML section.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -926,8 +921,7 @@ impl Config {
         Ok(())
     }
 
-    /// A cluster upstream's seeds and mode, then the refusal: the shield does not run in
-    /// front of a cluster yet (tests set [`UNSHIELDED_CLUSTER_FOR_TESTS`]).
+    /// A cluster upstream's seeds and mode, and the settings that do not apply to one.
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
         let u = &self.upstream;
@@ -957,15 +951,23 @@ impl Config {
                     .into(),
             ));
         }
-        if std::env::var_os(UNSHIELDED_CLUSTER_FOR_TESTS).is_some() {
-            return Ok(());
+        if !self.flush.rules.is_empty() {
+            return Err(invalid(
+                "flush.rules",
+                "scoped flushes are not supported with upstream.kind = \"cluster\" (a scan and \
+                 its deletes would have to run per master and per slot); remove [[flush.rules]]"
+                    .into(),
+            ));
         }
-        Err(invalid(
-            "upstream.kind",
-            "upstream.kind = \"cluster\" is not supported yet: the invalidation shield does not \
-             run in front of a Redis Cluster yet; use \"standalone\" or \"sentinel\""
-                .into(),
-        ))
+        if self.invalidation.shared_budget {
+            return Err(invalid(
+                "invalidation.shared_budget",
+                "is not supported with upstream.kind = \"cluster\" (the budget's keys would \
+                 live on one master); set it to false"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The TLS settings that can be checked without reading files (the files are read and
@@ -1152,10 +1154,10 @@ mod tests {
         assert_eq!(parse("").unwrap(), Config::default());
     }
 
-    /// The cluster upstream is configured but refused until the shield runs in front of
-    /// it, so nobody runs an unshielded cluster proxy; its seeds and mode are checked first.
+    /// A cluster upstream needs seeds (host:port) and shared mode, and takes neither scoped
+    /// flushes nor the shared budget.
     #[test]
-    fn cluster_upstream_is_refused_for_now() {
+    fn cluster_upstream_settings_are_checked() {
         let err = parse("[upstream]\nkind = \"cluster\"\n").unwrap_err();
         assert!(
             err.contains("upstream.seeds") && err.contains("at least one"),
@@ -1166,23 +1168,24 @@ mod tests {
         let err =
             parse("[upstream]\nkind = \"cluster\"\nseeds = [\"/tmp/redis.sock\"]\n").unwrap_err();
         assert!(err.contains("upstream.seeds"), "{err}");
-        let err = parse(
-            "[upstream]\nkind = \"cluster\"\nseeds = [\"10.0.0.1:7000\", \"redis-1:7000\"]\n",
-        )
-        .unwrap_err();
-        assert!(
-            err.contains("upstream.kind = \"cluster\" is not supported yet"),
-            "{err}"
-        );
+        let cluster =
+            "[upstream]\nkind = \"cluster\"\nseeds = [\"10.0.0.1:7000\", \"redis-1:7000\"]\n";
+        let c = parse(cluster).unwrap();
+        assert_eq!(c.upstream.kind, UpstreamKind::Cluster);
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
         // A cluster client's commands go to many masters: shared connections only.
-        let err = parse(
-            "[upstream]\nkind = \"cluster\"\nseeds = [\"10.0.0.1:7000\"]\nmode = \"dedicated\"\n",
-        )
-        .unwrap_err();
+        let err = parse(&format!("{cluster}mode = \"dedicated\"\n")).unwrap_err();
         assert!(
             err.contains("upstream.mode") && err.contains("cannot be used with"),
             "{err}"
         );
+        let err = parse(&format!(
+            "{cluster}[[flush.rules]]\nclient_name = \"a*\"\npattern = \"a:*\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("flush.rules"), "{err}");
+        let err = parse(&format!("{cluster}[invalidation]\nshared_budget = true\n")).unwrap_err();
+        assert!(err.contains("invalidation.shared_budget"), "{err}");
         // Seeds beside another kind are ignored, as Sentinels are beside a standalone one.
         assert!(parse("[upstream]\nseeds = [\"10.0.0.1:7000\"]\n").is_ok());
     }

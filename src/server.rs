@@ -127,6 +127,7 @@ pub async fn run(
         });
     }
     if let Some(router) = router {
+        ctx.engine.set_cluster(router.clone());
         // The slot map (and the master of slot 0, where the probe goes) before the first
         // client, if a node gives one now; then kept current.
         router.refresh().await;

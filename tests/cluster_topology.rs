@@ -758,27 +758,33 @@ fn assert_refused(redis: &Redis, commands: &[Vec<Vec<u8>>]) {
     }
 }
 
-/// `upstream.kind = "cluster"` is refused when stormwall starts, with a message that says
-/// so, until sessions route by slot.
+/// `--check-config` accepts a cluster upstream, and refuses one in dedicated mode with a
+/// message that says why.
 #[test]
-fn a_cluster_upstream_is_refused_at_start() {
+fn a_cluster_upstream_is_checked_at_start() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let config = dir.path().join("stormwall.toml");
-    std::fs::write(
-        &config,
-        "[upstream]\nkind = \"cluster\"\nseeds = [\"127.0.0.1:7000\"]\n",
-    )
-    .expect("a config file");
+    let cluster = "[upstream]\nkind = \"cluster\"\nseeds = [\"127.0.0.1:7000\"]\n";
+    std::fs::write(&config, cluster).expect("a config file");
     let out = Process::new(env!("CARGO_BIN_EXE_stormwall"))
-        .arg("--config")
+        .arg("--check-config")
+        .arg(&config)
+        .output()
+        .expect("stormwall runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("kind = \"cluster\""), "{printed}");
+    std::fs::write(&config, format!("{cluster}mode = \"dedicated\"\n")).expect("a config file");
+    let out = Process::new(env!("CARGO_BIN_EXE_stormwall"))
+        .arg("--check-config")
         .arg(&config)
         .output()
         .expect("stormwall runs");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("upstream.kind = \\\"cluster\\\" is not supported yet")
-            || stderr.contains("upstream.kind = \"cluster\" is not supported yet"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("upstream.mode"), "{stderr}");
 }

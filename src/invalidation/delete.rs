@@ -44,7 +44,7 @@
 //! Before every send, requests whose deadline passed or whose client left are taken out and
 //! the batch is planned again: nothing is sent for a client that is no longer waiting.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Weak;
 
@@ -59,7 +59,7 @@ use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
 use super::shared_budget::{Units, take};
 use super::{
-    DeleteJob, Live, Registry, Shared, deleters, earliest, expire_before, next_job, prune,
+    DeleteJob, Live, Place, Registry, Shared, deleters, earliest, expire_before, next_job, prune,
     send_margin,
 };
 use crate::config::DeleteCommand;
@@ -72,30 +72,55 @@ pub(super) struct Delete {
     pub unlink: bool,
 }
 
-/// Serves one identity's delete requests until it is idle for `identity_idle_timeout`.
+/// Serves one identity's delete requests (on one master, in a cluster) until it is idle for
+/// `identity_idle_timeout`.
 pub(super) async fn worker(
     live: Live,
     registry: Weak<Registry>,
-    who: Identity,
+    (who, place): (Identity, Place),
     mut rx: mpsc::UnboundedReceiver<DeleteJob>,
 ) {
+    let key = (who.clone(), place.clone());
     let mut worker = Worker {
         live: live.clone(),
         exec: Executor::new(who.clone()),
+        place,
+        deferred: VecDeque::new(),
         atomic: true,
         scripted: true,
         checkable: true,
         told: false,
     };
-    while let Some(first) = next_job(&live, &registry, deleters, &who, &who, &mut rx).await {
+    loop {
+        let first = match worker.deferred.pop_front() {
+            Some(job) => job,
+            None => match next_job(&live, &registry, deleters, &key, &who, &mut rx).await {
+                Some(job) => job,
+                None => return,
+            },
+        };
         let batch = worker.gather(first, &mut rx).await;
         worker.run(batch).await;
     }
 }
 
+/// The slot of a cluster delete request's keys (the engine splits requests so that every
+/// key of one is in one master's hands; those of one slot are batched together).
+fn slot_of(job: &DeleteJob) -> Option<u16> {
+    job.what
+        .keys
+        .first()
+        .map(|k| crate::cluster::slot::key_slot(k))
+}
+
 struct Worker {
     live: Live,
     exec: Executor,
+    /// Where the batches run: the upstream, or one cluster master.
+    place: Place,
+    /// In a cluster: requests taken from the queue for another slot than the batch being
+    /// gathered, served first (in arrival order) by the next batches.
+    deferred: VecDeque<DeleteJob>,
     /// Whether this identity may use `MULTI` (and so whether keys can be claimed).
     atomic: bool,
     /// Whether this identity may run the batch script (`EVAL`).
@@ -142,7 +167,7 @@ impl Worker {
 
     /// Takes whatever else is queued, up to `max_batch_keys` distinct keys.
     async fn gather(
-        &self,
+        &mut self,
         first: DeleteJob,
         rx: &mut mpsc::UnboundedReceiver<DeleteJob>,
     ) -> Vec<DeleteJob> {
@@ -152,16 +177,28 @@ impl Worker {
         }
         let mut distinct: std::collections::HashSet<Bytes> =
             first.what.keys.iter().cloned().collect();
+        // In a cluster a batch is one slot's: Redis Cluster refuses a command, script or
+        // transaction whose keys span slots, even on one node.
+        let slot = self.place.in_cluster().then(|| slot_of(&first)).flatten();
         let mut batch = vec![first];
+        let mut later = VecDeque::new();
         while distinct.len() < inv.max_batch_keys {
-            match rx.try_recv() {
-                Ok(job) => {
-                    distinct.extend(job.what.keys.iter().cloned());
-                    batch.push(job);
-                }
-                Err(_) => break,
+            let job = match self.deferred.pop_front() {
+                Some(job) => job,
+                None => match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            if slot.is_some() && slot_of(&job) != slot {
+                later.push_back(job);
+                continue;
             }
+            distinct.extend(job.what.keys.iter().cloned());
+            batch.push(job);
         }
+        later.extend(self.deferred.drain(..));
+        self.deferred = later;
         batch
     }
 
@@ -186,7 +223,11 @@ impl Worker {
                 return;
             }
             let deadline = earliest(&pending);
-            match self.exec.ready(&shared.config.upstream, deadline).await {
+            match self
+                .exec
+                .ready(self.place.upstream(&shared.config), deadline)
+                .await
+            {
                 Ok(_) => {}
                 Err(NotSent::Refused(e)) => return self.pass_through(pending, &e),
                 Err(_) => {
@@ -403,7 +444,7 @@ impl Worker {
         ];
         let conn = self
             .exec
-            .ready(&shared.config.upstream, deadline)
+            .ready(self.place.upstream(&shared.config), deadline)
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::NotConnected))?;
         match access::check(conn, &forms, Forms::Harmless, deadline).await {

@@ -37,7 +37,7 @@ use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
 use super::shared_budget::{Units, take};
 use super::{
-    FlushJob, Live, Registry, Shared, earliest, expire_before, flushers, next_job, prune,
+    FlushJob, Live, Place, Registry, Shared, earliest, expire_before, flushers, next_job, prune,
     send_margin,
 };
 use crate::config::FlushMode;
@@ -143,10 +143,10 @@ impl Spacing {
 pub(super) async fn worker(
     live: Live,
     registry: Weak<Registry>,
-    (who, all): (Identity, bool),
+    (who, all, place): (Identity, bool, Place),
     mut rx: mpsc::UnboundedReceiver<FlushJob>,
 ) {
-    let key = (who.clone(), all);
+    let key = (who.clone(), all, place.clone());
     let name: &'static [u8] = if all { b"FLUSHALL" } else { b"FLUSHDB" };
     let label = if all { "flushall" } else { "flushdb" };
     let mut exec = Executor::new(who.clone());
@@ -163,6 +163,7 @@ pub(super) async fn worker(
             .increment(waiters.len() as u64);
         let mut round = Round {
             exec: &mut exec,
+            place: &place,
             name,
             label,
             told: &mut told,
@@ -174,6 +175,8 @@ pub(super) async fn worker(
 
 struct Round<'a> {
     exec: &'a mut Executor,
+    /// Where the flush runs: the upstream, or one cluster master.
+    place: &'a Place,
     name: &'static [u8],
     label: &'static str,
     told: &'a mut bool,
@@ -210,7 +213,11 @@ impl Round<'_> {
                 .into_iter()
                 .map(|f| self.form(f))
                 .collect();
-            let conn = match self.exec.ready(&shared.config.upstream, deadline).await {
+            let conn = match self
+                .exec
+                .ready(self.place.upstream(&shared.config), deadline)
+                .await
+            {
                 Ok(conn) => conn,
                 Err(NotSent::Refused(e)) => return self.pass_through(waiters, &e),
                 Err(_) => {

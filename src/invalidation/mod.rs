@@ -25,6 +25,15 @@
 //! shield cannot act as the client (the session runs the client's own command). A request
 //! whose `max_wait` passes, or whose client has gone, before it is sent is never sent later.
 //!
+//! In front of a Redis Cluster, workers are per identity *and master* ([`Place`]): a delete
+//! is split by slot and each part goes to the worker of its slot's master, which batches
+//! only requests of one slot together (Redis Cluster refuses a command, script or
+//! transaction whose keys span slots, even on one node); a flush goes to every master's
+//! flush worker. The client's answer is the parts' answers put together: counts summed,
+//! one `+OK` once every master has flushed, or — if some parts ran and others did not —
+//! unknown, as a lost connection would leave it. The rate budgets are the process's, so
+//! they bound the whole cluster.
+//!
 //! Workers are per identity, so they are bounded: one idle for
 //! `invalidation.identity_idle_timeout` ends, closing its connection and forgetting its
 //! password, and at most `invalidation.max_identities` live at once.
@@ -314,12 +323,51 @@ type FlushJob = Job<Option<bool>>;
 /// A scoped flush: the client's `FLUSHDB` form (its scope is the worker's).
 type ScopedJob = Job<Option<bool>>;
 
+/// Where a worker's requests run: the upstream (standalone or Sentinel's master), or one
+/// master of a Redis Cluster.
+#[derive(Clone, Default)]
+pub(crate) struct Place(Option<Arc<crate::cluster::router::Node>>);
+
+impl Place {
+    /// `[upstream]` for this place's connections: the node's own in a cluster.
+    fn upstream<'a>(&'a self, config: &'a Config) -> &'a crate::config::UpstreamConfig {
+        match &self.0 {
+            Some(node) => &node.cfg,
+            None => &config.upstream,
+        }
+    }
+
+    /// Whether requests here go to one master of a cluster (batches then stay in one slot).
+    fn in_cluster(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl PartialEq for Place {
+    fn eq(&self, other: &Place) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => a.address == b.address,
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Place {}
+
+impl std::hash::Hash for Place {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_ref().map(|n| n.address.to_string()).hash(state);
+    }
+}
+
 /// The live workers, by what they serve, and how many workers each identity has.
 #[derive(Default)]
 struct Workers {
-    deleters: HashMap<Identity, mpsc::UnboundedSender<DeleteJob>>,
-    /// By target: an identity (with database 0 for `FLUSHALL`) and whether it is `FLUSHALL`.
-    flushers: HashMap<(Identity, bool), mpsc::UnboundedSender<FlushJob>>,
+    deleters: HashMap<(Identity, Place), mpsc::UnboundedSender<DeleteJob>>,
+    /// By target: an identity (with database 0 for `FLUSHALL`), whether it is `FLUSHALL`,
+    /// and where.
+    flushers: HashMap<(Identity, bool, Place), mpsc::UnboundedSender<FlushJob>>,
     /// By scope: an identity and the pattern its `FLUSHDB` deletes.
     scopers: HashMap<(Identity, Bytes), mpsc::UnboundedSender<ScopedJob>>,
     identities: HashMap<Identity, usize>,
@@ -354,11 +402,17 @@ struct Registry {
 /// Picks one kind of worker map out of [`Workers`].
 type Pick<K, T> = fn(&mut Workers) -> &mut HashMap<K, mpsc::UnboundedSender<Job<T>>>;
 
-fn deleters(w: &mut Workers) -> &mut HashMap<Identity, mpsc::UnboundedSender<DeleteJob>> {
+// `Place` hashes and compares by its node's address, which never changes (the node's
+// configuration, which has interior mutability, takes no part).
+#[allow(clippy::mutable_key_type)]
+fn deleters(w: &mut Workers) -> &mut HashMap<(Identity, Place), mpsc::UnboundedSender<DeleteJob>> {
     &mut w.deleters
 }
 
-fn flushers(w: &mut Workers) -> &mut HashMap<(Identity, bool), mpsc::UnboundedSender<FlushJob>> {
+#[allow(clippy::mutable_key_type)] // See `deleters`.
+fn flushers(
+    w: &mut Workers,
+) -> &mut HashMap<(Identity, bool, Place), mpsc::UnboundedSender<FlushJob>> {
     &mut w.flushers
 }
 
@@ -428,6 +482,8 @@ pub struct Engine {
     sampler: std::sync::Once,
     /// Observe mode's shadow model.
     observer: observe::Observer,
+    /// A Redis Cluster upstream's slot map: requests then run per master.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::router::Router>>,
 }
 
 impl Engine {
@@ -441,7 +497,13 @@ impl Engine {
             activity: Arc::default(),
             sampler: std::sync::Once::new(),
             observer: observe::Observer::default(),
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Runs requests on the masters of a Redis Cluster from now on (set once, at start).
+    pub fn set_cluster(&self, router: Arc<crate::cluster::router::Router>) {
+        let _ = self.cluster.set(router);
     }
 
     /// Notes a round trip to Redis measured elsewhere (the readiness probe's `PING`), for
@@ -562,9 +624,59 @@ impl Engine {
         };
         let cap = config.invalidation.max_identities;
         let mut answers = Vec::with_capacity(requests.len());
+        let cluster = self.cluster.get();
         for request in requests {
             let (tx, rx) = oneshot::channel();
             let routed = match request {
+                Request::Delete { keys, unlink } if cluster.is_some() => {
+                    let parts = self.per_master(cluster, dedup(keys));
+                    let mut rxs = Vec::with_capacity(parts.len());
+                    for (place, keys) in parts {
+                        let (tx, rx) = oneshot::channel();
+                        let Some(place) = place else {
+                            rxs.push(Err(Outcome::NotApplied(Refusal::Unreachable)));
+                            continue;
+                        };
+                        let job = Job {
+                            what: delete::Delete { keys, unlink },
+                            deadline,
+                            received,
+                            reply: tx,
+                            _admission: admission.clone(),
+                        };
+                        let key = (who.clone(), place);
+                        let routed = self.route(deleters, key, who, cap, job, delete::worker);
+                        rxs.push(routed.map(|()| rx).map_err(Outcome::PassThrough));
+                    }
+                    answers.push(Answer::Parts(rxs));
+                    continue;
+                }
+                Request::Flush { all, sync } if cluster.is_some() => {
+                    let mut target = who.clone();
+                    if all {
+                        target.db = 0;
+                    }
+                    let masters = cluster.map(|r| r.map()).map(|m| m.masters().to_vec());
+                    let mut rxs = Vec::new();
+                    for node in masters.unwrap_or_default() {
+                        let (tx, rx) = oneshot::channel();
+                        let job = Job {
+                            what: sync,
+                            deadline,
+                            received,
+                            reply: tx,
+                            _admission: admission.clone(),
+                        };
+                        let key = (target.clone(), all, Place(Some(node)));
+                        let routed = self.route(flushers, key, &target, cap, job, flush::worker);
+                        rxs.push(routed.map(|()| rx).map_err(Outcome::PassThrough));
+                    }
+                    if rxs.is_empty() {
+                        rxs.push(Err(Outcome::NotApplied(Refusal::Unreachable)));
+                    }
+                    answers.push(Answer::Parts(rxs));
+                    continue;
+                }
                 Request::Delete { keys, unlink } => {
                     let job = Job {
                         what: delete::Delete {
@@ -576,7 +688,8 @@ impl Engine {
                         reply: tx,
                         _admission: admission.clone(),
                     };
-                    self.route(deleters, who.clone(), who, cap, job, delete::worker)
+                    let key = (who.clone(), Place::default());
+                    self.route(deleters, key, who, cap, job, delete::worker)
                         .map_err(Outcome::PassThrough)
                 }
                 Request::Flush { all, sync } => {
@@ -593,7 +706,8 @@ impl Engine {
                         _admission: admission.clone(),
                     };
                     let counted = target.clone();
-                    self.route(flushers, (target, all), &counted, cap, job, flush::worker)
+                    let key = (target, all, Place::default());
+                    self.route(flushers, key, &counted, cap, job, flush::worker)
                         .map_err(Outcome::PassThrough)
                 }
                 Request::ScopedFlush { pattern, sync } => {
@@ -615,16 +729,52 @@ impl Engine {
                         })
                 }
             };
-            answers.push(routed.map(|()| rx));
+            answers.push(Answer::One(routed.map(|()| rx)));
         }
         let mut outcomes = Vec::with_capacity(answers.len());
         for answer in answers {
             outcomes.push(match answer {
-                Ok(rx) => rx.await.unwrap_or(Outcome::NotApplied(Refusal::WorkerGone)),
-                Err(outcome) => outcome,
+                Answer::One(answer) => answered(answer).await,
+                Answer::Parts(parts) => {
+                    let mut each = Vec::with_capacity(parts.len());
+                    for part in parts {
+                        each.push(answered(part).await);
+                    }
+                    combine(each)
+                }
             });
         }
         outcomes
+    }
+
+    /// A cluster delete's keys by slot (in the client's order within each), each part
+    /// with the master serving its slot (`None`: no master serves it now).
+    fn per_master(
+        &self,
+        cluster: Option<&Arc<crate::cluster::router::Router>>,
+        keys: Vec<Bytes>,
+    ) -> Vec<(Option<Place>, Vec<Bytes>)> {
+        let Some(map) = cluster.map(|r| r.map()) else {
+            return vec![(None, keys)];
+        };
+        let mut parts: Vec<(u16, Vec<Bytes>)> = Vec::new();
+        for key in keys {
+            let slot = crate::cluster::slot::key_slot(&key);
+            match parts.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, keys)) => keys.push(key),
+                None => parts.push((slot, vec![key])),
+            }
+        }
+        parts
+            .into_iter()
+            .map(|(slot, keys)| {
+                let place = map
+                    .master_of(slot)
+                    .and_then(|m| map.masters().get(m).cloned())
+                    .map(|node| Place(Some(node)));
+                (place, keys)
+            })
+            .collect()
     }
 
     /// Sends `job` to the worker for `key` (acting as `who`), starting one if the identity
@@ -683,6 +833,57 @@ impl Engine {
         pick(&mut workers).insert(key, tx);
         Ok(())
     }
+}
+
+/// Where a request's answer will come from: one worker, or (in a cluster) several, whose
+/// answers are [`combine`]d.
+enum Answer {
+    One(Result<oneshot::Receiver<Outcome>, Outcome>),
+    Parts(Vec<Result<oneshot::Receiver<Outcome>, Outcome>>),
+}
+
+async fn answered(answer: Result<oneshot::Receiver<Outcome>, Outcome>) -> Outcome {
+    match answer {
+        Ok(rx) => rx.await.unwrap_or(Outcome::NotApplied(Refusal::WorkerGone)),
+        Err(outcome) => outcome,
+    }
+}
+
+/// One client request's outcome from its parts' (a cluster delete split by master, a flush
+/// of every master): counts summed and flushes done when every part ran; the first
+/// refusal when none ran (passed through if one part must be: the client's own command
+/// then runs whole); unknown when some ran and some did not, as a lost connection would
+/// leave it (G4: never a count or an `+OK` for what was not applied, nor a refusal for what
+/// was).
+fn combine(parts: Vec<Outcome>) -> Outcome {
+    let ran = |o: &Outcome| matches!(o, Outcome::Count(_) | Outcome::Flushed);
+    let not_run = |o: &Outcome| {
+        matches!(
+            o,
+            Outcome::NotApplied(_) | Outcome::Redis(_) | Outcome::PassThrough(_)
+        )
+    };
+    if !parts.is_empty() && parts.iter().all(ran) {
+        let counts: Option<i64> = parts
+            .iter()
+            .map(|o| match o {
+                Outcome::Count(n) => Some(*n),
+                _ => None,
+            })
+            .sum();
+        return match counts {
+            Some(total) => Outcome::Count(total),
+            None if parts.iter().all(|o| *o == Outcome::Flushed) => Outcome::Flushed,
+            None => Outcome::Unknown,
+        };
+    }
+    if !parts.is_empty() && parts.iter().all(not_run) {
+        if let Some(pass) = parts.iter().find(|o| matches!(o, Outcome::PassThrough(_))) {
+            return pass.clone();
+        }
+        return parts.into_iter().next().unwrap_or(Outcome::Unknown);
+    }
+    Outcome::Unknown
 }
 
 /// Takes queue slots for `requests` requests with `keys` keys in all, as

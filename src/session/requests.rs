@@ -8,6 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::cluster;
 use super::cluster_pins::{self, Step};
 use super::link::Upstream;
 use super::queue::{Entry, Private};
@@ -18,7 +19,7 @@ use crate::config::FlushCommand;
 use crate::invalidation::{self, Engine, Observed, Request, Scope, Verdict};
 use crate::net::ReadHalf;
 use crate::policy::{self, Kind};
-use crate::resp::request::{Command, Parsed, RequestParser};
+use crate::resp::request::{Command, Parsed, RequestLimits, RequestParser};
 use crate::resp::{ProtocolError, parse_int};
 use crate::upstream::Conn;
 use crate::upstream::mux::INBOX_PAUSE;
@@ -304,6 +305,11 @@ impl RequestSide<'_> {
                 // Whether Redis would queue it in a transaction is not known yet: decided below.
                 _ if observed.is_some() => None,
                 _ if self.maybe_multi || denial.is_some() || !self.governs() => None,
+                // Inside a cluster client's transaction (or behind its blocked command):
+                // on its private connection, as it came.
+                _ if matches!(upstream, Upstream::Cluster(l) if l.txn_open || l.behind_private()) => {
+                    None
+                }
                 Kind::Flush { all, sync } => Some(Request::Flush { all, sync }),
                 Kind::Delete => Some(Request::Delete {
                     unlink: cmd
@@ -661,7 +667,8 @@ impl RequestSide<'_> {
         group: &mut Group,
     ) -> Next {
         let Group { requests, lens, .. } = std::mem::take(group);
-        // Each passes on the client's own connection, in its place.
+        // Each passes on the client's own connection, in its place (a cluster client's is
+        // routed as any command of its own).
         let pass = |len: usize, scanned: &mut usize, run: &mut Run| {
             *scanned += len;
             run.count += 1;
@@ -670,6 +677,10 @@ impl RequestSide<'_> {
             lens.iter().for_each(|&len| pass(len, scanned, run));
             Next::Read
         };
+        if let Upstream::Cluster(_) = upstream {
+            return Box::pin(self.invalidate_cluster(upstream, buf, scanned, run, requests, lens))
+                .await;
+        }
         match Box::pin(self.settle(upstream, buf, scanned, run)).await {
             Settled::Yes => {}
             Settled::Stop => return Next::Stop,
@@ -764,6 +775,104 @@ impl RequestSide<'_> {
         Next::Read
     }
 
+    /// [`invalidate`](Self::invalidate) for a cluster client: the same steps, with what
+    /// passes through routed as the client's own commands are (`flush.rules` and the
+    /// shield's connections of a client's own do not apply in front of a cluster).
+    async fn invalidate_cluster(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        run: &mut Run,
+        requests: Vec<Request>,
+        lens: Vec<usize>,
+    ) -> Next {
+        let delegate = match Box::pin(self.settle(upstream, buf, scanned, run)).await {
+            Settled::Stop => return Next::Stop,
+            // The client is not reading what it was already sent: waiting could deadlock
+            // with it. Correct, just not coalesced.
+            Settled::NotYet => false,
+            Settled::Yes => self.links.state().may_delegate(),
+        };
+        if delegate && !self.links.state().auth_proven {
+            // Whether Redis treats this client as authenticated: asked of a master.
+            if let Next::Stop = Box::pin(self.probe_auth(upstream)).await {
+                return Next::Stop;
+            }
+        }
+        let who = {
+            let state = self.links.state();
+            (delegate && state.auth_proven).then(|| state.identity.clone())
+        };
+        let links = self.links;
+        let verdicts = match who {
+            Some(who) => tokio::select! {
+                verdicts = links.ctx.engine.execute_all(&who, requests) => verdicts,
+                _ = links.dead.cancelled() => return Next::Stop,
+            },
+            None => Vec::new(),
+        };
+        self.read_at = Instant::now();
+        let mut verdicts = verdicts.into_iter();
+        for len in lens {
+            let next = match verdicts.next() {
+                Some(Verdict::Reply(reply)) => {
+                    if let Next::Stop = self.forward(upstream, buf, *scanned).await {
+                        return Next::Stop;
+                    }
+                    *scanned = 0;
+                    buf.advance(len);
+                    self.enqueue(Entry::Local(reply)).await;
+                    Next::Read
+                }
+                Some(Verdict::Unknown) => return Next::Stop,
+                // Passed through: routed as the client's own command.
+                Some(Verdict::PassThrough) | None => {
+                    Box::pin(self.cluster_own(upstream, buf, scanned, len)).await
+                }
+            };
+            if let Next::Stop = next {
+                return Next::Stop;
+            }
+        }
+        Next::Read
+    }
+
+    /// Routes the cluster client's command at `buf[*scanned..][..len]` (already framed
+    /// once) as any command of its own.
+    async fn cluster_own(
+        &mut self,
+        upstream: &mut Upstream,
+        buf: &mut BytesMut,
+        scanned: &mut usize,
+        len: usize,
+    ) -> Next {
+        let Some(router) = self.links.ctx.cluster.clone() else {
+            return Next::Stop;
+        };
+        let plan = {
+            let mut parser = RequestParser::new(RequestLimits {
+                max_bulk_len: u64::MAX,
+                max_array_len: crate::resp::request::MAX_MULTIBULK,
+                max_request_bytes: u64::MAX,
+            });
+            let bytes = &buf[*scanned..*scanned + len];
+            match parser.parse(bytes) {
+                Ok(Some(Parsed::Inline { args, .. })) => {
+                    cluster::plan(&router, &Command::Inline { args: &args }, true)
+                }
+                Ok(Some(Parsed::Multibulk { .. })) => {
+                    cluster::plan(&router, &parser.command(bytes), false)
+                }
+                _ => {
+                    self.links.dead.cancel();
+                    return Next::Stop;
+                }
+            }
+        };
+        self.cluster(upstream, buf, scanned, len, plan).await
+    }
+
     /// What `flush.rules` make of a group of governed `requests` (all of one kind) for this
     /// client (the live rules: a reload applies to connected clients at once):
     /// `Some(pattern)` for `FLUSHDB`s a rule scopes, `None` for anything else. `Err` with the
@@ -816,6 +925,21 @@ impl RequestSide<'_> {
     /// it, so the confirmed state says whether Redis treats the connection as authenticated.
     /// Done once per connection, before its first invalidation the shield would run.
     async fn probe_auth(&mut self, upstream: &mut Upstream) -> Next {
+        if let Upstream::Cluster(link) = upstream {
+            let Some(rx) = self.cluster_capture(link, b"*1\r\n$4\r\nPING\r\n", 1).await else {
+                return Next::Stop;
+            };
+            let reply = tokio::select! {
+                got = rx => got.ok().and_then(|mut r| r.pop()),
+                _ = self.links.dead.cancelled() => return Next::Stop,
+            };
+            let Some(reply) = reply else {
+                self.links.dead.cancel();
+                return Next::Stop;
+            };
+            self.links.confirm(Effect::AuthProbe, &reply);
+            return Next::Read;
+        }
         self.enqueue(Entry::Probe).await;
         if let Next::Stop = self.send(upstream, b"*1\r\n$4\r\nPING\r\n").await {
             return Next::Stop;
@@ -1043,8 +1167,7 @@ impl RequestSide<'_> {
 
     /// Whether invalidations on this connection go through the engine.
     fn governs(&self) -> bool {
-        // Not in front of a Redis Cluster yet: the shield runs on one Redis.
-        self.links.config.invalidation.enabled && self.links.ctx.cluster.is_none()
+        self.links.config.invalidation.enabled
     }
 
     /// Forwards the commands framed before the bad input, then answers with the protocol

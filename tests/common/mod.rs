@@ -264,8 +264,6 @@ impl Stormwall {
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "stormwall=debug")
-            // Lets `upstream.kind = "cluster"` start before the shield runs in front of it.
-            .env("STORMWALL_UNSHIELDED_CLUSTER_FOR_TESTS", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
