@@ -85,6 +85,13 @@ impl Map {
         &self.masters
     }
 
+    /// The first slot the master at `master` serves (where a flush meant for it goes if
+    /// another master takes its slots over).
+    pub fn first_slot_of(&self, master: usize) -> Option<u16> {
+        let shard = self.topology.as_ref()?.shards().get(master)?;
+        shard.ranges.iter().map(|r| r.0).min()
+    }
+
     /// The masters in the order of the first slot each serves (so a failover, which keeps a
     /// shard's slots, keeps a master's place): the order `SCAN` walks them in.
     pub fn masters_by_slot(&self) -> Vec<usize> {

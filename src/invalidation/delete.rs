@@ -231,7 +231,9 @@ impl Worker {
                 Ok(_) => {}
                 Err(NotSent::Refused(e)) => return self.pass_through(pending, &e),
                 Err(_) => {
-                    if !self.exec.pause(deadline).await {
+                    // A cluster master that cannot be reached is answered at once: the
+                    // engine sends the requests to the master the slot map names next.
+                    if self.place.in_cluster() || !self.exec.pause(deadline).await {
                         for job in pending {
                             job.answer(Outcome::NotApplied(Refusal::Unreachable));
                         }

@@ -221,7 +221,11 @@ impl Round<'_> {
                 Ok(conn) => conn,
                 Err(NotSent::Refused(e)) => return self.pass_through(waiters, &e),
                 Err(_) => {
-                    if !self.exec.pause(deadline).await {
+                    // A cluster master that cannot be reached is answered at once (unless a
+                    // flush may have run there): the engine sends it to the master that
+                    // serves those slots next.
+                    let moved_on = self.place.in_cluster() && !maybe_applied;
+                    if moved_on || !self.exec.pause(deadline).await {
                         let outcome = if maybe_applied {
                             Outcome::Unknown
                         } else {

@@ -629,52 +629,49 @@ impl Engine {
             let (tx, rx) = oneshot::channel();
             let routed = match request {
                 Request::Delete { keys, unlink } if cluster.is_some() => {
-                    let parts = self.per_master(cluster, dedup(keys));
-                    let mut rxs = Vec::with_capacity(parts.len());
-                    for (place, keys) in parts {
-                        let (tx, rx) = oneshot::channel();
-                        let Some(place) = place else {
-                            rxs.push(Err(Outcome::NotApplied(Refusal::Unreachable)));
-                            continue;
-                        };
-                        let job = Job {
-                            what: delete::Delete { keys, unlink },
+                    let mut sent = Vec::new();
+                    for keys in by_slot(dedup(keys)) {
+                        let part = Part {
+                            who: who.clone(),
+                            what: PartOf::Delete { keys, unlink },
                             deadline,
                             received,
-                            reply: tx,
-                            _admission: admission.clone(),
+                            admission: admission.clone(),
                         };
-                        let key = (who.clone(), place);
-                        let routed = self.route(deleters, key, who, cap, job, delete::worker);
-                        rxs.push(routed.map(|()| rx).map_err(Outcome::PassThrough));
+                        let rx = self.send_part(cluster, &part, cap);
+                        sent.push((part, rx));
                     }
-                    answers.push(Answer::Parts(rxs));
+                    answers.push(Answer::Parts(sent));
                     continue;
                 }
                 Request::Flush { all, sync } if cluster.is_some() => {
                     let mut target = who.clone();
                     if all {
+                        // FLUSHALL is the same operation from any database.
                         target.db = 0;
                     }
-                    let masters = cluster.map(|r| r.map()).map(|m| m.masters().to_vec());
-                    let mut rxs = Vec::new();
-                    for node in masters.unwrap_or_default() {
-                        let (tx, rx) = oneshot::channel();
-                        let job = Job {
-                            what: sync,
+                    let map = cluster.map(|r| r.map());
+                    let slots: Vec<u16> = map
+                        .iter()
+                        .flat_map(|m| (0..m.masters().len()).filter_map(|i| m.first_slot_of(i)))
+                        .collect();
+                    let mut sent = Vec::new();
+                    for slot in slots {
+                        let part = Part {
+                            who: target.clone(),
+                            what: PartOf::Flush { all, sync, slot },
                             deadline,
                             received,
-                            reply: tx,
-                            _admission: admission.clone(),
+                            admission: admission.clone(),
                         };
-                        let key = (target.clone(), all, Place(Some(node)));
-                        let routed = self.route(flushers, key, &target, cap, job, flush::worker);
-                        rxs.push(routed.map(|()| rx).map_err(Outcome::PassThrough));
+                        let rx = self.send_part(cluster, &part, cap);
+                        sent.push((part, rx));
                     }
-                    if rxs.is_empty() {
-                        rxs.push(Err(Outcome::NotApplied(Refusal::Unreachable)));
+                    if sent.is_empty() {
+                        answers.push(Answer::One(Err(Outcome::NotApplied(Refusal::Unreachable))));
+                    } else {
+                        answers.push(Answer::Parts(sent));
                     }
-                    answers.push(Answer::Parts(rxs));
                     continue;
                 }
                 Request::Delete { keys, unlink } => {
@@ -737,8 +734,8 @@ impl Engine {
                 Answer::One(answer) => answered(answer).await,
                 Answer::Parts(parts) => {
                     let mut each = Vec::with_capacity(parts.len());
-                    for part in parts {
-                        each.push(answered(part).await);
+                    for (part, rx) in parts {
+                        each.push(self.part_answered(cluster, cap, part, rx).await);
                     }
                     combine(each)
                 }
@@ -747,34 +744,90 @@ impl Engine {
         outcomes
     }
 
-    /// A cluster delete's keys by slot (in the client's order within each), each part
-    /// with the master serving its slot (`None`: no master serves it now).
-    fn per_master(
+    /// Routes one part of a cluster request to the worker of the master the slot map names
+    /// for its slot now.
+    fn send_part(
         &self,
         cluster: Option<&Arc<crate::cluster::router::Router>>,
-        keys: Vec<Bytes>,
-    ) -> Vec<(Option<Place>, Vec<Bytes>)> {
-        let Some(map) = cluster.map(|r| r.map()) else {
-            return vec![(None, keys)];
+        part: &Part,
+        cap: usize,
+    ) -> Result<oneshot::Receiver<Outcome>, Outcome> {
+        let map = cluster.map(|r| r.map());
+        let node = map.as_ref().and_then(|map| {
+            let master = map.master_of(part.slot()?)?;
+            map.masters().get(master).cloned()
+        });
+        let Some(node) = node else {
+            return Err(Outcome::NotApplied(Refusal::Unreachable));
         };
-        let mut parts: Vec<(u16, Vec<Bytes>)> = Vec::new();
-        for key in keys {
-            let slot = crate::cluster::slot::key_slot(&key);
-            match parts.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, keys)) => keys.push(key),
-                None => parts.push((slot, vec![key])),
+        let place = Place(Some(node));
+        let (tx, rx) = oneshot::channel();
+        let who = &part.who;
+        let routed = match &part.what {
+            PartOf::Delete { keys, unlink } => {
+                let job = Job {
+                    what: delete::Delete {
+                        keys: keys.clone(),
+                        unlink: *unlink,
+                    },
+                    deadline: part.deadline,
+                    received: part.received,
+                    reply: tx,
+                    _admission: part.admission.clone(),
+                };
+                let key = (who.clone(), place);
+                self.route(deleters, key, who, cap, job, delete::worker)
             }
+            PartOf::Flush { all, sync, .. } => {
+                let job = Job {
+                    what: *sync,
+                    deadline: part.deadline,
+                    received: part.received,
+                    reply: tx,
+                    _admission: part.admission.clone(),
+                };
+                let key = (who.clone(), *all, place);
+                self.route(flushers, key, who, cap, job, flush::worker)
+            }
+        };
+        routed.map(|()| rx).map_err(Outcome::PassThrough)
+    }
+
+    /// A cluster request part's outcome. A part that did not run because its slot is
+    /// served elsewhere or not now — a master answered `MOVED`, `ASK`, `TRYAGAIN`,
+    /// `CLUSTERDOWN`, or `READONLY` (demoted by a failover), or could not be reached — is
+    /// sent again, to the master the slot map names then, until the request's deadline.
+    async fn part_answered(
+        &self,
+        cluster: Option<&Arc<crate::cluster::router::Router>>,
+        cap: usize,
+        part: Part,
+        mut rx: Result<oneshot::Receiver<Outcome>, Outcome>,
+    ) -> Outcome {
+        let mut backoff = Duration::from_millis(25);
+        loop {
+            let outcome = answered(rx).await;
+            let elsewhere = match &outcome {
+                Outcome::Redis(e) => not_here(e),
+                Outcome::NotApplied(Refusal::Unreachable) => true,
+                _ => false,
+            };
+            let Some(router) = cluster.filter(|_| elsewhere) else {
+                return outcome;
+            };
+            router.refresh_soon();
+            let max_wait = part.deadline - part.received;
+            if Instant::now() + backoff + send_margin(max_wait) > part.deadline {
+                // Never the cluster's redirection as the client's answer: not applied.
+                return match outcome {
+                    Outcome::Redis(_) => Outcome::NotApplied(Refusal::Expired { max_wait }),
+                    other => other,
+                };
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            rx = self.send_part(cluster, &part, cap);
         }
-        parts
-            .into_iter()
-            .map(|(slot, keys)| {
-                let place = map
-                    .master_of(slot)
-                    .and_then(|m| map.masters().get(m).cloned())
-                    .map(|node| Place(Some(node)));
-                (place, keys)
-            })
-            .collect()
     }
 
     /// Sends `job` to the worker for `key` (acting as `who`), starting one if the identity
@@ -839,7 +892,62 @@ impl Engine {
 /// answers are [`combine`]d.
 enum Answer {
     One(Result<oneshot::Receiver<Outcome>, Outcome>),
-    Parts(Vec<Result<oneshot::Receiver<Outcome>, Outcome>>),
+    /// A cluster request's parts, kept to be sent again if redirected.
+    Parts(Vec<(Part, Result<oneshot::Receiver<Outcome>, Outcome>)>),
+}
+
+/// One part of a cluster request: one slot's keys of a delete, or one master's flush.
+struct Part {
+    /// Who it runs as (database 0 for `FLUSHALL`).
+    who: Identity,
+    what: PartOf,
+    deadline: Instant,
+    received: Instant,
+    admission: Arc<Admission>,
+}
+
+enum PartOf {
+    Delete {
+        keys: Vec<Bytes>,
+        unlink: bool,
+    },
+    /// The flush of the master serving `slot` (the first of its slots when it was sent).
+    Flush {
+        all: bool,
+        sync: Option<bool>,
+        slot: u16,
+    },
+}
+
+impl Part {
+    /// The slot whose master runs it.
+    fn slot(&self) -> Option<u16> {
+        match &self.what {
+            PartOf::Delete { keys, .. } => keys.first().map(|k| crate::cluster::slot::key_slot(k)),
+            PartOf::Flush { slot, .. } => Some(*slot),
+        }
+    }
+}
+
+/// A cluster delete's keys by slot, each slot's in the client's order.
+fn by_slot(keys: Vec<Bytes>) -> Vec<Vec<Bytes>> {
+    let mut parts: Vec<(u16, Vec<Bytes>)> = Vec::new();
+    for key in keys {
+        let slot = crate::cluster::slot::key_slot(&key);
+        match parts.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, keys)) => keys.push(key),
+            None => parts.push((slot, vec![key])),
+        }
+    }
+    parts.into_iter().map(|(_, keys)| keys).collect()
+}
+
+/// Whether a Redis error says a command did not run because its slot is served elsewhere
+/// or not now (a cluster's redirections, or a master demoted to a replica).
+fn not_here(error: &str) -> bool {
+    ["MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "READONLY"]
+        .iter()
+        .any(|p| error.starts_with(p))
 }
 
 async fn answered(answer: Result<oneshot::Receiver<Outcome>, Outcome>) -> Outcome {

@@ -263,7 +263,7 @@ async fn connect_cluster(
             "no cluster node has given the slot map",
         ));
     }
-    let admitted = ctx.pools.admits_without_password(up).await?;
+    let admitted = admitted_by_a_master(router, up).await?;
     let key = Key {
         identity: Identity::default(),
         proto: 2,
@@ -278,6 +278,36 @@ async fn connect_cluster(
         admitted,
         SHARED,
     ))
+}
+
+/// Whether a cluster master lets a new connection in without a password: asked of the
+/// masters in slot order until one answers, the slot map refreshed and the masters asked
+/// again while none does (a failover under way), for up to `upstream.outage_wait`.
+async fn admitted_by_a_master(
+    router: &crate::cluster::router::Router,
+    up: &crate::config::UpstreamConfig,
+) -> std::io::Result<bool> {
+    let deadline = Instant::now() + up.outage_wait;
+    let mut backoff = std::time::Duration::from_millis(25);
+    loop {
+        let map = router.map();
+        let mut error = std::io::Error::from(std::io::ErrorKind::NotConnected);
+        for master in map.masters_by_slot() {
+            let Some(node) = map.masters().get(master) else {
+                continue;
+            };
+            match node.pools.admits_without_password(&node.cfg).await {
+                Ok(admitted) => return Ok(admitted),
+                Err(e) => error = e,
+            }
+        }
+        router.refresh_soon();
+        if Instant::now() + backoff > deadline {
+            return Err(error);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+    }
 }
 
 /// State the two halves of one session share.
