@@ -239,8 +239,7 @@ pub struct UpstreamConfig {
     /// The master's name as the Sentinels know it (`kind = "sentinel"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_name: Option<String>,
-    /// Cluster nodes to ask for the slot map, `host:port` (`kind = "cluster"`, which is
-    /// not supported yet: validation refuses it).
+    /// Cluster nodes to ask for the slot map, `host:port` (`kind = "cluster"`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub seeds: Vec<String>,
     /// The user stormwall authenticates to the Sentinels as (Sentinel's own ACL); unset:
@@ -292,9 +291,8 @@ pub enum UpstreamKind {
     /// The master that `upstream.sentinels` name for `upstream.master_name`, followed
     /// through failovers.
     Sentinel,
-    /// A Redis Cluster, found through `upstream.seeds`. Not supported yet: the pieces
-    /// (`crate::cluster`) exist, but sessions do not route by slot, so validation refuses
-    /// it rather than let anyone run a half-built mode.
+    /// A Redis Cluster, found through `upstream.seeds`: each command goes to the master of
+    /// its keys' slot (`crate::cluster`, `session::cluster`). Shared mode only.
     Cluster,
 }
 

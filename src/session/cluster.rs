@@ -475,11 +475,15 @@ impl RequestSide<'_> {
             .map(|part| part.rx)
     }
 
-    /// Waits until every reply queued so far has been delivered.
+    /// Waits until every reply queued so far has been delivered — or until it is clear the
+    /// client is not reading them (it writes a whole pipeline before reading): waiting
+    /// could then wait forever, and what follows goes on at once.
     async fn answered(&self) -> Next {
+        let links = self.links;
         tokio::select! {
-            _ = self.links.queue.drained() => Next::Read,
-            _ = self.links.dead.cancelled() => Next::Stop,
+            _ = links.queue.drained() => Next::Read,
+            _ = links.dead.cancelled() => Next::Stop,
+            _ = links.client_blocked() => Next::Read,
         }
     }
 }
