@@ -90,7 +90,12 @@ struct TlsRedis {
 }
 
 fn tls_redis(pki: &Pki, auth_clients: bool) -> TlsRedis {
-    let (crt, key) = pki.issue("redis", &["localhost", "127.0.0.1"], false);
+    let cert = pki.issue("redis", &["localhost", "127.0.0.1"], false);
+    tls_redis_serving(pki, cert, auth_clients)
+}
+
+/// A TLS-only Redis presenting `(crt, key)`, clients checked against `pki`'s CA.
+fn tls_redis_serving(pki: &Pki, (crt, key): (PathBuf, PathBuf), auth_clients: bool) -> TlsRedis {
     let tls_port = free_port();
     let redis = Redis::start_with(&[
         "--tls-port",
@@ -344,24 +349,8 @@ fn upstream_verification_failures_are_named() {
         "name_mismatch",
     );
     // Expired: a Redis whose certificate expired.
-    let (crt, key) = pki.issue("redis-expired", &["127.0.0.1"], true);
-    let tls_port = free_port();
-    let expired = Redis::start_with(&[
-        "--tls-port",
-        &tls_port.to_string(),
-        "--tls-cert-file",
-        &p(&crt),
-        "--tls-key-file",
-        &p(&key),
-        "--tls-ca-cert-file",
-        &p(&pki.ca_file()),
-        "--tls-auth-clients",
-        "no",
-    ]);
-    let r2 = TlsRedis {
-        redis: expired,
-        tls_port,
-    };
+    let cert = pki.issue("redis-expired", &["127.0.0.1"], true);
+    let r2 = tls_redis_serving(&pki, cert, false);
     upstream_failure(&r2, &pki.ca_file(), "", "expired");
 }
 
