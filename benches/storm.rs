@@ -537,6 +537,39 @@ impl ReaderOut {
 
 /// Reads one `GET` reply: `Ok(true)` a value, `Ok(false)` nil, `Err(Some(text))` an error
 /// reply (the connection is still usable), `Err(None)` the connection failed.
+/// Reads the reply to the `GET` scheduled at `sched` (`at` seconds in) and records it; a miss
+/// is re-populated by `on_miss`. Once the connection is `broken`, every later read counts as an
+/// error, and the connection is shut down so the sender's writes fail from then on.
+fn read_one(
+    replies: &mut std::io::BufReader<std::net::TcpStream>,
+    out: &mut ReaderOut,
+    broken: &mut bool,
+    sched: Instant,
+    at: f32,
+    on_miss: impl FnOnce(),
+) {
+    let outcome = if *broken {
+        Outcome::Error
+    } else {
+        match read_get_reply(replies) {
+            Ok(true) => Outcome::Hit,
+            Ok(false) => {
+                on_miss();
+                Outcome::Miss
+            }
+            Err(e) => {
+                *broken = e.is_none();
+                out.failed(e);
+                Outcome::Error
+            }
+        }
+    };
+    out.read(sched, at, outcome);
+    if *broken {
+        let _ = replies.get_ref().shutdown(std::net::Shutdown::Both);
+    }
+}
+
 fn read_get_reply(r: &mut impl BufRead) -> Result<bool, Option<String>> {
     let mut line = Vec::new();
     match r.read_until(b'\n', &mut line) {
@@ -560,6 +593,36 @@ fn read_get_reply(r: &mut impl BufRead) -> Result<bool, Option<String>> {
     }
 }
 
+/// A reader connection's schedule: its share of the read rate, how many reads it makes, and
+/// where in the schedule it starts (the readers' schedules are spread evenly).
+struct ReaderPlan {
+    rate: f64,
+    n: u64,
+    offset: f64,
+}
+
+/// Reader `id`'s schedule, and its output, empty so far.
+fn plan(ctx: &Ctx, id: usize) -> (ReaderPlan, ReaderOut) {
+    let rate = READ_RATE / READ_CONNS as f64;
+    let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
+    let offset = id as f64 / READ_CONNS as f64 / rate;
+    let out = ReaderOut {
+        reads: Vec::with_capacity(n as usize),
+        populate_errors: 0,
+        first_error: None,
+    };
+    (ReaderPlan { rate, n, offset }, out)
+}
+
+/// A raw connection to the target for a reader that writes its own RESP.
+fn raw_connection(ctx: &Ctx) -> Result<std::net::TcpStream, String> {
+    let stream = std::net::TcpStream::connect(("127.0.0.1", ctx.target))
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    Ok(stream)
+}
+
 /// One reader connection, truly open loop: a sender thread writes each `GET` at its scheduled
 /// time whatever is still unanswered (a slow reply never delays the next send), and this
 /// thread reads the replies in order; latency is reply time minus scheduled time. A miss goes
@@ -572,24 +635,14 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
     if ctx.same_conn {
         return reader_same_conn(ctx, id);
     }
-    let rate = READ_RATE / READ_CONNS as f64;
-    let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
-    // Spread the readers' schedules evenly.
-    let offset = id as f64 / READ_CONNS as f64 / rate;
-    let mut out = ReaderOut {
-        reads: Vec::with_capacity(n as usize),
-        populate_errors: 0,
-        first_error: None,
-    };
-    let stream = match std::net::TcpStream::connect(("127.0.0.1", ctx.target)) {
+    let (ReaderPlan { rate, n, offset }, mut out) = plan(ctx, id);
+    let stream = match raw_connection(ctx) {
         Ok(s) => s,
         Err(e) => {
-            out.first_error = Some(format!("connect: {e}"));
+            out.first_error = Some(e);
             return out;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut write_half = stream.try_clone().unwrap();
     let (tx, rx) = mpsc::channel::<(Instant, f32, u64)>();
     let sender = {
@@ -618,27 +671,9 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
     let mut replies = std::io::BufReader::with_capacity(1 << 16, stream);
     let mut broken = false;
     for (sched, at, key) in rx {
-        let outcome = if broken {
-            Outcome::Error
-        } else {
-            match read_get_reply(&mut replies) {
-                Ok(true) => Outcome::Hit,
-                Ok(false) => {
-                    let _ = ptx.send(key);
-                    Outcome::Miss
-                }
-                Err(e) => {
-                    broken = e.is_none();
-                    out.failed(e);
-                    Outcome::Error
-                }
-            }
-        };
-        out.read(sched, at, outcome);
-        if broken {
-            // Unblock the sender: its writes fail from now on.
-            let _ = replies.get_ref().shutdown(std::net::Shutdown::Both);
-        }
+        read_one(&mut replies, &mut out, &mut broken, sched, at, || {
+            let _ = ptx.send(key);
+        });
     }
     out.unsent(n, offset, rate);
     drop(ptx);
@@ -658,23 +693,14 @@ enum Expect {
 /// written as soon as the miss is seen, between the `GET`s still scheduled (a cache-aside app
 /// sharing one connection for its reads and writes).
 fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
-    let rate = READ_RATE / READ_CONNS as f64;
-    let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
-    let offset = id as f64 / READ_CONNS as f64 / rate;
-    let mut out = ReaderOut {
-        reads: Vec::with_capacity(n as usize),
-        populate_errors: 0,
-        first_error: None,
-    };
-    let stream = match std::net::TcpStream::connect(("127.0.0.1", ctx.target)) {
+    let (ReaderPlan { rate, n, offset }, mut out) = plan(ctx, id);
+    let stream = match raw_connection(ctx) {
         Ok(s) => s,
         Err(e) => {
-            out.first_error = Some(format!("connect: {e}"));
+            out.first_error = Some(e);
             return out;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let (tx, rx) = mpsc::channel::<Expect>();
     // The expectation is queued and the command written under one lock, so the queue's
     // order is the connection's.
@@ -731,33 +757,15 @@ fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
             }
             Expect::Get(sched, at, key) => (sched, at, key),
         };
-        let outcome = if broken {
-            Outcome::Error
-        } else {
-            match read_get_reply(&mut replies) {
-                Ok(true) => Outcome::Hit,
-                Ok(false) => {
-                    let k = format!("key:{key}");
-                    let v = value(key);
-                    let mut cmd =
-                        format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n", k.len(), v.len())
-                            .into_bytes();
-                    cmd.extend_from_slice(&v);
-                    cmd.extend_from_slice(b"\r\n");
-                    send(&writer, Expect::Set, &cmd);
-                    Outcome::Miss
-                }
-                Err(e) => {
-                    broken = e.is_none();
-                    out.failed(e);
-                    Outcome::Error
-                }
-            }
-        };
-        out.read(sched, at, outcome);
-        if broken {
-            let _ = replies.get_ref().shutdown(std::net::Shutdown::Both);
-        }
+        read_one(&mut replies, &mut out, &mut broken, sched, at, || {
+            let k = format!("key:{key}");
+            let v = value(key);
+            let mut cmd =
+                format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n", k.len(), v.len()).into_bytes();
+            cmd.extend_from_slice(&v);
+            cmd.extend_from_slice(b"\r\n");
+            send(&writer, Expect::Set, &cmd);
+        });
     }
     out.unsent(n, offset, rate);
     let _ = sender.join();
@@ -768,14 +776,7 @@ fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
 /// once, if late) a `GET`, its reply awaited; a miss is followed by a `SET` on the same
 /// connection, awaited too, before the next `GET`. Latency is still from the scheduled time.
 fn reader_closed_loop(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
-    let rate = READ_RATE / READ_CONNS as f64;
-    let n = (ctx.tl.total().as_secs_f64() * rate) as u64;
-    let offset = id as f64 / READ_CONNS as f64 / rate;
-    let mut out = ReaderOut {
-        reads: Vec::with_capacity(n as usize),
-        populate_errors: 0,
-        first_error: None,
-    };
+    let (ReaderPlan { rate, n, offset }, mut out) = plan(ctx, id);
     let mut con = match connect(ctx.target) {
         Ok(c) => c,
         Err(e) => {

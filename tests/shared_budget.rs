@@ -137,20 +137,48 @@ fn sum(sidecars: &[Stormwall], name: &str, labels: &[(&str, &str)]) -> f64 {
     sidecars.iter().map(|s| metric(s, name, labels)).sum()
 }
 
-#[test]
-fn four_sidecars_together_stay_within_one_budget() {
-    let redis = Redis::start();
-    let sidecars = sidecars(&redis, 4, &budget_toml(true, ""));
-    let ports: Vec<u16> = sidecars.iter().map(|s| s.port).collect();
-    let written = populate(&redis, ports.len() * CLIENTS_PER_SIDECAR);
+/// What a storm through the sidecars did.
+struct Stormed {
+    /// Keys the clients were told were deleted.
+    told: u64,
+    span: Duration,
+    /// Keys gone from Redis.
+    removed: f64,
+}
 
+/// Four sidecars in front of `redis`, sharing one budget or each with its own, and a delete
+/// storm through all of them for 3 s.
+fn four_sidecars_storm(redis: &Redis, shared: bool) -> (Vec<Stormwall>, Stormed) {
+    let sidecars = sidecars(redis, 4, &budget_toml(shared, ""));
+    let ports: Vec<u16> = sidecars.iter().map(|s| s.port).collect();
+    let written = populate(redis, ports.len() * CLIENTS_PER_SIDECAR);
     let started = Instant::now();
     let storm = Storm::start(&ports);
     thread::sleep(Duration::from_secs(3));
     let (told, _refused) = storm.finish();
     let span = started.elapsed();
+    let removed = (written - dbsize(redis)) as f64;
+    (
+        sidecars,
+        Stormed {
+            told,
+            span,
+            removed,
+        },
+    )
+}
 
-    let removed = (written - dbsize(&redis)) as f64;
+#[test]
+fn four_sidecars_together_stay_within_one_budget() {
+    let redis = Redis::start();
+    let (
+        sidecars,
+        Stormed {
+            told,
+            span,
+            removed,
+        },
+    ) = four_sidecars_storm(&redis, true);
     let sent = sum(&sidecars, "stormwall_invalidation_keys_sent_total", &[]);
     eprintln!(
         "4 sidecars, shared budget {KEYS_PER_SECOND}/s burst {BURST}: {removed} keys removed \
@@ -221,15 +249,7 @@ fn four_sidecars_together_stay_within_one_budget() {
 fn without_the_shared_budget_each_sidecar_has_its_own() {
     // The storm the shared budget exists to stop: four sidecars, four budgets.
     let redis = Redis::start();
-    let sidecars = sidecars(&redis, 4, &budget_toml(false, ""));
-    let ports: Vec<u16> = sidecars.iter().map(|s| s.port).collect();
-    let written = populate(&redis, ports.len() * CLIENTS_PER_SIDECAR);
-    let started = Instant::now();
-    let storm = Storm::start(&ports);
-    thread::sleep(Duration::from_secs(3));
-    storm.finish();
-    let span = started.elapsed();
-    let removed = (written - dbsize(&redis)) as f64;
+    let (sidecars, Stormed { span, removed, .. }) = four_sidecars_storm(&redis, false);
     eprintln!(
         "4 sidecars, local budgets of {KEYS_PER_SECOND}/s each: {removed} keys removed in \
          {span:?} (one shared budget would allow {:.0})",

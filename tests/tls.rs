@@ -90,7 +90,12 @@ struct TlsRedis {
 }
 
 fn tls_redis(pki: &Pki, auth_clients: bool) -> TlsRedis {
-    let (crt, key) = pki.issue("redis", &["localhost", "127.0.0.1"], false);
+    let cert = pki.issue("redis", &["localhost", "127.0.0.1"], false);
+    tls_redis_serving(pki, cert, auth_clients)
+}
+
+/// A TLS-only Redis presenting `(crt, key)`, clients checked against `pki`'s CA.
+fn tls_redis_serving(pki: &Pki, (crt, key): (PathBuf, PathBuf), auth_clients: bool) -> TlsRedis {
     let tls_port = free_port();
     let redis = Redis::start_with(&[
         "--tls-port",
@@ -196,20 +201,24 @@ fn transparency_checks(redis: &Redis, run: impl Fn(&[&str]) -> (bool, String)) {
     }
 }
 
+/// A TLS-only Redis, and stormwall in front of it over TLS with a TLS listener of its own;
+/// and that listener's port.
+fn tls_both_hops(pki: &Pki) -> (TlsRedis, Stormwall, u16) {
+    let r = tls_redis(pki, false);
+    let tls_port = free_port();
+    let hops = format!(
+        "{}{}",
+        upstream_tls(&pki.ca_file(), ""),
+        listen_tls(pki, tls_port, "")
+    );
+    let sw = Stormwall::start_with_listen(&format!("127.0.0.1:{}", r.tls_port), "", &hops);
+    (r, sw, tls_port)
+}
+
 #[test]
 fn tls_on_both_hops_with_redis_cli() {
     let pki = Pki::new("both");
-    let r = tls_redis(&pki, false);
-    let tls_port = free_port();
-    let sw = Stormwall::start_with_listen(
-        &format!("127.0.0.1:{}", r.tls_port),
-        "",
-        &format!(
-            "{}{}",
-            upstream_tls(&pki.ca_file(), ""),
-            listen_tls(&pki, tls_port, "")
-        ),
-    );
+    let (r, sw, tls_port) = tls_both_hops(&pki);
     transparency_checks(&r.redis, |args| {
         cli_tls(tls_port, &pki.ca_file(), None, args)
     });
@@ -340,44 +349,29 @@ fn upstream_verification_failures_are_named() {
         "name_mismatch",
     );
     // Expired: a Redis whose certificate expired.
-    let (crt, key) = pki.issue("redis-expired", &["127.0.0.1"], true);
-    let tls_port = free_port();
-    let expired = Redis::start_with(&[
-        "--tls-port",
-        &tls_port.to_string(),
-        "--tls-cert-file",
-        &p(&crt),
-        "--tls-key-file",
-        &p(&key),
-        "--tls-ca-cert-file",
-        &p(&pki.ca_file()),
-        "--tls-auth-clients",
-        "no",
-    ]);
-    let r2 = TlsRedis {
-        redis: expired,
-        tls_port,
-    };
+    let cert = pki.issue("redis-expired", &["127.0.0.1"], true);
+    let r2 = tls_redis_serving(&pki, cert, false);
     upstream_failure(&r2, &pki.ca_file(), "", "expired");
+}
+
+/// A Redis, and stormwall in front of it with a TLS listener whose `client_auth` is `mode`,
+/// client certificates checked against `pki`'s CA; and the listener's port.
+fn with_client_auth(pki: &Pki, mode: &str) -> (Redis, Stormwall, u16) {
+    let redis = Redis::start();
+    let tls_port = free_port();
+    let client_auth = format!(
+        "client_auth = \"{mode}\"\nclient_ca_file = \"{}\"\n",
+        p(&pki.ca_file())
+    );
+    let sw =
+        Stormwall::start_with_listen(&redis.addr(), "", &listen_tls(pki, tls_port, &client_auth));
+    (redis, sw, tls_port)
 }
 
 #[test]
 fn client_certificates_on_the_listener() {
     let pki = Pki::new("lmtls");
-    let redis = Redis::start();
-    let tls_port = free_port();
-    let sw = Stormwall::start_with_listen(
-        &redis.addr(),
-        "",
-        &listen_tls(
-            &pki,
-            tls_port,
-            &format!(
-                "client_auth = \"required\"\nclient_ca_file = \"{}\"\n",
-                p(&pki.ca_file())
-            ),
-        ),
-    );
+    let (_redis, sw, tls_port) = with_client_auth(&pki, "required");
     let ca = pki.ca_file();
     let (crt, key) = pki.issue("app", &["app"], false);
     let (ok, out) = cli_tls(tls_port, &ca, Some((&crt, &key)), &["PING"]);
@@ -415,20 +409,7 @@ fn client_certificates_on_the_listener() {
 #[test]
 fn client_certificates_optional() {
     let pki = Pki::new("lopt");
-    let redis = Redis::start();
-    let tls_port = free_port();
-    let _sw = Stormwall::start_with_listen(
-        &redis.addr(),
-        "",
-        &listen_tls(
-            &pki,
-            tls_port,
-            &format!(
-                "client_auth = \"optional\"\nclient_ca_file = \"{}\"\n",
-                p(&pki.ca_file())
-            ),
-        ),
-    );
+    let (_redis, _sw, tls_port) = with_client_auth(&pki, "optional");
     let ca = pki.ca_file();
     let (ok, out) = cli_tls(tls_port, &ca, None, &["PING"]);
     assert!(ok && out.contains("PONG"), "{out}");
@@ -536,17 +517,7 @@ fn presented_certificate(port: u16, ca: &Path) -> Vec<u8> {
 #[test]
 fn large_replies_and_pipelines_over_tls_both_hops() {
     let pki = Pki::new("large");
-    let r = tls_redis(&pki, false);
-    let tls_port = free_port();
-    let _sw = Stormwall::start_with_listen(
-        &format!("127.0.0.1:{}", r.tls_port),
-        "",
-        &format!(
-            "{}{}",
-            upstream_tls(&pki.ca_file(), ""),
-            listen_tls(&pki, tls_port, "")
-        ),
-    );
+    let (_redis, _sw, tls_port) = tls_both_hops(&pki);
     let value = vec![b'v'; 4 << 20];
     let mut tls = tls_client(tls_port, &pki.ca_file());
     let set = common::encode_cmd(&[b"SET", b"tls:big", &value]);
@@ -791,17 +762,7 @@ fn verification_can_be_turned_off_by_name_only_with_a_warning() {
 #[test]
 fn a_reload_that_drops_tls_keeps_it_until_restart() {
     let pki = Pki::new("drop");
-    let r = tls_redis(&pki, false);
-    let tls_port = free_port();
-    let sw = Stormwall::start_with_listen(
-        &format!("127.0.0.1:{}", r.tls_port),
-        "",
-        &format!(
-            "{}{}",
-            upstream_tls(&pki.ca_file(), ""),
-            listen_tls(&pki, tls_port, "")
-        ),
-    );
+    let (_redis, sw, tls_port) = tls_both_hops(&pki);
     let (ok, out) = cli_tls(tls_port, &pki.ca_file(), None, &["PING"]);
     assert!(ok && out.contains("PONG"), "{out}");
     // The same file without any TLS: both are restart-only, so both stay as they run.
