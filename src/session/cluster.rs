@@ -171,6 +171,7 @@ impl ClusterLink {
         let rx = place
             .capture_later(&node.pools, &node.cfg, bytes, count)
             .await?;
+        node.commands.increment(u64::from(count));
         self.router.learn(&self.key.identity);
         Ok(Part::shared(node, Bytes::copy_from_slice(bytes), count, rx))
     }

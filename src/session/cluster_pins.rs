@@ -480,6 +480,7 @@ impl RequestSide<'_> {
             links.dead.cancel();
             return Next::Stop;
         };
+        private.node.commands.increment(u64::from(count));
         let node = private.node.clone();
         let owed = private.owed.clone();
         let part = Part {
@@ -562,6 +563,7 @@ impl RequestSide<'_> {
                     let metrics = MuxMetrics {
                         write_commands: links.ctx.metrics.pools.mux.write_commands.clone(),
                         connections: links.ctx.metrics.private_connections.clone(),
+                        node_connections: Some(node.connections.clone()),
                     };
                     link.private = Some(PrivateConn {
                         node,
