@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::cluster::Cluster;
+use common::cluster::{self, Cluster};
 use common::{Raw, Redis, Stormwall, as_int, encode_cmd, error_text, free_port, text};
 use serde_json::Value;
 
@@ -1285,14 +1285,7 @@ fn certificate_expires() -> Scenario {
 /// slot-map and per-node series say what happened.
 fn cluster_down() -> Scenario {
     let cluster = Cluster::start(3, 0);
-    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
-    let sw = Stormwall::start(
-        &cluster.seeds()[0],
-        &format!(
-            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\noutage_wait = \"500ms\"\n",
-            seeds.join(", ")
-        ),
-    );
+    let sw = cluster::proxy(&cluster, "outage_wait = \"500ms\"\n");
     Scenario::new(
         "cluster_down",
         &["StormwallClusterDown"],
