@@ -268,8 +268,10 @@ fn redis_py_locks_and_a_celery_style_queue_work_unchanged() {
         sub.read_frame(),
         array(&[blob(b"subscribe"), blob(b"celery-task-meta"), number(1)])
     );
+    // The count is of subscribers on the master that took the PUBLISH (Redis Cluster
+    // counts per node), which may not be the subscriber's.
     let receivers: i64 = con.publish("celery-task-meta", "done").expect("publish");
-    assert_eq!(receivers, 1);
+    assert!((0..=1).contains(&receivers), "{receivers}");
     let message = sub.read_frame();
     assert_eq!(
         message,

@@ -82,6 +82,9 @@ impl Part {
 pub(super) enum Merge {
     /// Each command's reply, in order: a run forwarded as the client sent it.
     Each,
+    /// A run for several masters, one part each: the `i`th reply the client gets is the
+    /// next one of part `order[i]`.
+    Interleave(Vec<usize>),
     /// One command sent to every master.
     Fanout(Fanout),
     /// `DEL`/`UNLINK`/`EXISTS`/`TOUCH` split by slot: counts summed.
@@ -160,6 +163,13 @@ impl ReplySide<'_> {
             return Err(End::Failed);
         };
         let deadline = d.sent + links.config.upstream.outage_wait;
+        if let Merge::Interleave(order) = &mut d.merge {
+            let order = std::mem::take(order);
+            let parts = std::mem::take(&mut d.parts);
+            return self
+                .interleave(router, &d.key, parts, &order, deadline)
+                .await;
+        }
         let mut out = Vec::new();
         let mut finals = Vec::new();
         for part in d.parts {
@@ -190,7 +200,7 @@ impl ReplySide<'_> {
             }
         }
         let merged = match d.merge {
-            Merge::Each => return Ok(out),
+            Merge::Each | Merge::Interleave(_) => return Ok(out),
             Merge::Fanout(fanout) => merge::fanout(fanout, &finals),
             Merge::Sum => merge::sum(&finals),
             Merge::MGet { places, total } => merge::mget(&finals, &places, total),
@@ -201,6 +211,56 @@ impl ReplySide<'_> {
             Merge::Last => finals.pop().ok_or(End::Failed)?,
         };
         Ok(merged.to_vec())
+    }
+
+    /// A run over several masters: each part's replies, waited for when the client's order
+    /// first needs one, followed where redirected (in the client's order, so two commands
+    /// for one slot that are both redirected still run in it), and written in that order.
+    async fn interleave(
+        &self,
+        router: &Router,
+        key: &Key,
+        parts: Vec<Part>,
+        order: &[usize],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, End> {
+        let mut waiting: Vec<Option<oneshot::Receiver<Vec<Bytes>>>> = Vec::new();
+        let mut sent = Vec::with_capacity(parts.len());
+        for part in parts {
+            waiting.push(Some(part.rx));
+            sent.push((
+                part.node,
+                part.bytes,
+                part.count,
+                part.follow,
+                part.blocking,
+            ));
+        }
+        let mut replies: Vec<std::vec::IntoIter<Bytes>> = Vec::new();
+        replies.resize_with(sent.len(), || Vec::new().into_iter());
+        let mut taken = vec![0usize; sent.len()];
+        let mut out = Vec::new();
+        for &i in order {
+            let (node, bytes, count, follow, blocking) = sent.get(i).ok_or(End::Failed)?;
+            if let Some(rx) = waiting[i].take() {
+                let got = self.replies_of(router, rx, *blocking).await?;
+                if got.len() != *count as usize {
+                    return Err(End::Failed);
+                }
+                replies[i] = got.into_iter();
+            }
+            let reply = replies[i].next().ok_or(End::Failed)?;
+            let n = taken[i];
+            taken[i] += 1;
+            let reply = if *follow && redirect::parse(&reply).is_some() {
+                let cmd = nth_command(bytes, n).ok_or(End::Failed)?;
+                self.follow(router, key, node, cmd, reply, deadline).await?
+            } else {
+                reply
+            };
+            out.extend_from_slice(&reply);
+        }
+        Ok(out)
     }
 
     /// Waits for the replies of commands sent to a master.
