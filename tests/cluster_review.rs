@@ -1,0 +1,200 @@
+//! Breaks of the contract in front of a Redis Cluster found in review, each reproduced
+//! against a real cluster (`common::cluster`) before it was fixed. What the masters hold is
+//! checked on the masters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use common::*;
+
+fn proxy(cluster: &Cluster, extra: &str) -> Stormwall {
+    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
+    Stormwall::start(
+        &cluster.seeds()[0],
+        &format!(
+            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\n{extra}",
+            seeds.join(", ")
+        ),
+    )
+}
+
+/// Moves `slot` (holding no keys) to the master on `to`, by hand, on every master.
+fn move_slot(cluster: &Cluster, slot: u16, to: u16) {
+    let id = cluster.id(to);
+    let slot = slot.to_string();
+    // The new owner first, so the others' MOVED point somewhere that serves it.
+    let mut ports: Vec<u16> = cluster.masters().iter().map(|m| m.port).collect();
+    ports.sort_by_key(|&p| p != to);
+    for port in ports {
+        let r = cluster.node_at(port).raw().call(&[
+            b"CLUSTER",
+            b"SETSLOT",
+            slot.as_bytes(),
+            b"NODE",
+            id.as_bytes(),
+        ]);
+        assert_eq!(text(&r), "OK", "SETSLOT on {port}");
+    }
+    cluster.wait_settled();
+}
+
+/// A blocking command whose master moved since the client's slot map was made is
+/// redirected; the redirected command must still block as long as it takes (no
+/// `upstream.reply_timeout`), and must not sit on a shared connection (other clients'
+/// commands would queue behind it).
+#[test]
+fn a_redirected_blocking_command_blocks_on_a_connection_of_its_own() {
+    let cluster = Cluster::start(3, 0);
+    let sw = proxy(&cluster, "reply_timeout = \"1s\"\n");
+    let key = b"{queue}jobs".as_slice();
+    let slot = cluster.slot_of(key);
+    let from = cluster.master_of_slot(slot).port;
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|m| m.port != from)
+        .expect("another master")
+        .port;
+    // The worker connects (and routes a command) under the first map.
+    let mut worker = sw.raw();
+    assert_eq!(text(&worker.call(&[b"PING"])), "PONG");
+    move_slot(&cluster, slot, to);
+    // Another client of the same identity, on the new owner, while the worker waits.
+    let mut other = sw.raw();
+    let other_key = (0..10_000)
+        .map(|i| format!("other:{i}").into_bytes())
+        .find(|k| cluster.node_for_key(k).port == to)
+        .expect("a key on the new owner");
+    worker
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    worker.cmd(&[b"BLPOP", key, b"0"]);
+    // Longer than the reply timeout: a blocked command is owed no reply within it.
+    std::thread::sleep(Duration::from_millis(2500));
+    for _ in 0..3 {
+        assert_eq!(
+            text(&other.call(&[b"SET", &other_key, b"v"])),
+            "OK",
+            "a client of the same identity on the new owner is served meanwhile"
+        );
+    }
+    let pushed = cluster.node_at(to).raw().call(&[b"RPUSH", key, b"job-1"]);
+    assert_eq!(as_int(&pushed), 1);
+    let got = worker
+        .try_read_frame()
+        .expect("the blocked client was closed instead of getting its element");
+    assert_eq!(got, array(&[blob(key), blob(b"job-1")]));
+    assert_eq!(text(&worker.call(&[b"PING"])), "PONG");
+}
+
+/// The same with the router's map already current: the private connection goes to the
+/// slot's master as the router knows it now, not as the client's first map said.
+#[test]
+fn a_blocking_command_goes_to_the_current_master_of_its_slot() {
+    let cluster = Cluster::start(3, 0);
+    let sw = proxy(&cluster, "reply_timeout = \"1s\"\n");
+    let key = b"{queue2}jobs".as_slice();
+    let slot = cluster.slot_of(key);
+    let from = cluster.master_of_slot(slot).port;
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|m| m.port != from)
+        .expect("another master")
+        .port;
+    let mut worker = sw.raw();
+    assert_eq!(text(&worker.call(&[b"PING"])), "PONG");
+    move_slot(&cluster, slot, to);
+    // Another client's command makes the router learn the new map.
+    let mut other = sw.raw();
+    assert_eq!(other.call(&[b"GET", key]), Frame::Null);
+    eventually("the router to have the new map", Duration::from_secs(10), || {
+        metric(&sw, "stormwall_cluster_slot_map_changes_total", &[]) >= 1.0
+    });
+    worker
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let moved = || {
+        metric(
+            &sw,
+            "stormwall_cluster_redirects_total",
+            &[("kind", "moved")],
+        )
+    };
+    let before = moved();
+    // Blocks (2 s, past the reply timeout) and times out on the master that serves the
+    // key: a nil, and no MOVED on the way.
+    let got = worker.call(&[b"BLPOP", key, b"2"]);
+    assert_eq!(got, Frame::Null, "{got:?}");
+    assert_eq!(moved(), before, "the blocking command was not redirected");
+}
+
+/// A `DEL` across masters that the shield does not govern is split by slot; when some
+/// parts ran and another was refused, the client must not get the refusal (it would take
+/// it for "nothing deleted"): its connection is closed, as a lost connection leaves it.
+#[test]
+fn a_split_delete_whose_parts_end_differently_closes_the_client() {
+    let cluster = Cluster::start(3, 0);
+    for node in cluster.live() {
+        let r = node.raw().call(&[
+            b"ACL", b"SETUSER", b"app", b"on", b">secret", b"~app:*", b"+@all",
+        ]);
+        assert_eq!(text(&r), "OK");
+    }
+    let sw = proxy(&cluster, "\n[invalidation]\nenabled = false\n");
+    let mine = b"app:1".as_slice();
+    let theirs = (0..10_000)
+        .map(|i| format!("other:{i}").into_bytes())
+        .find(|k| cluster.node_for_key(k).port != cluster.node_for_key(mine).port)
+        .expect("a key on another master");
+    for k in [mine, theirs.as_slice()] {
+        cluster.node_for_key(k).raw().call(&[b"SET", k, b"v"]);
+    }
+    let mut c = sw.raw();
+    assert_eq!(text(&c.call(&[b"AUTH", b"app", b"secret"])), "OK");
+    c.cmd(&[b"DEL", mine, &theirs]);
+    let reply = c.try_read_frame();
+    // The part on `mine`'s master ran, the other was refused (NOPERM).
+    assert_eq!(
+        as_int(&cluster.node_for_key(mine).raw().call(&[b"EXISTS", mine])),
+        0
+    );
+    assert!(
+        reply.is_none(),
+        "a DEL that deleted a key was answered {reply:?}"
+    );
+    // All parts refused: nothing ran, Redis's own refusal is the answer.
+    let mut d = sw.raw();
+    assert_eq!(text(&d.call(&[b"AUTH", b"app", b"secret"])), "OK");
+    let refused = d.call(&[b"DEL", b"x:1", &theirs]);
+    assert!(error_text(&refused).starts_with("NOPERM"), "{refused:?}");
+    assert_eq!(as_int(&d.call(&[b"DEL", b"app:2", b"app:3"])), 0);
+}
+
+/// A command pipelined behind a blocking command goes where it would have gone had it come
+/// alone: `DBSIZE` counts every master, a `DEL` across slots is split, not refused.
+#[test]
+fn commands_behind_a_blocked_command_are_routed_as_usual() {
+    let cluster = Cluster::start(3, 0);
+    let sw = proxy(&cluster, "");
+    let mut c = sw.raw();
+    let keys: Vec<Vec<u8>> = (0..30).map(|i| format!("k:{i}").into_bytes()).collect();
+    for k in &keys {
+        assert_eq!(text(&c.call(&[b"SET", k, b"v"])), "OK");
+    }
+    let mut input = encode_cmd(&[b"BLPOP", b"{b}list", b"1"]);
+    input.extend(encode_cmd(&[b"DBSIZE"]));
+    input.extend(encode_cmd(&[b"MGET", &keys[0], &keys[1], &keys[2]]));
+    input.extend(encode_cmd(&[b"DEL", &keys[0], &keys[1], &keys[2]]));
+    input.extend(encode_cmd(&[b"DBSIZE"]));
+    c.send(&input);
+    assert_eq!(c.read_frame(), Frame::Null);
+    assert_eq!(as_int(&c.read_frame()), 30);
+    assert_eq!(c.read_frame(), array(&[blob(b"v"), blob(b"v"), blob(b"v")]));
+    assert_eq!(as_int(&c.read_frame()), 3);
+    assert_eq!(as_int(&c.read_frame()), 27);
+}
