@@ -111,9 +111,11 @@ fn a_blocking_command_goes_to_the_current_master_of_its_slot() {
     // Another client's command makes the router learn the new map.
     let mut other = sw.raw();
     assert_eq!(other.call(&[b"GET", key]), Frame::Null);
-    eventually("the router to have the new map", Duration::from_secs(10), || {
-        metric(&sw, "stormwall_cluster_slot_map_changes_total", &[]) >= 1.0
-    });
+    eventually(
+        "the router to have the new map",
+        Duration::from_secs(10),
+        || metric(&sw, "stormwall_cluster_slot_map_changes_total", &[]) >= 1.0,
+    );
     worker
         .stream
         .set_read_timeout(Some(Duration::from_secs(20)))
