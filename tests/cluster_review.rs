@@ -200,3 +200,52 @@ fn commands_behind_a_blocked_command_are_routed_as_usual() {
     assert_eq!(as_int(&c.read_frame()), 3);
     assert_eq!(as_int(&c.read_frame()), 27);
 }
+
+/// Numbers of keys a client gives (`EVAL`'s `numkeys`, `ZUNIONSTORE`'s, `LMPOP`'s) at the
+/// edges of what fits in 64 bits: Redis's own refusal, the connection kept.
+#[test]
+fn hostile_key_counts_get_redis_refusal_and_no_panic() {
+    let cluster = Cluster::start(3, 0);
+    let sw = proxy(&cluster, "");
+    let mut c = sw.raw();
+    let huge = i64::MAX.to_string();
+    let negative = i64::MIN.to_string();
+    for count in [huge.as_bytes(), negative.as_bytes(), b"-1", b"18446744073709551615"] {
+        for cmd in [
+            vec![b"EVAL".as_slice(), b"return 1", count, b"k"],
+            vec![b"FCALL", b"f", count, b"k"],
+            vec![b"ZUNIONSTORE", b"d", count, b"k"],
+            vec![b"LMPOP", count, b"k", b"LEFT"],
+            vec![b"SINTERCARD", count, b"k"],
+        ] {
+            let reply = c.call(&cmd);
+            assert!(is_error(&reply), "{cmd:?}: {reply:?}");
+        }
+    }
+    assert_eq!(text(&c.call(&[b"PING"])), "PONG");
+}
+
+/// A `DEL` naming keys in thousands of slots, through the shield: one exact count.
+#[test]
+fn a_delete_of_keys_in_thousands_of_slots_gets_its_exact_count() {
+    let cluster = Cluster::start(3, 0);
+    let sw = proxy(&cluster, "");
+    let mut c = sw.raw();
+    let keys: Vec<Vec<u8>> = (0..20_000).map(|i| format!("many:{i}").into_bytes()).collect();
+    let mut input = Vec::new();
+    for k in keys.iter().step_by(2) {
+        input.extend(encode_cmd(&[b"SET", k, b"v"]));
+    }
+    c.send(&input);
+    for _ in keys.iter().step_by(2) {
+        assert_eq!(text(&c.read_frame()), "OK");
+    }
+    let mut del: Vec<&[u8]> = vec![b"DEL"];
+    del.extend(keys.iter().map(|k| k.as_slice()));
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let reply = c.call(&del);
+    assert_eq!(as_int(&reply), 10_000, "{reply:?}");
+    assert_eq!(as_int(&c.call(&[b"DBSIZE"])), 0);
+}
