@@ -159,6 +159,10 @@ struct Job<T> {
     what: T,
     deadline: Instant,
     received: Instant,
+    /// Its rate budget was taken for the whole client request it is part of (a cluster
+    /// request split by master): the worker does not charge it again, so no part of a
+    /// request is ever refused for budget while another part runs.
+    prepaid: bool,
     reply: oneshot::Sender<Outcome>,
     _admission: Arc<Admission>,
 }
@@ -629,8 +633,14 @@ impl Engine {
             let (tx, rx) = oneshot::channel();
             let routed = match request {
                 Request::Delete { keys, unlink } if cluster.is_some() => {
+                    let slots = by_slot(dedup(keys));
+                    let count = slots.iter().map(Vec::len).sum();
+                    if let Err(refused) = prepay(&shared, slots.len(), count, deadline).await {
+                        answers.push(Answer::One(Err(refused)));
+                        continue;
+                    }
                     let mut sent = Vec::new();
-                    for keys in by_slot(dedup(keys)) {
+                    for keys in slots {
                         let part = Part {
                             who: who.clone(),
                             what: PartOf::Delete { keys, unlink },
@@ -655,6 +665,10 @@ impl Engine {
                         .iter()
                         .flat_map(|m| (0..m.masters().len()).filter_map(|i| m.first_slot_of(i)))
                         .collect();
+                    if let Err(refused) = prepay(&shared, slots.len(), 0, deadline).await {
+                        answers.push(Answer::One(Err(refused)));
+                        continue;
+                    }
                     let mut sent = Vec::new();
                     for slot in slots {
                         let part = Part {
@@ -682,6 +696,7 @@ impl Engine {
                         },
                         deadline,
                         received,
+                        prepaid: false,
                         reply: tx,
                         _admission: admission.clone(),
                     };
@@ -699,6 +714,7 @@ impl Engine {
                         what: sync,
                         deadline,
                         received,
+                        prepaid: false,
                         reply: tx,
                         _admission: admission.clone(),
                     };
@@ -713,6 +729,7 @@ impl Engine {
                         // Its own, longer deadline: it covers the whole scan (see `scoped`).
                         deadline: received + config.flush.scoped_max_wait,
                         received,
+                        prepaid: false,
                         reply: tx,
                         _admission: admission.clone(),
                     };
@@ -772,6 +789,7 @@ impl Engine {
                     },
                     deadline: part.deadline,
                     received: part.received,
+                    prepaid: true,
                     reply: tx,
                     _admission: part.admission.clone(),
                 };
@@ -783,6 +801,7 @@ impl Engine {
                     what: *sync,
                     deadline: part.deadline,
                     received: part.received,
+                    prepaid: true,
                     reply: tx,
                     _admission: part.admission.clone(),
                 };
@@ -886,6 +905,34 @@ impl Engine {
         pick(&mut workers).insert(key, tx);
         Ok(())
     }
+}
+
+/// Takes the rate budget for a whole cluster request (`commands` parts, `keys` keys) before
+/// any part is sent, so its parts are never refused for budget one by one (some would run
+/// and some not: a request neither applied nor refused). As for a request alone in a
+/// batch, it is charged at most one full burst of each.
+async fn prepay(
+    shared: &Shared,
+    commands: usize,
+    keys: usize,
+    deadline: Instant,
+) -> Result<(), Outcome> {
+    let (keys_budget, commands_budget) = shared.budgets();
+    let want = shared_budget::Units::new(
+        (keys as u64).min(u64::from(keys_budget.burst)),
+        (commands as u64).min(u64::from(commands_budget.burst)),
+    );
+    let max_wait = shared.config.invalidation.max_wait;
+    let mut paid = shared_budget::Units::default();
+    shared_budget::take(
+        shared,
+        (&*keys_budget, &*commands_budget),
+        want,
+        &mut paid,
+        deadline - send_margin(max_wait),
+    )
+    .await
+    .map_err(|_| Outcome::NotApplied(Refusal::Expired { max_wait }))
 }
 
 /// Where a request's answer will come from: one worker, or (in a cluster) several, whose

@@ -321,7 +321,11 @@ fn split_by_slot(cmd: &Command<'_>, split: Split) -> Plan {
         })
         .collect();
     let merge = match split {
-        Split::Count => Merge::Sum,
+        Split::Count => Merge::Sum {
+            // `DEL`/`UNLINK` change data: parts that end differently leave the client
+            // nothing true to be told (the error would read as "nothing was deleted").
+            writes: name.eq_ignore_ascii_case(b"DEL") || name.eq_ignore_ascii_case(b"UNLINK"),
+        },
         Split::MGet => Merge::MGet {
             places: slots.into_iter().map(|(_, places)| places).collect(),
             total: cmd.argc() - 1,

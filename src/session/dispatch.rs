@@ -31,6 +31,8 @@ use crate::cluster::redirect::{self, Redirect};
 use crate::cluster::route::Fanout;
 use crate::cluster::router::{Node, Router};
 use crate::resp::reply::ReplyScanner;
+use crate::upstream::ConnError;
+use crate::upstream::mux::{Mux, MuxMetrics};
 use crate::upstream::pool::{Key, Unavailable};
 
 /// Most `MOVED`/`ASK` one command follows (cluster clients allow about as many) before the
@@ -87,8 +89,10 @@ pub(super) enum Merge {
     Interleave(Vec<usize>),
     /// One command sent to every master.
     Fanout(Fanout),
-    /// `DEL`/`UNLINK`/`EXISTS`/`TOUCH` split by slot: counts summed.
-    Sum,
+    /// `DEL`/`UNLINK`/`EXISTS`/`TOUCH` split by slot: counts summed. `writes` for
+    /// `DEL`/`UNLINK`: parts that end differently (some ran, some were refused) close the
+    /// client, as a lost connection would leave it.
+    Sum { writes: bool },
     /// `MGET` split by slot: each part's keys were at these positions of the client's.
     MGet {
         places: Vec<Vec<usize>>,
@@ -185,8 +189,13 @@ impl ReplySide<'_> {
                     let Some(cmd) = nth_command(&part.bytes, i) else {
                         return Err(End::Failed);
                     };
-                    self.follow(router, &d.key, &part.node, cmd, reply, deadline)
-                        .await?
+                    let to = Follow {
+                        key: &d.key,
+                        node: &part.node,
+                        blocking: part.blocking,
+                        deadline,
+                    };
+                    self.follow(router, to, cmd, reply).await?
                 } else {
                     reply
                 };
@@ -199,10 +208,23 @@ impl ReplySide<'_> {
                 }
             }
         }
+        let writes = match d.merge {
+            Merge::Sum { writes } => writes,
+            Merge::Fanout(fanout) => fanout.writes(),
+            _ => false,
+        };
+        if writes && merge::partly_applied(&finals) {
+            // Some masters applied it and some refused it: neither the sum nor the refusal
+            // is true (G4, G6).
+            debug!(
+                "a command split across masters ran on some and was refused by others; closing the client"
+            );
+            return Err(End::Failed);
+        }
         let merged = match d.merge {
             Merge::Each | Merge::Interleave(_) => return Ok(out),
             Merge::Fanout(fanout) => merge::fanout(fanout, &finals),
-            Merge::Sum => merge::sum(&finals),
+            Merge::Sum { .. } => merge::sum(&finals),
             Merge::MGet { places, total } => merge::mget(&finals, &places, total),
             Merge::Scan { position, masters } => match finals.first() {
                 Some(reply) => merge::scan_reply(reply, position, masters),
@@ -295,17 +317,46 @@ impl ReplySide<'_> {
         })
     }
 
-    /// Follows a redirecting `reply` to `cmd`, first sent to `node`, until an answer comes
-    /// (or the redirections run out: the client is told the command did not run).
+    /// A connection of the client's own to `node`, in its connection state, for a blocking
+    /// command being redirected: on a shared connection it would hold up every command
+    /// queued behind it there, and be cut by `upstream.reply_timeout`.
+    async fn own_connection(&self, node: &Node) -> Result<Closing, Unavailable> {
+        let links = self.links;
+        let replay = links.state().replay();
+        match node.pools.prepared(&node.cfg, &replay).await {
+            Ok(conn) => {
+                let epoch = conn.epoch();
+                let Some((read, write)) = conn.into_halves() else {
+                    return Err(Unavailable::Outage(std::io::Error::other(
+                        "a connection to a cluster master could not be split",
+                    )));
+                };
+                let metrics = MuxMetrics {
+                    write_commands: links.ctx.metrics.pools.mux.write_commands.clone(),
+                    connections: links.ctx.metrics.private_connections.clone(),
+                };
+                Ok(Closing(Mux::start(read, write, metrics, epoch)))
+            }
+            Err(ConnError::Refused(e)) => Err(Unavailable::Refused(e)),
+            Err(ConnError::Io(e)) => Err(Unavailable::Outage(e)),
+        }
+    }
+
+    /// Follows a redirecting `reply` to `cmd`, first sent to `to.node`, until an answer
+    /// comes (or the redirections run out: the client is told the command did not run).
     async fn follow(
         &self,
         router: &Router,
-        key: &Key,
-        node: &Arc<Node>,
+        to: Follow<'_>,
         cmd: &[u8],
         mut reply: Bytes,
-        deadline: Instant,
     ) -> Result<Bytes, End> {
+        let Follow {
+            key,
+            node,
+            blocking,
+            deadline,
+        } = to;
         let mut node = node.clone();
         let mut redirects = 0;
         let mut backoff = BACKOFF_MIN;
@@ -357,12 +408,30 @@ impl ReplySide<'_> {
                     b"-TRYAGAIN stormwall: the cluster kept redirecting this command (slots moving?); it was not run\r\n",
                 ));
             }
-            let sent = if asking {
-                let mut both = ASKING.to_vec();
+            let mut both = Vec::new();
+            let (bytes, count) = if asking {
+                both.extend_from_slice(ASKING);
                 both.extend_from_slice(cmd);
-                router.send_to(&node, key, &both, 2).await
+                (&both[..], 2)
             } else {
-                router.send_to(&node, key, cmd, 1).await
+                (cmd, 1)
+            };
+            // A blocking command's connection of its own, closed (ending what it carried)
+            // once it is answered or the client is gone.
+            let mut own = None;
+            let sent = if blocking {
+                match self.own_connection(&node).await {
+                    Ok(conn) => {
+                        let rx = conn.0.capture(bytes, count).ok_or_else(|| {
+                            Unavailable::Outage(std::io::Error::other("connection lost"))
+                        });
+                        own = Some(conn);
+                        rx
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                router.send_to(&node, key, bytes, count).await
             };
             let rx = match sent {
                 Ok(rx) => rx,
@@ -381,10 +450,31 @@ impl ReplySide<'_> {
                     continue;
                 }
             };
-            let replies = self.replies_of(router, rx, false).await?;
+            let replies = self.replies_of(router, rx, blocking).await?;
+            drop(own);
             // After `ASKING`'s `+OK`, the command's own reply.
             reply = replies.last().cloned().ok_or(End::Failed)?;
         }
+    }
+}
+
+/// Where a redirected command was first sent, and how it is to be followed.
+struct Follow<'a> {
+    /// The client's connection state when it was sent: resends go to that state's groups.
+    key: &'a Key,
+    node: &'a Arc<Node>,
+    /// A blocking command: resent on a connection of its own, with no reply timeout.
+    blocking: bool,
+    deadline: Instant,
+}
+
+/// A connection of a client's own, closed when dropped (Redis then ends a command blocked
+/// on it, as it would for the client's own connection).
+struct Closing(Arc<Mux>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
