@@ -276,7 +276,13 @@ impl ReplySide<'_> {
             taken[i] += 1;
             let reply = if *follow && redirect::parse(&reply).is_some() {
                 let cmd = nth_command(bytes, n).ok_or(End::Failed)?;
-                self.follow(router, key, node, cmd, reply, deadline).await?
+                let to = Follow {
+                    key,
+                    node,
+                    blocking: *blocking,
+                    deadline,
+                };
+                self.follow(router, to, cmd, reply).await?
             } else {
                 reply
             };
@@ -334,6 +340,7 @@ impl ReplySide<'_> {
                 let metrics = MuxMetrics {
                     write_commands: links.ctx.metrics.pools.mux.write_commands.clone(),
                     connections: links.ctx.metrics.private_connections.clone(),
+                    node_connections: Some(node.connections.clone()),
                 };
                 Ok(Closing(Mux::start(read, write, metrics, epoch)))
             }
