@@ -6,19 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, proxy};
 use common::*;
-
-fn proxy(cluster: &Cluster, extra: &str) -> Stormwall {
-    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
-    Stormwall::start(
-        &cluster.seeds()[0],
-        &format!(
-            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\n{extra}",
-            seeds.join(", ")
-        ),
-    )
-}
 
 /// Moves `slot` (holding no keys) to the master on `to`, by hand, on every master.
 fn move_slot(cluster: &Cluster, slot: u16, to: u16) {

@@ -8,21 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, proxy};
 use common::*;
-
-/// stormwall in front of `cluster`, shared mode (the only one a cluster takes), with
-/// `extra` TOML after `[upstream]`'s keys.
-fn proxy(cluster: &Cluster, extra: &str) -> Stormwall {
-    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
-    Stormwall::start(
-        &cluster.seeds()[0],
-        &format!(
-            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\n{extra}",
-            seeds.join(", ")
-        ),
-    )
-}
 
 /// Keys spread over every master (the `i`th of them).
 fn key(i: usize) -> Vec<u8> {
