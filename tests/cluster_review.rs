@@ -29,6 +29,23 @@ fn move_slot(cluster: &Cluster, slot: u16, to: u16) {
     cluster.wait_settled();
 }
 
+/// A client that connected (and routed a command) under the first slot map, and the port
+/// of the master `key`'s slot was then moved to.
+fn connected_before_a_move(cluster: &Cluster, sw: &Stormwall, key: &[u8]) -> (Raw, u16) {
+    let slot = cluster.slot_of(key);
+    let from = cluster.master_of_slot(slot).port;
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|m| m.port != from)
+        .expect("another master")
+        .port;
+    let mut worker = sw.raw();
+    assert_eq!(text(&worker.call(&[b"PING"])), "PONG");
+    move_slot(cluster, slot, to);
+    (worker, to)
+}
+
 /// A blocking command whose master moved since the client's slot map was made is
 /// redirected; the redirected command must still block as long as it takes (no
 /// `upstream.reply_timeout`), and must not sit on a shared connection (other clients'
@@ -38,18 +55,7 @@ fn a_redirected_blocking_command_blocks_on_a_connection_of_its_own() {
     let cluster = Cluster::start(3, 0);
     let sw = proxy(&cluster, "reply_timeout = \"1s\"\n");
     let key = b"{queue}jobs".as_slice();
-    let slot = cluster.slot_of(key);
-    let from = cluster.master_of_slot(slot).port;
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|m| m.port != from)
-        .expect("another master")
-        .port;
-    // The worker connects (and routes a command) under the first map.
-    let mut worker = sw.raw();
-    assert_eq!(text(&worker.call(&[b"PING"])), "PONG");
-    move_slot(&cluster, slot, to);
+    let (mut worker, to) = connected_before_a_move(&cluster, &sw, key);
     // Another client of the same identity, on the new owner, while the worker waits.
     let mut other = sw.raw();
     let other_key = (0..10_000)
@@ -86,17 +92,7 @@ fn a_blocking_command_goes_to_the_current_master_of_its_slot() {
     let cluster = Cluster::start(3, 0);
     let sw = proxy(&cluster, "reply_timeout = \"1s\"\n");
     let key = b"{queue2}jobs".as_slice();
-    let slot = cluster.slot_of(key);
-    let from = cluster.master_of_slot(slot).port;
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|m| m.port != from)
-        .expect("another master")
-        .port;
-    let mut worker = sw.raw();
-    assert_eq!(text(&worker.call(&[b"PING"])), "PONG");
-    move_slot(&cluster, slot, to);
+    let (mut worker, _) = connected_before_a_move(&cluster, &sw, key);
     // Another client's command makes the router learn the new map.
     let mut other = sw.raw();
     assert_eq!(other.call(&[b"GET", key]), Frame::Null);
