@@ -328,14 +328,32 @@ type FlushJob = Job<Option<bool>>;
 type ScopedJob = Job<Option<bool>>;
 
 /// Where a worker's requests run: the upstream (standalone or Sentinel's master), or one
-/// master of a Redis Cluster.
+/// master of a Redis Cluster and one of its [`LANES`].
 #[derive(Clone, Default)]
-pub(crate) struct Place(Option<Arc<crate::cluster::router::Node>>);
+pub(crate) struct Place {
+    node: Option<Arc<crate::cluster::router::Node>>,
+    lane: u16,
+}
+
+/// Delete workers per identity and cluster master, each serving the slots whose number
+/// is its lane modulo this, on a connection of its own. A batch holds one slot's keys
+/// (Redis Cluster refuses a command, script or transaction whose keys span slots), so a
+/// storm over many slots is many batches: lanes run them side by side. Requests for one
+/// slot (and so for one key) stay with one worker, in arrival order.
+pub(crate) const LANES: u16 = 8;
 
 impl Place {
+    /// A cluster master's; deletes for `slot` go to the lane of that slot.
+    fn master(node: Arc<crate::cluster::router::Node>, slot: Option<u16>) -> Place {
+        Place {
+            node: Some(node),
+            lane: slot.map_or(0, |s| s % LANES),
+        }
+    }
+
     /// `[upstream]` for this place's connections: the node's own in a cluster.
     fn upstream<'a>(&'a self, config: &'a Config) -> &'a crate::config::UpstreamConfig {
-        match &self.0 {
+        match &self.node {
             Some(node) => &node.cfg,
             None => &config.upstream,
         }
@@ -343,17 +361,18 @@ impl Place {
 
     /// Whether requests here go to one master of a cluster (batches then stay in one slot).
     fn in_cluster(&self) -> bool {
-        self.0.is_some()
+        self.node.is_some()
     }
 }
 
 impl PartialEq for Place {
     fn eq(&self, other: &Place) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => a.address == b.address,
-            (None, None) => true,
-            _ => false,
-        }
+        self.lane == other.lane
+            && match (&self.node, &other.node) {
+                (Some(a), Some(b)) => a.address == b.address,
+                (None, None) => true,
+                _ => false,
+            }
     }
 }
 
@@ -361,7 +380,11 @@ impl Eq for Place {}
 
 impl std::hash::Hash for Place {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.as_ref().map(|n| n.address.to_string()).hash(state);
+        self.node
+            .as_ref()
+            .map(|n| n.address.to_string())
+            .hash(state);
+        self.lane.hash(state);
     }
 }
 
@@ -777,11 +800,11 @@ impl Engine {
         let Some(node) = node else {
             return Err(Outcome::NotApplied(Refusal::Unreachable));
         };
-        let place = Place(Some(node));
         let (tx, rx) = oneshot::channel();
         let who = &part.who;
         let routed = match &part.what {
             PartOf::Delete { keys, unlink } => {
+                let place = Place::master(node, part.slot());
                 let job = Job {
                     what: delete::Delete {
                         keys: keys.clone(),
@@ -805,7 +828,7 @@ impl Engine {
                     reply: tx,
                     _admission: part.admission.clone(),
                 };
-                let key = (who.clone(), *all, place);
+                let key = (who.clone(), *all, Place::master(node, None));
                 self.route(flushers, key, who, cap, job, flush::worker)
             }
         };
@@ -978,15 +1001,13 @@ impl Part {
 
 /// A cluster delete's keys by slot, each slot's in the client's order.
 fn by_slot(keys: Vec<Bytes>) -> Vec<Vec<Bytes>> {
-    let mut parts: Vec<(u16, Vec<Bytes>)> = Vec::new();
-    for key in keys {
-        let slot = crate::cluster::slot::key_slot(&key);
-        match parts.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, keys)) => keys.push(key),
-            None => parts.push((slot, vec![key])),
-        }
-    }
-    parts.into_iter().map(|(_, keys)| keys).collect()
+    let slotted = keys
+        .into_iter()
+        .map(|key| (crate::cluster::slot::key_slot(&key), key));
+    crate::cluster::slot::by_slot(slotted)
+        .into_iter()
+        .map(|(_, keys)| keys)
+        .collect()
 }
 
 /// Whether a Redis error says a command did not run because its slot is served elsewhere

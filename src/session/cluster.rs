@@ -302,14 +302,12 @@ pub(super) fn plan(router: &Router, cmd: &Command<'_>, inline: bool) -> Plan {
 fn split_by_slot(cmd: &Command<'_>, split: Split) -> Plan {
     let name = cmd.arg(0).unwrap_or_default();
     // Slots in the order their first key comes, each with its keys' positions.
-    let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
-    for i in 1..cmd.argc() {
-        let slot = crate::cluster::slot::key_slot(cmd.arg(i).unwrap_or_default());
-        match slots.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, places)) => places.push(i - 1),
-            None => slots.push((slot, vec![i - 1])),
-        }
-    }
+    let slots = crate::cluster::slot::by_slot((1..cmd.argc()).map(|i| {
+        (
+            crate::cluster::slot::key_slot(cmd.arg(i).unwrap_or_default()),
+            i - 1,
+        )
+    }));
     let parts = slots
         .iter()
         .map(|(slot, places)| {
