@@ -380,5 +380,7 @@ fn a_failed_master_is_replaced_and_in_flight_commands_close_the_client() {
     assert_eq!(text(&d.call(&[b"GET", k])), "1");
     assert_eq!(text(&d.call(&[b"INCR", k])), "2");
     assert!(metric(&sw, "stormwall_cluster_slot_map_changes_total", &[]) >= 1.0);
-    assert_eq!(metric(&sw, "stormwall_cluster_failovers_total", &[]), 1.0);
+    // At least once: a node that has not heard of the failover yet may answer a refresh
+    // with the old map, and the next one counts the promotion again.
+    assert!(metric(&sw, "stormwall_cluster_failovers_total", &[]) >= 1.0);
 }
