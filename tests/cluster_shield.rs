@@ -232,3 +232,25 @@ fn the_rate_budget_bounds_the_whole_cluster() {
         .expect("a refused key");
     assert_eq!(as_int(&c.call(&[b"DEL", leftover.as_bytes()])), 1);
 }
+
+/// `invalidation.delete_command = "unlink"` (the default) reaches every master: the check
+/// that the client may run both forms asks each master about a key of the batch's own slot
+/// (a key of another slot would be answered `MOVED`, and the client's `DEL` sent as it was,
+/// blocking the master on a large value).
+#[test]
+fn deletes_reach_every_master_as_unlink() {
+    let cluster = Cluster::start(3, 0);
+    let sw = proxy(&cluster, "");
+    let keys: Vec<String> = (0..30).map(|i| format!("big:{i}")).collect();
+    let mut c = sw.raw();
+    for k in &keys {
+        assert_eq!(text(&c.call(&[b"SET", k.as_bytes(), b"v"])), "OK");
+    }
+    for k in &keys {
+        assert_eq!(as_int(&c.call(&[b"DEL", k.as_bytes()])), 1, "{k}");
+    }
+    for master in cluster.masters() {
+        assert!(master.calls("unlink") > 0, "{}: no UNLINK", master.addr());
+        assert_eq!(master.calls("del"), 0, "{}: DEL sent", master.addr());
+    }
+}

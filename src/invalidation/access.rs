@@ -31,6 +31,19 @@ use crate::upstream::Conn;
 /// under `rename-command`), and an error reply is read as text.
 pub(super) const PROBE_KEY: &[u8] = b"{stormwall}:acl-probe:never-set";
 
+/// [`PROBE_KEY`], or in a cluster a key like it in `slot` (the batch's): a master answers
+/// `MOVED` for a key of a slot it does not serve, which says nothing of the identity's
+/// rights.
+pub(super) fn probe_key(slot: Option<u16>) -> Bytes {
+    match slot {
+        None => Bytes::from_static(PROBE_KEY),
+        Some(slot) => Bytes::from(format!(
+            "{{{}}}stormwall:acl-probe:never-set",
+            crate::cluster::slot::tag_for(slot)
+        )),
+    }
+}
+
 /// Redis's verdict on one command form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Access {

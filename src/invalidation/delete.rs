@@ -54,7 +54,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::access::{self, Access, Forms, PROBE_KEY, is_command_refusal};
+use super::access::{self, Access, Forms, is_command_refusal, probe_key};
 use super::executor::{Executor, NotSent};
 use super::outcome::{Outcome, PassReason, Refusal};
 use super::shared_budget::{Units, take};
@@ -246,7 +246,12 @@ impl Worker {
             // The configured command replaces a client's own only where the identity may run
             // both, as Redis says now.
             let rewrite = if pending.iter().any(|j| j.what.unlink != configured) {
-                match self.may_rewrite(&shared, deadline).await {
+                let slot = self
+                    .place
+                    .in_cluster()
+                    .then(|| slot_of(&pending[0]))
+                    .flatten();
+                match self.may_rewrite(&shared, slot, deadline).await {
                     Ok(rewrite) => rewrite,
                     Err(_) => {
                         self.exec.discard();
@@ -440,12 +445,18 @@ impl Worker {
     }
 
     /// Asks Redis whether this identity may run both `DEL` and `UNLINK`, so that either may
-    /// be sent for the other. Also learns whether it may use `MULTI`.
-    async fn may_rewrite(&mut self, shared: &Shared, deadline: Instant) -> io::Result<bool> {
+    /// be sent for the other (asked about a key of `slot`, the batch's, in a cluster). Also
+    /// learns whether it may use `MULTI`.
+    async fn may_rewrite(
+        &mut self,
+        shared: &Shared,
+        slot: Option<u16>,
+        deadline: Instant,
+    ) -> io::Result<bool> {
         if !self.checkable {
             return Ok(false);
         }
-        let probe = Bytes::from_static(PROBE_KEY);
+        let probe = probe_key(slot);
         let forms = [
             vec![Bytes::from_static(b"DEL"), probe.clone()],
             vec![Bytes::from_static(b"UNLINK"), probe],
