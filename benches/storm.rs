@@ -72,7 +72,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    Proc, commandstats, cpu_model, env_flag, free_port, info_field, register_font, results_dir,
+    Proc, commandstats, cpu_model, env_flag, free_port, info_field, load_average, register_font,
+    results_dir,
     start_redis, stdout_of, utc_date, wait_port,
 };
 
@@ -1494,14 +1495,6 @@ fn f2(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
-}
-
-/// The machine's 1-minute load average (other work competing for its cores).
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }
 
 fn report(
