@@ -578,7 +578,8 @@ struct Backend {
 }
 
 enum Servers {
-    One(Proc),
+    /// Held only to stop it when dropped.
+    One { _redis: Proc },
     Cluster(common::cluster::Cluster),
 }
 
@@ -600,7 +601,7 @@ impl Backend {
             preload(port, s, hashes);
             Backend {
                 pids: vec![proc.pid()],
-                servers: Servers::One(proc),
+                servers: Servers::One { _redis: proc },
                 route: Route::one(port),
             }
         };
@@ -620,7 +621,7 @@ impl Backend {
     /// stormwall's `[upstream]` for a cluster; `None` for one Redis.
     fn cluster_config(&self) -> Option<String> {
         match &self.servers {
-            Servers::One(_) => None,
+            Servers::One { .. } => None,
             Servers::Cluster(c) => Some(common::cluster::stormwall_config(c)),
         }
     }
@@ -876,7 +877,7 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         return reader_same_conn(ctx, id);
     }
     let (ReaderPlan { rate, n, offset }, mut out) = plan(ctx, id);
-    let (keys, port) = ctx.reader_keys(id);
+    let port = ctx.reader_keys(id).1;
     let stream = match raw_connection(port) {
         Ok(s) => s,
         Err(e) => {
@@ -890,6 +891,7 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         let ctx = ctx.clone();
         thread::spawn(move || {
             let mut rng = Rng::new(ctx.nonce ^ ((id as u64 + 1) * 7919));
+            let keys = ctx.reader_keys(id).0;
             for i in 0..n {
                 let at = offset + i as f64 / rate;
                 let sched = ctx.t0 + Duration::from_secs_f64(at);
@@ -934,7 +936,7 @@ enum Expect {
 /// sharing one connection for its reads and writes).
 fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
     let (ReaderPlan { rate, n, offset }, mut out) = plan(ctx, id);
-    let (keys, port) = ctx.reader_keys(id);
+    let port = ctx.reader_keys(id).1;
     let stream = match raw_connection(port) {
         Ok(s) => s,
         Err(e) => {
@@ -966,6 +968,7 @@ fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         let (ctx, writer) = (ctx.clone(), writer.clone());
         thread::spawn(move || {
             let mut rng = Rng::new(ctx.nonce ^ ((id as u64 + 1) * 7919));
+            let keys = ctx.reader_keys(id).0;
             for i in 0..n {
                 let at = offset + i as f64 / rate;
                 let sched = ctx.t0 + Duration::from_secs_f64(at);
@@ -1438,7 +1441,10 @@ fn run(
                     sleep_until(ctx.t0 + Duration::from_secs(i));
                     let cpu = cpu_sample(&redis_pids, sw_pid);
                     waits.push((
-                        redis_pids.iter().map(|&p| run_queue_wait(p, true)).sum(),
+                        redis_pids
+                            .iter()
+                            .map(|&p| run_queue_wait(p, true))
+                            .sum::<f64>(),
                         sw_pid.map_or(0.0, |p| run_queue_wait(p, false)),
                     ));
                     counters.push(admin.map(stormwall_metrics).unwrap_or_default());
