@@ -156,7 +156,11 @@ struct Settings {
 impl Settings {
     /// The report's file name, without `.md` (its latency plot's starts the same).
     fn report_name(&self) -> &'static str {
-        if self.cluster { "storm_cluster" } else { "storm" }
+        if self.cluster {
+            "storm_cluster"
+        } else {
+            "storm"
+        }
     }
 
     fn from_env() -> Settings {
@@ -360,7 +364,10 @@ impl Routed {
             for slot_keys in slots.values() {
                 p.cmd("DEL").arg(slot_keys);
             }
-            deleted += p.query::<Vec<i64>>(&mut self.cons[master])?.iter().sum::<i64>();
+            deleted += p
+                .query::<Vec<i64>>(&mut self.cons[master])?
+                .iter()
+                .sum::<i64>();
         }
         Ok(deleted)
     }
@@ -579,7 +586,9 @@ struct Backend {
 
 enum Servers {
     /// Held only to stop it when dropped.
-    One { _redis: Proc },
+    One {
+        _redis: Proc,
+    },
     Cluster(common::cluster::Cluster),
 }
 
@@ -857,8 +866,8 @@ fn plan(ctx: &Ctx, id: usize) -> (ReaderPlan, ReaderOut) {
 
 /// A raw connection to `port` for a reader that writes its own RESP.
 fn raw_connection(port: u16) -> Result<std::net::TcpStream, String> {
-    let stream = std::net::TcpStream::connect(("127.0.0.1", port))
-        .map_err(|e| format!("connect: {e}"))?;
+    let stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     Ok(stream)
@@ -1193,9 +1202,7 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
         t.keys += keys.len() as u64;
         let acked = match storm {
             Storm::Flush => con.flushdb(ctx.flush_async),
-            Storm::Del => con
-                .del(&keys)
-                .map(|n| (0..=keys.len() as i64).contains(&n)),
+            Storm::Del => con.del(&keys).map(|n| (0..=keys.len() as i64).contains(&n)),
         };
         let ack_ms = sent.elapsed().as_secs_f64() * 1e3;
         match acked {

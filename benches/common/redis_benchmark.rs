@@ -117,7 +117,10 @@ pub fn run_benchmark(case: &Case, port: u16, n: u64, extra: &[String]) -> Sample
                 .filter(|l| l.contains("Error from server"))
                 .collect();
             if let Some(first) = shown.first() {
-                println!("note: redis-benchmark {args:?}: {} error lines, first: {first}", shown.len());
+                println!(
+                    "note: redis-benchmark {args:?}: {} error lines, first: {first}",
+                    shown.len()
+                );
             }
             s.errors_shown = shown.len() as u64;
             s
