@@ -5,7 +5,7 @@
 //! config otherwise), which routes each command to its slot's master. GET and SET of 16 B at
 //! pipeline depth 1 and 16, 50 clients, interleaved and repeated as `passthrough` does.
 //!
-//! Run: `cargo bench --bench cluster` (about 2 minutes); the storm replay against the same
+//! Run: `cargo bench --bench cluster` (about 4 minutes); the storm replay against the same
 //! kind of cluster is `STORMWALL_BENCH_CLUSTER=1 cargo bench --bench storm` (both in one go:
 //! `STORMWALL_BENCH_CLUSTER=1 cargo bench --bench cluster --bench storm`). Writes
 //! `results/cluster.md`.
@@ -15,16 +15,20 @@
 //! length of one run directly against the cluster).
 //!
 //! Method. One cluster (`tests/common/cluster.rs`'s, 3 masters, no replicas) and one
-//! stormwall for the whole run. Keys are random over `-r 10000` in both paths (without `-r`
+//! stormwall in front of it for the whole run; as a control, in the same run, one
+//! redis-server directly and through a stormwall in front of it (shared mode, the default),
+//! same cases, same keys, so that what the cluster costs stormwall is told apart from what the
+//! machine's load costs every path. Keys are random over `-r 10000` everywhere (without `-r`
 //! every request through stormwall would name the same key, so one master); `--cluster`
 //! prefixes them with a hash tag of the client's master, so direct clients spread over the
 //! three masters as stormwall's keys do. Before the measured rounds every target's SET fills
-//! its keys, so GETs hit. Each case gets one request count, calibrated so that a direct run
-//! lasts about `STORMWALL_BENCH_SECONDS`; within a round the targets run back to back for each
-//! case, starting with a different target each round. Medians over rounds; CPU per request is
-//! user + system time (`/proc/PID/stat`) of all the masters, and of stormwall, during a run,
-//! divided by its requests. `-e` makes redis-benchmark show error replies: any seen are
-//! counted in the report (none are expected).
+//! its keys, so GETs hit. Each case gets one request count, calibrated so that a run directly
+//! against the cluster lasts about `STORMWALL_BENCH_SECONDS`, the same for all four targets;
+//! within a round the targets run back to back for each case, starting with a different target
+//! each round. Medians over rounds; CPU per request is user + system time (`/proc/PID/stat`)
+//! of the servers (all the masters, or the one Redis) and of stormwall during a run, divided by
+//! its requests. `-e` makes redis-benchmark show error replies: any seen are counted in the
+//! report (none are expected).
 
 mod common;
 
@@ -33,12 +37,12 @@ use std::time::Instant;
 
 use common::cluster::{MASTERS, SlotMap, master_pids, stormwall_config};
 use common::redis_benchmark::{
-    CLIENTS, Case, Op, Summary, Target, calibrated, cell, fmt_rps, measure, run_benchmark,
-    summarize,
+    CLIENTS, Case, Op, Summary, Target, calibrate, cell, fmt_rps, run_benchmark, run_rounds,
 };
 use common::{
-    bench_command, cores_and_cpu, env_flag, env_num, load_average, report_header, results_dir,
-    start_stormwall_config, stormwall_revision, version_of,
+    Mode, bench_command, cores_and_cpu, env_flag, env_num, load_average, report_header,
+    results_dir, start_redis, start_stormwall_config, start_stormwall_mode, stormwall_revision,
+    version_of,
 };
 
 const SIZE: usize = 16;
@@ -54,27 +58,45 @@ fn main() {
     let started = Instant::now();
     let load_start = load_average();
 
+    let quiet = ["--admin", "127.0.0.1:0", "--log-level", "warn"];
     let cluster = common::cluster::start();
     let map = SlotMap::of(&cluster);
-    let pids = master_pids(&cluster);
-    let (stormwall, sw_port) = start_stormwall_config(
-        map.ports[0],
-        &stormwall_config(&cluster),
-        &["--admin", "127.0.0.1:0", "--log-level", "warn"],
-    );
+    let masters = master_pids(&cluster);
+    let (cluster_sw, cluster_sw_port) =
+        start_stormwall_config(map.ports[0], &stormwall_config(&cluster), &quiet);
+    // The control: one Redis, directly and through stormwall (shared, its default), as in
+    // `passthrough`, measured in the same run and with the same keys.
+    let (redis, redis_port) = start_redis(&[]);
+    let (one_sw, one_sw_port) = start_stormwall_mode(redis_port, Mode::Shared, &quiet);
     let keys = ["-r".to_string(), KEYSPACE.to_string(), "-e".into()];
     let targets = [
         Target {
-            name: "direct (`--cluster`)".into(),
+            name: "cluster direct".into(),
             port: map.ports[0],
             args: [&["--cluster".to_string()][..], &keys].concat(),
+            server_pids: masters.clone(),
             proxy_pid: None,
         },
         Target {
-            name: "stormwall".into(),
-            port: sw_port,
+            name: "cluster stormwall".into(),
+            port: cluster_sw_port,
             args: keys.to_vec(),
-            proxy_pid: Some(stormwall.pid()),
+            server_pids: masters,
+            proxy_pid: Some(cluster_sw.pid()),
+        },
+        Target {
+            name: "one Redis direct".into(),
+            port: redis_port,
+            args: keys.to_vec(),
+            server_pids: vec![redis.pid()],
+            proxy_pid: None,
+        },
+        Target {
+            name: "one Redis stormwall".into(),
+            port: one_sw_port,
+            args: keys.to_vec(),
+            server_pids: vec![redis.pid()],
+            proxy_pid: Some(one_sw.pid()),
         },
     ];
     let mut cases = Vec::new();
@@ -101,46 +123,9 @@ fn main() {
     for t in &targets {
         run_benchmark(&fill, t.port, 10 * KEYSPACE, &t.args);
     }
-    // Calibrate on the cluster directly.
-    let counts: Vec<u64> = cases
-        .iter()
-        .map(|case| {
-            let probe = 10_000 * u64::from(case.pipeline);
-            let rps = run_benchmark(case, targets[0].port, probe, &targets[0].args).rps;
-            let n = calibrated(rps, seconds, 10_000);
-            println!("calibrated {}: {n} requests", case.label());
-            n
-        })
-        .collect();
-
-    // samples[case][target][round]
-    let mut samples = vec![vec![Vec::new(); targets.len()]; cases.len()];
-    for round in 0..rounds {
-        for (ci, case) in cases.iter().enumerate() {
-            for k in 0..targets.len() {
-                let ti = (round + k) % targets.len();
-                let s = measure(case, &targets[ti], &pids, counts[ci]);
-                println!(
-                    "round {}/{rounds} {:<14} {:<22} {:>10.0} rps  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  CPU/req masters {:.2} proxy {} µs",
-                    round + 1,
-                    case.label(),
-                    targets[ti].name,
-                    s.rps,
-                    s.p50,
-                    s.p99,
-                    s.p999,
-                    s.redis_cpu_us,
-                    cell(s.proxy_cpu_us, 2),
-                );
-                samples[ci][ti].push(s);
-            }
-        }
-    }
+    let counts = calibrate(&cases, &targets[0], seconds, 10_000, |_| {});
+    let summaries = run_rounds(&cases, &targets, &counts, rounds, |_| {});
     let elapsed = started.elapsed().as_secs_f64();
-    let summaries: Vec<Vec<Summary>> = samples
-        .iter()
-        .map(|per_target| per_target.iter().map(|s| summarize(s)).collect())
-        .collect();
 
     let command = bench_command(
         "cluster",
@@ -162,7 +147,7 @@ fn main() {
         load_average()
     ));
     line(format!(
-        "| redis | {}; a cluster of {MASTERS} masters, no replicas (`tests/common/cluster.rs`) |",
+        "| redis | {}; a cluster of {MASTERS} masters, no replicas (`tests/common/cluster.rs`); one more redis-server for the control rows |",
         version_of("redis-server", &["--version"])
     ));
     line(format!(
@@ -183,66 +168,73 @@ fn main() {
         );
     }
     line(
-        "\nEverything shares the machine: redis-benchmark, the masters and stormwall. Direct, \
-         each redis-benchmark client talks to one master only, with keys hash-tagged to it; \
-         through stormwall, every client's commands go to whichever master serves each key, \
-         over stormwall's shared connections to the three masters.\n"
+        "\nEverything shares the machine: redis-benchmark, the servers and stormwall. Directly \
+         to the cluster, each redis-benchmark client talks to one master only, with keys \
+         hash-tagged to it; through stormwall, every client's commands go to whichever master \
+         serves each key, over stormwall's shared connections to the three masters. The \
+         control rows are the same cases against one redis-server, directly and through a \
+         stormwall in front of it (shared mode, its default), in the same run.\n"
             .into(),
     );
     line("## Throughput and latency\n".into());
     line(
         "Medians over rounds (throughput min–max in brackets). Ratio: stormwall's throughput \
-         over direct's; p99 added: stormwall's p99 minus direct's.\n"
+         over direct's on the same servers; p99 added: stormwall's p99 minus direct's.\n"
             .into(),
     );
     line(
-        "| case | direct req/s | stormwall req/s | stormwall / direct | p50 ms direct / stormwall | p99 ms direct / stormwall | p99 added (ms) | error replies shown |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| case | servers | direct req/s | stormwall req/s | stormwall / direct | p50 ms direct / stormwall | p99 ms direct / stormwall | p99 added (ms) | error replies shown |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
             .into(),
     );
+    let pairs = [("cluster", 0, 1), ("one Redis (control)", 2, 3)];
     for (ci, case) in cases.iter().enumerate() {
-        let [d, s] = [&summaries[ci][0], &summaries[ci][1]];
-        let spread = |x: &Summary| format!("[{}–{}]", fmt_rps(x.rps_min), fmt_rps(x.rps_max));
-        line(format!(
-            "| {} | {} {} | {} {} | **{:.2}×** | {:.3} / {:.3} | {:.3} / {:.3} | {:+.3} | {} / {} |",
-            case.label(),
-            fmt_rps(d.rps),
-            spread(d),
-            fmt_rps(s.rps),
-            spread(s),
-            s.rps / d.rps,
-            d.p50,
-            s.p50,
-            d.p99,
-            s.p99,
-            s.p99 - d.p99,
-            d.errors_shown,
-            s.errors_shown,
-        ));
+        for (servers, d, s) in pairs {
+            let [d, s] = [&summaries[ci][d], &summaries[ci][s]];
+            let spread = |x: &Summary| format!("[{}–{}]", fmt_rps(x.rps_min), fmt_rps(x.rps_max));
+            line(format!(
+                "| {} | {servers} | {} {} | {} {} | **{:.2}×** | {:.3} / {:.3} | {:.3} / {:.3} | {:+.3} | {} / {} |",
+                case.label(),
+                fmt_rps(d.rps),
+                spread(d),
+                fmt_rps(s.rps),
+                spread(s),
+                s.rps / d.rps,
+                d.p50,
+                s.p50,
+                d.p99,
+                s.p99,
+                s.p99 - d.p99,
+                d.errors_shown,
+                s.errors_shown,
+            ));
+        }
     }
     line("\n## CPU per request\n".into());
     line(
-        "µs of user + system time per request (medians over rounds): the three masters \
-         together, and stormwall.\n"
+        "µs of user + system time per request (medians over rounds): the servers (the three \
+         masters together, or the one Redis), and stormwall.\n"
             .into(),
     );
     line(
-        "| case | masters: direct | masters: stormwall | masters: stormwall / direct | stormwall itself |\n\
-         | --- | ---: | ---: | ---: | ---: |"
+        "| case | servers | servers: direct | servers: stormwall | servers: stormwall / direct | stormwall itself |\n\
+         | --- | --- | ---: | ---: | ---: | ---: |"
             .into(),
     );
     for (ci, case) in cases.iter().enumerate() {
-        let [d, s] = [&summaries[ci][0], &summaries[ci][1]];
-        line(format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {} |",
-            case.label(),
-            d.redis_cpu_us,
-            s.redis_cpu_us,
-            s.redis_cpu_us / d.redis_cpu_us,
-            cell(s.proxy_cpu_us, 2),
-        ));
+        for (servers, d, s) in pairs {
+            let [d, s] = [&summaries[ci][d], &summaries[ci][s]];
+            line(format!(
+                "| {} | {servers} | {:.2} | {:.2} | {:.2} | {} |",
+                case.label(),
+                d.redis_cpu_us,
+                s.redis_cpu_us,
+                s.redis_cpu_us / d.redis_cpu_us,
+                cell(s.proxy_cpu_us, 2),
+            ));
+        }
     }
-    drop(stormwall);
+    drop((cluster_sw, one_sw, redis));
     drop(cluster);
 
     print!("\n{md}");

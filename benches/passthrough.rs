@@ -43,8 +43,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use common::redis_benchmark::{
-    CLIENTS, Case, Op, Summary, Target, calibrated, cell, fmt_rps, measure, run_benchmark,
-    summarize,
+    CLIENTS, Case, Op, Summary, Target, calibrate, cell, fmt_rps, run_rounds,
 };
 use common::{
     Mode, bench_command, connect, cores_and_cpu, env_flag, env_num, register_font, report_header,
@@ -99,6 +98,7 @@ fn main() {
         name: "direct".into(),
         port: redis_port,
         args: Vec::new(),
+        server_pids: vec![redis_pid],
         proxy_pid: None,
     }];
     // Both modes side by side, each its own process with its default config otherwise.
@@ -113,6 +113,7 @@ fn main() {
             name: mode.label(),
             port,
             args: Vec::new(),
+            server_pids: vec![redis_pid],
             proxy_pid: Some(proc.pid()),
         });
         stormwalls.push(proc);
@@ -123,6 +124,7 @@ fn main() {
             name: "twemproxy".into(),
             port: *port,
             args: Vec::new(),
+            server_pids: vec![redis_pid],
             proxy_pid: Some(proc.pid()),
         });
     }
@@ -160,54 +162,17 @@ fn main() {
         });
     }
 
-    // Calibrate: one request count per case, so that a direct run takes about `seconds`.
-    let counts: Vec<u64> = cases
-        .iter()
-        .map(|case| {
-            if case.op == Op::Get {
-                preload(redis_port, case.size);
-            }
-            let probe = 10_000 * u64::from(case.pipeline);
-            let rps = run_benchmark(case, redis_port, probe, &[]).rps;
-            let n = calibrated(rps, seconds, 10_000);
-            println!("calibrated {}: {n} requests", case.label());
-            n
-        })
-        .collect();
-
-    // samples[case][target][round]
-    let mut samples = vec![vec![Vec::new(); targets.len()]; cases.len()];
-    for round in 0..rounds {
-        for (ci, case) in cases.iter().enumerate() {
-            if case.op == Op::Get {
-                preload(redis_port, case.size);
-            }
-            for k in 0..targets.len() {
-                let ti = (round + k) % targets.len();
-                let s = measure(case, &targets[ti], &[redis_pid], counts[ci]);
-                println!(
-                    "round {}/{rounds} {:<22} {:<19} {:>10.0} rps  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  CPU/req redis {:.2} proxy {} µs",
-                    round + 1,
-                    case.label(),
-                    names[ti],
-                    s.rps,
-                    s.p50,
-                    s.p99,
-                    s.p999,
-                    s.redis_cpu_us,
-                    cell(s.proxy_cpu_us, 2),
-                );
-                samples[ci][ti].push(s);
-            }
+    // Makes `GET key:__rand_int__` return a value of the case's size.
+    let before_case = |case: &Case| {
+        if case.op == Op::Get {
+            preload(redis_port, case.size);
         }
-    }
+    };
+    // Calibrate: one request count per case, so that a direct run takes about `seconds`.
+    let counts = calibrate(&cases, &targets[0], seconds, 10_000, before_case);
+    let summaries = run_rounds(&cases, &targets, &counts, rounds, before_case);
     let tls_report = tls_part(rounds, seconds);
     let elapsed = started.elapsed().as_secs_f64();
-
-    let summaries: Vec<Vec<Summary>> = samples
-        .iter()
-        .map(|per_target| per_target.iter().map(|s| summarize(s)).collect())
-        .collect();
 
     // Report.
     let command = bench_command(
@@ -528,24 +493,28 @@ fn tls_part(rounds: usize, seconds: f64) -> String {
             name: "direct".into(),
             port: redis_port,
             args: Vec::new(),
+            server_pids: vec![redis_pid],
             proxy_pid: None,
         },
         Target {
             name: "stormwall".into(),
             port: plain_sw_port,
             args: Vec::new(),
+            server_pids: vec![redis_pid],
             proxy_pid: Some(plain_sw.pid()),
         },
         Target {
             name: "direct TLS".into(),
             port: redis_tls_port,
             args: tls_args(),
+            server_pids: vec![redis_pid],
             proxy_pid: None,
         },
         Target {
             name: "stormwall TLS".into(),
             port: sw_tls_port,
             args: tls_args(),
+            server_pids: vec![redis_pid],
             proxy_pid: Some(tls_sw.pid()),
         },
     ];
@@ -568,46 +537,14 @@ fn tls_part(rounds: usize, seconds: f64) -> String {
         clients: CLIENTS,
         reconnect: true,
     });
-    let counts: Vec<u64> = cases
-        .iter()
-        .map(|case| {
-            if case.op == Op::Get {
-                preload(redis_port, case.size);
-            }
-            let probe = if case.reconnect {
-                2_000
-            } else {
-                10_000 * u64::from(case.pipeline)
-            };
-            // Calibrated on direct TLS, the slower of the two direct paths.
-            let rps = run_benchmark(case, redis_tls_port, probe, &tls_args()).rps;
-            let n = calibrated(rps, seconds, 2_000);
-            println!("calibrated TLS part {}: {n} requests", case.label());
-            n
-        })
-        .collect();
-    let mut samples = vec![vec![Vec::new(); targets.len()]; cases.len()];
-    for round in 0..rounds {
-        for (ci, case) in cases.iter().enumerate() {
-            if case.op == Op::Get {
-                preload(redis_port, case.size);
-            }
-            for k in 0..targets.len() {
-                let ti = (round + k) % targets.len();
-                let s = measure(case, &targets[ti], &[redis_pid], counts[ci]);
-                println!(
-                    "round {}/{rounds} {:<40} {:<14} {:>10.0} rps  p50 {:.3}  p99 {:.3} ms",
-                    round + 1,
-                    case.label(),
-                    targets[ti].name,
-                    s.rps,
-                    s.p50,
-                    s.p99,
-                );
-                samples[ci][ti].push(s);
-            }
+    let before_case = |case: &Case| {
+        if case.op == Op::Get {
+            preload(redis_port, case.size);
         }
-    }
+    };
+    // Calibrated on direct TLS, the slower of the two direct paths.
+    let counts = calibrate(&cases, &targets[2], seconds, 2_000, before_case);
+    let summaries = run_rounds(&cases, &targets, &counts, rounds, before_case);
     let mut md = String::new();
     let w = &mut md;
     let mut line = |text: String| writeln!(w, "{text}").unwrap();
@@ -629,7 +566,7 @@ fn tls_part(rounds: usize, seconds: f64) -> String {
             .into(),
     );
     for (ci, case) in cases.iter().enumerate() {
-        let s: Vec<Summary> = samples[ci].iter().map(|x| summarize(x)).collect();
+        let s = &summaries[ci];
         let plain = s[1].rps / s[0].rps;
         let tls = s[3].rps / s[2].rps;
         line(format!(

@@ -178,19 +178,26 @@ pub fn parse_benchmark(text: &str) -> Option<Sample> {
 }
 
 /// One way to reach the servers: its name in the report, its port, the redis-benchmark
-/// arguments it needs beyond the case's (`--tls …`, `--cluster`), and the proxy's pid (whose
-/// CPU time is charged to it), if any.
+/// arguments it needs beyond the case's (`--tls …`, `--cluster`), the servers behind it (one
+/// Redis, or every master of a cluster) and the proxy, if any, whose CPU time is charged to it.
 pub struct Target {
     pub name: String,
     pub port: u16,
     pub args: Vec<String>,
+    pub server_pids: Vec<u32>,
     pub proxy_pid: Option<u32>,
 }
 
-/// One redis-benchmark run of `n` requests against `target`, with the CPU time the servers
-/// (`server_pids`: one Redis, or every master of a cluster) and the proxy spent meanwhile.
-pub fn measure(case: &Case, target: &Target, server_pids: &[u32], n: u64) -> Sample {
-    let servers = || server_pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+/// One redis-benchmark run of `n` requests against `target`, with the CPU time its servers
+/// and its proxy spent meanwhile.
+pub fn measure(case: &Case, target: &Target, n: u64) -> Sample {
+    let servers = || {
+        target
+            .server_pids
+            .iter()
+            .map(|&p| cpu_seconds(p))
+            .sum::<f64>()
+    };
     let servers_before = servers();
     let proxy_before = target.proxy_pid.map(cpu_seconds);
     let mut s = run_benchmark(case, target.port, n, &target.args);
@@ -253,8 +260,74 @@ pub fn cell(v: f64, decimals: usize) -> String {
     }
 }
 
-/// The calibrated request count of a case: what `rps` gets through in about `seconds`,
-/// rounded to thousands, at least `floor`.
-pub fn calibrated(rps: f64, seconds: f64, floor: u64) -> u64 {
-    ((rps * seconds / 1000.0).round() as u64 * 1000).max(floor)
+/// One request count per case, so that a run against `target` takes about `seconds`
+/// (rounded to thousands, at least `floor`); `before_case` runs before each case's probe (a
+/// preload, say).
+pub fn calibrate(
+    cases: &[Case],
+    target: &Target,
+    seconds: f64,
+    floor: u64,
+    mut before_case: impl FnMut(&Case),
+) -> Vec<u64> {
+    cases
+        .iter()
+        .map(|case| {
+            before_case(case);
+            let probe = if case.reconnect {
+                2_000
+            } else {
+                10_000 * u64::from(case.pipeline)
+            };
+            let rps = run_benchmark(case, target.port, probe, &target.args).rps;
+            let n = ((rps * seconds / 1000.0).round() as u64 * 1000).max(floor);
+            println!(
+                "calibrated {} on {}: {n} requests",
+                case.label(),
+                target.name
+            );
+            n
+        })
+        .collect()
+}
+
+/// `rounds` rounds; in each, every case (`counts[case]` requests) on every target back to
+/// back, starting with a different target each round, so that slow drifts of the machine hit
+/// all of them alike; `before_case` runs before each case. Returns the medians over rounds,
+/// `[case][target]`.
+pub fn run_rounds(
+    cases: &[Case],
+    targets: &[Target],
+    counts: &[u64],
+    rounds: usize,
+    mut before_case: impl FnMut(&Case),
+) -> Vec<Vec<Summary>> {
+    // samples[case][target][round]
+    let mut samples = vec![vec![Vec::new(); targets.len()]; cases.len()];
+    for round in 0..rounds {
+        for (ci, case) in cases.iter().enumerate() {
+            before_case(case);
+            for k in 0..targets.len() {
+                let ti = (round + k) % targets.len();
+                let s = measure(case, &targets[ti], counts[ci]);
+                println!(
+                    "round {}/{rounds} {:<40} {:<22} {:>10.0} rps  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  CPU/req servers {:.2} proxy {} µs",
+                    round + 1,
+                    case.label(),
+                    targets[ti].name,
+                    s.rps,
+                    s.p50,
+                    s.p99,
+                    s.p999,
+                    s.redis_cpu_us,
+                    cell(s.proxy_cpu_us, 2),
+                );
+                samples[ci][ti].push(s);
+            }
+        }
+    }
+    samples
+        .iter()
+        .map(|per_target| per_target.iter().map(|s| summarize(s)).collect())
+        .collect()
 }
