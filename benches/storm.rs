@@ -24,7 +24,8 @@
 //! miss's `SET`, before the next `GET`: a synchronous app; latency still from the schedule),
 //! `STORMWALL_BENCH_LATE_CONNECT=1` (storm clients connect at their first request, in the
 //! storm), `STORMWALL_BENCH_HOT_KEYS=N` (reads over `N` keys instead of 10,000),
-//! `STORMWALL_BENCH_BIN=path` (another stormwall binary, e.g. an older build).
+//! `STORMWALL_BENCH_BIN=path` (another stormwall binary, e.g. an older build),
+//! `STORMWALL_BENCH_STORMWALL_TOML=…` (appended to every stormwall's config file).
 //!
 //! Output: besides the whole-phase figures, the read p50 / p99 / max **of every second** of
 //! each path (the report's per-second tables; a transient of a few seconds hides in a
@@ -115,6 +116,9 @@ const SECOND_COUNTERS: &[&str] = &[
     "stormwall_upstream_connects_total",
     "stormwall_client_connections_total",
     "stormwall_pins_total",
+    "stormwall_invalidation_batches_total",
+    "stormwall_invalidation_commands_sent_total",
+    "stormwall_invalidation_keys_sent_total",
 ];
 /// Width of a time bucket in the latency-over-time plot.
 const BUCKET_SECS: f64 = 0.25;
@@ -1339,7 +1343,8 @@ struct RunResult {
 
 /// stormwall's config file for a run (empty: none, the defaults): `flush.min_interval` for the
 /// tuning curve, `upstream.mode` when `STORMWALL_BENCH_UPSTREAM_MODE` is set, the cluster's
-/// `[upstream]` (`cluster`) in front of a cluster.
+/// `[upstream]` (`cluster`) in front of a cluster, and last `STORMWALL_BENCH_STORMWALL_TOML`
+/// (sections of its own, for investigating: e.g. `[invalidation]` with `adaptive = false`).
 fn config_text(
     min_interval: Option<&str>,
     upstream_mode: Option<&str>,
@@ -1358,6 +1363,11 @@ fn config_text(
         if humantime::parse_duration(min_interval).unwrap() >= Duration::from_secs(5) {
             s.push_str("\n[invalidation]\nmax_wait = \"10s\"\n");
         }
+    }
+    if let Ok(extra) = std::env::var("STORMWALL_BENCH_STORMWALL_TOML") {
+        s.push('\n');
+        s.push_str(&extra);
+        s.push('\n');
     }
     s
 }
@@ -1794,6 +1804,7 @@ fn report(
                 "STORMWALL_BENCH_LATE_CONNECT",
                 "STORMWALL_BENCH_HOT_KEYS",
                 "STORMWALL_BENCH_BIN",
+                "STORMWALL_BENCH_STORMWALL_TOML",
             ]
         ),
         utc_date().unwrap_or_default(),
