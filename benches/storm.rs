@@ -25,7 +25,8 @@
 //! `STORMWALL_BENCH_LATE_CONNECT=1` (storm clients connect at their first request, in the
 //! storm), `STORMWALL_BENCH_HOT_KEYS=N` (reads over `N` keys instead of 10,000),
 //! `STORMWALL_BENCH_BIN=path` (another stormwall binary, e.g. an older build),
-//! `STORMWALL_BENCH_STORMWALL_TOML=…` (appended to every stormwall's config file).
+//! `STORMWALL_BENCH_STORMWALL_TOML='[invalidation]\nadaptive = false'` (appended to every
+//! stormwall's config file, a literal `\n` read as a line break).
 //!
 //! Output: besides the whole-phase figures, the read p50 / p99 / max **of every second** of
 //! each path (the report's per-second tables; a transient of a few seconds hides in a
@@ -1366,7 +1367,9 @@ fn config_text(
     }
     if let Ok(extra) = std::env::var("STORMWALL_BENCH_STORMWALL_TOML") {
         s.push('\n');
-        s.push_str(&extra);
+        // A literal `\n` stands for a line break, so the variable fits the report's one-line
+        // command.
+        s.push_str(&extra.replace("\\n", "\n"));
         s.push('\n');
     }
     s
