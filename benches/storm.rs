@@ -1597,6 +1597,14 @@ fn run(
         "   run-queue wait per second (ms), stormwall: {}",
         waits(|w| w.1)
     );
+    // The shield's own account at the end of the run (counters and gauges, summed over labels).
+    for (name, v) in r
+        .metrics
+        .iter()
+        .filter(|(n, _)| n.starts_with("stormwall_invalidation") || n.contains("cluster"))
+    {
+        eprintln!("   at the end: {name} {v}");
+    }
     if r.counters_per_second.iter().any(|c| !c.is_empty()) {
         for name in SECOND_COUNTERS {
             let v: Vec<String> = r
@@ -1843,8 +1851,8 @@ fn report(
     let tl = s.main;
     writeln!(
         w,
-        "Scenario (same for both paths, each run on a freshly started and preloaded `redis-server`, \
-         stormwall started fresh with its default config): {} string keys of {VALUE_SIZE} B (`DEBUG POPULATE`) plus \
+        "Scenario (same for both paths, each run on a freshly started and preloaded {}, \
+         stormwall started fresh with its default config): {} string keys of {VALUE_SIZE} B{} plus \
          {BIG_HASHES} hashes of {} fields; {READ_CONNS} reader connections doing {READ_RATE:.0} `GET`/s \
          open loop over the {HOT_KEYS} hottest keys, latency from each read's scheduled send time (truly open loop: sends never wait for replies), a miss \
          re-populated with `SET` (cache-aside, pipelined on a second connection per reader); timeline {}s before, {}s storm, {}s after. \
@@ -1853,7 +1861,13 @@ fn report(
          one of {DEL_GROUPS} groups of {GROUP_SIZE} keys out of the same 300 (the {BIG_HASHES} big hashes in two groups of 4), \
          with the big hashes re-created in the background during the storm (straight to Redis, in both paths, \
          at most one per {} ms). Details: the doc comment of `benches/storm.rs`.\n",
+        if s.cluster {
+            "cluster"
+        } else {
+            "`redis-server`"
+        },
         s.keys,
+        if s.cluster { "" } else { " (`DEBUG POPULATE`)" },
         s.fields,
         tl.before.as_secs(),
         tl.storm.as_secs(),
