@@ -151,6 +151,26 @@ fn describe() {
         "Refreshes of the Redis Cluster slot map that routed some slot to another master."
     );
     describe_counter!(
+        "stormwall_cluster_failovers_total",
+        "Replicas seen taking over their master's slots (a new slot map's master that was a replica in the one before)."
+    );
+    describe_gauge!(
+        "stormwall_cluster_slots_served",
+        "Slots (of 16384) the current Redis Cluster slot map gives a master."
+    );
+    describe_gauge!(
+        "stormwall_cluster_masters",
+        "Masters serving slots in the current Redis Cluster slot map."
+    );
+    describe_counter!(
+        "stormwall_cluster_node_commands_total",
+        "Client commands sent to each Redis Cluster master, by node (host:port)."
+    );
+    describe_gauge!(
+        "stormwall_cluster_node_connections",
+        "Connections open to each Redis Cluster master carrying clients' commands (shared and private), by node (host:port)."
+    );
+    describe_counter!(
         "stormwall_cluster_redirects_total",
         "Replies by which a cluster node said a command did not run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), each followed by sending the command again."
     );
@@ -401,6 +421,7 @@ impl Hot {
                 mux: crate::upstream::mux::MuxMetrics {
                     write_commands: histogram!("stormwall_shared_write_commands"),
                     connections: gauge!("stormwall_upstream_connections", "mode" => "shared"),
+                    node_connections: None,
                 },
                 spares: gauge!("stormwall_upstream_connections", "mode" => "spare"),
                 outage_recovered: counter!("stormwall_outage_waits_total", "outcome" => "recovered"),
@@ -412,6 +433,9 @@ impl Hot {
                 refresh_ok: counter!("stormwall_cluster_refreshes_total", "result" => "ok"),
                 refresh_failed: counter!("stormwall_cluster_refreshes_total", "result" => "failed"),
                 map_changes: counter!("stormwall_cluster_slot_map_changes_total"),
+                failovers: counter!("stormwall_cluster_failovers_total"),
+                slots_served: gauge!("stormwall_cluster_slots_served"),
+                masters: gauge!("stormwall_cluster_masters"),
                 redirects: [
                     counter!("stormwall_cluster_redirects_total", "kind" => "moved"),
                     counter!("stormwall_cluster_redirects_total", "kind" => "ask"),

@@ -8,19 +8,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, proxy};
 use common::*;
-
-fn proxy(cluster: &Cluster) -> Stormwall {
-    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
-    Stormwall::start(
-        &cluster.seeds()[0],
-        &format!(
-            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\n",
-            seeds.join(", ")
-        ),
-    )
-}
 
 /// `DBSIZE` of each master, asked directly.
 fn sizes(cluster: &Cluster) -> Vec<i64> {
@@ -41,7 +30,7 @@ fn strings(frame: &Frame) -> Vec<String> {
 #[test]
 fn multi_key_commands_split_by_slot_count_and_order_like_one_redis() {
     let cluster = Cluster::start(3, 1);
-    let sw = proxy(&cluster);
+    let sw = proxy(&cluster, "");
     let mut c = sw.raw();
     let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
     let slots: BTreeSet<u16> = keys.iter().map(|k| cluster.slot_of(k.as_bytes())).collect();
@@ -118,7 +107,7 @@ fn multi_key_commands_split_by_slot_count_and_order_like_one_redis() {
 #[test]
 fn whole_dataset_commands_run_on_every_master() {
     let cluster = Cluster::start(3, 1);
-    let sw = proxy(&cluster);
+    let sw = proxy(&cluster, "");
     let mut c = sw.raw();
     let mut all = BTreeSet::new();
     for i in 0..300 {
@@ -221,7 +210,7 @@ fn whole_dataset_commands_run_on_every_master() {
 #[test]
 fn a_full_scan_returns_every_key_once_across_masters() {
     let cluster = Cluster::start(3, 1);
-    let sw = proxy(&cluster);
+    let sw = proxy(&cluster, "");
     let mut c = sw.raw();
     let mut input = Vec::new();
     for i in 0..3000 {

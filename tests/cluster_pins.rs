@@ -6,19 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, proxy};
 use common::*;
-
-fn proxy(cluster: &Cluster) -> Stormwall {
-    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
-    Stormwall::start(
-        &cluster.seeds()[0],
-        &format!(
-            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\n",
-            seeds.join(", ")
-        ),
-    )
-}
 
 /// Keys on every master, one per master, none sharing a slot.
 fn spread(cluster: &Cluster) -> Vec<Vec<u8>> {
@@ -37,7 +26,7 @@ fn spread(cluster: &Cluster) -> Vec<Vec<u8>> {
 #[test]
 fn transactions_run_on_the_master_of_their_keys() {
     let cluster = Cluster::start(3, 1);
-    let sw = proxy(&cluster);
+    let sw = proxy(&cluster, "");
     let mut c = sw.raw();
     let keys = spread(&cluster);
     // Whatever master the previous command went to, a pipelined transaction goes to its
@@ -169,7 +158,7 @@ fn transactions_run_on_the_master_of_their_keys() {
 #[test]
 fn blocking_commands_wait_on_their_master_and_what_follows_waits_for_them() {
     let cluster = Cluster::start(3, 1);
-    let sw = proxy(&cluster);
+    let sw = proxy(&cluster, "");
     let keys = spread(&cluster);
     let mut c = sw.raw();
     c.stream
@@ -227,7 +216,7 @@ fn blocking_commands_wait_on_their_master_and_what_follows_waits_for_them() {
 #[test]
 fn pubsub_works_cluster_wide_and_sharded_channels_by_slot() {
     let cluster = Cluster::start(3, 1);
-    let sw = proxy(&cluster);
+    let sw = proxy(&cluster, "");
     let mut sub = sw.raw();
     let subscribed = sub.call(&[b"SUBSCRIBE", b"news"]);
     assert_eq!(

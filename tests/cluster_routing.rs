@@ -8,21 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, proxy};
 use common::*;
-
-/// stormwall in front of `cluster`, shared mode (the only one a cluster takes), with
-/// `extra` TOML after `[upstream]`'s keys.
-fn proxy(cluster: &Cluster, extra: &str) -> Stormwall {
-    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
-    Stormwall::start(
-        &cluster.seeds()[0],
-        &format!(
-            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\n{extra}",
-            seeds.join(", ")
-        ),
-    )
-}
 
 /// Keys spread over every master (the `i`th of them).
 fn key(i: usize) -> Vec<u8> {
@@ -72,6 +59,39 @@ fn commands_go_to_their_slots_master_and_replies_keep_the_clients_order() {
         }
     }
     assert!(per_master.iter().all(|&n| n > 50), "{per_master:?}");
+    // Each master's series counts what it was sent (keyless PINGs go to one master or
+    // another), over a connection of its own.
+    let scrape = scrape(&sw);
+    let sent: Vec<f64> = masters
+        .iter()
+        .map(|m| {
+            value(
+                &scrape,
+                "stormwall_cluster_node_commands_total",
+                &[("node", &*m.addr())],
+            )
+        })
+        .collect();
+    for (m, (&sent, &keys)) in sent.iter().zip(&per_master).enumerate() {
+        assert!(
+            sent >= 3.0 * keys as f64,
+            "master {m}: {sent} commands for {keys} keys"
+        );
+    }
+    assert_eq!(sent.iter().sum::<f64>(), 1200.0, "{sent:?}");
+    for m in &masters {
+        let open = value(
+            &scrape,
+            "stormwall_cluster_node_connections",
+            &[("node", &*m.addr())],
+        );
+        assert!(open >= 1.0, "connections to {}: {open}", m.addr());
+    }
+    assert_eq!(value(&scrape, "stormwall_cluster_masters", &[]), 3.0);
+    assert_eq!(
+        value(&scrape, "stormwall_cluster_slots_served", &[]),
+        16384.0
+    );
     // Hash tags keep keys together, so multi-key commands run.
     assert_eq!(
         text(&c.call(&[b"MSET", b"{user:1}:a", b"1", b"{user:1}:b", b"2"])),
@@ -360,4 +380,5 @@ fn a_failed_master_is_replaced_and_in_flight_commands_close_the_client() {
     assert_eq!(text(&d.call(&[b"GET", k])), "1");
     assert_eq!(text(&d.call(&[b"INCR", k])), "2");
     assert!(metric(&sw, "stormwall_cluster_slot_map_changes_total", &[]) >= 1.0);
+    assert_eq!(metric(&sw, "stormwall_cluster_failovers_total", &[]), 1.0);
 }

@@ -10,19 +10,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, proxy};
 use common::*;
-
-fn proxy(cluster: &Cluster, extra: &str) -> Stormwall {
-    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
-    Stormwall::start(
-        &cluster.seeds()[0],
-        &format!(
-            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\n{extra}",
-            seeds.join(", ")
-        ),
-    )
-}
 
 /// Whether `key` exists, asked of its master.
 fn exists(cluster: &Cluster, key: &[u8]) -> bool {

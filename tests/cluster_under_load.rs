@@ -12,19 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, proxy};
 use common::*;
-
-fn proxy(cluster: &Cluster) -> Stormwall {
-    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
-    Stormwall::start(
-        &cluster.seeds()[0],
-        &format!(
-            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\noutage_wait = \"20s\"\n",
-            seeds.join(", ")
-        ),
-    )
-}
 
 /// What one key's writer knows of it.
 #[derive(Default, Clone, Debug)]
@@ -150,7 +139,7 @@ fn writer(port: u16, me: usize, stop: Arc<AtomicBool>, wait: bool) -> Report {
 /// Starts 20 writers, runs `change` on the cluster, lets the writers go on for a moment
 /// after it, stops them, and checks every key against the cluster itself.
 fn under_load(cluster: &mut Cluster, wait: bool, change: impl FnOnce(&mut Cluster)) -> u64 {
-    let mut sw = proxy(cluster);
+    let mut sw = proxy(cluster, "outage_wait = \"20s\"\n");
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..20)
         .map(|me| {

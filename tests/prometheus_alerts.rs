@@ -9,7 +9,7 @@
 //! brought about for real — a flush storm, a queue that fills, Redis killed, a broken config
 //! reloaded, garbage on the client port, clients over `listen.max_clients`, Redis dropping
 //! client sessions, observe mode over budget, a stalled Redis holding the adaptive budget at
-//! its floor, a TLS certificate about to expire — and Prometheus's HTTP API must show the
+//! its floor, a TLS certificate about to expire, a Redis Cluster that loses a shard — and Prometheus's HTTP API must show the
 //! alert pending, then firing (with its annotations rendered), then gone once the condition
 //! is removed. The series behind each alert must say what happened: counters equal to what
 //! the test sent, `rate()` of governed commands above 0 during the storm and its `increase`
@@ -22,7 +22,7 @@
 //! ([`assert_only_durations_differ`]), so the expressions, thresholds and templates tested
 //! are the shipped ones.
 //!
-//! The scenarios run at once, one stormwall and one Redis each, against one Prometheus, so
+//! The scenarios run at once, one stormwall and one Redis (or Redis Cluster) each, against one Prometheus, so
 //! the whole file takes about as long as its slowest scenario. Nothing is timed: every wait
 //! is a poll with a generous deadline that only decides when to fail, saying what
 //! Prometheus returned.
@@ -30,12 +30,14 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::cluster::{self, Cluster};
 use common::{Raw, Redis, Stormwall, as_int, encode_cmd, error_text, free_port, text};
 use serde_json::Value;
 
@@ -180,7 +182,7 @@ fn the_rules_under_test_differ_from_the_shipped_ones_only_in_durations() {
         "{changed} durations rescaled, {holds} of them `for:`"
     );
     assert_eq!(alert_names(&copy), alert_names(&shipped));
-    assert_eq!(alert_names(&shipped).len(), 11);
+    assert_eq!(alert_names(&shipped).len(), 12);
     // The transformation itself, on the forms it knows.
     let line = |l: &str| rescale_line(l).expect("rescaled");
     assert_eq!(line("        for: 10m\n"), "        for: 10s\n");
@@ -659,34 +661,34 @@ fn table<'a>(config: &'a mut toml::Table, name: &str) -> &'a mut toml::Table {
 
 // ---- the scenarios ----------------------------------------------------------------------
 
-/// What a scenario does once Prometheus scrapes its stormwall.
-type Run = Box<dyn FnOnce(&Prometheus, &mut Redis, &Stormwall) + Send>;
+/// What a scenario does once Prometheus scrapes its stormwall (with its upstream, which it
+/// owns).
+type Run = Box<dyn FnOnce(&Prometheus, &Stormwall) + Send>;
 
-/// One condition brought about for real, on a stormwall and a Redis of its own.
+/// One condition brought about for real, on a stormwall and an upstream (a Redis, or a
+/// Redis Cluster) of its own.
 struct Scenario {
     /// Its `scenario` target label, and its name in failure messages.
     name: &'static str,
     /// The alerts it fires and resolves.
     alerts: &'static [&'static str],
-    redis: Redis,
     sw: Stormwall,
     run: Run,
 }
 
 impl Scenario {
-    fn new(
+    fn new<U: Send + 'static>(
         name: &'static str,
         alerts: &'static [&'static str],
-        redis: Redis,
+        mut upstream: U,
         sw: Stormwall,
-        run: impl FnOnce(&Prometheus, &mut Redis, &Stormwall) + Send + 'static,
+        run: impl FnOnce(&Prometheus, &mut U, &Stormwall) + Send + 'static,
     ) -> Scenario {
         Scenario {
             name,
             alerts,
-            redis,
             sw,
-            run: Box::new(run),
+            run: Box::new(move |prom, sw| run(prom, &mut upstream, sw)),
         }
     }
 }
@@ -1276,6 +1278,85 @@ fn certificate_expires() -> Scenario {
     )
 }
 
+/// A Redis Cluster that loses a shard: three masters without replicas, one killed. Once the
+/// others mark it failed, every master answers `CLUSTERDOWN`, which stormwall sends again
+/// until `upstream.outage_wait` and then gives the client; writers keep writing. The master
+/// restarted (same port, same `nodes.conf`) rejoins and the cluster serves again. The
+/// slot-map and per-node series say what happened.
+fn cluster_down() -> Scenario {
+    let cluster = Cluster::start(3, 0);
+    let sw = cluster::proxy(&cluster, "outage_wait = \"500ms\"\n");
+    Scenario::new(
+        "cluster_down",
+        &["StormwallClusterDown"],
+        cluster,
+        sw,
+        move |prom, cluster, sw| {
+            let alert = Alert::new("StormwallClusterDown", sw, &[("kind", "clusterdown")]);
+            let served = sel("stormwall_cluster_slots_served", sw, &[]);
+            prom.wait_value("every slot served", &served, |v| v == 16384.0);
+            prom.wait_value(
+                "three masters",
+                &sel("stormwall_cluster_masters", sw, &[]),
+                |v| v == 3.0,
+            );
+            let victim = cluster.masters()[2].port;
+            let written = driving(
+                |stop| {
+                    // SETs over every master; a client closed (its master unreachable past
+                    // outage_wait) connects again.
+                    let mut raw = sw.raw();
+                    let (mut ok, mut down) = (0u64, 0u64);
+                    let mut i = 0u64;
+                    while !stopped(stop) {
+                        i += 1;
+                        let key = format!("k{i}");
+                        let sent = raw
+                            .stream
+                            .write_all(&encode_cmd(&[b"SET", key.as_bytes(), b"v"]))
+                            .is_ok();
+                        match sent.then(|| raw.try_read_frame()).flatten() {
+                            Some(r) if text(&r) == "OK" => ok += 1,
+                            Some(r) => {
+                                let e = error_text(&r);
+                                assert!(e.starts_with("CLUSTERDOWN"), "a SET answered {e}");
+                                down += 1;
+                            }
+                            None => raw = sw.raw(),
+                        }
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    (ok, down)
+                },
+                || {
+                    cluster.kill(victim);
+                    prom.wait_firing(&alert);
+                    cluster.restart(victim);
+                    prom.wait_resolved(&alert);
+                },
+            );
+            assert!(
+                written.0 > 0 && written.1 > 0,
+                "OK and CLUSTERDOWN replies: {written:?}"
+            );
+            // Every master was sent commands, over connections of its own.
+            for node in cluster.masters() {
+                let labels = [("node", &*node.addr())];
+                let commands = sel("stormwall_cluster_node_commands_total", sw, &labels);
+                prom.wait_value("commands sent to each master", &commands, |v| v > 0.0);
+                let connections = sel("stormwall_cluster_node_connections", sw, &labels);
+                prom.wait_value("connections to each master", &connections, |v| v > 0.0);
+            }
+            prom.wait_value("every slot served again", &served, |v| v == 16384.0);
+            assert_eq!(
+                prom.value(&sel("stormwall_cluster_failovers_total", sw, &[])),
+                Some(0.0),
+                "no replica to promote, no failover"
+            );
+        },
+    )
+}
+
 /// Writes a self-signed certificate for localhost valid from an hour ago for `valid_for`
 /// from now, as `tls.crt`/`tls.key` in `dir`.
 fn certificate(dir: &Path, valid_for: Duration) -> (PathBuf, PathBuf) {
@@ -1311,6 +1392,7 @@ fn every_shipped_alert_fires_and_resolves_in_a_real_prometheus() {
         observe_over_budget(),
         slow_redis(),
         certificate_expires(),
+        cluster_down(),
     ];
     // Every shipped alert is driven by some scenario (a new alert needs one here).
     let names: BTreeSet<String> = alert_names(&shipped).into_iter().collect();
@@ -1355,10 +1437,8 @@ fn every_shipped_alert_fires_and_resolves_in_a_real_prometheus() {
                     .name(name.to_owned())
                     .spawn_scoped(s, move || {
                         let began = Instant::now();
-                        let Scenario {
-                            mut redis, sw, run, ..
-                        } = scenario;
-                        run(prom, &mut redis, &sw);
+                        let Scenario { sw, run, .. } = scenario;
+                        run(prom, &sw);
                         eprintln!("{name}: done in {:.1?}", began.elapsed());
                     })
                     .expect("cannot start a scenario thread");

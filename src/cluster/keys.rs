@@ -323,11 +323,19 @@ impl Entry {
                     let Some(count) = arg_at(cmd, at).and_then(parse_int) else {
                         return Keys::Unfit;
                     };
-                    if count < 0 {
+                    // A count the client gave: any `i64` (Redis refuses the absurd ones;
+                    // they must not overflow here first).
+                    let Some(first) = i64::try_from(*firstkey)
+                        .ok()
+                        .and_then(|k| first.checked_add(k))
+                    else {
                         return Keys::Unfit;
+                    };
+                    let last = first.checked_add(count).map(|l| l - 1);
+                    match last {
+                        Some(last) if count >= 0 => (first, last, *keystep),
+                        _ => return Keys::Unfit,
                     }
-                    let first = first + *firstkey as i64;
-                    (first, first + count - 1, *keystep)
                 }
                 Find::Unknown => return Keys::AskRedis,
             };
@@ -343,7 +351,8 @@ impl Entry {
                         name,
                     });
                 }
-                i += step as i64;
+                // (A step of 0 in a command table would never end.)
+                i += step.max(1) as i64;
             }
             if spec.incomplete {
                 return Keys::AskRedis;

@@ -143,6 +143,12 @@ pub fn fanout(kind: Fanout, replies: &[Bytes]) -> Bytes {
     }
 }
 
+/// Whether some of `replies` are errors and some are not: a command that changes data, sent
+/// to several masters, ran on some and was refused by others.
+pub fn partly_applied(replies: &[Bytes]) -> bool {
+    replies.iter().any(|r| is_error(r)) && replies.iter().any(|r| !is_error(r))
+}
+
 /// Integer replies summed; the first error if there is one.
 pub fn sum(replies: &[Bytes]) -> Bytes {
     if let Some(e) = first_error(replies) {
@@ -433,6 +439,14 @@ mod tests {
             b("*4\r\n$2\r\nva\r\n$2\r\nvb\r\n$-1\r\n_\r\n")
         );
         assert!(is_error(&mget(&parts[..2], &places[..2], 4)));
+    }
+
+    #[test]
+    fn a_write_refused_by_some_masters_only_is_partly_applied() {
+        assert!(partly_applied(&[b(":1\r\n"), b("-NOPERM no\r\n")]));
+        assert!(partly_applied(&[b("+OK\r\n"), b("-BUSY busy\r\n")]));
+        assert!(!partly_applied(&[b("-NOPERM no\r\n"), b("-NOPERM no\r\n")]));
+        assert!(!partly_applied(&[b(":1\r\n"), b(":0\r\n")]));
     }
 
     #[test]

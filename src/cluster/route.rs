@@ -41,6 +41,15 @@ pub enum Fanout {
     Info,
 }
 
+impl Fanout {
+    /// Whether the commands merged this way change data (`FLUSHDB`, `SCRIPT LOAD`,
+    /// `FUNCTION LOAD`, …): one that some masters ran and others refused must not be
+    /// answered with the refusal.
+    pub fn writes(self) -> bool {
+        matches!(self, Fanout::FirstError)
+    }
+}
+
 /// How a command crossing slots is split, and its parts' replies merged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {

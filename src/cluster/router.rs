@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use metrics::Counter;
+use metrics::{Counter, Gauge};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,11 @@ pub struct Node {
     /// when a node cannot be reached the router decides where to try next, not the pool.
     pub cfg: UpstreamConfig,
     pub pools: Pools,
+    /// `stormwall_cluster_node_commands_total{node}`: client commands sent to it.
+    pub commands: Counter,
+    /// `stormwall_cluster_node_connections{node}`: connections open to it carrying
+    /// clients' commands (shared and private).
+    pub connections: Gauge,
 }
 
 impl std::fmt::Debug for Node {
@@ -115,6 +120,12 @@ pub struct RouterMetrics {
     pub refresh_ok: Counter,
     pub refresh_failed: Counter,
     pub map_changes: Counter,
+    /// Masters of a new map that were replicas in the one before.
+    pub failovers: Counter,
+    /// Slots the current map gives a master.
+    pub slots_served: Gauge,
+    /// Masters serving slots in the current map.
+    pub masters: Gauge,
     /// By [`super::redirect::Redirect::label`]: moved, ask, tryagain, clusterdown.
     pub redirects: [Counter; 4],
 }
@@ -229,10 +240,17 @@ impl Router {
         cfg.outage_wait = Duration::ZERO;
         cfg.target = Arc::new(Target::default());
         cfg.target.follow(&cfg);
+        let label = address.to_string();
+        let connections =
+            metrics::gauge!("stormwall_cluster_node_connections", "node" => label.clone());
+        let mut pool_metrics = self.pool_metrics.clone();
+        pool_metrics.mux.node_connections = Some(connections.clone());
         let node = Arc::new(Node {
             address: address.clone(),
             cfg,
-            pools: Pools::new(self.pool_metrics.clone()),
+            pools: Pools::new(pool_metrics),
+            commands: metrics::counter!("stormwall_cluster_node_commands_total", "node" => label),
+            connections,
         });
         nodes.insert(address.to_string(), node.clone());
         node
@@ -278,6 +296,7 @@ impl Router {
                 }
             };
             if let Some(rx) = mux.capture(bytes, replies) {
+                node.commands.increment(u64::from(replies));
                 return Ok(rx);
             }
             // The connection failed just now: the group opens another.
@@ -363,6 +382,18 @@ impl Router {
             .or_else(|| topology.masters().next())
             .map(|n| n.address.clone());
         let epoch = current.epoch + 1;
+        self.metrics.slots_served.set(topology.covered() as f64);
+        self.metrics.masters.set(masters.len() as f64);
+        if let Some(before) = &current.topology {
+            let promoted = topology.promotions_since(before);
+            if promoted > 0 {
+                info!(
+                    promoted,
+                    "a replica of the cluster took over its master's slots"
+                );
+                self.metrics.failovers.increment(promoted as u64);
+            }
+        }
         if current.is_known() {
             info!(
                 masters = masters.len(),

@@ -91,6 +91,23 @@ fn hashed_part(key: &[u8]) -> &[u8] {
     }
 }
 
+/// Items grouped by slot: slots in the order their first item comes, each slot's items in
+/// the order they came (a command split by slot keeps the client's key order).
+pub fn by_slot<T>(items: impl IntoIterator<Item = (u16, T)>) -> Vec<(u16, Vec<T>)> {
+    let mut groups: Vec<(u16, Vec<T>)> = Vec::new();
+    let mut index: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+    for (slot, item) in items {
+        match index.entry(slot) {
+            std::collections::hash_map::Entry::Occupied(e) => groups[*e.get()].1.push(item),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(groups.len());
+                groups.push((slot, vec![item]));
+            }
+        }
+    }
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +221,15 @@ mod tests {
         assert_eq!(key_slot(b"{\x00}"), key_slot(b"\x00"));
         // Binary keys: any byte, including CR, LF and invalid UTF-8.
         assert_eq!(key_slot(b"\xff\xfe{\r\n}"), key_slot(b"\r\n"));
+    }
+
+    #[test]
+    fn items_grouped_by_slot_keep_their_order() {
+        let grouped = by_slot([(7, 'a'), (3, 'b'), (7, 'c'), (9, 'd'), (3, 'e')]);
+        assert_eq!(
+            grouped,
+            vec![(7, vec!['a', 'c']), (3, vec!['b', 'e']), (9, vec!['d'])]
+        );
+        assert!(by_slot(Vec::<(u16, u8)>::new()).is_empty());
     }
 }

@@ -141,6 +141,28 @@ impl Topology {
                 .all(|(&a, &b)| master(self, a) == master(other, b))
     }
 
+    /// How many masters here were replicas in `before`: failovers (planned or not) between
+    /// the two maps. Nodes are matched by cluster id, or by address where the server gave
+    /// no id (`CLUSTER SLOTS` before Redis 4).
+    pub fn promotions_since(&self, before: &Topology) -> usize {
+        let same = |a: &Node, b: &Node| {
+            if a.id.is_empty() || b.id.is_empty() {
+                a.address == b.address
+            } else {
+                a.id == b.id
+            }
+        };
+        self.masters()
+            .filter(|m| {
+                before
+                    .shards
+                    .iter()
+                    .flat_map(|s| &s.replicas)
+                    .any(|r| same(r, m))
+            })
+            .count()
+    }
+
     /// How many slots have a master.
     pub fn covered(&self) -> usize {
         self.slots.iter().filter(|&&s| s != UNASSIGNED).count()
@@ -596,6 +618,25 @@ mod tests {
         assert!(after.shard_for(16383).unwrap().replicas.is_empty());
         let slots = topology(read_slots(&captured("slots-after-failover"), &PLAIN).unwrap());
         assert_eq!(port_of(slots.master_for(16383).unwrap()), "7105");
+    }
+
+    #[test]
+    fn a_failover_counts_one_promotion_and_a_refresh_none() {
+        let ok = topology(read_shards(&captured("shards-ok"), &PLAIN).unwrap());
+        let failed = topology(read_shards(&captured("shards-master-failed"), &PLAIN).unwrap());
+        let after = topology(read_shards(&captured("shards-after-failover"), &PLAIN).unwrap());
+        assert_eq!(ok.promotions_since(&ok), 0);
+        assert_eq!(
+            failed.promotions_since(&ok),
+            0,
+            "marked failed, not replaced yet"
+        );
+        assert_eq!(after.promotions_since(&failed), 1);
+        assert_eq!(after.promotions_since(&ok), 1);
+        // CLUSTER SLOTS (ids given) agrees.
+        let slots_ok = topology(read_slots(&captured("slots-ok"), &PLAIN).unwrap());
+        let slots_after = topology(read_slots(&captured("slots-after-failover"), &PLAIN).unwrap());
+        assert_eq!(slots_after.promotions_since(&slots_ok), 1);
     }
 
     fn bulk(s: &str) -> OwnedFrame {

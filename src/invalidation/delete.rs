@@ -288,14 +288,20 @@ impl Worker {
             // is charged one full burst, so the requests after it still wait their turn.
             let charged = keys.min(u64::from(keys_budget.burst));
             let deadline = earliest(&pending[..participants]);
-            let budget = take(
-                &shared,
-                (&*keys_budget, &*commands_budget),
-                Units::new(charged, commands),
-                &mut paid,
-                deadline - margin,
-            )
-            .await;
+            // Cluster request parts had their budget taken for the whole request.
+            let prepaid = pending[..participants].iter().all(|j| j.prepaid);
+            let budget = if prepaid {
+                Ok(())
+            } else {
+                take(
+                    &shared,
+                    (&*keys_budget, &*commands_budget),
+                    Units::new(charged, commands),
+                    &mut paid,
+                    deadline - margin,
+                )
+                .await
+            };
             if let Err(at) = budget {
                 // The budget cannot be had before some requests' deadlines: they are answered
                 // now, without spending budget on them, and the rest planned again.
@@ -740,6 +746,7 @@ mod tests {
         requests
             .iter()
             .map(|(keys, unlink)| Job {
+                prepaid: false,
                 what: Delete {
                     keys: keys.iter().map(|k| Bytes::from(k.to_string())).collect(),
                     unlink: *unlink,

@@ -298,7 +298,11 @@ impl Round<'_> {
             let (keys_budget, commands_budget) = shared.budgets();
             let want = Units::new(0, groups.len() as u64);
             let budgets = (&*keys_budget, &*commands_budget);
-            if let Err(at) = take(&shared, budgets, want, &mut paid, deadline - margin).await {
+            // Cluster request parts had their budget taken for the whole request.
+            let prepaid = waiters.iter().all(|j| j.prepaid);
+            if !prepaid
+                && let Err(at) = take(&shared, budgets, want, &mut paid, deadline - margin).await
+            {
                 expire_before(&mut waiters, at + margin, late);
                 continue;
             }

@@ -159,6 +159,10 @@ struct Job<T> {
     what: T,
     deadline: Instant,
     received: Instant,
+    /// Its rate budget was taken for the whole client request it is part of (a cluster
+    /// request split by master): the worker does not charge it again, so no part of a
+    /// request is ever refused for budget while another part runs.
+    prepaid: bool,
     reply: oneshot::Sender<Outcome>,
     _admission: Arc<Admission>,
 }
@@ -324,14 +328,32 @@ type FlushJob = Job<Option<bool>>;
 type ScopedJob = Job<Option<bool>>;
 
 /// Where a worker's requests run: the upstream (standalone or Sentinel's master), or one
-/// master of a Redis Cluster.
+/// master of a Redis Cluster and one of its [`LANES`].
 #[derive(Clone, Default)]
-pub(crate) struct Place(Option<Arc<crate::cluster::router::Node>>);
+pub(crate) struct Place {
+    node: Option<Arc<crate::cluster::router::Node>>,
+    lane: u16,
+}
+
+/// Delete workers per identity and cluster master, each serving the slots whose number
+/// is its lane modulo this, on a connection of its own. A batch holds one slot's keys
+/// (Redis Cluster refuses a command, script or transaction whose keys span slots), so a
+/// storm over many slots is many batches: lanes run them side by side. Requests for one
+/// slot (and so for one key) stay with one worker, in arrival order.
+pub(crate) const LANES: u16 = 8;
 
 impl Place {
+    /// A cluster master's; deletes for `slot` go to the lane of that slot.
+    fn master(node: Arc<crate::cluster::router::Node>, slot: Option<u16>) -> Place {
+        Place {
+            node: Some(node),
+            lane: slot.map_or(0, |s| s % LANES),
+        }
+    }
+
     /// `[upstream]` for this place's connections: the node's own in a cluster.
     fn upstream<'a>(&'a self, config: &'a Config) -> &'a crate::config::UpstreamConfig {
-        match &self.0 {
+        match &self.node {
             Some(node) => &node.cfg,
             None => &config.upstream,
         }
@@ -339,17 +361,18 @@ impl Place {
 
     /// Whether requests here go to one master of a cluster (batches then stay in one slot).
     fn in_cluster(&self) -> bool {
-        self.0.is_some()
+        self.node.is_some()
     }
 }
 
 impl PartialEq for Place {
     fn eq(&self, other: &Place) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => a.address == b.address,
-            (None, None) => true,
-            _ => false,
-        }
+        self.lane == other.lane
+            && match (&self.node, &other.node) {
+                (Some(a), Some(b)) => a.address == b.address,
+                (None, None) => true,
+                _ => false,
+            }
     }
 }
 
@@ -357,7 +380,11 @@ impl Eq for Place {}
 
 impl std::hash::Hash for Place {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.as_ref().map(|n| n.address.to_string()).hash(state);
+        self.node
+            .as_ref()
+            .map(|n| n.address.to_string())
+            .hash(state);
+        self.lane.hash(state);
     }
 }
 
@@ -629,8 +656,14 @@ impl Engine {
             let (tx, rx) = oneshot::channel();
             let routed = match request {
                 Request::Delete { keys, unlink } if cluster.is_some() => {
+                    let slots = by_slot(dedup(keys));
+                    let count = slots.iter().map(Vec::len).sum();
+                    if let Err(refused) = prepay(&shared, slots.len(), count, deadline).await {
+                        answers.push(Answer::One(Err(refused)));
+                        continue;
+                    }
                     let mut sent = Vec::new();
-                    for keys in by_slot(dedup(keys)) {
+                    for keys in slots {
                         let part = Part {
                             who: who.clone(),
                             what: PartOf::Delete { keys, unlink },
@@ -655,6 +688,10 @@ impl Engine {
                         .iter()
                         .flat_map(|m| (0..m.masters().len()).filter_map(|i| m.first_slot_of(i)))
                         .collect();
+                    if let Err(refused) = prepay(&shared, slots.len(), 0, deadline).await {
+                        answers.push(Answer::One(Err(refused)));
+                        continue;
+                    }
                     let mut sent = Vec::new();
                     for slot in slots {
                         let part = Part {
@@ -682,6 +719,7 @@ impl Engine {
                         },
                         deadline,
                         received,
+                        prepaid: false,
                         reply: tx,
                         _admission: admission.clone(),
                     };
@@ -699,6 +737,7 @@ impl Engine {
                         what: sync,
                         deadline,
                         received,
+                        prepaid: false,
                         reply: tx,
                         _admission: admission.clone(),
                     };
@@ -713,6 +752,7 @@ impl Engine {
                         // Its own, longer deadline: it covers the whole scan (see `scoped`).
                         deadline: received + config.flush.scoped_max_wait,
                         received,
+                        prepaid: false,
                         reply: tx,
                         _admission: admission.clone(),
                     };
@@ -760,11 +800,11 @@ impl Engine {
         let Some(node) = node else {
             return Err(Outcome::NotApplied(Refusal::Unreachable));
         };
-        let place = Place(Some(node));
         let (tx, rx) = oneshot::channel();
         let who = &part.who;
         let routed = match &part.what {
             PartOf::Delete { keys, unlink } => {
+                let place = Place::master(node, part.slot());
                 let job = Job {
                     what: delete::Delete {
                         keys: keys.clone(),
@@ -772,6 +812,7 @@ impl Engine {
                     },
                     deadline: part.deadline,
                     received: part.received,
+                    prepaid: true,
                     reply: tx,
                     _admission: part.admission.clone(),
                 };
@@ -783,10 +824,11 @@ impl Engine {
                     what: *sync,
                     deadline: part.deadline,
                     received: part.received,
+                    prepaid: true,
                     reply: tx,
                     _admission: part.admission.clone(),
                 };
-                let key = (who.clone(), *all, place);
+                let key = (who.clone(), *all, Place::master(node, None));
                 self.route(flushers, key, who, cap, job, flush::worker)
             }
         };
@@ -888,6 +930,34 @@ impl Engine {
     }
 }
 
+/// Takes the rate budget for a whole cluster request (`commands` parts, `keys` keys) before
+/// any part is sent, so its parts are never refused for budget one by one (some would run
+/// and some not: a request neither applied nor refused). As for a request alone in a
+/// batch, it is charged at most one full burst of each.
+async fn prepay(
+    shared: &Shared,
+    commands: usize,
+    keys: usize,
+    deadline: Instant,
+) -> Result<(), Outcome> {
+    let (keys_budget, commands_budget) = shared.budgets();
+    let want = shared_budget::Units::new(
+        (keys as u64).min(u64::from(keys_budget.burst)),
+        (commands as u64).min(u64::from(commands_budget.burst)),
+    );
+    let max_wait = shared.config.invalidation.max_wait;
+    let mut paid = shared_budget::Units::default();
+    shared_budget::take(
+        shared,
+        (&*keys_budget, &*commands_budget),
+        want,
+        &mut paid,
+        deadline - send_margin(max_wait),
+    )
+    .await
+    .map_err(|_| Outcome::NotApplied(Refusal::Expired { max_wait }))
+}
+
 /// Where a request's answer will come from: one worker, or (in a cluster) several, whose
 /// answers are [`combine`]d.
 enum Answer {
@@ -931,15 +1001,13 @@ impl Part {
 
 /// A cluster delete's keys by slot, each slot's in the client's order.
 fn by_slot(keys: Vec<Bytes>) -> Vec<Vec<Bytes>> {
-    let mut parts: Vec<(u16, Vec<Bytes>)> = Vec::new();
-    for key in keys {
-        let slot = crate::cluster::slot::key_slot(&key);
-        match parts.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, keys)) => keys.push(key),
-            None => parts.push((slot, vec![key])),
-        }
-    }
-    parts.into_iter().map(|(_, keys)| keys).collect()
+    let slotted = keys
+        .into_iter()
+        .map(|key| (crate::cluster::slot::key_slot(&key), key));
+    crate::cluster::slot::by_slot(slotted)
+        .into_iter()
+        .map(|(_, keys)| keys)
+        .collect()
 }
 
 /// Whether a Redis error says a command did not run because its slot is served elsewhere

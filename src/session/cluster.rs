@@ -61,7 +61,7 @@ pub(super) struct ClusterLink {
     /// Where commands without keys go: the last master used, so a run is not broken up.
     sticky: usize,
     /// The run being framed: the commands at the start of the client's buffer.
-    pending: Option<Pending>,
+    pending: Pending,
     /// The client's connection of its own to one master (`session::cluster_pins`).
     pub(super) private: Option<PrivateConn>,
     /// A `MULTI` was sent, and Redis has not said the transaction ended.
@@ -74,14 +74,53 @@ pub(super) struct ClusterLink {
     pub(super) on_private: bool,
 }
 
-/// A run of commands for one master, framed and not sent yet.
-#[derive(Debug, Clone, Copy)]
+/// A run of commands framed and not sent yet: the client's pipeline, whichever masters
+/// its commands are for.
+#[derive(Debug, Default)]
 struct Pending {
+    /// Each command: where it starts in the client's buffer, its length, and the index of
+    /// its master's part in `parts`.
+    commands: Vec<(usize, usize, usize)>,
+    /// One per master the run has commands for, in the order of each master's first.
+    parts: Vec<PendingPart>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingPart {
     master: usize,
     count: u32,
-    /// The first keyed command's slot: where the run goes if the map changes before it
+    /// The first keyed command's slot: where the part goes if the map changes before it
     /// can be sent.
     slot: Option<u16>,
+}
+
+impl Pending {
+    fn push(&mut self, at: usize, len: usize, master: usize, slot: Option<u16>) {
+        let part = match self.parts.iter().position(|p| p.master == master) {
+            Some(i) => i,
+            None => {
+                self.parts.push(PendingPart {
+                    master,
+                    count: 0,
+                    slot,
+                });
+                self.parts.len() - 1
+            }
+        };
+        let p = &mut self.parts[part];
+        p.count += 1;
+        p.slot = p.slot.or(slot);
+        self.commands.push((at, len, part));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.commands.clear();
+        self.parts.clear();
+    }
 }
 
 impl ClusterLink {
@@ -96,7 +135,7 @@ impl ClusterLink {
             nodes,
             inbox: Arc::new(Inbox::default()),
             sticky: 0,
-            pending: None,
+            pending: Pending::default(),
             private: None,
             txn_open: false,
             txn_closing: false,
@@ -147,9 +186,9 @@ impl ClusterLink {
             .unwrap_or_else(|| self.any())
     }
 
-    /// Any master: the pending run's, else the last one used.
+    /// Any master: the last one a command went to.
     fn any(&self) -> usize {
-        self.pending.map_or(self.sticky, |p| p.master)
+        self.sticky
     }
 
     /// Sends `bytes` (`count` commands) to the master at `master` in the current map.
@@ -171,9 +210,28 @@ impl ClusterLink {
         let rx = place
             .capture_later(&node.pools, &node.cfg, bytes, count)
             .await?;
+        node.commands.increment(u64::from(count));
         self.router.learn(&self.key.identity);
         Ok(Part::shared(node, Bytes::copy_from_slice(bytes), count, rx))
     }
+}
+
+/// Only empty lines (which Redis skips between commands).
+fn is_padding(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == b'\r' || b == b'\n')
+}
+
+/// Whether `bytes` holds `commands` (start, length) in order and nothing else but empty
+/// lines between them.
+fn holds_only(bytes: &[u8], commands: &[(usize, usize, usize)]) -> bool {
+    let mut at = 0;
+    for &(start, len, _) in commands {
+        match bytes.get(at..start) {
+            Some(gap) if is_padding(gap) => at = start + len,
+            _ => return false,
+        }
+    }
+    bytes.get(at..).is_some_and(is_padding)
 }
 
 /// Where a part of a command goes.
@@ -244,14 +302,12 @@ pub(super) fn plan(router: &Router, cmd: &Command<'_>, inline: bool) -> Plan {
 fn split_by_slot(cmd: &Command<'_>, split: Split) -> Plan {
     let name = cmd.arg(0).unwrap_or_default();
     // Slots in the order their first key comes, each with its keys' positions.
-    let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
-    for i in 1..cmd.argc() {
-        let slot = crate::cluster::slot::key_slot(cmd.arg(i).unwrap_or_default());
-        match slots.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, places)) => places.push(i - 1),
-            None => slots.push((slot, vec![i - 1])),
-        }
-    }
+    let slots = crate::cluster::slot::by_slot((1..cmd.argc()).map(|i| {
+        (
+            crate::cluster::slot::key_slot(cmd.arg(i).unwrap_or_default()),
+            i - 1,
+        )
+    }));
     let parts = slots
         .iter()
         .map(|(slot, places)| {
@@ -263,7 +319,11 @@ fn split_by_slot(cmd: &Command<'_>, split: Split) -> Plan {
         })
         .collect();
     let merge = match split {
-        Split::Count => Merge::Sum,
+        Split::Count => Merge::Sum {
+            // `DEL`/`UNLINK` change data: parts that end differently leave the client
+            // nothing true to be told (the error would read as "nothing was deleted").
+            writes: name.eq_ignore_ascii_case(b"DEL") || name.eq_ignore_ascii_case(b"UNLINK"),
+        },
         Split::MGet => Merge::MGet {
             places: slots.into_iter().map(|(_, places)| places).collect(),
             total: cmd.argc() - 1,
@@ -313,23 +373,11 @@ impl RequestSide<'_> {
         }
         match plan {
             Plan::Forward(slot) => {
+                // Commands for other masters join the run too: the run becomes one write
+                // per master, its replies put back in this order (a pipeline of keys on
+                // every master is not cut into a write per command).
                 let master = link.master_for(slot);
-                if link.pending.is_some_and(|p| p.master != master) {
-                    if let Next::Stop = self.forward(upstream, buf, *scanned).await {
-                        return Next::Stop;
-                    }
-                    *scanned = 0;
-                }
-                let Upstream::Cluster(link) = upstream else {
-                    return Next::Stop;
-                };
-                let pending = link.pending.get_or_insert(Pending {
-                    master,
-                    count: 0,
-                    slot,
-                });
-                pending.count += 1;
-                pending.slot = pending.slot.or(slot);
+                link.pending.push(*scanned, len, master, slot);
                 link.sticky = master;
                 *scanned += len;
                 Next::Read
@@ -386,28 +434,53 @@ impl RequestSide<'_> {
         Next::Read
     }
 
-    /// Sends the pending run (`bytes`, the client's own) to its master, and queues it.
+    /// Sends the pending run (`bytes`, the client's own) to its masters, and queues it.
     pub(super) async fn cluster_flush(&self, link: &mut ClusterLink, bytes: &[u8]) -> Next {
-        let Some(pending) = link.pending.take() else {
-            if bytes.is_empty() {
-                return Next::Read;
-            }
+        if link.pending.is_empty() && is_padding(bytes) {
+            // Nothing, or only the empty lines Redis skips.
+            return Next::Read;
+        }
+        let mut pending = std::mem::take(&mut link.pending);
+        if !holds_only(bytes, &pending.commands) {
             debug!("cluster client: bytes with no command routed; closing the client");
             self.links.dead.cancel();
             return Next::Stop;
+        }
+        let count = pending.commands.len() as u64;
+        let (parts, merge) = if let [only] = pending.parts[..] {
+            // One master: the client's bytes as they came.
+            let Some(part) = self
+                .cluster_send(link, only.master, only.slot, bytes, only.count)
+                .await
+            else {
+                return Next::Stop;
+            };
+            (vec![part], Merge::Each)
+        } else {
+            // One write per master, each with its commands in the client's order; the
+            // reply side puts the replies back in that order.
+            let mut writes: Vec<Vec<u8>> = vec![Vec::new(); pending.parts.len()];
+            let mut order = Vec::with_capacity(pending.commands.len());
+            for &(at, len, part) in &pending.commands {
+                writes[part].extend_from_slice(&bytes[at..at + len]);
+                order.push(part);
+            }
+            let mut sent = Vec::with_capacity(writes.len());
+            for (p, write) in pending.parts.iter().zip(&writes) {
+                match self
+                    .cluster_send(link, p.master, p.slot, write, p.count)
+                    .await
+                {
+                    Some(part) => sent.push(part),
+                    None => return Next::Stop,
+                }
+            }
+            (sent, Merge::Interleave(order))
         };
-        let Some(part) = self
-            .cluster_send(link, pending.master, pending.slot, bytes, pending.count)
-            .await
-        else {
-            return Next::Stop;
-        };
-        self.links
-            .ctx
-            .metrics
-            .passthrough
-            .increment(u64::from(pending.count));
-        let dispatch = Dispatch::new(vec![part], Merge::Each, link.key.clone());
+        pending.clear();
+        link.pending = pending;
+        self.links.ctx.metrics.passthrough.increment(count);
+        let dispatch = Dispatch::new(parts, merge, link.key.clone());
         self.enqueue(Entry::Cluster(Box::new(dispatch))).await;
         Next::Read
     }

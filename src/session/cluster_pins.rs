@@ -389,8 +389,13 @@ pub(super) fn step(
         other => other,
     };
     match step {
-        // Behind a blocked command on the private connection, as Redis would run it.
-        Step::Route(_) if link.behind_private() => Step::Private(Private::behind(cmd)),
+        // Behind a blocked command on the private connection, as Redis would run it. What
+        // stormwall splits or sends to several masters cannot go there (one master would
+        // answer for all of them): it waits until the blocked command is answered, as the
+        // client's commands after a blocked one wait on one Redis.
+        Step::Route(super::cluster::Plan::Forward(_)) if link.behind_private() => {
+            Step::Private(Private::behind(cmd))
+        }
         step => step,
     }
 }
@@ -458,6 +463,12 @@ impl RequestSide<'_> {
             }
         }
         let watching = links.state().watching;
+        if link.map_is_stale() && !link.private_busy(watching) && links.queue.is_drained() {
+            // Nothing in flight: route by the router's current map, so the private
+            // connection goes to the master that serves the slot now rather than to one a
+            // `MOVED` would send it away from.
+            link.renew();
+        }
         if !self.private_for(link, command.to, watching).await {
             return Next::Stop;
         }
@@ -480,6 +491,7 @@ impl RequestSide<'_> {
             links.dead.cancel();
             return Next::Stop;
         };
+        private.node.commands.increment(u64::from(count));
         let node = private.node.clone();
         let owed = private.owed.clone();
         let part = Part {
@@ -562,6 +574,7 @@ impl RequestSide<'_> {
                     let metrics = MuxMetrics {
                         write_commands: links.ctx.metrics.pools.mux.write_commands.clone(),
                         connections: links.ctx.metrics.private_connections.clone(),
+                        node_connections: Some(node.connections.clone()),
                     };
                     link.private = Some(PrivateConn {
                         node,
@@ -619,6 +632,10 @@ impl RequestSide<'_> {
             return Next::Stop;
         };
         link.drop_private();
+        if link.map_is_stale() {
+            // Everything before was answered: the master that serves the slot now.
+            link.renew();
+        }
         let Some(node) = link.master_node(slot) else {
             links.dead.cancel();
             return Next::Stop;

@@ -31,6 +31,8 @@ use crate::cluster::redirect::{self, Redirect};
 use crate::cluster::route::Fanout;
 use crate::cluster::router::{Node, Router};
 use crate::resp::reply::ReplyScanner;
+use crate::upstream::ConnError;
+use crate::upstream::mux::{Mux, MuxMetrics};
 use crate::upstream::pool::{Key, Unavailable};
 
 /// Most `MOVED`/`ASK` one command follows (cluster clients allow about as many) before the
@@ -82,10 +84,15 @@ impl Part {
 pub(super) enum Merge {
     /// Each command's reply, in order: a run forwarded as the client sent it.
     Each,
+    /// A run for several masters, one part each: the `i`th reply the client gets is the
+    /// next one of part `order[i]`.
+    Interleave(Vec<usize>),
     /// One command sent to every master.
     Fanout(Fanout),
-    /// `DEL`/`UNLINK`/`EXISTS`/`TOUCH` split by slot: counts summed.
-    Sum,
+    /// `DEL`/`UNLINK`/`EXISTS`/`TOUCH` split by slot: counts summed. `writes` for
+    /// `DEL`/`UNLINK`: parts that end differently (some ran, some were refused) close the
+    /// client, as a lost connection would leave it.
+    Sum { writes: bool },
     /// `MGET` split by slot: each part's keys were at these positions of the client's.
     MGet {
         places: Vec<Vec<usize>>,
@@ -160,6 +167,13 @@ impl ReplySide<'_> {
             return Err(End::Failed);
         };
         let deadline = d.sent + links.config.upstream.outage_wait;
+        if let Merge::Interleave(order) = &mut d.merge {
+            let order = std::mem::take(order);
+            let parts = std::mem::take(&mut d.parts);
+            return self
+                .interleave(router, &d.key, parts, &order, deadline)
+                .await;
+        }
         let mut out = Vec::new();
         let mut finals = Vec::new();
         for part in d.parts {
@@ -175,8 +189,13 @@ impl ReplySide<'_> {
                     let Some(cmd) = nth_command(&part.bytes, i) else {
                         return Err(End::Failed);
                     };
-                    self.follow(router, &d.key, &part.node, cmd, reply, deadline)
-                        .await?
+                    let to = Follow {
+                        key: &d.key,
+                        node: &part.node,
+                        blocking: part.blocking,
+                        deadline,
+                    };
+                    self.follow(router, to, cmd, reply).await?
                 } else {
                     reply
                 };
@@ -189,10 +208,23 @@ impl ReplySide<'_> {
                 }
             }
         }
+        let writes = match d.merge {
+            Merge::Sum { writes } => writes,
+            Merge::Fanout(fanout) => fanout.writes(),
+            _ => false,
+        };
+        if writes && merge::partly_applied(&finals) {
+            // Some masters applied it and some refused it: neither the sum nor the refusal
+            // is true (G4, G6).
+            debug!(
+                "a command split across masters ran on some and was refused by others; closing the client"
+            );
+            return Err(End::Failed);
+        }
         let merged = match d.merge {
-            Merge::Each => return Ok(out),
+            Merge::Each | Merge::Interleave(_) => return Ok(out),
             Merge::Fanout(fanout) => merge::fanout(fanout, &finals),
-            Merge::Sum => merge::sum(&finals),
+            Merge::Sum { .. } => merge::sum(&finals),
             Merge::MGet { places, total } => merge::mget(&finals, &places, total),
             Merge::Scan { position, masters } => match finals.first() {
                 Some(reply) => merge::scan_reply(reply, position, masters),
@@ -201,6 +233,62 @@ impl ReplySide<'_> {
             Merge::Last => finals.pop().ok_or(End::Failed)?,
         };
         Ok(merged.to_vec())
+    }
+
+    /// A run over several masters: each part's replies, waited for when the client's order
+    /// first needs one, followed where redirected (in the client's order, so two commands
+    /// for one slot that are both redirected still run in it), and written in that order.
+    async fn interleave(
+        &self,
+        router: &Router,
+        key: &Key,
+        parts: Vec<Part>,
+        order: &[usize],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, End> {
+        let mut waiting: Vec<Option<oneshot::Receiver<Vec<Bytes>>>> = Vec::new();
+        let mut sent = Vec::with_capacity(parts.len());
+        for part in parts {
+            waiting.push(Some(part.rx));
+            sent.push((
+                part.node,
+                part.bytes,
+                part.count,
+                part.follow,
+                part.blocking,
+            ));
+        }
+        let mut replies: Vec<std::vec::IntoIter<Bytes>> = Vec::new();
+        replies.resize_with(sent.len(), || Vec::new().into_iter());
+        let mut taken = vec![0usize; sent.len()];
+        let mut out = Vec::new();
+        for &i in order {
+            let (node, bytes, count, follow, blocking) = sent.get(i).ok_or(End::Failed)?;
+            if let Some(rx) = waiting[i].take() {
+                let got = self.replies_of(router, rx, *blocking).await?;
+                if got.len() != *count as usize {
+                    return Err(End::Failed);
+                }
+                replies[i] = got.into_iter();
+            }
+            let reply = replies[i].next().ok_or(End::Failed)?;
+            let n = taken[i];
+            taken[i] += 1;
+            let reply = if *follow && redirect::parse(&reply).is_some() {
+                let cmd = nth_command(bytes, n).ok_or(End::Failed)?;
+                let to = Follow {
+                    key,
+                    node,
+                    blocking: *blocking,
+                    deadline,
+                };
+                self.follow(router, to, cmd, reply).await?
+            } else {
+                reply
+            };
+            out.extend_from_slice(&reply);
+        }
+        Ok(out)
     }
 
     /// Waits for the replies of commands sent to a master.
@@ -235,17 +323,47 @@ impl ReplySide<'_> {
         })
     }
 
-    /// Follows a redirecting `reply` to `cmd`, first sent to `node`, until an answer comes
-    /// (or the redirections run out: the client is told the command did not run).
+    /// A connection of the client's own to `node`, in its connection state, for a blocking
+    /// command being redirected: on a shared connection it would hold up every command
+    /// queued behind it there, and be cut by `upstream.reply_timeout`.
+    async fn own_connection(&self, node: &Node) -> Result<Closing, Unavailable> {
+        let links = self.links;
+        let replay = links.state().replay();
+        match node.pools.prepared(&node.cfg, &replay).await {
+            Ok(conn) => {
+                let epoch = conn.epoch();
+                let Some((read, write)) = conn.into_halves() else {
+                    return Err(Unavailable::Outage(std::io::Error::other(
+                        "a connection to a cluster master could not be split",
+                    )));
+                };
+                let metrics = MuxMetrics {
+                    write_commands: links.ctx.metrics.pools.mux.write_commands.clone(),
+                    connections: links.ctx.metrics.private_connections.clone(),
+                    node_connections: Some(node.connections.clone()),
+                };
+                Ok(Closing(Mux::start(read, write, metrics, epoch)))
+            }
+            Err(ConnError::Refused(e)) => Err(Unavailable::Refused(e)),
+            Err(ConnError::Io(e)) => Err(Unavailable::Outage(e)),
+        }
+    }
+
+    /// Follows a redirecting `reply` to `cmd`, first sent to `to.node`, until an answer
+    /// comes (or the redirections run out: the client is told the command did not run).
     async fn follow(
         &self,
         router: &Router,
-        key: &Key,
-        node: &Arc<Node>,
+        to: Follow<'_>,
         cmd: &[u8],
         mut reply: Bytes,
-        deadline: Instant,
     ) -> Result<Bytes, End> {
+        let Follow {
+            key,
+            node,
+            blocking,
+            deadline,
+        } = to;
         let mut node = node.clone();
         let mut redirects = 0;
         let mut backoff = BACKOFF_MIN;
@@ -297,12 +415,30 @@ impl ReplySide<'_> {
                     b"-TRYAGAIN stormwall: the cluster kept redirecting this command (slots moving?); it was not run\r\n",
                 ));
             }
-            let sent = if asking {
-                let mut both = ASKING.to_vec();
+            let mut both = Vec::new();
+            let (bytes, count) = if asking {
+                both.extend_from_slice(ASKING);
                 both.extend_from_slice(cmd);
-                router.send_to(&node, key, &both, 2).await
+                (&both[..], 2)
             } else {
-                router.send_to(&node, key, cmd, 1).await
+                (cmd, 1)
+            };
+            // A blocking command's connection of its own, closed (ending what it carried)
+            // once it is answered or the client is gone.
+            let mut own = None;
+            let sent = if blocking {
+                match self.own_connection(&node).await {
+                    Ok(conn) => {
+                        let rx = conn.0.capture(bytes, count).ok_or_else(|| {
+                            Unavailable::Outage(std::io::Error::other("connection lost"))
+                        });
+                        own = Some(conn);
+                        rx
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                router.send_to(&node, key, bytes, count).await
             };
             let rx = match sent {
                 Ok(rx) => rx,
@@ -321,10 +457,31 @@ impl ReplySide<'_> {
                     continue;
                 }
             };
-            let replies = self.replies_of(router, rx, false).await?;
+            let replies = self.replies_of(router, rx, blocking).await?;
+            drop(own);
             // After `ASKING`'s `+OK`, the command's own reply.
             reply = replies.last().cloned().ok_or(End::Failed)?;
         }
+    }
+}
+
+/// Where a redirected command was first sent, and how it is to be followed.
+struct Follow<'a> {
+    /// The client's connection state when it was sent: resends go to that state's groups.
+    key: &'a Key,
+    node: &'a Arc<Node>,
+    /// A blocking command: resent on a connection of its own, with no reply timeout.
+    blocking: bool,
+    deadline: Instant,
+}
+
+/// A connection of a client's own, closed when dropped (Redis then ends a command blocked
+/// on it, as it would for the client's own connection).
+struct Closing(Arc<Mux>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 

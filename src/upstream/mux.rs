@@ -251,6 +251,8 @@ pub struct MuxMetrics {
     pub write_commands: Histogram,
     /// Shared connections open.
     pub connections: Gauge,
+    /// Connections open to one cluster master (`None` for a standalone Redis).
+    pub node_connections: Option<Gauge>,
 }
 
 /// One shared Redis connection.
@@ -281,6 +283,9 @@ impl Mux {
             epoch,
         });
         metrics.connections.increment(1.0);
+        if let Some(node) = &metrics.node_connections {
+            node.increment(1.0);
+        }
         let writer = mux.clone();
         let hist = metrics.write_commands.clone();
         tokio::spawn(async move { writer.write_loop(write, hist).await });
@@ -288,6 +293,9 @@ impl Mux {
         tokio::spawn(async move {
             reader.read_loop(read).await;
             metrics.connections.decrement(1.0);
+            if let Some(node) = &metrics.node_connections {
+                node.decrement(1.0);
+            }
         });
         mux
     }

@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{Frame, Raw, Redis, as_int, free_port, is_error, text};
+use super::{Frame, Raw, Redis, Stormwall, as_int, free_port, is_error, text};
 
 /// How long the cluster may take to agree after a change (a failover is about two node
 /// timeouts; a busy machine adds more).
@@ -297,6 +297,19 @@ impl Cluster {
         }
         None
     }
+}
+
+/// stormwall in front of `cluster` (every node a seed), shared mode (the only one a cluster
+/// takes), with `extra` TOML after `[upstream]`'s keys.
+pub fn proxy(cluster: &Cluster, extra: &str) -> Stormwall {
+    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
+    Stormwall::start(
+        &cluster.seeds()[0],
+        &format!(
+            "kind = \"cluster\"\nseeds = [{}]\nmode = \"shared\"\n{extra}",
+            seeds.join(", ")
+        ),
+    )
 }
 
 /// What `ROLE` says first: `master`, `slave`.
