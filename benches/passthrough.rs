@@ -40,174 +40,29 @@ mod common;
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use common::redis_benchmark::{
+    CLIENTS, Case, Op, Summary, Target, calibrate, cell, fmt_rps, run_rounds,
+};
 use common::{
-    Mode, bench_command, connect, cores_and_cpu, cpu_seconds, env_flag, env_num, median,
-    register_font, report_header, results_dir, start_redis, start_stormwall_mode, start_twemproxy,
-    stormwall_revision, version_of,
+    Mode, bench_command, connect, cores_and_cpu, env_flag, env_num, register_font, report_header,
+    results_dir, start_redis, start_stormwall_mode, start_twemproxy, stormwall_revision,
+    version_of,
 };
 
-const CLIENTS: u32 = 50;
 const SIZES: [usize; 2] = [16, 1024];
 const PIPELINES: [u32; 2] = [1, 16];
 /// The key `redis-benchmark -t get/set` uses when `-r` is not given.
 const BENCH_KEY: &str = "key:__rand_int__";
 
-// ---------------------------------------------------------------------------------------
-// redis-benchmark
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Set,
-    Get,
-}
-
-impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Op::Set => "SET",
-            Op::Get => "GET",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Case {
-    op: Op,
-    size: usize,
-    pipeline: u32,
-    clients: u32,
-    /// A new connection for every request (`redis-benchmark -k 0`): measures connects (and
-    /// TLS handshakes) per second.
-    reconnect: bool,
-}
-
-impl Case {
-    fn label(&self) -> String {
-        let clients = if self.clients == CLIENTS {
-            String::new()
-        } else {
-            format!(", {} client", self.clients)
-        };
-        format!(
-            "{} {} B, P{}{clients}{}",
-            self.op.name(),
-            self.size,
-            self.pipeline,
-            if self.reconnect {
-                ", new connection per request"
-            } else {
-                ""
-            }
-        )
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct Sample {
-    rps: f64,
-    p50: f64,
-    p99: f64,
-    p999: f64,
-    /// Redis's user + system CPU time during the run, per request (µs).
-    redis_cpu_us: f64,
-    /// The proxy's, per request (µs); NaN for direct.
-    proxy_cpu_us: f64,
-}
-
 /// The CA certificate `redis-benchmark --tls` trusts (set once the TLS part starts).
 static TLS_CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
-fn bench_args(case: &Case, port: u16, n: u64, tls: bool) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-c",
-        &case.clients.to_string(),
-        "-n",
-        &n.to_string(),
-        "-d",
-        &case.size.to_string(),
-        "-P",
-        &case.pipeline.to_string(),
-        "-t",
-        &case.op.name().to_lowercase(),
-    ]
-    .map(String::from)
-    .to_vec();
-    if case.reconnect {
-        args.extend(["-k", "0"].map(String::from));
-    }
-    if tls {
-        let ca = TLS_CA.get().expect("TLS CA not generated");
-        args.extend(["--tls".into(), "--cacert".into(), ca.display().to_string()]);
-    }
-    args
-}
-
-fn run_benchmark(case: &Case, port: u16, n: u64, tls: bool) -> Sample {
-    let out = Command::new("redis-benchmark")
-        .args(bench_args(case, port, n, tls))
-        .stdin(Stdio::null())
-        .output()
-        .expect("redis-benchmark not found: apt-get install -y redis-tools");
-    let text = String::from_utf8_lossy(&out.stdout);
-    match (out.status.success(), parse_benchmark(&text)) {
-        (true, Some(s)) => s,
-        _ => panic!(
-            "redis-benchmark {:?} failed ({}):\n{text}\n{}",
-            bench_args(case, port, n, tls),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
-
-/// Reads the non-quiet output of redis-benchmark 7: "throughput summary", the "latency
-/// summary" table (p50, p99) and, for p99.9, the "Latency by percentile distribution" list
-/// (HdrHistogram: the first listed percentile at or above 99.9%, an upper bound).
-fn parse_benchmark(text: &str) -> Option<Sample> {
-    // Progress lines end in '\r' and share a line with what follows; keep the last part.
-    let lines: Vec<&str> = text
-        .lines()
-        .map(|l| l.rsplit('\r').next().unwrap_or(l).trim())
-        .collect();
-    let rps = lines.iter().find_map(|l| {
-        l.strip_prefix("throughput summary:")?
-            .trim()
-            .strip_suffix("requests per second")?
-            .trim()
-            .parse::<f64>()
-            .ok()
-    })?;
-    let at = lines
-        .iter()
-        .position(|l| l.starts_with("latency summary"))?;
-    let names: Vec<&str> = lines.get(at + 1)?.split_whitespace().collect();
-    let values: Vec<f64> = lines
-        .get(at + 2)?
-        .split_whitespace()
-        .map(|v| v.parse().ok())
-        .collect::<Option<_>>()?;
-    let column = |name: &str| values.get(names.iter().position(|n| *n == name)?).copied();
-    let p999 = lines.iter().find_map(|l| {
-        let (pct, rest) = l.split_once("% <= ")?;
-        let pct: f64 = pct.parse().ok()?;
-        let ms: f64 = rest.split_whitespace().next()?.parse().ok()?;
-        (pct >= 99.9 - 1e-9).then_some(ms)
-    })?;
-    Some(Sample {
-        rps,
-        p50: column("p50")?,
-        p99: column("p99")?,
-        p999,
-        redis_cpu_us: f64::NAN,
-        proxy_cpu_us: f64::NAN,
-    })
+/// redis-benchmark's arguments for TLS.
+fn tls_args() -> Vec<String> {
+    let ca = TLS_CA.get().expect("TLS CA not generated");
+    vec!["--tls".into(), "--cacert".into(), ca.display().to_string()]
 }
 
 /// Makes `GET key:__rand_int__` return a value of `size` bytes.
@@ -219,72 +74,6 @@ fn preload(redis_port: u16, size: usize) {
         .unwrap();
 }
 
-// ---------------------------------------------------------------------------------------
-// Statistics and report
-
-struct Summary {
-    rps: f64,
-    rps_min: f64,
-    rps_max: f64,
-    p50: f64,
-    p99: f64,
-    p999: f64,
-    redis_cpu_us: f64,
-    proxy_cpu_us: f64,
-}
-
-fn summarize(samples: &[Sample]) -> Summary {
-    let pick = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
-    let rps = pick(|s| s.rps);
-    Summary {
-        rps_min: rps.iter().copied().fold(f64::INFINITY, f64::min),
-        rps_max: rps.iter().copied().fold(0.0, f64::max),
-        rps: median(rps),
-        p50: median(pick(|s| s.p50)),
-        p99: median(pick(|s| s.p99)),
-        p999: median(pick(|s| s.p999)),
-        redis_cpu_us: median(pick(|s| s.redis_cpu_us)),
-        proxy_cpu_us: median(pick(|s| s.proxy_cpu_us)),
-    }
-}
-
-fn fmt_rps(rps: f64) -> String {
-    if rps < 1e4 {
-        format!("{rps:.0}")
-    } else if rps >= 1e6 {
-        format!("{:.2} M", rps / 1e6)
-    } else {
-        format!("{:.0} k", rps / 1e3)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-
-/// One way to reach Redis: its name in the report, its port, and the proxy's pid (whose
-/// CPU time is charged to it), if any.
-struct Target {
-    name: String,
-    port: u16,
-    /// Whether clients speak TLS to `port`.
-    tls: bool,
-    proxy_pid: Option<u32>,
-}
-
-/// One redis-benchmark run of `n` requests against `target`, with the CPU time Redis (and
-/// the proxy) spent meanwhile.
-fn measure(case: &Case, target: &Target, redis_pid: u32, n: u64) -> Sample {
-    let redis_before = cpu_seconds(redis_pid);
-    let proxy_before = target.proxy_pid.map(cpu_seconds);
-    let mut s = run_benchmark(case, target.port, n, target.tls);
-    let per_request = |seconds: f64| seconds * 1e6 / n as f64;
-    s.redis_cpu_us = per_request(cpu_seconds(redis_pid) - redis_before);
-    s.proxy_cpu_us = match (target.proxy_pid, proxy_before) {
-        (Some(pid), Some(before)) => per_request(cpu_seconds(pid) - before),
-        _ => f64::NAN,
-    };
-    s
-}
-
 /// The issue-9 targets for shared mode (see `issues show 9`), checked against medians.
 const TARGET_P1_VS_DIRECT: f64 = 1.0;
 const TARGET_P16_VS_DIRECT: f64 = 0.8;
@@ -293,15 +82,6 @@ const TARGET_REDIS_CPU_VS_DIRECT: f64 = 0.5;
 
 fn verdict(pass: bool) -> &'static str {
     if pass { "PASS" } else { "**MISS**" }
-}
-
-/// A figure for a table cell: "–" where there is none (NaN: direct has no proxy).
-fn cell(v: f64, decimals: usize) -> String {
-    if v.is_finite() {
-        format!("{v:.decimals$}")
-    } else {
-        "–".into()
-    }
 }
 
 fn main() {
@@ -317,7 +97,8 @@ fn main() {
     let mut targets = vec![Target {
         name: "direct".into(),
         port: redis_port,
-        tls: false,
+        args: Vec::new(),
+        server_pids: vec![redis_pid],
         proxy_pid: None,
     }];
     // Both modes side by side, each its own process with its default config otherwise.
@@ -331,7 +112,8 @@ fn main() {
         targets.push(Target {
             name: mode.label(),
             port,
-            tls: false,
+            args: Vec::new(),
+            server_pids: vec![redis_pid],
             proxy_pid: Some(proc.pid()),
         });
         stormwalls.push(proc);
@@ -341,7 +123,8 @@ fn main() {
         targets.push(Target {
             name: "twemproxy".into(),
             port: *port,
-            tls: false,
+            args: Vec::new(),
+            server_pids: vec![redis_pid],
             proxy_pid: Some(proc.pid()),
         });
     }
@@ -379,54 +162,17 @@ fn main() {
         });
     }
 
-    // Calibrate: one request count per case, so that a direct run takes about `seconds`.
-    let counts: Vec<u64> = cases
-        .iter()
-        .map(|case| {
-            if case.op == Op::Get {
-                preload(redis_port, case.size);
-            }
-            let probe = 10_000 * u64::from(case.pipeline);
-            let rps = run_benchmark(case, redis_port, probe, false).rps;
-            let n = ((rps * seconds / 1000.0).round() as u64 * 1000).max(10_000);
-            println!("calibrated {}: {n} requests", case.label());
-            n
-        })
-        .collect();
-
-    // samples[case][target][round]
-    let mut samples = vec![vec![Vec::new(); targets.len()]; cases.len()];
-    for round in 0..rounds {
-        for (ci, case) in cases.iter().enumerate() {
-            if case.op == Op::Get {
-                preload(redis_port, case.size);
-            }
-            for k in 0..targets.len() {
-                let ti = (round + k) % targets.len();
-                let s = measure(case, &targets[ti], redis_pid, counts[ci]);
-                println!(
-                    "round {}/{rounds} {:<22} {:<19} {:>10.0} rps  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  CPU/req redis {:.2} proxy {} µs",
-                    round + 1,
-                    case.label(),
-                    names[ti],
-                    s.rps,
-                    s.p50,
-                    s.p99,
-                    s.p999,
-                    s.redis_cpu_us,
-                    cell(s.proxy_cpu_us, 2),
-                );
-                samples[ci][ti].push(s);
-            }
+    // Makes `GET key:__rand_int__` return a value of the case's size.
+    let before_case = |case: &Case| {
+        if case.op == Op::Get {
+            preload(redis_port, case.size);
         }
-    }
+    };
+    // Calibrate: one request count per case, so that a direct run takes about `seconds`.
+    let counts = calibrate(&cases, &targets[0], seconds, 10_000, before_case);
+    let summaries = run_rounds(&cases, &targets, &counts, rounds, before_case);
     let tls_report = tls_part(rounds, seconds);
     let elapsed = started.elapsed().as_secs_f64();
-
-    let summaries: Vec<Vec<Summary>> = samples
-        .iter()
-        .map(|per_target| per_target.iter().map(|s| summarize(s)).collect())
-        .collect();
 
     // Report.
     let command = bench_command(
@@ -746,25 +492,29 @@ fn tls_part(rounds: usize, seconds: f64) -> String {
         Target {
             name: "direct".into(),
             port: redis_port,
-            tls: false,
+            args: Vec::new(),
+            server_pids: vec![redis_pid],
             proxy_pid: None,
         },
         Target {
             name: "stormwall".into(),
             port: plain_sw_port,
-            tls: false,
+            args: Vec::new(),
+            server_pids: vec![redis_pid],
             proxy_pid: Some(plain_sw.pid()),
         },
         Target {
             name: "direct TLS".into(),
             port: redis_tls_port,
-            tls: true,
+            args: tls_args(),
+            server_pids: vec![redis_pid],
             proxy_pid: None,
         },
         Target {
             name: "stormwall TLS".into(),
             port: sw_tls_port,
-            tls: true,
+            args: tls_args(),
+            server_pids: vec![redis_pid],
             proxy_pid: Some(tls_sw.pid()),
         },
     ];
@@ -787,46 +537,14 @@ fn tls_part(rounds: usize, seconds: f64) -> String {
         clients: CLIENTS,
         reconnect: true,
     });
-    let counts: Vec<u64> = cases
-        .iter()
-        .map(|case| {
-            if case.op == Op::Get {
-                preload(redis_port, case.size);
-            }
-            let probe = if case.reconnect {
-                2_000
-            } else {
-                10_000 * u64::from(case.pipeline)
-            };
-            // Calibrated on direct TLS, the slower of the two direct paths.
-            let rps = run_benchmark(case, redis_tls_port, probe, true).rps;
-            let n = ((rps * seconds / 1000.0).round() as u64 * 1000).max(2_000);
-            println!("calibrated TLS part {}: {n} requests", case.label());
-            n
-        })
-        .collect();
-    let mut samples = vec![vec![Vec::new(); targets.len()]; cases.len()];
-    for round in 0..rounds {
-        for (ci, case) in cases.iter().enumerate() {
-            if case.op == Op::Get {
-                preload(redis_port, case.size);
-            }
-            for k in 0..targets.len() {
-                let ti = (round + k) % targets.len();
-                let s = measure(case, &targets[ti], redis_pid, counts[ci]);
-                println!(
-                    "round {}/{rounds} {:<40} {:<14} {:>10.0} rps  p50 {:.3}  p99 {:.3} ms",
-                    round + 1,
-                    case.label(),
-                    targets[ti].name,
-                    s.rps,
-                    s.p50,
-                    s.p99,
-                );
-                samples[ci][ti].push(s);
-            }
+    let before_case = |case: &Case| {
+        if case.op == Op::Get {
+            preload(redis_port, case.size);
         }
-    }
+    };
+    // Calibrated on direct TLS, the slower of the two direct paths.
+    let counts = calibrate(&cases, &targets[2], seconds, 2_000, before_case);
+    let summaries = run_rounds(&cases, &targets, &counts, rounds, before_case);
     let mut md = String::new();
     let w = &mut md;
     let mut line = |text: String| writeln!(w, "{text}").unwrap();
@@ -848,7 +566,7 @@ fn tls_part(rounds: usize, seconds: f64) -> String {
             .into(),
     );
     for (ci, case) in cases.iter().enumerate() {
-        let s: Vec<Summary> = samples[ci].iter().map(|x| summarize(x)).collect();
+        let s = &summaries[ci];
         let plain = s[1].rps / s[0].rps;
         let tls = s[3].rps / s[2].rps;
         line(format!(

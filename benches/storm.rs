@@ -13,13 +13,20 @@
 //! then goes to stdout and a temp folder, and `results/` is left alone.
 //! `STORMWALL_BENCH_UPSTREAM_MODE=shared|dedicated`: stormwall's `upstream.mode` in every
 //! stormwall run (unset: its default, shared).
+//! `STORMWALL_BENCH_CLUSTER=1`: the same replay against a Redis Cluster of 3 masters
+//! (`benches/common/cluster.rs`) — directly with cluster-aware clients (per-master connections,
+//! `DEL` split by slot, `FLUSHDB` to every master), and through stormwall with `[upstream]
+//! kind = "cluster"` — without the tuning curve; writes `results/storm_cluster.md` and
+//! `results/storm_cluster_latency.png` (the report says how the clients route).
 //! Variants of the workload, for investigating (each named in the report's command line):
 //! `STORMWALL_BENCH_SAME_CONN=1` (a reader re-populates a miss on its own connection, between
 //! its `GET`s), `STORMWALL_BENCH_CLOSED_LOOP=1` (a reader waits for each reply, and for its
 //! miss's `SET`, before the next `GET`: a synchronous app; latency still from the schedule),
 //! `STORMWALL_BENCH_LATE_CONNECT=1` (storm clients connect at their first request, in the
 //! storm), `STORMWALL_BENCH_HOT_KEYS=N` (reads over `N` keys instead of 10,000),
-//! `STORMWALL_BENCH_BIN=path` (another stormwall binary, e.g. an older build).
+//! `STORMWALL_BENCH_BIN=path` (another stormwall binary, e.g. an older build),
+//! `STORMWALL_BENCH_STORMWALL_TOML='[invalidation]\nadaptive = false'` (appended to every
+//! stormwall's config file, a literal `\n` read as a line break).
 //!
 //! Output: besides the whole-phase figures, the read p50 / p99 / max **of every second** of
 //! each path (the report's per-second tables; a transient of a few seconds hides in a
@@ -71,10 +78,12 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::cluster::SlotMap;
 use common::{
-    Proc, commandstats, cpu_model, env_flag, free_port, info_field, register_font, results_dir,
-    start_redis, stdout_of, utc_date, wait_port,
+    Proc, commandstats, cpu_model, env_flag, free_port, info_field, load_average, register_font,
+    results_dir, start_redis, stdout_of, utc_date, wait_port,
 };
+use stormwall::cluster::slot::key_slot;
 
 /// Reads go to `key:0` .. `key:{HOT_KEYS - 1}`: the active accounts.
 const HOT_KEYS: u64 = 10_000;
@@ -108,6 +117,9 @@ const SECOND_COUNTERS: &[&str] = &[
     "stormwall_upstream_connects_total",
     "stormwall_client_connections_total",
     "stormwall_pins_total",
+    "stormwall_invalidation_batches_total",
+    "stormwall_invalidation_commands_sent_total",
+    "stormwall_invalidation_keys_sent_total",
 ];
 /// Width of a time bucket in the latency-over-time plot.
 const BUCKET_SECS: f64 = 0.25;
@@ -136,6 +148,8 @@ impl Timeline {
 
 struct Settings {
     quick: bool,
+    /// `STORMWALL_BENCH_CLUSTER`: every run against a Redis Cluster instead of one Redis.
+    cluster: bool,
     /// `STORMWALL_BENCH_UPSTREAM_MODE`: stormwall's `upstream.mode` (unset: its default).
     upstream_mode: Option<String>,
     keys: u64,
@@ -145,6 +159,15 @@ struct Settings {
 }
 
 impl Settings {
+    /// The report's file name, without `.md` (its latency plot's starts the same).
+    fn report_name(&self) -> &'static str {
+        if self.cluster {
+            "storm_cluster"
+        } else {
+            "storm"
+        }
+    }
+
     fn from_env() -> Settings {
         let quick = env_flag("STORMWALL_BENCH_QUICK");
         let s = Duration::from_secs;
@@ -157,9 +180,15 @@ impl Settings {
                 "STORMWALL_BENCH_UPSTREAM_MODE must be shared or dedicated"
             );
         }
+        let cluster = env_flag("STORMWALL_BENCH_CLUSTER");
+        assert!(
+            !(cluster && upstream_mode.as_deref() == Some("dedicated")),
+            "a cluster upstream takes shared mode only"
+        );
         if quick {
             Settings {
                 quick,
+                cluster,
                 upstream_mode,
                 keys: 100_000,
                 fields: 20_000,
@@ -177,6 +206,7 @@ impl Settings {
         } else {
             Settings {
                 quick,
+                cluster,
                 upstream_mode,
                 keys: 1_000_000,
                 fields: 200_000,
@@ -243,6 +273,120 @@ fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
     c.set_read_timeout(Some(Duration::from_secs(30)))?;
     c.set_write_timeout(Some(Duration::from_secs(30)))?;
     Ok(c)
+}
+
+/// Where a client's commands go: one server (Redis, or stormwall), or, directly to a cluster,
+/// each key to its slot's master, as a cluster-aware client routes it.
+#[derive(Clone)]
+struct Route {
+    ports: Vec<u16>,
+    /// The cluster's slot map (indexes into `ports`); `None`: one server takes everything.
+    map: Option<Arc<SlotMap>>,
+}
+
+impl Route {
+    fn one(port: u16) -> Route {
+        Route {
+            ports: vec![port],
+            map: None,
+        }
+    }
+
+    fn cluster(map: SlotMap) -> Route {
+        Route {
+            ports: map.ports.clone(),
+            map: Some(Arc::new(map)),
+        }
+    }
+
+    fn index_of(&self, key: &str) -> usize {
+        self.map.as_ref().map_or(0, |m| m.master_of(key.as_bytes()))
+    }
+
+    fn port_of(&self, key: &str) -> u16 {
+        self.ports[self.index_of(key)]
+    }
+
+    /// A connection to each server.
+    fn connect(&self) -> redis::RedisResult<Routed> {
+        Ok(Routed {
+            cons: self
+                .ports
+                .iter()
+                .map(|&p| connect(p))
+                .collect::<redis::RedisResult<_>>()?,
+            route: self.clone(),
+        })
+    }
+}
+
+/// A client's connections along a [`Route`].
+struct Routed {
+    cons: Vec<redis::Connection>,
+    route: Route,
+}
+
+impl Routed {
+    /// The connection for `key`.
+    fn to(&mut self, key: &str) -> &mut redis::Connection {
+        let i = self.route.index_of(key);
+        &mut self.cons[i]
+    }
+
+    /// `FLUSHDB` (`ASYNC`) on every server — a cluster-aware client's flush, which is each
+    /// master's — true if each said `OK`.
+    fn flushdb(&mut self, asynchronous: bool) -> redis::RedisResult<bool> {
+        let mut ok = true;
+        for con in &mut self.cons {
+            let mut cmd = redis::cmd("FLUSHDB");
+            if asynchronous {
+                cmd.arg("ASYNC");
+            }
+            ok &= cmd.query::<String>(con)? == "OK";
+        }
+        Ok(ok)
+    }
+
+    /// `DEL keys`: one command to one server; directly to a cluster (which refuses a `DEL`
+    /// whose keys span slots) one `DEL` per slot, those of a master pipelined, counts summed,
+    /// as cluster clients (redis-py, Lettuce) split a multi-key delete.
+    fn del(&mut self, keys: &[String]) -> redis::RedisResult<i64> {
+        let Some(map) = self.route.map.clone() else {
+            return redis::cmd("DEL").arg(keys).query(&mut self.cons[0]);
+        };
+        let mut by_master: BTreeMap<usize, BTreeMap<u16, Vec<&String>>> = BTreeMap::new();
+        for k in keys {
+            by_master
+                .entry(map.master_of(k.as_bytes()))
+                .or_default()
+                .entry(key_slot(k.as_bytes()))
+                .or_default()
+                .push(k);
+        }
+        let mut deleted = 0;
+        for (master, slots) in by_master {
+            let mut p = redis::pipe();
+            for slot_keys in slots.values() {
+                p.cmd("DEL").arg(slot_keys);
+            }
+            deleted += p
+                .query::<Vec<i64>>(&mut self.cons[master])?
+                .iter()
+                .sum::<i64>();
+        }
+        Ok(deleted)
+    }
+
+    /// `INFO commandstats` of every server, summed.
+    fn commandstats(&mut self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for con in &mut self.cons {
+            for (name, calls) in commandstats(con) {
+                *out.entry(name).or_insert(0) += calls;
+            }
+        }
+        out
+    }
 }
 
 /// stormwall's Prometheus counters, summed over labels.
@@ -333,8 +477,10 @@ fn process_cpu(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn cpu_sample(redis: u32, sw: Option<u32>) -> (BTreeMap<u32, f64>, f64, f64) {
-    let r = thread_cpu(redis);
+/// One CPU sample: the threads of every Redis in `redis` (one, or a cluster's masters),
+/// stormwall's total and this process's.
+fn cpu_sample(redis: &[u32], sw: Option<u32>) -> (BTreeMap<u32, f64>, f64, f64) {
+    let r = redis.iter().flat_map(|&p| thread_cpu(p)).collect();
     let s = sw.map_or(0.0, process_cpu);
     // The bench's threads end as the run ends: the process's total keeps their time.
     let b = process_cpu(std::process::id());
@@ -342,15 +488,15 @@ fn cpu_sample(redis: u32, sw: Option<u32>) -> (BTreeMap<u32, f64>, f64, f64) {
 }
 
 fn cpu_use(
-    redis: u32,
+    redis: &[u32],
     a: &(BTreeMap<u32, f64>, f64, f64),
     b: &(BTreeMap<u32, f64>, f64, f64),
     secs: f64,
 ) -> CpuUse {
-    let main = |m: &BTreeMap<u32, f64>| m.get(&redis).copied().unwrap_or(0.0);
+    let main = |m: &BTreeMap<u32, f64>| redis.iter().filter_map(|p| m.get(p)).sum::<f64>();
     let bg = |m: &BTreeMap<u32, f64>| {
         m.iter()
-            .filter(|(t, _)| **t != redis)
+            .filter(|(t, _)| !redis.contains(t))
             .map(|(_, v)| v)
             .sum::<f64>()
     };
@@ -432,6 +578,104 @@ fn preload(redis: u16, s: &Settings, hashes: &[redis::Pipeline]) {
     assert_eq!(n, s.keys + BIG_HASHES as u64, "preload incomplete");
 }
 
+/// What a run's storm goes against: one `redis-server` (preloaded with `DEBUG POPULATE`), or a
+/// Redis Cluster (`STORMWALL_BENCH_CLUSTER=1`) preloaded with the same keys and values, each
+/// on its slot's master.
+struct Backend {
+    /// Kept for the run: the servers stop (by pid) when it drops.
+    servers: Servers,
+    route: Route,
+    /// Redis's pid, or every master's.
+    pids: Vec<u32>,
+}
+
+enum Servers {
+    /// Held only to stop it when dropped.
+    One {
+        _redis: Proc,
+    },
+    Cluster(common::cluster::Cluster),
+}
+
+impl Backend {
+    fn start(s: &Settings, hashes: &[redis::Pipeline]) -> Backend {
+        let loaded = Instant::now();
+        let backend = if s.cluster {
+            let cluster = common::cluster::start();
+            let route = Route::cluster(SlotMap::of(&cluster));
+            preload_cluster(&route, s, hashes);
+            Backend {
+                pids: common::cluster::master_pids(&cluster),
+                servers: Servers::Cluster(cluster),
+                route,
+            }
+        } else {
+            // `DEBUG POPULATE` preloads the keyspace.
+            let (proc, port) = start_redis(&["--enable-debug-command", "local"]);
+            preload(port, s, hashes);
+            Backend {
+                pids: vec![proc.pid()],
+                servers: Servers::One { _redis: proc },
+                route: Route::one(port),
+            }
+        };
+        eprintln!("   preloaded in {:.1}s", loaded.elapsed().as_secs_f64());
+        backend
+    }
+
+    /// The hot keys, by master (see [`Ctx::hot`]).
+    fn hot(&self, hot_keys: u64) -> Vec<Vec<u64>> {
+        let mut hot = vec![Vec::new(); self.route.ports.len()];
+        for n in 0..hot_keys {
+            hot[self.route.index_of(&format!("key:{n}"))].push(n);
+        }
+        hot
+    }
+
+    /// stormwall's `[upstream]` for a cluster; `None` for one Redis.
+    fn cluster_config(&self) -> Option<String> {
+        match &self.servers {
+            Servers::One { .. } => None,
+            Servers::Cluster(c) => Some(common::cluster::stormwall_config(c)),
+        }
+    }
+}
+
+/// [`preload`] for a cluster: the same keys and values (`SET`s pipelined 10,000 at a time,
+/// each master's from a thread of its own) and the same big hashes, each on its master.
+fn preload_cluster(route: &Route, s: &Settings, hashes: &[redis::Pipeline]) {
+    let mut by_master = vec![Vec::new(); route.ports.len()];
+    for n in 0..s.keys {
+        by_master[route.index_of(&format!("key:{n}"))].push(n);
+    }
+    thread::scope(|scope| {
+        for (&port, keys) in route.ports.iter().zip(&by_master) {
+            scope.spawn(move || {
+                let mut c = connect(port).unwrap();
+                for chunk in keys.chunks(10_000) {
+                    let mut p = redis::pipe();
+                    for &n in chunk {
+                        p.cmd("SET").arg(format!("key:{n}")).arg(value(n)).ignore();
+                    }
+                    let _: () = p.query(&mut c).expect("preloading a master failed");
+                }
+            });
+        }
+    });
+    let mut con = route.connect().unwrap();
+    for (h, p) in hashes.iter().enumerate() {
+        let _: () = p
+            .query(con.to(&format!("hash:{h}")))
+            .expect("building a big hash failed");
+    }
+    let n: u64 = con
+        .cons
+        .iter_mut()
+        .map(|c| redis::cmd("DBSIZE").query::<u64>(c).unwrap())
+        .sum();
+    assert_eq!(n, s.keys + BIG_HASHES as u64, "preload incomplete");
+}
+
 /// The 30 groups of 10 keys the DEL storm deletes: the 8 big hashes in groups 0 and 15
 /// (4 each, with 6 string keys), every other group 10 hot string keys.
 fn del_groups() -> Vec<Vec<String>> {
@@ -469,8 +713,14 @@ struct Read {
 
 /// Everything a run's threads share.
 struct Ctx {
-    target: u16,
-    redis: u16,
+    /// Where clients send their commands: Redis or the cluster directly, or stormwall.
+    target: Route,
+    /// Redis or the cluster directly (checks, the rebuilder).
+    redis: Route,
+    /// The hot keys' numbers, one list per master serving them (one list for one Redis):
+    /// reader `id` reads from list `id % len`, so that directly a reader needs one connection
+    /// (to that master), and through stormwall reads the same keys.
+    hot: Vec<Vec<u64>>,
     t0: Instant,
     tl: Timeline,
     fields: u64,
@@ -488,6 +738,11 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Reader `id`'s keys, and the port its connection goes to.
+    fn reader_keys(&self, id: usize) -> (&[u64], u16) {
+        let keys = &self.hot[id % self.hot.len()];
+        (keys, self.target.port_of(&format!("key:{}", keys[0])))
+    }
     fn storm_start(&self) -> Instant {
         self.t0 + self.tl.before
     }
@@ -614,10 +869,10 @@ fn plan(ctx: &Ctx, id: usize) -> (ReaderPlan, ReaderOut) {
     (ReaderPlan { rate, n, offset }, out)
 }
 
-/// A raw connection to the target for a reader that writes its own RESP.
-fn raw_connection(ctx: &Ctx) -> Result<std::net::TcpStream, String> {
-    let stream = std::net::TcpStream::connect(("127.0.0.1", ctx.target))
-        .map_err(|e| format!("connect: {e}"))?;
+/// A raw connection to `port` for a reader that writes its own RESP.
+fn raw_connection(port: u16) -> Result<std::net::TcpStream, String> {
+    let stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     Ok(stream)
@@ -636,7 +891,8 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         return reader_same_conn(ctx, id);
     }
     let (ReaderPlan { rate, n, offset }, mut out) = plan(ctx, id);
-    let stream = match raw_connection(ctx) {
+    let port = ctx.reader_keys(id).1;
+    let stream = match raw_connection(port) {
         Ok(s) => s,
         Err(e) => {
             out.first_error = Some(e);
@@ -649,11 +905,12 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         let ctx = ctx.clone();
         thread::spawn(move || {
             let mut rng = Rng::new(ctx.nonce ^ ((id as u64 + 1) * 7919));
+            let keys = ctx.reader_keys(id).0;
             for i in 0..n {
                 let at = offset + i as f64 / rate;
                 let sched = ctx.t0 + Duration::from_secs_f64(at);
                 sleep_until(sched);
-                let key = rng.below(ctx.hot_keys);
+                let key = keys[rng.below(keys.len() as u64) as usize];
                 let k = format!("key:{key}");
                 let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
                 // Queued before it is sent, so the reply side always finds it.
@@ -666,8 +923,7 @@ fn reader(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         })
     };
     let (ptx, prx) = mpsc::channel::<u64>();
-    let target = ctx.target;
-    let populater = thread::spawn(move || populate(target, prx));
+    let populater = thread::spawn(move || populate(port, prx));
     let mut replies = std::io::BufReader::with_capacity(1 << 16, stream);
     let mut broken = false;
     for (sched, at, key) in rx {
@@ -694,7 +950,8 @@ enum Expect {
 /// sharing one connection for its reads and writes).
 fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
     let (ReaderPlan { rate, n, offset }, mut out) = plan(ctx, id);
-    let stream = match raw_connection(ctx) {
+    let port = ctx.reader_keys(id).1;
+    let stream = match raw_connection(port) {
         Ok(s) => s,
         Err(e) => {
             out.first_error = Some(e);
@@ -725,11 +982,12 @@ fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         let (ctx, writer) = (ctx.clone(), writer.clone());
         thread::spawn(move || {
             let mut rng = Rng::new(ctx.nonce ^ ((id as u64 + 1) * 7919));
+            let keys = ctx.reader_keys(id).0;
             for i in 0..n {
                 let at = offset + i as f64 / rate;
                 let sched = ctx.t0 + Duration::from_secs_f64(at);
                 sleep_until(sched);
-                let key = rng.below(ctx.hot_keys);
+                let key = keys[rng.below(keys.len() as u64) as usize];
                 let k = format!("key:{key}");
                 let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
                 if !send(&writer, Expect::Get(sched, at as f32, key), cmd.as_bytes()) {
@@ -777,7 +1035,8 @@ fn reader_same_conn(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
 /// connection, awaited too, before the next `GET`. Latency is still from the scheduled time.
 fn reader_closed_loop(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
     let (ReaderPlan { rate, n, offset }, mut out) = plan(ctx, id);
-    let mut con = match connect(ctx.target) {
+    let (keys, port) = ctx.reader_keys(id);
+    let mut con = match connect(port) {
         Ok(c) => c,
         Err(e) => {
             out.first_error = Some(format!("connect: {e}"));
@@ -789,7 +1048,7 @@ fn reader_closed_loop(ctx: &Arc<Ctx>, id: usize) -> ReaderOut {
         let at = offset + i as f64 / rate;
         let sched = ctx.t0 + Duration::from_secs_f64(at);
         sleep_until(sched);
-        let key = rng.below(ctx.hot_keys);
+        let key = keys[rng.below(keys.len() as u64) as usize];
         let k = format!("key:{key}");
         let outcome = match redis::cmd("GET").arg(&k).query::<Option<Vec<u8>>>(&mut con) {
             Ok(Some(_)) => Outcome::Hit,
@@ -908,7 +1167,7 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
     if ctx.late_connect {
         sleep_until(ctx.storm_start() + Duration::from_secs_f64(phase));
     }
-    let (mut con, mut direct) = match (connect(ctx.target), connect(ctx.redis)) {
+    let (mut con, mut direct) = match (ctx.target.connect(), ctx.redis.connect()) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
             t.fail("connect", e);
@@ -934,10 +1193,10 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
         if let Err(e) = redis::cmd("SET")
             .arg(&marker_key)
             .arg(&marker)
-            .query::<()>(&mut con)
+            .query::<()>(con.to(&marker_key))
         {
             t.fail("SET (marker)", e);
-            con = match connect(ctx.target) {
+            con = match ctx.target.connect() {
                 Ok(c) => c,
                 Err(_) => continue,
             };
@@ -947,18 +1206,8 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
         t.sent += 1;
         t.keys += keys.len() as u64;
         let acked = match storm {
-            Storm::Flush => redis::cmd("FLUSHDB")
-                .arg(if ctx.flush_async {
-                    &["ASYNC"][..]
-                } else {
-                    &[][..]
-                })
-                .query::<String>(&mut con)
-                .map(|ok| ok == "OK"),
-            Storm::Del => redis::cmd("DEL")
-                .arg(&keys)
-                .query::<i64>(&mut con)
-                .map(|n| (0..=keys.len() as i64).contains(&n)),
+            Storm::Flush => con.flushdb(ctx.flush_async),
+            Storm::Del => con.del(&keys).map(|n| (0..=keys.len() as i64).contains(&n)),
         };
         let ack_ms = sent.elapsed().as_secs_f64() * 1e3;
         match acked {
@@ -967,8 +1216,8 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
                 t.checked += 1;
                 // Straight to Redis first: the ack must mean "applied", not just "queued
                 // ahead of this connection's next command".
-                let gone = !survives(&mut direct, &marker_key, &marker, &mut t)
-                    && !survives(&mut con, &marker_key, &marker, &mut t);
+                let gone = !survives(direct.to(&marker_key), &marker_key, &marker, &mut t)
+                    && !survives(con.to(&marker_key), &marker_key, &marker, &mut t);
                 if !gone || !sane {
                     t.violations += 1;
                 }
@@ -982,7 +1231,7 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
                     },
                     e,
                 );
-                if let Ok(c) = connect(ctx.target) {
+                if let Ok(c) = ctx.target.connect() {
                     con = c;
                 }
                 continue;
@@ -992,10 +1241,11 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
             // The account update re-populates its settings.
             for _ in 0..REPOPULATE {
                 let n = rng.below(ctx.hot_keys);
+                let key = format!("key:{n}");
                 if let Err(e) = redis::cmd("SET")
-                    .arg(format!("key:{n}"))
+                    .arg(&key)
                     .arg(value(n))
-                    .query::<()>(&mut con)
+                    .query::<()>(con.to(&key))
                 {
                     t.fail("SET (re-populate)", e);
                 }
@@ -1008,7 +1258,7 @@ fn storm_client(ctx: &Ctx, storm: Storm, c: usize, groups: &[Vec<String>]) -> Ta
 /// Re-creates deleted or partial big hashes during the DEL storm (straight to Redis, in both
 /// paths), one at a time, at most one per `REBUILD_GAP`. Returns how many it rebuilt.
 fn rebuilder(ctx: &Ctx, hashes: &[redis::Pipeline]) -> u64 {
-    let mut con = connect(ctx.redis).unwrap();
+    let mut con = ctx.redis.connect().unwrap();
     let mut rebuilt = 0;
     sleep_until(ctx.storm_start());
     'outer: loop {
@@ -1017,13 +1267,14 @@ fn rebuilder(ctx: &Ctx, hashes: &[redis::Pipeline]) -> u64 {
             if Instant::now() >= ctx.storm_end() {
                 break 'outer;
             }
+            let key = format!("hash:{h}");
             let len: u64 = redis::cmd("HLEN")
-                .arg(format!("hash:{h}"))
-                .query(&mut con)
+                .arg(&key)
+                .query(con.to(&key))
                 .unwrap_or(0);
             if len < ctx.fields {
                 let started = Instant::now();
-                let _: redis::RedisResult<()> = p.query(&mut con);
+                let _: redis::RedisResult<()> = p.query(con.to(&key));
                 rebuilt += 1;
                 any = true;
                 sleep_until(started + REBUILD_GAP);
@@ -1092,10 +1343,19 @@ struct RunResult {
 }
 
 /// stormwall's config file for a run (empty: none, the defaults): `flush.min_interval` for the
-/// tuning curve, `upstream.mode` when `STORMWALL_BENCH_UPSTREAM_MODE` is set.
-fn config_text(min_interval: Option<&str>, upstream_mode: Option<&str>) -> String {
+/// tuning curve, `upstream.mode` when `STORMWALL_BENCH_UPSTREAM_MODE` is set, the cluster's
+/// `[upstream]` (`cluster`) in front of a cluster, and last `STORMWALL_BENCH_STORMWALL_TOML`
+/// (sections of its own, for investigating: e.g. `[invalidation]` with `adaptive = false`).
+fn config_text(
+    min_interval: Option<&str>,
+    upstream_mode: Option<&str>,
+    cluster: Option<&str>,
+) -> String {
     let mut s = String::new();
-    if let Some(mode) = upstream_mode {
+    if let Some(upstream) = cluster {
+        s.push_str(upstream);
+        s.push('\n');
+    } else if let Some(mode) = upstream_mode {
         s.push_str(&format!("[upstream]\nmode = \"{mode}\"\n\n"));
     }
     if let Some(min_interval) = min_interval {
@@ -1104,6 +1364,13 @@ fn config_text(min_interval: Option<&str>, upstream_mode: Option<&str>) -> Strin
         if humantime::parse_duration(min_interval).unwrap() >= Duration::from_secs(5) {
             s.push_str("\n[invalidation]\nmax_wait = \"10s\"\n");
         }
+    }
+    if let Ok(extra) = std::env::var("STORMWALL_BENCH_STORMWALL_TOML") {
+        s.push('\n');
+        // A literal `\n` stands for a line break, so the variable fits the report's one-line
+        // command.
+        s.push_str(&extra.replace("\\n", "\n"));
+        s.push('\n');
     }
     s
 }
@@ -1116,16 +1383,17 @@ fn run(
     hashes: &Arc<Vec<redis::Pipeline>>,
 ) -> RunResult {
     eprintln!("== {} via {} ...", storm.name(), via.name());
-    // `DEBUG POPULATE` preloads the keyspace.
-    let (redis_proc, redis) = start_redis(&["--enable-debug-command", "local"]);
-    let loaded = Instant::now();
-    preload(redis, s, hashes);
-    eprintln!("   preloaded in {:.1}s", loaded.elapsed().as_secs_f64());
+    let backend = Backend::start(s, hashes);
+    let redis = backend.route.ports[0];
     let dir = tempfile::tempdir().unwrap();
     let sw = match via {
         Via::Direct | Via::DirectAsync => None,
         Via::Stormwall(mi) => {
-            let text = config_text(mi, s.upstream_mode.as_deref());
+            let text = config_text(
+                mi,
+                s.upstream_mode.as_deref(),
+                backend.cluster_config().as_deref(),
+            );
             let file = (!text.is_empty()).then(|| {
                 let f = dir.path().join("stormwall.toml");
                 std::fs::write(&f, text).unwrap();
@@ -1134,17 +1402,23 @@ fn run(
             Some(stormwall(redis, file.as_deref(), dir.path()))
         }
     };
-    let _: () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query(&mut connect(redis).unwrap())
-        .unwrap();
+    for con in &mut backend.route.connect().unwrap().cons {
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(con).unwrap();
+    }
+    let hot_keys = std::env::var("STORMWALL_BENCH_HOT_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(HOT_KEYS);
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     let ctx = Arc::new(Ctx {
-        target: sw.as_ref().map_or(redis, |w| w.port),
-        redis,
+        target: sw
+            .as_ref()
+            .map_or(backend.route.clone(), |w| Route::one(w.port)),
+        redis: backend.route.clone(),
+        hot: backend.hot(hot_keys),
         t0: Instant::now() + Duration::from_secs(1),
         tl,
         fields: s.fields,
@@ -1153,10 +1427,7 @@ fn run(
         same_conn: env_flag("STORMWALL_BENCH_SAME_CONN"),
         closed_loop: env_flag("STORMWALL_BENCH_CLOSED_LOOP"),
         late_connect: env_flag("STORMWALL_BENCH_LATE_CONNECT"),
-        hot_keys: std::env::var("STORMWALL_BENCH_HOT_KEYS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(HOT_KEYS),
+        hot_keys,
     });
     let groups = Arc::new(del_groups());
     let readers: Vec<_> = (0..READ_CONNS)
@@ -1177,7 +1448,7 @@ fn run(
     });
     let cpu = {
         let ctx = ctx.clone();
-        let redis_pid = redis_proc.0.id();
+        let redis_pids = backend.pids.clone();
         let sw_pid = sw.as_ref().map(|w| w.proc.0.id());
         let admin = sw.as_ref().map(|w| w.admin);
         thread::spawn(move || {
@@ -1188,9 +1459,12 @@ fn run(
             let samples: Vec<_> = (0..=ctx.tl.total().as_secs())
                 .map(|i| {
                     sleep_until(ctx.t0 + Duration::from_secs(i));
-                    let cpu = cpu_sample(redis_pid, sw_pid);
+                    let cpu = cpu_sample(&redis_pids, sw_pid);
                     waits.push((
-                        run_queue_wait(redis_pid, true),
+                        redis_pids
+                            .iter()
+                            .map(|&p| run_queue_wait(p, true))
+                            .sum::<f64>(),
                         sw_pid.map_or(0.0, |p| run_queue_wait(p, false)),
                     ));
                     counters.push(admin.map(stormwall_metrics).unwrap_or_default());
@@ -1199,14 +1473,14 @@ fn run(
                 .collect();
             let (from, to) = (ctx.tl.before.as_secs() as usize, ctx.tl.storm_to() as usize);
             let storm = cpu_use(
-                redis_pid,
+                &redis_pids,
                 &samples[from],
                 &samples[to],
                 ctx.tl.storm.as_secs_f64(),
             );
             let per_second = samples
                 .windows(2)
-                .map(|w| cpu_use(redis_pid, &w[0], &w[1], 1.0))
+                .map(|w| cpu_use(&redis_pids, &w[0], &w[1], 1.0))
                 .collect::<Vec<_>>();
             let counters_per_second = counters
                 .windows(2)
@@ -1227,7 +1501,7 @@ fn run(
     for h in clients {
         tally.merge(h.join().unwrap());
     }
-    let stats = commandstats(&mut connect(redis).unwrap());
+    let stats = backend.route.connect().unwrap().commandstats();
     let metrics = sw
         .as_ref()
         .map(|w| stormwall_metrics(w.admin))
@@ -1255,7 +1529,7 @@ fn run(
         .unwrap_or_default();
     let redis_version = info_field(&mut connect(redis).unwrap(), "server", "redis_version");
     drop(sw);
-    drop(redis_proc);
+    drop(backend);
     let r = RunResult {
         storm,
         via,
@@ -1323,6 +1597,14 @@ fn run(
         "   run-queue wait per second (ms), stormwall: {}",
         waits(|w| w.1)
     );
+    // The shield's own account at the end of the run (counters and gauges, summed over labels).
+    for (name, v) in r
+        .metrics
+        .iter()
+        .filter(|(n, _)| n.starts_with("stormwall_invalidation") || n.contains("cluster"))
+    {
+        eprintln!("   at the end: {name} {v}");
+    }
     if r.counters_per_second.iter().any(|c| !c.is_empty()) {
         for name in SECOND_COUNTERS {
             let v: Vec<String> = r
@@ -1496,14 +1778,6 @@ fn f2(v: f64) -> String {
     }
 }
 
-/// The machine's 1-minute load average (other work competing for its cores).
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
 fn report(
     s: &Settings,
     main: &[RunResult],
@@ -1518,7 +1792,12 @@ fn report(
     let dirty = !sh("git", &["status", "--porcelain", "--", "src"]).is_empty();
     writeln!(
         w,
-        "# Incident replay: an invalidation storm under steady reads\n"
+        "# Incident replay: an invalidation storm under steady reads{}\n",
+        if s.cluster {
+            ", in front of a Redis Cluster"
+        } else {
+            ""
+        }
     )
     .unwrap();
     writeln!(
@@ -1527,6 +1806,7 @@ fn report(
         common::bench_command(
             "storm",
             &[
+                "STORMWALL_BENCH_CLUSTER",
                 "STORMWALL_BENCH_QUICK",
                 "STORMWALL_BENCH_ONLY",
                 "STORMWALL_BENCH_UPSTREAM_MODE",
@@ -1535,6 +1815,7 @@ fn report(
                 "STORMWALL_BENCH_LATE_CONNECT",
                 "STORMWALL_BENCH_HOT_KEYS",
                 "STORMWALL_BENCH_BIN",
+                "STORMWALL_BENCH_STORMWALL_TOML",
             ]
         ),
         utc_date().unwrap_or_default(),
@@ -1570,8 +1851,8 @@ fn report(
     let tl = s.main;
     writeln!(
         w,
-        "Scenario (same for both paths, each run on a freshly started and preloaded `redis-server`, \
-         stormwall started fresh with its default config): {} string keys of {VALUE_SIZE} B (`DEBUG POPULATE`) plus \
+        "Scenario (same for both paths, each run on a freshly started and preloaded {}, \
+         stormwall started fresh with its default config): {} string keys of {VALUE_SIZE} B{} plus \
          {BIG_HASHES} hashes of {} fields; {READ_CONNS} reader connections doing {READ_RATE:.0} `GET`/s \
          open loop over the {HOT_KEYS} hottest keys, latency from each read's scheduled send time (truly open loop: sends never wait for replies), a miss \
          re-populated with `SET` (cache-aside, pipelined on a second connection per reader); timeline {}s before, {}s storm, {}s after. \
@@ -1580,7 +1861,13 @@ fn report(
          one of {DEL_GROUPS} groups of {GROUP_SIZE} keys out of the same 300 (the {BIG_HASHES} big hashes in two groups of 4), \
          with the big hashes re-created in the background during the storm (straight to Redis, in both paths, \
          at most one per {} ms). Details: the doc comment of `benches/storm.rs`.\n",
+        if s.cluster {
+            "cluster"
+        } else {
+            "`redis-server`"
+        },
         s.keys,
+        if s.cluster { "" } else { " (`DEBUG POPULATE`)" },
         s.fields,
         tl.before.as_secs(),
         tl.storm.as_secs(),
@@ -1588,6 +1875,27 @@ fn report(
         REBUILD_GAP.as_millis(),
     )
     .unwrap();
+    if s.cluster {
+        writeln!(
+            w,
+            "**In front of a Redis Cluster** (`STORMWALL_BENCH_CLUSTER=1`): each run starts a fresh \
+             cluster of {} masters, no replicas (`tests/common/cluster.rs`, through \
+             `benches/common/cluster.rs`), preloaded with the same keys and values, each on its slot's master \
+             (pipelined `SET`s: `DEBUG POPULATE` ignores slots); stormwall in front of it with \
+             `[upstream] kind = \"cluster\"` (every node a seed, shared mode, defaults otherwise). \
+             Directly, the clients are cluster-aware: a reader reads only keys of one master, on \
+             one connection to it (reader i: master i mod {0}, so {READ_CONNS} readers load the \
+             masters 3:3:2; through stormwall the readers read the very same keys); a storm \
+             client has a connection to every master and sends each key's command to its master, \
+             a flush as `FLUSHDB` to every master in turn (acknowledged once all have answered), \
+             a `DEL` of a group as one `DEL` per slot (Redis Cluster refuses a `DEL` whose keys \
+             span slots), those of one master pipelined, as redis-py's and Lettuce's cluster \
+             clients split it. Redis figures (commands, CPU) are the masters' together. \
+             No tuning curve.\n",
+            common::cluster::MASTERS,
+        )
+        .unwrap();
+    }
 
     writeln!(w, "## Summary\n").unwrap();
     writeln!(w, "| storm | path | read p99 before (ms) | read p99 during (ms) | worst second's read p99 during (ms) | during / before | hit ratio during | ack p50 / p99 (ms) | invalidations sent → at Redis | failed storm requests | violations |").unwrap();
@@ -1620,7 +1928,12 @@ fn report(
         .unwrap();
     }
     writeln!(w).unwrap();
-    writeln!(w, "![read latency over time](storm_latency.png)\n").unwrap();
+    writeln!(
+        w,
+        "![read latency over time]({}_latency.png)\n",
+        s.report_name()
+    )
+    .unwrap();
 
     writeln!(
         w,
@@ -1782,6 +2095,9 @@ fn report(
         .unwrap();
     }
 
+    if curve.is_empty() {
+        return tail(o, main, curve);
+    }
     writeln!(
         w,
         "\n## Tuning curve: `flush.min_interval` under the FLUSHDB storm\n"
@@ -1841,6 +2157,12 @@ fn report(
         .unwrap();
     }
 
+    tail(o, main, curve)
+}
+
+/// The end of the report: stormwall's warnings, if any.
+fn tail(mut o: String, main: &[RunResult], curve: &[(f64, RunResult)]) -> String {
+    let w = &mut o;
     let logs: Vec<_> = main
         .iter()
         .chain(curve.iter().map(|(_, r)| r))
@@ -2177,9 +2499,10 @@ fn main() {
             }
         }
     }
+    // The tuning curve is one Redis's (a cluster's flushes are spaced per master alike).
     let curve: Vec<(f64, RunResult)> = CURVE
         .iter()
-        .filter(|_| wants("curve"))
+        .filter(|_| wants("curve") && !s.cluster)
         .map(|&(x, m)| {
             (
                 x,
@@ -2195,24 +2518,28 @@ fn main() {
     };
     std::fs::create_dir_all(&out).unwrap();
     let md = report(&s, &main_runs, &curve, started, &load_start);
-    std::fs::write(out.join("storm.md"), &md).unwrap();
+    let name = s.report_name();
+    std::fs::write(out.join(format!("{name}.md")), &md).unwrap();
     print!("{md}");
     match register_font() {
         Ok(()) => {
-            if let Err(e) = plot::latency(&main_runs, &out.join("storm_latency.png")) {
-                eprintln!("storm_latency.png: {e}");
+            let latency = format!("{name}_latency.png");
+            if let Err(e) = plot::latency(&main_runs, &out.join(&latency)) {
+                eprintln!("{latency}: {e}");
             }
             let direct = main_runs
                 .iter()
                 .find(|r| r.storm == Storm::Flush && matches!(r.via, Via::Direct));
-            if let Err(e) = plot::curve(&curve, direct, &out.join("storm_curve.png")) {
+            if !curve.is_empty()
+                && let Err(e) = plot::curve(&curve, direct, &out.join("storm_curve.png"))
+            {
                 eprintln!("storm_curve.png: {e}");
             }
         }
         Err(e) => eprintln!("no plots: {e}"),
     }
     eprintln!(
-        "wrote {}/storm.md and plots in {:.0} s",
+        "wrote {}/{name}.md and plots in {:.0} s",
         out.display(),
         started.elapsed().as_secs_f64()
     );

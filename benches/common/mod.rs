@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmark binaries (`coalescing`, `passthrough`, `memory`, `storm`,
-//! `framing`, `head_of_line`, ...): starting `redis-server`, stormwall (in either upstream
-//! mode) and twemproxy on free loopback ports and stopping them again, talking to Redis,
+//! `framing`, `head_of_line`, `cluster`, ...): starting `redis-server`, a Redis Cluster
+//! ([`cluster`]), stormwall (in either upstream mode) and twemproxy on free loopback ports and
+//! stopping them again, running `redis-benchmark` ([`redis_benchmark`]), talking to Redis,
 //! reading a process's CPU time and memory from `/proc`, describing the machine in a
 //! report, registering a font for the charts, and where the reports go.
 //!
@@ -9,6 +10,9 @@
 //! discovers `benches/*.rs` and `benches/*/main.rs`, and `Cargo.toml` lists the benches
 //! explicitly anyway). Not every bench uses every helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
+
+pub mod cluster;
+pub mod redis_benchmark;
 
 use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
@@ -395,6 +399,14 @@ pub fn version_of(program: &str, args: &[&str]) -> String {
 /// `STORMWALL_BENCH_QUICK=1`).
 pub fn env_flag(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The machine's 1-minute load average (other work competing for its cores).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// "N cores (`nproc`), CPU model": the machine column of a report header.
