@@ -217,11 +217,10 @@ fn hostile_key_counts_get_redis_refusal_and_no_panic() {
 
 /// A `DEL` naming keys in thousands of slots, through the shield: one exact count.
 ///
-/// Each slot is one batch (Redis Cluster refuses a script or transaction across slots);
-/// a master's slots run on `LANES` connections side by side. Without lanes the ~7,000
-/// slots ran one round trip after another and outlasted `invalidation.max_wait`, which
-/// left the client closed. `max_wait` is raised here because the tests run a debug build
-/// (1.5 s for the `DEL` in a release build, 5.4 s in a debug one, on this 2-core machine).
+/// Each master runs its slots' parts as batch scripts (a batch spans slots). When each
+/// slot was a batch of its own, one round trip after another, the ~12,800 slots
+/// outlasted `invalidation.max_wait` and left the client closed. `max_wait` is raised
+/// because the tests run a debug build on a shared machine.
 #[test]
 fn a_delete_of_keys_in_thousands_of_slots_gets_its_exact_count() {
     let cluster = Cluster::start(3, 0);
@@ -262,7 +261,7 @@ fn the_budget_admits_or_refuses_a_split_delete_as_a_whole() {
     let cluster = Cluster::start(3, 0);
     let sw = proxy(
         &cluster,
-        "\n[invalidation]\ncommands_per_second = 1\ncommands_burst = 5\nmax_wait = \"2s\"\nadaptive = false\n",
+        "\n[invalidation]\ncommands_per_second = 1\ncommands_burst = 3\nmax_wait = \"2s\"\nadaptive = false\n",
     );
     let mut c = sw.raw();
     let mut slots = std::collections::BTreeSet::new();
@@ -280,7 +279,8 @@ fn the_budget_admits_or_refuses_a_split_delete_as_a_whole() {
         c.cmd(&cmd);
         c.try_read_frame()
     };
-    // Ten slots, a burst of five commands: the request alone is charged one burst.
+    // Ten slots on three masters, a burst of three commands: the request is charged one
+    // command per master (each runs its slots as one script), the whole burst.
     let first = del(&mut c, &keys[..10]).expect("an answer, not a closed connection");
     assert_eq!(as_int(&first), 10, "{first:?}");
     // No budget left for the next one within max_wait: refused, nothing deleted.

@@ -254,3 +254,61 @@ fn deletes_reach_every_master_as_unlink() {
         assert_eq!(master.calls("del"), 0, "{}: DEL sent", master.addr());
     }
 }
+
+/// A storm of deletes over many slots is batched across slots: each master runs a batch's
+/// slots as one script, so Redis gets far fewer commands than there are slots, and every
+/// client still gets its exact count.
+#[test]
+fn a_delete_storm_over_many_slots_is_batched_across_slots() {
+    let cluster = Cluster::start(3, 0);
+    let sw = proxy(&cluster, "");
+    let keys: Vec<String> = (0..2000).map(|i| format!("storm:{i}")).collect();
+    let mut c = sw.raw();
+    let mut input = Vec::new();
+    for k in keys.iter().step_by(2) {
+        input.extend(encode_cmd(&[b"SET", k.as_bytes(), b"v"]));
+    }
+    c.send(&input);
+    for _ in keys.iter().step_by(2) {
+        assert_eq!(text(&c.read_frame()), "OK");
+    }
+    let slots: BTreeSet<u16> = keys.iter().map(|k| cluster.slot_of(k.as_bytes())).collect();
+    assert!(slots.len() > 1500, "{} slots", slots.len());
+    // Four clients, each a pipeline of single-key deletes: half the keys exist.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let mut c = sw.raw();
+            let mine: Vec<String> = keys.iter().skip(t).step_by(4).cloned().collect();
+            std::thread::spawn(move || {
+                let mut input = Vec::new();
+                for k in &mine {
+                    input.extend(encode_cmd(&[b"DEL", k.as_bytes()]));
+                }
+                c.send(&input);
+                mine.iter().map(|_| as_int(&c.read_frame())).sum::<i64>()
+            })
+        })
+        .collect();
+    let deleted: i64 = threads.into_iter().map(|t| t.join().expect("client")).sum();
+    assert_eq!(deleted, 1000, "exactly the keys that existed");
+    for master in cluster.masters() {
+        assert_eq!(
+            as_int(&master.raw().call(&[b"DBSIZE"])),
+            0,
+            "{}",
+            master.addr()
+        );
+    }
+    let sent = metric(&sw, "stormwall_invalidation_commands_sent_total", &[]);
+    let evals: u64 = cluster.masters().iter().map(|m| m.calls("eval")).sum();
+    eprintln!(
+        "{sent} commands ({evals} scripts) for {} slots",
+        slots.len()
+    );
+    assert!(evals > 0, "the batch script ran");
+    assert!(
+        sent < slots.len() as f64 / 2.0,
+        "{sent} commands sent for {} slots",
+        slots.len()
+    );
+}

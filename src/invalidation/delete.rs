@@ -104,8 +104,8 @@ pub(super) async fn worker(
     }
 }
 
-/// The slot of a cluster delete request's keys (the engine splits requests so that every
-/// key of one is in one master's hands; those of one slot are batched together).
+/// The slot of a cluster delete request's keys (the engine splits requests by slot; a
+/// worker that cannot run the batch script batches those of one slot together).
 fn slot_of(job: &DeleteJob) -> Option<u16> {
     job.what
         .keys
@@ -177,9 +177,12 @@ impl Worker {
         }
         let mut distinct: std::collections::HashSet<Bytes> =
             first.what.keys.iter().cloned().collect();
-        // In a cluster a batch is one slot's: Redis Cluster refuses a command, script or
-        // transaction whose keys span slots, even on one node.
-        let slot = self.place.in_cluster().then(|| slot_of(&first)).flatten();
+        // In a cluster a batch spans slots only if it can run as the batch script, which a
+        // master runs over keys of all its slots ([`CLUSTER_BATCH_SCRIPT`]); a transaction
+        // (or a command) whose keys span slots is refused, even on one node.
+        let slot = (self.place.in_cluster() && !self.scripted)
+            .then(|| slot_of(&first))
+            .flatten();
         let mut batch = vec![first];
         let mut later = VecDeque::new();
         while distinct.len() < inv.max_batch_keys {
@@ -270,7 +273,9 @@ impl Worker {
             let mut claim = (self.atomic || scripted) && !plain_round;
             let mut plan = plan(&pending, claim, unlink_for, max_keys);
             let script = scripted && plan.entries.len() > 1 && fits_script(&plan);
-            if scripted && !script && claim && !self.atomic {
+            // Claims without the script need MULTI, which a cluster refuses across slots.
+            let spans_slots = self.place.in_cluster() && spans_slots(&plan);
+            if !script && claim && (!self.atomic || spans_slots) {
                 claim = false;
                 plan = self::plan(&pending, claim, unlink_for, max_keys);
             }
@@ -319,7 +324,7 @@ impl Worker {
             }
             let wrap = !script && claim && plan.entries.len() > 1;
             let mut batch: Vec<Vec<Bytes>> = if script {
-                vec![script_command(&plan)]
+                vec![script_command(&plan, self.place.in_cluster())]
             } else {
                 plan.entries
                     .iter()
@@ -521,6 +526,33 @@ for i = 1, #ARGV, 2 do
 end
 return replies";
 
+/// [`BATCH_SCRIPT`] for a cluster master, its keys among the arguments rather than declared:
+/// a master refuses declared keys of several slots (`CROSSSLOT`), but runs a script (one
+/// without a `#!lua` line, whose calls may span slots) whose calls name keys of any of its
+/// slots. Each call is one request's keys, so of one slot. A call naming a slot the master
+/// does not serve (the map changed) is refused (`Script attempted to access a non local
+/// key`), and that request goes again with its own command, which the master answers with
+/// `MOVED`. Arguments: per entry, the command, its key count, its keys.
+const CLUSTER_BATCH_SCRIPT: &[u8] = b"local replies = {}
+local i = 1
+while i <= #ARGV do
+  local count = tonumber(ARGV[i + 1])
+  replies[#replies + 1] = redis.pcall(ARGV[i], unpack(ARGV, i + 2, i + 1 + count))
+  i = i + 2 + count
+end
+return replies";
+
+/// Whether `plan`'s keys are in more than one slot.
+fn spans_slots(plan: &Plan) -> bool {
+    let mut slots = plan
+        .entries
+        .iter()
+        .filter_map(|e| e.keys.first())
+        .map(|k| crate::cluster::slot::key_slot(k));
+    let first = slots.next();
+    slots.any(|s| Some(s) != first)
+}
+
 /// Most keys of one entry in the script: Lua's `unpack` has a stack limit (8,000 values).
 const SCRIPT_ENTRY_KEYS: usize = 4096;
 
@@ -531,24 +563,32 @@ fn fits_script(plan: &Plan) -> bool {
         .all(|e| e.keys.len() <= SCRIPT_ENTRY_KEYS)
 }
 
-/// `EVAL <BATCH_SCRIPT> numkeys key… (name count)…` for `plan`. (`EVAL`, not `EVALSHA`:
-/// Redis caches the compiled script by its digest either way, and a restarted Redis, whose
-/// cache is empty, needs no second attempt.)
-fn script_command(plan: &Plan) -> Vec<Bytes> {
+/// `EVAL <BATCH_SCRIPT> numkeys key… (name count)…` for `plan`, or for a cluster master
+/// `EVAL <CLUSTER_BATCH_SCRIPT> 0 (name count key…)…`. (`EVAL`, not `EVALSHA`: Redis caches
+/// the compiled script by its digest either way, and a restarted Redis, whose cache is
+/// empty, needs no second attempt.)
+fn script_command(plan: &Plan, cluster: bool) -> Vec<Bytes> {
     let keys: usize = plan.entries.iter().map(|e| e.keys.len()).sum();
     let mut cmd = Vec::with_capacity(3 + keys + 2 * plan.entries.len());
     cmd.push(Bytes::from_static(b"EVAL"));
+    let name = |e: &Entry| Bytes::from_static(if e.unlink { b"UNLINK" } else { b"DEL" });
+    if cluster {
+        cmd.push(Bytes::from_static(CLUSTER_BATCH_SCRIPT));
+        cmd.push(Bytes::from_static(b"0"));
+        for entry in &plan.entries {
+            cmd.push(name(entry));
+            cmd.push(Bytes::from(entry.keys.len().to_string()));
+            cmd.extend(entry.keys.iter().cloned());
+        }
+        return cmd;
+    }
     cmd.push(Bytes::from_static(BATCH_SCRIPT));
     cmd.push(Bytes::from(keys.to_string()));
     for entry in &plan.entries {
         cmd.extend(entry.keys.iter().cloned());
     }
     for entry in &plan.entries {
-        cmd.push(Bytes::from_static(if entry.unlink {
-            b"UNLINK"
-        } else {
-            b"DEL"
-        }));
+        cmd.push(name(entry));
         cmd.push(Bytes::from(entry.keys.len().to_string()));
     }
     cmd

@@ -27,9 +27,10 @@
 //!
 //! In front of a Redis Cluster, workers are per identity *and master* ([`Place`]): a delete
 //! is split by slot and each part goes to the worker of its slot's master, which batches
-//! only requests of one slot together (Redis Cluster refuses a command, script or
-//! transaction whose keys span slots, even on one node); a flush goes to every master's
-//! flush worker. The client's answer is the parts' answers put together: counts summed,
+//! parts of all its slots into one script call (`delete::CLUSTER_BATCH_SCRIPT`: Redis
+//! Cluster refuses declared keys, commands and transactions that span slots, but not a
+//! script's calls for different slots of one master), or, where the identity may not run
+//! the script, parts of one slot only; a flush goes to every master's flush worker. The client's answer is the parts' answers put together: counts summed,
 //! one `+OK` once every master has flushed, or — if some parts ran and others did not —
 //! unknown, as a lost connection would leave it. The rate budgets are the process's, so
 //! they bound the whole cluster.
@@ -328,27 +329,15 @@ type FlushJob = Job<Option<bool>>;
 type ScopedJob = Job<Option<bool>>;
 
 /// Where a worker's requests run: the upstream (standalone or Sentinel's master), or one
-/// master of a Redis Cluster and one of its [`LANES`].
+/// master of a Redis Cluster.
 #[derive(Clone, Default)]
 pub(crate) struct Place {
     node: Option<Arc<crate::cluster::router::Node>>,
-    lane: u16,
 }
 
-/// Delete workers per identity and cluster master, each serving the slots whose number
-/// is its lane modulo this, on a connection of its own. A batch holds one slot's keys
-/// (Redis Cluster refuses a command, script or transaction whose keys span slots), so a
-/// storm over many slots is many batches: lanes run them side by side. Requests for one
-/// slot (and so for one key) stay with one worker, in arrival order.
-pub(crate) const LANES: u16 = 8;
-
 impl Place {
-    /// A cluster master's; deletes for `slot` go to the lane of that slot.
-    fn master(node: Arc<crate::cluster::router::Node>, slot: Option<u16>) -> Place {
-        Place {
-            node: Some(node),
-            lane: slot.map_or(0, |s| s % LANES),
-        }
+    fn master(node: Arc<crate::cluster::router::Node>) -> Place {
+        Place { node: Some(node) }
     }
 
     /// `[upstream]` for this place's connections: the node's own in a cluster.
@@ -359,7 +348,8 @@ impl Place {
         }
     }
 
-    /// Whether requests here go to one master of a cluster (batches then stay in one slot).
+    /// Whether requests here go to one master of a cluster (a batch's keys span slots only
+    /// in the batch script).
     fn in_cluster(&self) -> bool {
         self.node.is_some()
     }
@@ -367,12 +357,11 @@ impl Place {
 
 impl PartialEq for Place {
     fn eq(&self, other: &Place) -> bool {
-        self.lane == other.lane
-            && match (&self.node, &other.node) {
-                (Some(a), Some(b)) => a.address == b.address,
-                (None, None) => true,
-                _ => false,
-            }
+        match (&self.node, &other.node) {
+            (Some(a), Some(b)) => a.address == b.address,
+            (None, None) => true,
+            _ => false,
+        }
     }
 }
 
@@ -384,7 +373,6 @@ impl std::hash::Hash for Place {
             .as_ref()
             .map(|n| n.address.to_string())
             .hash(state);
-        self.lane.hash(state);
     }
 }
 
@@ -658,23 +646,32 @@ impl Engine {
                 Request::Delete { keys, unlink } if cluster.is_some() => {
                     let slots = by_slot(dedup(keys));
                     let count = slots.iter().map(Vec::len).sum();
-                    if let Err(refused) = prepay(&shared, slots.len(), count, deadline).await {
+                    // A master runs a batch's slots as one script: a command per master.
+                    let masters = cluster.map_or(slots.len(), |router| {
+                        let map = router.map();
+                        let mut masters: Vec<Option<usize>> = slots
+                            .iter()
+                            .map(|keys| {
+                                let slot = keys.first().map(|k| crate::cluster::slot::key_slot(k));
+                                slot.and_then(|s| map.master_of(s))
+                            })
+                            .collect();
+                        masters.sort_unstable();
+                        masters.dedup();
+                        masters.len()
+                    });
+                    if let Err(refused) = prepay(&shared, masters, count, deadline).await {
                         answers.push(Answer::One(Err(refused)));
                         continue;
                     }
-                    let mut sent = Vec::new();
-                    for keys in slots {
-                        let part = Part {
-                            who: who.clone(),
-                            what: PartOf::Delete { keys, unlink },
-                            deadline,
-                            received,
-                            admission: admission.clone(),
-                        };
-                        let rx = self.send_part(cluster, &part, cap);
-                        sent.push((part, rx));
-                    }
-                    answers.push(Answer::Parts(sent));
+                    let parts = slots.into_iter().map(|keys| Part {
+                        who: who.clone(),
+                        what: PartOf::Delete { keys, unlink },
+                        deadline,
+                        received,
+                        admission: admission.clone(),
+                    });
+                    answers.push(Answer::Parts(parts.collect()));
                     continue;
                 }
                 Request::Flush { all, sync } if cluster.is_some() => {
@@ -692,23 +689,18 @@ impl Engine {
                         answers.push(Answer::One(Err(refused)));
                         continue;
                     }
-                    let mut sent = Vec::new();
-                    for slot in slots {
-                        let part = Part {
-                            who: target.clone(),
-                            what: PartOf::Flush { all, sync, slot },
-                            deadline,
-                            received,
-                            admission: admission.clone(),
-                        };
-                        let rx = self.send_part(cluster, &part, cap);
-                        sent.push((part, rx));
-                    }
-                    if sent.is_empty() {
+                    if slots.is_empty() {
                         answers.push(Answer::One(Err(Outcome::NotApplied(Refusal::Unreachable))));
-                    } else {
-                        answers.push(Answer::Parts(sent));
+                        continue;
                     }
+                    let parts = slots.into_iter().map(|slot| Part {
+                        who: target.clone(),
+                        what: PartOf::Flush { all, sync, slot },
+                        deadline,
+                        received,
+                        admission: admission.clone(),
+                    });
+                    answers.push(Answer::Parts(parts.collect()));
                     continue;
                 }
                 Request::Delete { keys, unlink } => {
@@ -768,11 +760,26 @@ impl Engine {
             };
             answers.push(Answer::One(routed.map(|()| rx)));
         }
+        // A cluster request's parts go to their workers once every request has its budget,
+        // all at once, so a master's workers find a pipeline's parts queued together and
+        // batch them (sent while later requests waited for budget, they trickled in and were
+        // batched one by one).
+        let sent: Vec<Vec<_>> = answers
+            .iter()
+            .map(|answer| match answer {
+                Answer::Parts(parts) => parts
+                    .iter()
+                    .map(|part| self.send_part(cluster, part, cap))
+                    .collect(),
+                Answer::One(_) => Vec::new(),
+            })
+            .collect();
         let mut outcomes = Vec::with_capacity(answers.len());
-        for answer in answers {
+        for (answer, sent) in answers.into_iter().zip(sent) {
             outcomes.push(match answer {
                 Answer::One(answer) => answered(answer).await,
                 Answer::Parts(parts) => {
+                    let parts = parts.into_iter().zip(sent);
                     let mut each = Vec::with_capacity(parts.len());
                     for (part, rx) in parts {
                         each.push(self.part_answered(cluster, cap, part, rx).await);
@@ -804,7 +811,7 @@ impl Engine {
         let who = &part.who;
         let routed = match &part.what {
             PartOf::Delete { keys, unlink } => {
-                let place = Place::master(node, part.slot());
+                let place = Place::master(node);
                 let job = Job {
                     what: delete::Delete {
                         keys: keys.clone(),
@@ -828,7 +835,7 @@ impl Engine {
                     reply: tx,
                     _admission: part.admission.clone(),
                 };
-                let key = (who.clone(), *all, Place::master(node, None));
+                let key = (who.clone(), *all, Place::master(node));
                 self.route(flushers, key, who, cap, job, flush::worker)
             }
         };
@@ -930,7 +937,8 @@ impl Engine {
     }
 }
 
-/// Takes the rate budget for a whole cluster request (`commands` parts, `keys` keys) before
+/// Takes the rate budget for a whole cluster request (`commands`: one per master it reaches,
+/// whose batch script runs all its slots; `keys` keys) before
 /// any part is sent, so its parts are never refused for budget one by one (some would run
 /// and some not: a request neither applied nor refused). As for a request alone in a
 /// batch, it is charged at most one full burst of each.
@@ -962,8 +970,8 @@ async fn prepay(
 /// answers are [`combine`]d.
 enum Answer {
     One(Result<oneshot::Receiver<Outcome>, Outcome>),
-    /// A cluster request's parts, kept to be sent again if redirected.
-    Parts(Vec<(Part, Result<oneshot::Receiver<Outcome>, Outcome>)>),
+    /// A cluster request's parts (its budget taken), kept to be sent again if redirected.
+    Parts(Vec<Part>),
 }
 
 /// One part of a cluster request: one slot's keys of a delete, or one master's flush.
