@@ -305,6 +305,12 @@ fn a_delete_storm_over_many_slots_is_batched_across_slots() {
         "{sent} commands ({evals} scripts) for {} slots",
         slots.len()
     );
+    eprintln!(
+        "refreshes {}, keys sent {}, batches {}",
+        metric(&sw, "stormwall_cluster_refreshes_total", &[]),
+        metric(&sw, "stormwall_invalidation_keys_sent_total", &[]),
+        metric(&sw, "stormwall_invalidation_batches_total", &[])
+    );
     assert!(evals > 0, "the batch script ran");
     assert!(
         sent < slots.len() as f64 / 2.0,
