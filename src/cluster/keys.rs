@@ -547,7 +547,7 @@ fn read_find(frame: Option<&OwnedFrame>) -> Find {
 }
 
 /// A map's pairs (RESP2 sends a map as a flat array: name, value, name, value, …).
-fn map(frame: &OwnedFrame) -> Vec<(&[u8], &OwnedFrame)> {
+pub(super) fn map(frame: &OwnedFrame) -> Vec<(&[u8], &OwnedFrame)> {
     match frame {
         OwnedFrame::Array(items) => items
             .chunks_exact(2)
@@ -557,7 +557,7 @@ fn map(frame: &OwnedFrame) -> Vec<(&[u8], &OwnedFrame)> {
     }
 }
 
-fn field<'f>(map: &[(&[u8], &'f OwnedFrame)], name: &str) -> Option<&'f OwnedFrame> {
+pub(super) fn field<'f>(map: &[(&[u8], &'f OwnedFrame)], name: &str) -> Option<&'f OwnedFrame> {
     map.iter()
         .find(|(k, _)| *k == name.as_bytes())
         .map(|(_, v)| *v)

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::time::Instant;
 
+use super::keys::{field, map};
 use super::slot::SLOTS;
 use crate::config::UpstreamConfig;
 use crate::net::Addr;
@@ -390,21 +391,6 @@ fn unexpected(what: &str, reply: &OwnedFrame) -> String {
         OwnedFrame::Error(e) => format!("{what} refused: {e}"),
         _ => format!("{what} answered something other than a list"),
     }
-}
-
-/// A map's pairs (RESP2 sends a map as a flat array: name, value, name, value, …).
-fn map(frame: &OwnedFrame) -> Vec<(&str, &OwnedFrame)> {
-    match frame {
-        OwnedFrame::Array(items) => items
-            .chunks_exact(2)
-            .filter_map(|pair| Some((text(&pair[0])?, &pair[1])))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn field<'f>(map: &[(&str, &'f OwnedFrame)], name: &str) -> Option<&'f OwnedFrame> {
-    map.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
 }
 
 fn text(frame: &OwnedFrame) -> Option<&str> {
