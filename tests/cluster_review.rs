@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{Cluster, keyslots, proxy};
+use common::cluster::{Cluster, add_app_user, keyslots, proxy};
 use common::*;
 
 /// Moves `slot` (holding no keys) to the master on `to`, by hand, on every master.
@@ -126,12 +126,7 @@ fn a_blocking_command_goes_to_the_current_master_of_its_slot() {
 #[test]
 fn a_split_delete_whose_parts_end_differently_closes_the_client() {
     let cluster = Cluster::start(3, 0);
-    for node in cluster.live() {
-        let r = node.raw().call(&[
-            b"ACL", b"SETUSER", b"app", b"on", b">secret", b"~app:*", b"+@all",
-        ]);
-        assert_eq!(text(&r), "OK");
-    }
+    add_app_user(&cluster);
     let sw = proxy(&cluster, "\n[invalidation]\nenabled = false\n");
     let mine = b"app:1".as_slice();
     let theirs = (0..10_000)

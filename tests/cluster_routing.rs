@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{Cluster, proxy};
+use common::cluster::{Cluster, add_app_user, proxy};
 use common::*;
 
 /// Keys spread over every master (the `i`th of them).
@@ -176,12 +176,7 @@ fn what_redis_cluster_refuses_is_refused_in_its_own_words() {
 #[test]
 fn the_clients_identity_reaches_every_master() {
     let cluster = Cluster::start(3, 1);
-    for node in cluster.live() {
-        let reply = node.raw().call(&[
-            b"ACL", b"SETUSER", b"app", b"on", b">secret", b"~app:*", b"+@all",
-        ]);
-        assert_eq!(text(&reply), "OK");
-    }
+    add_app_user(&cluster);
     let sw = proxy(&cluster, "");
     let mut c = sw.raw();
     assert_eq!(

@@ -299,6 +299,17 @@ impl Cluster {
     }
 }
 
+/// An ACL user `app` (password `secret`) that may run every command on keys `app:*`, on
+/// every live node.
+pub fn add_app_user(cluster: &Cluster) {
+    for node in cluster.live() {
+        let reply = node.raw().call(&[
+            b"ACL", b"SETUSER", b"app", b"on", b">secret", b"~app:*", b"+@all",
+        ]);
+        assert_eq!(text(&reply), "OK");
+    }
+}
+
 /// stormwall in front of `cluster` (every node a seed), shared mode (the only one a cluster
 /// takes), with `extra` TOML after `[upstream]`'s keys.
 pub fn proxy(cluster: &Cluster, extra: &str) -> Stormwall {
