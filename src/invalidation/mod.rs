@@ -639,28 +639,32 @@ impl Engine {
         };
         let cap = config.invalidation.max_identities;
         let mut answers = Vec::with_capacity(requests.len());
+        // A cluster request's parts go to their workers together, once the requests after
+        // it have their budget too (a master's workers then find a pipeline's parts queued
+        // together and batch them), or before a request must wait for budget (the ones
+        // admitted do not wait with it). One entry per answer sent so far.
+        let mut sent: Vec<Vec<Routed>> = Vec::new();
         let cluster = self.cluster.get();
         for request in requests {
             let (tx, rx) = oneshot::channel();
             let routed = match request {
-                Request::Delete { keys, unlink } if cluster.is_some() => {
+                Request::Delete { keys, unlink } if let Some(router) = cluster => {
                     let slots = by_slot(dedup(keys));
                     let count = slots.iter().map(Vec::len).sum();
                     // A master runs a batch's slots as one script: a command per master.
-                    let masters = cluster.map_or(slots.len(), |router| {
-                        let map = router.map();
-                        let mut masters: Vec<Option<usize>> = slots
-                            .iter()
-                            .map(|keys| {
-                                let slot = keys.first().map(|k| crate::cluster::slot::key_slot(k));
-                                slot.and_then(|s| map.master_of(s))
-                            })
-                            .collect();
-                        masters.sort_unstable();
-                        masters.dedup();
-                        masters.len()
-                    });
-                    if let Err(refused) = prepay(&shared, masters, count, deadline).await {
+                    let map = router.map();
+                    let mut masters: Vec<Option<usize>> = slots
+                        .iter()
+                        .map(|keys| {
+                            let slot = keys.first().map(|k| crate::cluster::slot::key_slot(k));
+                            slot.and_then(|s| map.master_of(s))
+                        })
+                        .collect();
+                    masters.sort_unstable();
+                    masters.dedup();
+                    let budget = (masters.len(), count);
+                    let paid = self.prepay(&shared, budget, deadline, (&answers, &mut sent), cap);
+                    if let Err(refused) = paid.await {
                         answers.push(Answer::One(Err(refused)));
                         continue;
                     }
@@ -685,7 +689,9 @@ impl Engine {
                         .iter()
                         .flat_map(|m| (0..m.masters().len()).filter_map(|i| m.first_slot_of(i)))
                         .collect();
-                    if let Err(refused) = prepay(&shared, slots.len(), 0, deadline).await {
+                    let budget = (slots.len(), 0);
+                    let paid = self.prepay(&shared, budget, deadline, (&answers, &mut sent), cap);
+                    if let Err(refused) = paid.await {
                         answers.push(Answer::One(Err(refused)));
                         continue;
                     }
@@ -760,20 +766,7 @@ impl Engine {
             };
             answers.push(Answer::One(routed.map(|()| rx)));
         }
-        // A cluster request's parts go to their workers once every request has its budget,
-        // all at once, so a master's workers find a pipeline's parts queued together and
-        // batch them (sent while later requests waited for budget, they trickled in and were
-        // batched one by one).
-        let sent: Vec<Vec<_>> = answers
-            .iter()
-            .map(|answer| match answer {
-                Answer::Parts(parts) => parts
-                    .iter()
-                    .map(|part| self.send_part(cluster, part, cap))
-                    .collect(),
-                Answer::One(_) => Vec::new(),
-            })
-            .collect();
+        self.send_unsent(&answers, &mut sent, cap);
         let mut outcomes = Vec::with_capacity(answers.len());
         for (answer, sent) in answers.into_iter().zip(sent) {
             outcomes.push(match answer {
@@ -791,6 +784,40 @@ impl Engine {
         outcomes
     }
 
+    /// [`prepay`]s a cluster request's `budget` (commands, keys). If it must be waited for,
+    /// the parts of the requests before it (`answers`, of which `sent` are sent) go first.
+    async fn prepay(
+        &self,
+        shared: &Shared,
+        budget: (usize, usize),
+        deadline: Instant,
+        (answers, sent): (&[Answer], &mut Vec<Vec<Routed>>),
+        cap: usize,
+    ) -> Result<(), Outcome> {
+        let mut paid = shared_budget::Units::default();
+        // What is taken stays in `paid` if the first attempt stops at a wait.
+        let now = prepay(shared, budget, deadline, &mut paid);
+        if let Ok(result) = tokio::time::timeout(Duration::ZERO, now).await {
+            return result;
+        }
+        self.send_unsent(answers, sent, cap);
+        prepay(shared, budget, deadline, &mut paid).await
+    }
+
+    /// Sends the parts of `answers` past the `sent.len()` already sent.
+    fn send_unsent(&self, answers: &[Answer], sent: &mut Vec<Vec<Routed>>, cap: usize) {
+        let cluster = self.cluster.get();
+        for answer in answers.iter().skip(sent.len()) {
+            sent.push(match answer {
+                Answer::Parts(parts) => parts
+                    .iter()
+                    .map(|part| self.send_part(cluster, part, cap))
+                    .collect(),
+                Answer::One(_) => Vec::new(),
+            });
+        }
+    }
+
     /// Routes one part of a cluster request to the worker of the master the slot map names
     /// for its slot now.
     fn send_part(
@@ -798,7 +825,7 @@ impl Engine {
         cluster: Option<&Arc<crate::cluster::router::Router>>,
         part: &Part,
         cap: usize,
-    ) -> Result<oneshot::Receiver<Outcome>, Outcome> {
+    ) -> Routed {
         let map = cluster.map(|r| r.map());
         let node = map.as_ref().and_then(|map| {
             let master = map.master_of(part.slot()?)?;
@@ -851,7 +878,7 @@ impl Engine {
         cluster: Option<&Arc<crate::cluster::router::Router>>,
         cap: usize,
         part: Part,
-        mut rx: Result<oneshot::Receiver<Outcome>, Outcome>,
+        mut rx: Routed,
     ) -> Outcome {
         let mut backoff = Duration::from_millis(25);
         loop {
@@ -944,9 +971,9 @@ impl Engine {
 /// batch, it is charged at most one full burst of each.
 async fn prepay(
     shared: &Shared,
-    commands: usize,
-    keys: usize,
+    (commands, keys): (usize, usize),
     deadline: Instant,
+    paid: &mut shared_budget::Units,
 ) -> Result<(), Outcome> {
     let (keys_budget, commands_budget) = shared.budgets();
     let want = shared_budget::Units::new(
@@ -954,22 +981,24 @@ async fn prepay(
         (commands as u64).min(u64::from(commands_budget.burst)),
     );
     let max_wait = shared.config.invalidation.max_wait;
-    let mut paid = shared_budget::Units::default();
     shared_budget::take(
         shared,
         (&*keys_budget, &*commands_budget),
         want,
-        &mut paid,
+        paid,
         deadline - send_margin(max_wait),
     )
     .await
     .map_err(|_| Outcome::NotApplied(Refusal::Expired { max_wait }))
 }
 
+/// A part sent to its worker: where its outcome will come from, or the outcome now.
+type Routed = Result<oneshot::Receiver<Outcome>, Outcome>;
+
 /// Where a request's answer will come from: one worker, or (in a cluster) several, whose
 /// answers are [`combine`]d.
 enum Answer {
-    One(Result<oneshot::Receiver<Outcome>, Outcome>),
+    One(Routed),
     /// A cluster request's parts (its budget taken), kept to be sent again if redirected.
     Parts(Vec<Part>),
 }
@@ -1026,7 +1055,7 @@ fn not_here(error: &str) -> bool {
         .any(|p| error.starts_with(p))
 }
 
-async fn answered(answer: Result<oneshot::Receiver<Outcome>, Outcome>) -> Outcome {
+async fn answered(answer: Routed) -> Outcome {
     match answer {
         Ok(rx) => rx.await.unwrap_or(Outcome::NotApplied(Refusal::WorkerGone)),
         Err(outcome) => outcome,

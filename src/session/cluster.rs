@@ -72,6 +72,9 @@ pub(super) struct ClusterLink {
     /// The previous command went to the private connection: the next one on the shared
     /// connections waits until it is answered.
     pub(super) on_private: bool,
+    /// The router has been told a master accepted this client's identity (it asks the
+    /// cluster for its slot map with it when the default user may not).
+    learned: bool,
 }
 
 /// A run of commands framed and not sent yet: the client's pipeline, whichever masters
@@ -140,6 +143,7 @@ impl ClusterLink {
             txn_open: false,
             txn_closing: false,
             on_private: false,
+            learned: false,
         }
     }
 
@@ -175,6 +179,7 @@ impl ClusterLink {
         if *self.key != key {
             self.key = Arc::new(key);
             self.nodes.iter_mut().for_each(|n| *n = None);
+            self.learned = false;
         }
     }
 
@@ -195,7 +200,7 @@ impl ClusterLink {
     async fn capture(
         &mut self,
         master: usize,
-        bytes: &[u8],
+        bytes: &Bytes,
         count: u32,
     ) -> Result<Part, Unavailable> {
         let Some(node) = self.map.masters().get(master).cloned() else {
@@ -211,8 +216,11 @@ impl ClusterLink {
             .capture_later(&node.pools, &node.cfg, bytes, count)
             .await?;
         node.commands.increment(u64::from(count));
-        self.router.learn(&self.key.identity);
-        Ok(Part::shared(node, Bytes::copy_from_slice(bytes), count, rx))
+        if !self.learned {
+            self.router.learn(&self.key.identity);
+            self.learned = true;
+        }
+        Ok(Part::shared(node, bytes.clone(), count, rx))
     }
 }
 
@@ -401,9 +409,10 @@ impl RequestSide<'_> {
         let order = link.map.masters_by_slot();
         let masters = order.len();
         // Where each command goes, `Every` expanded.
-        let mut sends: Vec<(usize, Option<u16>, &[u8])> = Vec::new();
-        for (to, bytes) in &parts {
-            match *to {
+        let mut sends: Vec<(usize, Option<u16>, Bytes)> = Vec::new();
+        for (to, bytes) in parts {
+            let bytes = Bytes::from(bytes);
+            match to {
                 To::Slot(slot) => sends.push((link.master_for(Some(slot)), Some(slot), bytes)),
                 To::Position(p) => match order.get(p) {
                     Some(&master) => sends.push((master, None, bytes)),
@@ -414,7 +423,7 @@ impl RequestSide<'_> {
                         return Next::Read;
                     }
                 },
-                To::Every => sends.extend(order.iter().map(|&m| (m, None, bytes.as_slice()))),
+                To::Every => sends.extend(order.iter().map(|&m| (m, None, bytes.clone()))),
             }
         }
         let mut sent = Vec::with_capacity(sends.len());
@@ -450,7 +459,13 @@ impl RequestSide<'_> {
         let (parts, merge) = if let [only] = pending.parts[..] {
             // One master: the client's bytes as they came.
             let Some(part) = self
-                .cluster_send(link, only.master, only.slot, bytes, only.count)
+                .cluster_send(
+                    link,
+                    only.master,
+                    only.slot,
+                    Bytes::copy_from_slice(bytes),
+                    only.count,
+                )
                 .await
             else {
                 return Next::Stop;
@@ -466,9 +481,9 @@ impl RequestSide<'_> {
                 order.push(part);
             }
             let mut sent = Vec::with_capacity(writes.len());
-            for (p, write) in pending.parts.iter().zip(&writes) {
+            for (p, write) in pending.parts.iter().zip(writes) {
                 match self
-                    .cluster_send(link, p.master, p.slot, write, p.count)
+                    .cluster_send(link, p.master, p.slot, Bytes::from(write), p.count)
                     .await
                 {
                     Some(part) => sent.push(part),
@@ -495,14 +510,14 @@ impl RequestSide<'_> {
         link: &mut ClusterLink,
         mut master: usize,
         slot: Option<u16>,
-        bytes: &[u8],
+        bytes: Bytes,
         count: u32,
     ) -> Option<Part> {
         let links = self.links;
         let deadline = Instant::now() + links.config.upstream.outage_wait;
         let mut backoff = BACKOFF_MIN;
         loop {
-            let error = match link.capture(master, bytes, count).await {
+            let error = match link.capture(master, &bytes, count).await {
                 Ok(part) => return Some(part),
                 Err(Unavailable::Refused(e)) => {
                     debug!(error = %e, "a cluster master refuses this client's connection state; closing the client");
@@ -543,7 +558,7 @@ impl RequestSide<'_> {
         replies: u32,
     ) -> Option<tokio::sync::oneshot::Receiver<Vec<Bytes>>> {
         let master = link.any();
-        self.cluster_send(link, master, None, out, replies)
+        self.cluster_send(link, master, None, Bytes::copy_from_slice(out), replies)
             .await
             .map(|part| part.rx)
     }
